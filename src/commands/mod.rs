@@ -1,0 +1,34 @@
+//! One function per subcommand, each a thin layer over the library. They print results for the user on stdout;
+//! progress and problems go to the log (stderr).
+
+mod models;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+
+use crate::cli::{Command, ConfigCommand};
+
+/// Exit status of a subcommand that exists in the CLI but whose work has not landed yet.
+const NOT_AVAILABLE: u8 = 2;
+
+pub fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Models(cmd) => models::run(cmd),
+        Command::Serve(_) => not_available("serve", "the streaming daemon, issue #4"),
+        Command::Segment(_) => not_available("segment", "batch segmentation, issue #3"),
+        Command::Train(_) => not_available("train", "TCL training, issue #5"),
+        Command::Eval(_) => not_available("eval", "the 8-dataset evaluation, issue #6"),
+        Command::Config(ConfigCommand::Check(_)) => not_available(
+            "config check",
+            "pipeline configs arrive with the daemon, issue #4",
+        ),
+    }
+}
+
+fn not_available(command: &str, lands_with: &str) -> Result<ExitCode> {
+    tracing::error!(
+        "`tclseg {command}` is not available in this build yet ({lands_with}); nothing was done"
+    );
+    Ok(ExitCode::from(NOT_AVAILABLE))
+}

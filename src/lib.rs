@@ -1,0 +1,7 @@
+//! tclseg: open-vocabulary segmentation with TCL (CVPR 2023).
+//!
+//! The library holds everything the `tclseg` binary's subcommands are thin wrappers over. Imports run downward:
+//! commands → `trainer`, `model`. See ARCHITECTURE.md for the data flow and where each concern lives.
+
+pub mod model;
+pub mod trainer;

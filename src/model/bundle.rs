@@ -1,0 +1,404 @@
+//! The model bundle: a directory with `model.toml` and the files it lists (ONNX graphs, the BPE vocabulary).
+//!
+//! The manifest is the contract between the Python exporter (`trainer/tclseg_trainer/export.py`) and the Rust
+//! runtime; ARCHITECTURE.md documents it. Opening a bundle checks the manifest's shape and every file's size and
+//! sha256, so a truncated copy or a swapped graph is refused before ONNX Runtime ever sees it.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+/// The only manifest format this build reads.
+pub const FORMAT: &str = "tclseg-bundle";
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FILE: &str = "model.toml";
+
+/// Graph roles every bundle must provide, in the order they run.
+pub const REQUIRED_GRAPHS: [&str; 5] = [
+    "text_encoder",
+    "image_trunk",
+    "tcl_head",
+    "mask_head",
+    "pamr",
+];
+
+/// Why a bundle can't be used. Each variant names the bundle directory and, where it applies, the file.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("model bundle {dir}: not a directory (give the folder that holds model.toml)")]
+    NotADirectory { dir: PathBuf },
+    #[error("model bundle {dir}: cannot read {file}: {error}")]
+    Io {
+        dir: PathBuf,
+        file: String,
+        error: std::io::Error,
+    },
+    #[error("model bundle {dir}: model.toml is malformed: {message}")]
+    Manifest { dir: PathBuf, message: String },
+    #[error(
+        "model bundle {dir}: {file} is listed in model.toml but missing; re-export the bundle \
+         (tclseg models export) or copy it again"
+    )]
+    MissingFile { dir: PathBuf, file: String },
+    #[error(
+        "model bundle {dir}: {file} has {found} bytes, model.toml says {expected}; the copy is truncated \
+         or the file was replaced"
+    )]
+    SizeMismatch {
+        dir: PathBuf,
+        file: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error(
+        "model bundle {dir}: {file} has sha256 {found}, model.toml says {expected}; the file is corrupted \
+         or was replaced"
+    )]
+    HashMismatch {
+        dir: PathBuf,
+        file: String,
+        expected: String,
+        found: String,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    pub architecture: Architecture,
+    pub input: InputSpec,
+    pub mask: MaskSpec,
+    pub text: TextSpec,
+    #[serde(default)]
+    pub provenance: BTreeMap<String, toml::Value>,
+    /// role → precision → file name.
+    pub graphs: BTreeMap<String, BTreeMap<String, String>>,
+    pub files: Vec<FileEntry>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Architecture {
+    pub kind: String,
+    pub vision_width: usize,
+    pub vision_layers: usize,
+    pub vision_heads: usize,
+    pub patch_size: usize,
+    pub train_image_size: usize,
+    pub text_width: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub embed_dim: usize,
+    pub mask_stride: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct InputSpec {
+    pub crop_size: usize,
+    pub crop_stride: usize,
+    pub short_side: usize,
+    pub long_side_max: usize,
+    pub pad_multiple: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct MaskSpec {
+    pub w: f32,
+    pub b: f32,
+    pub kp_weight: f32,
+    pub kp_shift: f32,
+    pub kp_scale: f32,
+    pub bg_thresh_pamr: f32,
+    pub bg_thresh: f32,
+    pub pamr_iterations: usize,
+    pub pamr_dilations: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextSpec {
+    pub vocabulary: String,
+    pub sot_token: i64,
+    pub eot_token: i64,
+    pub templates: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    pub path: String,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// Graph precision. fp16 graphs keep LayerNorm in fp32 and have fp32 inputs and outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    Fp32,
+    Fp16,
+}
+
+impl Precision {
+    pub fn key(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+        }
+    }
+}
+
+/// A bundle whose manifest parsed and whose files all matched their hashes.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl Bundle {
+    /// Reads `dir/model.toml`, checks it, and checks every listed file's size and sha256.
+    pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        let bundle = Bundle::open_unverified(dir)?;
+        for entry in &bundle.manifest.files {
+            bundle.verify_file(entry)?;
+        }
+        Ok(bundle)
+    }
+
+    /// Reads and checks the manifest only (no hashing): for listings, where reading gigabytes would be waste.
+    pub fn open_unverified(dir: &Path) -> Result<Bundle, BundleError> {
+        if !dir.is_dir() {
+            return Err(BundleError::NotADirectory {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let text =
+            std::fs::read_to_string(dir.join(MANIFEST_FILE)).map_err(|error| BundleError::Io {
+                dir: dir.to_path_buf(),
+                file: MANIFEST_FILE.to_string(),
+                error,
+            })?;
+        let manifest = Manifest::parse(&text).map_err(|message| BundleError::Manifest {
+            dir: dir.to_path_buf(),
+            message,
+        })?;
+        Ok(Bundle {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The path of a graph, or None when the bundle has no such role/precision.
+    pub fn graph(&self, role: &str, precision: Precision) -> Option<PathBuf> {
+        self.manifest
+            .graphs
+            .get(role)
+            .and_then(|by_precision| by_precision.get(precision.key()))
+            .map(|file| self.dir.join(file))
+    }
+
+    /// The graph for `role` at `precision`, falling back to fp32 for roles that only exist in fp32
+    /// (text encoder, mask head, PAMR).
+    pub fn graph_or_fp32(&self, role: &str, precision: Precision) -> Option<PathBuf> {
+        self.graph(role, precision)
+            .or_else(|| self.graph(role, Precision::Fp32))
+    }
+
+    pub fn vocabulary(&self) -> PathBuf {
+        self.dir.join(&self.manifest.text.vocabulary)
+    }
+
+    /// Total size of the listed files.
+    pub fn total_bytes(&self) -> u64 {
+        self.manifest.files.iter().map(|f| f.bytes).sum()
+    }
+
+    fn verify_file(&self, entry: &FileEntry) -> Result<(), BundleError> {
+        let path = self.dir.join(&entry.path);
+        let io_err = |error| BundleError::Io {
+            dir: self.dir.clone(),
+            file: entry.path.clone(),
+            error,
+        };
+        let meta = match std::fs::metadata(&path) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(BundleError::MissingFile {
+                    dir: self.dir.clone(),
+                    file: entry.path.clone(),
+                })
+            }
+            Err(e) => return Err(io_err(e)),
+        };
+        if meta.len() != entry.bytes {
+            return Err(BundleError::SizeMismatch {
+                dir: self.dir.clone(),
+                file: entry.path.clone(),
+                expected: entry.bytes,
+                found: meta.len(),
+            });
+        }
+        let found = sha256_file(&path).map_err(io_err)?;
+        if !found.eq_ignore_ascii_case(&entry.sha256) {
+            return Err(BundleError::HashMismatch {
+                dir: self.dir.clone(),
+                file: entry.path.clone(),
+                expected: entry.sha256.clone(),
+                found,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Manifest {
+    /// Parses and checks a manifest. The error is one line that says what is wrong and where.
+    pub fn parse(text: &str) -> Result<Manifest, String> {
+        let manifest: Manifest = toml::from_str(text).map_err(|e| match e.span() {
+            Some(span) => format!(
+                "line {}: {}",
+                text[..span.start].lines().count().max(1),
+                e.message()
+            ),
+            None => e.message().to_string(),
+        })?;
+        manifest.check()?;
+        Ok(manifest)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.format != FORMAT {
+            return Err(format!("format is '{}', expected '{FORMAT}'", self.format));
+        }
+        if self.format_version != FORMAT_VERSION {
+            return Err(format!(
+                "format_version is {}, this tclseg reads {FORMAT_VERSION}; re-export the bundle with this version",
+                self.format_version
+            ));
+        }
+        let listed: BTreeMap<&str, &FileEntry> =
+            self.files.iter().map(|f| (f.path.as_str(), f)).collect();
+        if listed.len() != self.files.len() {
+            return Err("[[files]] lists a path twice".to_string());
+        }
+        for entry in &self.files {
+            if !is_plain_relative(&entry.path) {
+                return Err(format!(
+                    "[[files]] path '{}' must be a plain file name inside the bundle",
+                    entry.path
+                ));
+            }
+            if entry.sha256.len() != 64 || !entry.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(format!(
+                    "[[files]] '{}': sha256 must be 64 hex digits",
+                    entry.path
+                ));
+            }
+        }
+        for role in REQUIRED_GRAPHS {
+            let Some(by_precision) = self.graphs.get(role) else {
+                return Err(format!("[graphs] has no '{role}' graph"));
+            };
+            if !by_precision.contains_key("fp32") {
+                return Err(format!("[graphs] '{role}' has no fp32 graph"));
+            }
+        }
+        for (role, by_precision) in &self.graphs {
+            for (precision, file) in by_precision {
+                if precision != "fp32" && precision != "fp16" {
+                    return Err(format!(
+                        "[graphs] '{role}' has precision '{precision}'; known: fp32, fp16"
+                    ));
+                }
+                if !listed.contains_key(file.as_str()) {
+                    return Err(format!(
+                        "[graphs] '{role}'.{precision} = '{file}' is not listed in [[files]]"
+                    ));
+                }
+            }
+        }
+        if !listed.contains_key(self.text.vocabulary.as_str()) {
+            return Err(format!(
+                "[text] vocabulary '{}' is not listed in [[files]]",
+                self.text.vocabulary
+            ));
+        }
+        let arch = &self.architecture;
+        let input = &self.input;
+        if arch.patch_size == 0 || input.crop_size == 0 || input.crop_size % arch.patch_size != 0 {
+            return Err(format!(
+                "[input] crop_size {} must be a positive multiple of patch_size {}",
+                input.crop_size, arch.patch_size
+            ));
+        }
+        if input.crop_stride == 0 || input.crop_stride > input.crop_size {
+            return Err(format!(
+                "[input] crop_stride {} must be between 1 and crop_size {}",
+                input.crop_stride, input.crop_size
+            ));
+        }
+        if arch.mask_stride == 0 || arch.patch_size % arch.mask_stride != 0 {
+            return Err(format!(
+                "[architecture] mask_stride {} must divide patch_size {}",
+                arch.mask_stride, arch.patch_size
+            ));
+        }
+        if input.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err("[input] std values must be positive".to_string());
+        }
+        if arch.context_length < 2 {
+            return Err("[architecture] context_length must be at least 2".to_string());
+        }
+        Ok(())
+    }
+
+    /// Patch grid of one crop (G in ARCHITECTURE.md).
+    pub fn crop_grid(&self) -> usize {
+        self.input.crop_size / self.architecture.patch_size
+    }
+
+    /// Side of the stride-4 mask of one crop.
+    pub fn mask_side(&self) -> usize {
+        self.input.crop_size / self.architecture.mask_stride
+    }
+}
+
+/// True for a path like `graph.onnx`: relative, no `..`, no directories that could escape the bundle.
+fn is_plain_relative(path: &str) -> bool {
+    let p = Path::new(path);
+    !path.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Streams a file through sha256 and returns the lowercase hex digest.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
+}

@@ -1,0 +1,249 @@
+//! One crop through every graph of a bundle: the check behind `tclseg models verify`.
+//!
+//! It feeds a deterministic synthetic crop and the empty prompt (SOT, EOT) through
+//! text encoder → trunk → TCL head → mask head → PAMR, and checks that every output has the shape
+//! ARCHITECTURE.md promises and holds finite numbers (masks within [0, 1]). It proves the bundle loads and runs
+//! on this machine's ONNX Runtime; numerical parity with the PyTorch reference is the parity tests' job.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ort::session::Session;
+use ort::value::Tensor;
+
+use super::bundle::{Bundle, Precision};
+use super::runtime::{Device, Runtime};
+
+/// What one graph did in the smoke run.
+#[derive(Debug, Clone)]
+pub struct GraphRun {
+    pub role: &'static str,
+    pub precision: Precision,
+    pub load_ms: f64,
+    pub run_ms: f64,
+    pub outputs: Vec<(String, Vec<usize>)>,
+}
+
+/// A dense f32 tensor on the host.
+struct HostTensor {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl HostTensor {
+    fn to_ort(&self) -> Result<Tensor<f32>> {
+        Tensor::from_array((self.shape.clone(), self.data.clone())).map_err(|e| anyhow!("{e}"))
+    }
+}
+
+/// Runs one crop through all graphs at `precision` (roles without that precision use fp32).
+pub fn run_one_crop(
+    bundle: &Bundle,
+    precision: Precision,
+    threads: usize,
+) -> Result<Vec<GraphRun>> {
+    let runtime = Runtime::get()?;
+    let m = bundle.manifest();
+    let crop = m.input.crop_size;
+    let grid = m.crop_grid();
+    let side = m.mask_side();
+    let embed = m.architecture.embed_dim;
+    let width = m.architecture.vision_width;
+    let mut runs = Vec::new();
+
+    let graph = |role: &'static str| {
+        bundle
+            .graph_or_fp32(role, precision)
+            .ok_or_else(|| anyhow!("bundle {} has no '{role}' graph", bundle.dir().display()))
+    };
+    let used = |role: &str| {
+        if bundle.graph(role, precision).is_some() {
+            precision
+        } else {
+            Precision::Fp32
+        }
+    };
+
+    // Text: [SOT, EOT, 0, ...] is the empty prompt.
+    let ctx = m.architecture.context_length;
+    let mut tokens = vec![0i64; ctx];
+    tokens[0] = m.text.sot_token;
+    tokens[1] = m.text.eot_token;
+    let tokens = Tensor::from_array((vec![1usize, ctx], tokens)).map_err(|e| anyhow!("{e}"))?;
+    let (mut session, load_ms) = load(runtime, &graph("text_encoder")?, threads)?;
+    let start = Instant::now();
+    let out = session
+        .run(ort::inputs!["tokens" => tokens])
+        .map_err(|e| anyhow!("text_encoder: {e}"))?;
+    let text = take(&out, "text_emb", "text_encoder", &[1, embed])?;
+    runs.push(record(
+        "text_encoder",
+        used("text_encoder"),
+        load_ms,
+        start,
+        &[("text_emb", &text)],
+    ));
+    let text = l2_normalize_rows(text);
+
+    // Image: a smooth synthetic pattern, already "normalized".
+    let pixels = HostTensor {
+        shape: vec![1, 3, crop, crop],
+        data: (0..3 * crop * crop)
+            .map(|i| {
+                let (c, rest) = (i / (crop * crop), i % (crop * crop));
+                let (y, x) = (rest / crop, rest % crop);
+                ((x as f32 * 0.031 + y as f32 * 0.017 + c as f32).sin()) * 1.5
+            })
+            .collect(),
+    };
+
+    let (mut session, load_ms) = load(runtime, &graph("image_trunk")?, threads)?;
+    let start = Instant::now();
+    let out = session
+        .run(ort::inputs!["pixels" => pixels.to_ort()?])
+        .map_err(|e| anyhow!("image_trunk: {e}"))?;
+    let trunk = take(&out, "tokens", "image_trunk", &[1, 1 + grid * grid, width])?;
+    runs.push(record(
+        "image_trunk",
+        used("image_trunk"),
+        load_ms,
+        start,
+        &[("tokens", &trunk)],
+    ));
+
+    let (mut session, load_ms) = load(runtime, &graph("tcl_head")?, threads)?;
+    let start = Instant::now();
+    let out = session
+        .run(ort::inputs!["tokens" => trunk.to_ort()?])
+        .map_err(|e| anyhow!("tcl_head: {e}"))?;
+    let dense = take(&out, "dense", "tcl_head", &[1, embed, side, side])?;
+    let kp_feat = take(&out, "kp_feat", "tcl_head", &[1, embed, grid, grid])?;
+    runs.push(record(
+        "tcl_head",
+        used("tcl_head"),
+        load_ms,
+        start,
+        &[("dense", &dense), ("kp_feat", &kp_feat)],
+    ));
+
+    let (mut session, load_ms) = load(runtime, &graph("mask_head")?, threads)?;
+    let start = Instant::now();
+    let out = session
+        .run(ort::inputs![
+            "dense" => dense.to_ort()?,
+            "kp_feat" => kp_feat.to_ort()?,
+            "text" => text.to_ort()?,
+        ])
+        .map_err(|e| anyhow!("mask_head: {e}"))?;
+    let masks = take(&out, "masks", "mask_head", &[1, 1, side, side])?;
+    let kp_masks = take(&out, "kp_masks", "mask_head", &[1, 1, side, side])?;
+    check_unit_interval(&masks, "mask_head", "masks")?;
+    check_unit_interval(&kp_masks, "mask_head", "kp_masks")?;
+    runs.push(record(
+        "mask_head",
+        used("mask_head"),
+        load_ms,
+        start,
+        &[("masks", &masks), ("kp_masks", &kp_masks)],
+    ));
+
+    let (mut session, load_ms) = load(runtime, &graph("pamr")?, threads)?;
+    let start = Instant::now();
+    let out = session
+        .run(ort::inputs!["pixels" => pixels.to_ort()?, "masks" => masks.to_ort()?])
+        .map_err(|e| anyhow!("pamr: {e}"))?;
+    let refined = take(&out, "refined", "pamr", &[1, 1, side, side])?;
+    check_unit_interval(&refined, "pamr", "refined")?;
+    runs.push(record(
+        "pamr",
+        used("pamr"),
+        load_ms,
+        start,
+        &[("refined", &refined)],
+    ));
+
+    Ok(runs)
+}
+
+fn load(runtime: &Runtime, graph: &Path, threads: usize) -> Result<(Session, f64)> {
+    let start = Instant::now();
+    let session = runtime.session(graph, Device::Cpu, threads)?;
+    Ok((session, start.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Copies output `name` out of a run and checks its shape and that every value is finite.
+fn take(
+    outputs: &ort::session::SessionOutputs<'_>,
+    name: &str,
+    graph: &str,
+    expected: &[usize],
+) -> Result<HostTensor> {
+    let value = outputs
+        .get(name)
+        .ok_or_else(|| anyhow!("graph {graph} has no output '{name}'"))?;
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| anyhow!("graph {graph} output '{name}': {e}"))?;
+    let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    if shape != expected {
+        bail!("graph {graph} output '{name}' has shape {shape:?}, expected {expected:?}");
+    }
+    if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+        bail!("graph {graph} output '{name}' holds a non-finite value at flat index {i}");
+    }
+    Ok(HostTensor {
+        shape,
+        data: data.to_vec(),
+    })
+}
+
+fn check_unit_interval(t: &HostTensor, graph: &str, name: &str) -> Result<()> {
+    if let Some(v) = t.data.iter().find(|v| !(0.0..=1.0).contains(*v)) {
+        bail!("graph {graph} output '{name}' holds {v}, outside [0, 1]");
+    }
+    Ok(())
+}
+
+fn l2_normalize_rows(mut t: HostTensor) -> HostTensor {
+    let cols = t.shape.last().copied().unwrap_or(1).max(1);
+    for row in t.data.chunks_mut(cols) {
+        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
+        row.iter_mut().for_each(|v| *v /= norm);
+    }
+    t
+}
+
+fn record(
+    role: &'static str,
+    precision: Precision,
+    load_ms: f64,
+    start: Instant,
+    outputs: &[(&str, &HostTensor)],
+) -> GraphRun {
+    GraphRun {
+        role,
+        precision,
+        load_ms,
+        run_ms: start.elapsed().as_secs_f64() * 1e3,
+        outputs: outputs
+            .iter()
+            .map(|(name, t)| (name.to_string(), t.shape.clone()))
+            .collect(),
+    }
+}
+
+/// Loads every graph of every precision the bundle lists (catches a graph the smoke run would not touch).
+pub fn load_all_graphs(bundle: &Bundle, threads: usize) -> Result<usize> {
+    let runtime = Runtime::get()?;
+    let mut count = 0;
+    for (role, by_precision) in &bundle.manifest().graphs {
+        for (precision, file) in by_precision {
+            runtime
+                .session(&bundle.dir().join(file), Device::Cpu, threads)
+                .with_context(|| format!("graph '{role}' ({precision})"))?;
+            count += 1;
+        }
+    }
+    Ok(count)
+}

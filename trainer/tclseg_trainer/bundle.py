@@ -1,0 +1,286 @@
+"""Reading a model bundle (format 1): `model.toml` plus the files it lists, each checked by size and sha256.
+
+ARCHITECTURE.md documents the layout; `export.py` writes it and the Rust runtime (`src/model/bundle.rs`) reads it
+with the same checks. Every error names the bundle directory and, where it applies, the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+FORMAT = "tclseg-bundle"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "model.toml"
+
+# Graph roles every bundle provides, in the order they run.
+REQUIRED_GRAPHS = ("text_encoder", "image_trunk", "tcl_head", "mask_head", "pamr")
+PRECISIONS = ("fp32", "fp16")
+
+# The tables of a manifest and the keys each must have (more keys are tolerated inside a table).
+REQUIRED_KEYS = {
+    "architecture": (
+        "kind",
+        "vision_width",
+        "vision_layers",
+        "vision_heads",
+        "patch_size",
+        "train_image_size",
+        "text_width",
+        "text_layers",
+        "text_heads",
+        "context_length",
+        "vocab_size",
+        "embed_dim",
+        "mask_stride",
+    ),
+    "input": ("crop_size", "crop_stride", "short_side", "long_side_max", "pad_multiple", "mean", "std"),
+    "mask": (
+        "w",
+        "b",
+        "kp_weight",
+        "kp_shift",
+        "kp_scale",
+        "bg_thresh_pamr",
+        "bg_thresh",
+        "pamr_iterations",
+        "pamr_dilations",
+    ),
+    "text": ("vocabulary", "sot_token", "eot_token", "templates"),
+}
+TOP_LEVEL_KEYS = {
+    "format",
+    "format_version",
+    "name",
+    "version",
+    "description",
+    "architecture",
+    "input",
+    "mask",
+    "text",
+    "provenance",
+    "graphs",
+    "files",
+}
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message names the bundle and the file."""
+
+    def __init__(self, bundle_dir: Path | str, message: str, file: str | None = None):
+        self.bundle_dir = Path(bundle_dir)
+        self.file = file
+        where = f"model bundle {self.bundle_dir}"
+        super().__init__(f"{where}: {message}")
+
+
+def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
+    """Lowercase hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Bundle:
+    """A bundle whose manifest parsed (and, after `open_bundle(verify=True)`, whose files matched)."""
+
+    dir: Path
+    manifest: dict[str, Any]
+    files: list[FileEntry]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return self.manifest["architecture"]
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.manifest["input"]
+
+    @property
+    def mask(self) -> dict[str, Any]:
+        return self.manifest["mask"]
+
+    @property
+    def text(self) -> dict[str, Any]:
+        return self.manifest["text"]
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.manifest.get("provenance", {})
+
+    @property
+    def vocabulary(self) -> Path:
+        return self.dir / self.manifest["text"]["vocabulary"]
+
+    def precisions(self, role: str) -> list[str]:
+        return sorted(self.manifest["graphs"].get(role, {}))
+
+    def graph(self, role: str, precision: str = "fp32") -> Path:
+        """Path of a graph; roles that exist only in fp32 (text encoder, mask head, PAMR) fall back to fp32."""
+        by_precision = self.manifest["graphs"].get(role)
+        if by_precision is None:
+            raise BundleError(self.dir, f"[graphs] has no '{role}' graph")
+        file = by_precision.get(precision) or by_precision.get("fp32")
+        if file is None:
+            raise BundleError(self.dir, f"[graphs] '{role}' has neither {precision} nor fp32")
+        return self.dir / file
+
+    def total_bytes(self) -> int:
+        return sum(f.bytes for f in self.files)
+
+    def verify(self) -> None:
+        """Checks every listed file's presence, size and sha256; raises BundleError on the first problem."""
+        for entry in self.files:
+            path = self.dir / entry.path
+            if not path.is_file():
+                raise BundleError(
+                    self.dir,
+                    f"{entry.path} is listed in {MANIFEST_FILE} but missing; re-export the bundle or copy it again",
+                    entry.path,
+                )
+            size = path.stat().st_size
+            if size != entry.bytes:
+                raise BundleError(
+                    self.dir,
+                    f"{entry.path} has {size} bytes, {MANIFEST_FILE} says {entry.bytes}; "
+                    "the copy is truncated or the file was replaced",
+                    entry.path,
+                )
+            found = sha256_file(path)
+            if found != entry.sha256.lower():
+                raise BundleError(
+                    self.dir,
+                    f"{entry.path} has sha256 {found}, {MANIFEST_FILE} says {entry.sha256}; "
+                    "the file is corrupted or was replaced",
+                    entry.path,
+                )
+
+
+def _malformed(bundle_dir: Path, message: str) -> BundleError:
+    return BundleError(bundle_dir, f"{MANIFEST_FILE} is malformed: {message}", MANIFEST_FILE)
+
+
+def _is_plain_name(path: str) -> bool:
+    """A file name inside the bundle: relative, no '..', no absolute or drive parts."""
+    if not path or "\\" in path:
+        return False
+    parts = PurePosixPath(path).parts
+    return not PurePosixPath(path).is_absolute() and all(p not in ("", ".", "..") for p in parts)
+
+
+def check_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> list[FileEntry]:
+    """Checks a parsed manifest's shape; returns its [[files]] entries. Mirrors the Rust loader's checks."""
+    unknown = sorted(set(manifest) - TOP_LEVEL_KEYS)
+    if unknown:
+        raise _malformed(bundle_dir, f"unknown top-level key(s) {', '.join(unknown)}")
+    for key in ("format", "format_version", "name", "version", "graphs", "files", *REQUIRED_KEYS):
+        if key not in manifest:
+            raise _malformed(bundle_dir, f"missing '{key}'")
+    if manifest["format"] != FORMAT:
+        raise _malformed(bundle_dir, f"format is {manifest['format']!r}, expected {FORMAT!r}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise _malformed(
+            bundle_dir,
+            f"format_version is {manifest['format_version']!r}, this reader knows {FORMAT_VERSION}",
+        )
+    for table, keys in REQUIRED_KEYS.items():
+        if not isinstance(manifest[table], dict):
+            raise _malformed(bundle_dir, f"[{table}] must be a table")
+        missing = [k for k in keys if k not in manifest[table]]
+        if missing:
+            raise _malformed(bundle_dir, f"[{table}] lacks {', '.join(missing)}")
+
+    raw_files = manifest["files"]
+    if not isinstance(raw_files, list) or not raw_files:
+        raise _malformed(bundle_dir, "[[files]] must list at least one file")
+    files: list[FileEntry] = []
+    for i, item in enumerate(raw_files):
+        if not isinstance(item, dict) or set(item) != {"path", "sha256", "bytes"}:
+            raise _malformed(bundle_dir, f"[[files]] entry {i} must have exactly path, sha256 and bytes")
+        path, digest, size = item["path"], item["sha256"], item["bytes"]
+        if not isinstance(path, str) or not _is_plain_name(path) or path == MANIFEST_FILE:
+            raise _malformed(bundle_dir, f"[[files]] path {path!r} must be a plain file name inside the bundle")
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdefABCDEF" for c in digest)):
+            raise _malformed(bundle_dir, f"[[files]] '{path}': sha256 must be 64 hex digits")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise _malformed(bundle_dir, f"[[files]] '{path}': bytes must be a non-negative integer")
+        files.append(FileEntry(path, digest.lower(), size))
+    listed = {f.path for f in files}
+    if len(listed) != len(files):
+        raise _malformed(bundle_dir, "[[files]] lists a path twice")
+
+    graphs = manifest["graphs"]
+    if not isinstance(graphs, dict):
+        raise _malformed(bundle_dir, "[graphs] must be a table")
+    for role in REQUIRED_GRAPHS:
+        if not isinstance(graphs.get(role), dict):
+            raise _malformed(bundle_dir, f"[graphs] has no '{role}' graph")
+        if "fp32" not in graphs[role]:
+            raise _malformed(bundle_dir, f"[graphs] '{role}' has no fp32 graph")
+    for role, by_precision in graphs.items():
+        if not isinstance(by_precision, dict):
+            raise _malformed(bundle_dir, f"[graphs] '{role}' must map precision to file")
+        for precision, file in by_precision.items():
+            if precision not in PRECISIONS:
+                raise _malformed(bundle_dir, f"[graphs] '{role}' has precision {precision!r}; known: fp32, fp16")
+            if file not in listed:
+                raise _malformed(bundle_dir, f"[graphs] '{role}'.{precision} = {file!r} is not listed in [[files]]")
+    if manifest["text"]["vocabulary"] not in listed:
+        raise _malformed(bundle_dir, f"[text] vocabulary {manifest['text']['vocabulary']!r} is not listed in [[files]]")
+
+    arch, inp = manifest["architecture"], manifest["input"]
+    patch, crop = arch["patch_size"], inp["crop_size"]
+    if not (isinstance(patch, int) and isinstance(crop, int) and patch > 0 and crop > 0 and crop % patch == 0):
+        raise _malformed(bundle_dir, f"[input] crop_size {crop!r} must be a positive multiple of patch_size {patch!r}")
+    if not (isinstance(inp["crop_stride"], int) and 0 < inp["crop_stride"] <= crop):
+        raise _malformed(bundle_dir, f"[input] crop_stride {inp['crop_stride']!r} must be between 1 and {crop}")
+    stride = arch["mask_stride"]
+    if not (isinstance(stride, int) and stride > 0 and patch % stride == 0):
+        raise _malformed(bundle_dir, f"[architecture] mask_stride {stride!r} must divide patch_size {patch}")
+    for key in ("mean", "std"):
+        values = inp[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, int | float) for v in values)):
+            raise _malformed(bundle_dir, f"[input] {key} must be three numbers")
+    if any(not v > 0 for v in inp["std"]):
+        raise _malformed(bundle_dir, "[input] std values must be positive")
+    return files
+
+
+def open_bundle(bundle_dir: Path | str, *, verify: bool = True) -> Bundle:
+    """Reads `bundle_dir/model.toml`, checks it and (by default) every listed file's size and sha256."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(bundle_dir, "not a directory (give the folder that holds model.toml)")
+    manifest_path = bundle_dir / MANIFEST_FILE
+    try:
+        text = manifest_path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundleError(bundle_dir, f"{MANIFEST_FILE} is missing", MANIFEST_FILE) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BundleError(bundle_dir, f"cannot read {MANIFEST_FILE}: {e}", MANIFEST_FILE) from None
+    try:
+        manifest = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _malformed(bundle_dir, str(e)) from None
+    files = check_manifest(bundle_dir, manifest)
+    bundle = Bundle(bundle_dir, manifest, files)
+    if verify:
+        bundle.verify()
+    return bundle

@@ -344,7 +344,10 @@ impl Manifest {
         }
         let arch = &self.architecture;
         let input = &self.input;
-        if arch.patch_size == 0 || input.crop_size == 0 || input.crop_size % arch.patch_size != 0 {
+        if arch.patch_size == 0
+            || input.crop_size == 0
+            || !input.crop_size.is_multiple_of(arch.patch_size)
+        {
             return Err(format!(
                 "[input] crop_size {} must be a positive multiple of patch_size {}",
                 input.crop_size, arch.patch_size
@@ -356,7 +359,7 @@ impl Manifest {
                 input.crop_stride, input.crop_size
             ));
         }
-        if arch.mask_stride == 0 || arch.patch_size % arch.mask_stride != 0 {
+        if arch.mask_stride == 0 || !arch.patch_size.is_multiple_of(arch.mask_stride) {
             return Err(format!(
                 "[architecture] mask_stride {} must divide patch_size {}",
                 arch.mask_stride, arch.patch_size

@@ -1,8 +1,15 @@
-//! The model side of tclseg: bundles, ONNX Runtime, and (next) the inference engine.
+//! The model side of tclseg: bundles, ONNX Runtime, the tokenizer, pre/post-processing and the engine.
 
 pub mod bundle;
+pub mod engine;
+pub mod preprocess;
+pub mod resample;
 pub mod runtime;
 pub mod smoke;
+pub mod tokenizer;
 
 pub use bundle::{Bundle, BundleError, Manifest, Precision};
+pub use engine::{
+    DeviceChoice, Engine, EngineOptions, Query, SegmentSettings, Segmentation, TextEmbeddings,
+};
 pub use runtime::{Device, Runtime};

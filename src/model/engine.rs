@@ -1,0 +1,527 @@
+//! The inference engine: a verified bundle's graphs in ONNX Runtime, text queries → embeddings (cached), and
+//! images → per-pixel labels and soft scores, exactly as `trainer/tclseg_trainer/reference.py` computes them.
+//!
+//! Per image: resize (short side 448) and normalize, cut the sliding windows, run the crops in batches through
+//! trunk → TCL head → mask head → PAMR, blend the kp masks, upsample each crop's masks to the crop, average the
+//! overlapping crops, resize to the original size, prepend the background, argmax.
+//!
+//! ONNX Runtime calls block; an `Engine` is meant to be owned by (or shared among) dedicated inference threads,
+//! never a tokio worker. Sessions sit behind mutexes, so `&Engine` is usable from several threads, one run at a
+//! time per graph.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, Context, Result};
+use ort::session::{Session, SessionOutputs};
+use ort::value::Tensor;
+
+use super::bundle::{Bundle, Precision};
+use super::preprocess::{self, Prepared};
+use super::resample::{resize_planes, AxisWeights, Coordinates};
+use super::runtime::{Device, Runtime};
+use super::tokenizer::Tokenizer;
+
+/// L2 normalization eps of the official code (`us.normalize`).
+const NORMALIZE_EPS: f32 = 1e-6;
+/// Prompts per text-encoder run.
+const TEXT_CHUNK: usize = 256;
+
+/// Which execution device to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA when it works, else the CPU, with the reason logged.
+    Auto,
+    Cpu,
+    /// CUDA or refuse to start.
+    Cuda,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub device: DeviceChoice,
+    pub precision: Precision,
+    /// Intra-op threads per session (0: ONNX Runtime's default).
+    pub threads: usize,
+    /// Crops per trunk/head run (crops are batched across images).
+    pub crop_batch: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            device: DeviceChoice::Cpu,
+            precision: Precision::Fp32,
+            threads: 0,
+            crop_batch: 4,
+        }
+    }
+}
+
+/// One text query: a name, and the prompts to embed (empty: the bundle's templates around the name).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Query {
+    pub name: String,
+    pub prompts: Vec<String>,
+}
+
+impl Query {
+    pub fn named(name: impl Into<String>) -> Query {
+        Query {
+            name: name.into(),
+            prompts: Vec::new(),
+        }
+    }
+}
+
+/// Normalized text embeddings, one row per query, [N, E].
+#[derive(Debug, Clone)]
+pub struct TextEmbeddings {
+    pub rows: usize,
+    pub dim: usize,
+    pub data: Vec<f32>,
+}
+
+/// Per-call settings.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentSettings {
+    pub pamr: bool,
+    pub kp_weight: f32,
+    /// A constant background score prepended as class 0; None: no background class.
+    pub background: Option<f32>,
+    /// Keep the per-class soft scores at the original size (memory: classes × H × W floats).
+    pub keep_scores: bool,
+}
+
+/// The result for one image.
+#[derive(Debug, Clone)]
+pub struct Segmentation {
+    pub width: usize,
+    pub height: usize,
+    /// Number of classes, background included when it was asked for.
+    pub classes: usize,
+    /// Row-major class index per pixel.
+    pub labels: Vec<u16>,
+    /// [classes, H, W] when `keep_scores`.
+    pub scores: Option<Vec<f32>>,
+}
+
+struct Sessions {
+    text: Session,
+    trunk: Session,
+    head: Session,
+    mask_head: Session,
+    pamr: Session,
+}
+
+pub struct Engine {
+    bundle: Bundle,
+    tokenizer: Tokenizer,
+    device: Device,
+    options: EngineOptions,
+    sessions: Mutex<Sessions>,
+    text_cache: Mutex<HashMap<Vec<Query>, Arc<TextEmbeddings>>>,
+}
+
+impl Engine {
+    pub fn new(bundle: Bundle, options: EngineOptions) -> Result<Engine> {
+        let runtime = Runtime::get()?;
+        let tokenizer = Tokenizer::from_vocab_file(&bundle.vocabulary())?;
+        let device = match options.device {
+            DeviceChoice::Cpu => Device::Cpu,
+            DeviceChoice::Cuda => Device::Cuda,
+            DeviceChoice::Auto => Device::Cuda,
+        };
+        let open = |device: Device| -> Result<Sessions> {
+            let graph = |role: &str| {
+                bundle
+                    .graph_or_fp32(role, options.precision)
+                    .ok_or_else(|| {
+                        anyhow!("bundle {} has no '{role}' graph", bundle.dir().display())
+                    })
+            };
+            let session = |role: &str| runtime.session(&graph(role)?, device, options.threads);
+            Ok(Sessions {
+                text: session("text_encoder")?,
+                trunk: session("image_trunk")?,
+                head: session("tcl_head")?,
+                mask_head: session("mask_head")?,
+                pamr: session("pamr")?,
+            })
+        };
+        let (sessions, device) = match open(device) {
+            Ok(s) => (s, device),
+            Err(err) if options.device == DeviceChoice::Auto => {
+                tracing::warn!("CUDA unavailable, running on the CPU: {err:#}");
+                (open(Device::Cpu)?, Device::Cpu)
+            }
+            Err(err) => return Err(err),
+        };
+        Ok(Engine {
+            bundle,
+            tokenizer,
+            device,
+            options,
+            sessions: Mutex::new(sessions),
+            text_cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn bundle(&self) -> &Bundle {
+        &self.bundle
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Default settings of the bundle: PAMR on, its kp weight and background threshold.
+    pub fn default_settings(&self) -> SegmentSettings {
+        let mask = &self.bundle.manifest().mask;
+        SegmentSettings {
+            pamr: true,
+            kp_weight: mask.kp_weight,
+            background: Some(mask.bg_thresh_pamr),
+            keep_scores: false,
+        }
+    }
+
+    /// Embeddings of a query set, computed once and cached.
+    pub fn embed_queries(&self, queries: &[Query]) -> Result<Arc<TextEmbeddings>> {
+        if queries.is_empty() {
+            bail!("no queries given: name at least one thing to segment");
+        }
+        if let Some(hit) = self.lock_cache()?.get(queries) {
+            return Ok(Arc::clone(hit));
+        }
+        let m = self.bundle.manifest();
+        let ctx = m.architecture.context_length;
+        let dim = m.architecture.embed_dim;
+        let mut prompt_tokens: Vec<i64> = Vec::new();
+        let mut counts = Vec::with_capacity(queries.len());
+        for q in queries {
+            let prompts: Vec<String> = if q.prompts.is_empty() {
+                m.text
+                    .templates
+                    .iter()
+                    .map(|t| t.replacen("{}", &q.name, 1))
+                    .collect()
+            } else {
+                q.prompts.clone()
+            };
+            counts.push(prompts.len());
+            for p in &prompts {
+                prompt_tokens.extend(self.tokenizer.tokenize(p, ctx));
+            }
+        }
+        let total = prompt_tokens.len() / ctx;
+        let mut emb = Vec::with_capacity(total * dim);
+        {
+            let mut sessions = self.lock_sessions()?;
+            for start in (0..total).step_by(TEXT_CHUNK) {
+                let rows = TEXT_CHUNK.min(total - start);
+                let chunk = prompt_tokens[start * ctx..(start + rows) * ctx].to_vec();
+                let input =
+                    Tensor::from_array((vec![rows, ctx], chunk)).map_err(|e| anyhow!("{e}"))?;
+                let out = sessions
+                    .text
+                    .run(ort::inputs!["tokens" => input])
+                    .map_err(|e| anyhow!("text encoder: {e}"))?;
+                emb.extend_from_slice(output(&out, "text_emb", &[rows, dim])?);
+            }
+        }
+        // Average the un-normalized prompt embeddings of each query, then normalize (TCL's recipe).
+        let mut data = Vec::with_capacity(queries.len() * dim);
+        let mut row = 0;
+        for n in counts {
+            let mut mean = vec![0f32; dim];
+            for r in row..row + n {
+                for (m, v) in mean.iter_mut().zip(&emb[r * dim..(r + 1) * dim]) {
+                    *m += v;
+                }
+            }
+            mean.iter_mut().for_each(|m| *m /= n as f32);
+            normalize(&mut mean);
+            data.extend(mean);
+            row += n;
+        }
+        let result = Arc::new(TextEmbeddings {
+            rows: queries.len(),
+            dim,
+            data,
+        });
+        self.lock_cache()?
+            .insert(queries.to_vec(), Arc::clone(&result));
+        Ok(result)
+    }
+
+    /// Segments several images, batching their crops together.
+    pub fn segment_batch(
+        &self,
+        images: &[&image::RgbImage],
+        text: &TextEmbeddings,
+        settings: &SegmentSettings,
+    ) -> Result<Vec<Segmentation>> {
+        let input = &self.bundle.manifest().input;
+        let prepared: Vec<Prepared> = images
+            .iter()
+            .map(|img| preprocess::prepare(img, input))
+            .collect();
+        let classes = text.rows;
+        let mut accumulators: Vec<Accumulator> = prepared
+            .iter()
+            .map(|p| Accumulator::new(classes, p.height, p.width))
+            .collect();
+        let crops: Vec<(usize, preprocess::CropBox)> = prepared
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| {
+                preprocess::crop_boxes(p.height, p.width, input.crop_size, input.crop_stride)
+                    .into_iter()
+                    .map(move |b| (i, b))
+            })
+            .collect();
+        let batch = self.options.crop_batch.max(1);
+        for chunk in crops.chunks(batch) {
+            let pixels: Vec<f32> = chunk
+                .iter()
+                .flat_map(|(i, b)| preprocess::cut_crop(&prepared[*i], b, input.crop_size))
+                .collect();
+            let masks = self.crop_masks(pixels, chunk.len(), text, settings)?;
+            let side = self.bundle.manifest().mask_side();
+            let crop = input.crop_size;
+            for (k, (i, b)) in chunk.iter().enumerate() {
+                let m = &masks[k * classes * side * side..(k + 1) * classes * side * side];
+                let up = resize_planes(
+                    m,
+                    classes,
+                    (side, side),
+                    (crop, crop),
+                    Coordinates::HalfPixel,
+                );
+                accumulators[*i].add(&up, crop, b);
+            }
+        }
+        images
+            .iter()
+            .zip(accumulators)
+            .map(|(img, acc)| acc.finish(img.height() as usize, img.width() as usize, settings))
+            .collect()
+    }
+
+    /// Final stride-4 masks of a batch of crops, [B, N, side, side]: mask head, PAMR, kp blend.
+    fn crop_masks(
+        &self,
+        pixels: Vec<f32>,
+        crops: usize,
+        text: &TextEmbeddings,
+        settings: &SegmentSettings,
+    ) -> Result<Vec<f32>> {
+        let m = self.bundle.manifest();
+        let (crop, grid, side) = (m.input.crop_size, m.crop_grid(), m.mask_side());
+        let (width, dim) = (m.architecture.vision_width, m.architecture.embed_dim);
+        let n = text.rows;
+        let mut sessions = self.lock_sessions()?;
+        let pixel_shape = vec![crops, 3, crop, crop];
+
+        let input = Tensor::from_array((pixel_shape.clone(), pixels.clone()))
+            .map_err(|e| anyhow!("{e}"))?;
+        let out = sessions
+            .trunk
+            .run(ort::inputs!["pixels" => input])
+            .map_err(|e| anyhow!("image trunk: {e}"))?;
+        let tokens = output(&out, "tokens", &[crops, 1 + grid * grid, width])?.to_vec();
+        drop(out);
+
+        let input = Tensor::from_array((vec![crops, 1 + grid * grid, width], tokens))
+            .map_err(|e| anyhow!("{e}"))?;
+        let out = sessions
+            .head
+            .run(ort::inputs!["tokens" => input])
+            .map_err(|e| anyhow!("TCL head: {e}"))?;
+        let dense = output(&out, "dense", &[crops, dim, side, side])?.to_vec();
+        let kp_feat = output(&out, "kp_feat", &[crops, dim, grid, grid])?.to_vec();
+        drop(out);
+
+        let out = sessions
+            .mask_head
+            .run(ort::inputs![
+                "dense" => Tensor::from_array((vec![crops, dim, side, side], dense)).map_err(|e| anyhow!("{e}"))?,
+                "kp_feat" => Tensor::from_array((vec![crops, dim, grid, grid], kp_feat)).map_err(|e| anyhow!("{e}"))?,
+                "text" => Tensor::from_array((vec![n, dim], text.data.clone())).map_err(|e| anyhow!("{e}"))?,
+            ])
+            .map_err(|e| anyhow!("mask head: {e}"))?;
+        let mut masks = output(&out, "masks", &[crops, n, side, side])?.to_vec();
+        let kp_masks = output(&out, "kp_masks", &[crops, n, side, side])?.to_vec();
+        drop(out);
+
+        if settings.pamr {
+            let out = sessions
+                .pamr
+                .run(ort::inputs![
+                    "pixels" => Tensor::from_array((pixel_shape, pixels)).map_err(|e| anyhow!("{e}"))?,
+                    "masks" => Tensor::from_array((vec![crops, n, side, side], masks)).map_err(|e| anyhow!("{e}"))?,
+                ])
+                .map_err(|e| anyhow!("PAMR: {e}"))?;
+            masks = output(&out, "refined", &[crops, n, side, side])?.to_vec();
+        }
+        let kp = settings.kp_weight;
+        if kp != 0.0 {
+            for (m, k) in masks.iter_mut().zip(&kp_masks) {
+                *m = kp * k + (1.0 - kp) * *m;
+            }
+        }
+        Ok(masks)
+    }
+
+    fn lock_sessions(&self) -> Result<std::sync::MutexGuard<'_, Sessions>> {
+        self.sessions
+            .lock()
+            .map_err(|_| anyhow!("an earlier inference panicked; the engine must be recreated"))
+    }
+
+    fn lock_cache(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, HashMap<Vec<Query>, Arc<TextEmbeddings>>>> {
+        self.text_cache
+            .lock()
+            .map_err(|_| anyhow!("an earlier inference panicked; the engine must be recreated"))
+    }
+}
+
+/// A run's output `name` as a slice, after checking its shape.
+fn output<'a>(out: &'a SessionOutputs<'_>, name: &str, expected: &[usize]) -> Result<&'a [f32]> {
+    let value = out
+        .get(name)
+        .ok_or_else(|| anyhow!("graph output '{name}' missing"))?;
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| anyhow!("graph output '{name}': {e}"))
+        .context("the bundle's graphs do not match this tclseg")?;
+    let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    if shape != expected {
+        bail!("graph output '{name}' has shape {shape:?}, expected {expected:?}");
+    }
+    Ok(data)
+}
+
+fn normalize(v: &mut [f32]) {
+    let norm = v
+        .iter()
+        .map(|x| x * x)
+        .sum::<f32>()
+        .sqrt()
+        .max(NORMALIZE_EPS);
+    v.iter_mut().for_each(|x| *x /= norm);
+}
+
+/// Sum and count of crop scores over one prepared image, [N, h, w].
+struct Accumulator {
+    classes: usize,
+    height: usize,
+    width: usize,
+    total: Vec<f32>,
+    count: Vec<f32>,
+}
+
+impl Accumulator {
+    fn new(classes: usize, height: usize, width: usize) -> Accumulator {
+        Accumulator {
+            classes,
+            height,
+            width,
+            total: vec![0.0; classes * height * width],
+            count: vec![0.0; height * width],
+        }
+    }
+
+    /// Adds one crop's upsampled masks [N, crop, crop]; a box smaller than the crop sits centred in it.
+    fn add(&mut self, masks: &[f32], crop: usize, b: &preprocess::CropBox) {
+        let (bh, bw) = (b.y2 - b.y1, b.x2 - b.x1);
+        let (top, left) = ((crop - bh) / 2, (crop - bw) / 2);
+        for c in 0..self.classes {
+            let plane = &masks[c * crop * crop..(c + 1) * crop * crop];
+            for y in 0..bh {
+                let src = &plane[(top + y) * crop + left..(top + y) * crop + left + bw];
+                let row = (c * self.height + b.y1 + y) * self.width + b.x1;
+                for (t, s) in self.total[row..row + bw].iter_mut().zip(src) {
+                    *t += s;
+                }
+            }
+        }
+        for y in b.y1..b.y2 {
+            for v in &mut self.count[y * self.width + b.x1..y * self.width + b.x2] {
+                *v += 1.0;
+            }
+        }
+    }
+
+    /// Averages, resizes to the original size row by row, prepends the background and takes the argmax.
+    fn finish(
+        self,
+        out_h: usize,
+        out_w: usize,
+        settings: &SegmentSettings,
+    ) -> Result<Segmentation> {
+        let (h, w, n) = (self.height, self.width, self.classes);
+        let mut mean = self.total;
+        for c in 0..n {
+            for (v, k) in mean[c * h * w..(c + 1) * h * w].iter_mut().zip(&self.count) {
+                *v /= *k;
+            }
+        }
+        let bg = settings.background;
+        let offset = usize::from(bg.is_some());
+        let classes = n + offset;
+        let ys = AxisWeights::new(h, out_h, Coordinates::HalfPixel);
+        let xs = AxisWeights::new(w, out_w, Coordinates::HalfPixel);
+        let mut labels = vec![0u16; out_h * out_w];
+        let mut scores = settings
+            .keep_scores
+            .then(|| vec![0f32; classes * out_h * out_w]);
+        let mut best = vec![f32::NEG_INFINITY; out_w];
+        let mut row = vec![0f32; out_w];
+        for oy in 0..out_h {
+            best.fill(bg.unwrap_or(f32::NEG_INFINITY));
+            let labels_row = &mut labels[oy * out_w..(oy + 1) * out_w];
+            labels_row.fill(0);
+            if let (Some(s), Some(v)) = (scores.as_mut(), bg) {
+                s[oy * out_w..(oy + 1) * out_w].fill(v);
+            }
+            for c in 0..n {
+                let plane = &mean[c * h * w..(c + 1) * h * w];
+                let (r0, r1) = (ys.lo[oy] * w, ys.hi[oy] * w);
+                super::resample::interpolate_row(
+                    &plane[r0..r0 + w],
+                    &plane[r1..r1 + w],
+                    ys.frac[oy],
+                    &xs,
+                    &mut row,
+                );
+                let label = (c + offset) as u16;
+                for ((b, l), v) in best.iter_mut().zip(labels_row.iter_mut()).zip(&row) {
+                    // Strictly greater: the first class wins ties, as torch.argmax does.
+                    if *v > *b || (c == 0 && bg.is_none()) {
+                        *b = *v;
+                        *l = label;
+                    }
+                }
+                if let Some(s) = scores.as_mut() {
+                    let at = ((c + offset) * out_h + oy) * out_w;
+                    s[at..at + out_w].copy_from_slice(&row);
+                }
+            }
+        }
+        Ok(Segmentation {
+            width: out_w,
+            height: out_h,
+            classes,
+            labels,
+            scores,
+        })
+    }
+}

@@ -4,4 +4,5 @@
 //! commands → `trainer`, `model`. See ARCHITECTURE.md for the data flow and where each concern lives.
 
 pub mod model;
+pub mod sink;
 pub mod trainer;

@@ -1,0 +1,11 @@
+//! Writers for segmentation results: label PNGs, colour overlays, JSON sidecars with COCO RLE. Every file is
+//! written to a temporary sibling and renamed into place, so a reader (or a crash) never sees half a file and
+//! an earlier result is never damaged.
+
+pub mod atomic;
+pub mod label_png;
+pub mod overlay;
+pub mod rle;
+pub mod sidecar;
+
+pub use atomic::write_atomic;

@@ -28,8 +28,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the streaming daemon (pipelines from a config file). Not available yet.
     Serve(Pending),
-    /// Segment image folders with text queries. Not available yet.
-    Segment(Pending),
+    /// Segment images, folders and globs with text queries: label PNGs, overlays, JSON sidecars.
+    Segment(SegmentArgs),
     /// Train TCL on image–caption data and export a bundle. Not available yet.
     Train(Pending),
     /// The paper's 8-dataset mIoU protocol on the deployment code path. Not available yet.
@@ -109,6 +109,87 @@ pub struct ExportArgs {
     /// Replace an existing bundle at --out.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("query_source").required(true).args(["query", "queries"])))]
+pub struct SegmentArgs {
+    /// Image files, folders (searched recursively) and glob patterns.
+    #[arg(required = true, value_name = "INPUT")]
+    pub inputs: Vec<String>,
+    /// A thing to segment (repeat for more); label k is the k-th query, 0 is background.
+    #[arg(short = 'q', long = "query", value_name = "NAME")]
+    pub query: Vec<String>,
+    /// A TOML file of queries with prompts, colours, thresholds and background prompts.
+    #[arg(long, value_name = "FILE")]
+    pub queries: Option<PathBuf>,
+    /// Output folder; outputs mirror the input tree.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Model bundle folder (default: $TCLSEG_MODEL, else models/default, else the built-in tiny model).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Outputs per image, comma-separated: labels, overlay, json, scores.
+    #[arg(long, default_value = "labels,overlay,json")]
+    pub format: String,
+    /// Overlay image format.
+    #[arg(long, value_enum, default_value_t = OverlayArg::Jpg)]
+    pub overlay_format: OverlayArg,
+    /// Execution device: auto tries CUDA and falls back to the CPU (logged); cuda refuses to run without it.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Precision of the image graphs.
+    #[arg(long, value_enum, default_value_t = ImagePrecision::Fp32)]
+    pub precision: ImagePrecision,
+    /// Refine masks with PAMR (the paper's setting).
+    #[arg(long, overrides_with = "no_pamr")]
+    pub pamr: bool,
+    /// Skip PAMR (faster; background threshold default becomes the bundle's no-PAMR value).
+    #[arg(long)]
+    pub no_pamr: bool,
+    /// Background threshold (default: the bundle's, 0.4 with PAMR and 0.5 without).
+    #[arg(long, value_name = "SCORE")]
+    pub bg_thresh: Option<f32>,
+    /// Weight of the raw MaskCLIP ("kp") masks in the blend (default: the bundle's, 0.3).
+    #[arg(long, value_name = "WEIGHT")]
+    pub kp_weight: Option<f32>,
+    /// Images per inference call (their crops run together).
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Image decoder threads.
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Redo images whose outputs exist and are newer than the image.
+    #[arg(long)]
+    pub force: bool,
+    /// Stop after this many images failed.
+    #[arg(long, value_name = "N")]
+    pub max_failures: Option<usize>,
+    /// Refuse images with more pixels than this (checked from the header, before decoding).
+    #[arg(long, value_name = "PIXELS", default_value_t = 100_000_000)]
+    pub max_pixels: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ImagePrecision {
+    Fp32,
+    Fp16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OverlayArg {
+    Jpg,
+    Png,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -3,6 +3,7 @@
 //! The library holds everything the `tclseg` binary's subcommands are thin wrappers over. Imports run downward:
 //! commands → `trainer`, `model`. See ARCHITECTURE.md for the data flow and where each concern lives.
 
+pub mod batch;
 pub mod model;
 pub mod sink;
 pub mod trainer;

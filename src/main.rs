@@ -1,5 +1,6 @@
 //! The `tclseg` binary: parses the command line and hands each subcommand to a thin function over the library.
 
+mod builtin_model;
 mod cli;
 mod commands;
 

@@ -2,6 +2,7 @@
 //! progress and problems go to the log (stderr).
 
 mod models;
+mod segment;
 
 use std::process::ExitCode;
 
@@ -16,7 +17,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Models(cmd) => models::run(cmd),
         Command::Serve(_) => not_available("serve", "the streaming daemon, issue #4"),
-        Command::Segment(_) => not_available("segment", "batch segmentation, issue #3"),
+        Command::Segment(args) => segment::run(args),
         Command::Train(_) => not_available("train", "TCL training, issue #5"),
         Command::Eval(_) => not_available("eval", "the 8-dataset evaluation, issue #6"),
         Command::Config(ConfigCommand::Check(_)) => not_available(

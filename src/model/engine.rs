@@ -102,6 +102,8 @@ pub struct Segmentation {
     pub classes: usize,
     /// Row-major class index per pixel.
     pub labels: Vec<u16>,
+    /// The winning class's score per pixel.
+    pub best: Vec<f32>,
     /// [classes, H, W] when `keep_scores`.
     pub scores: Option<Vec<f32>>,
 }
@@ -119,6 +121,7 @@ pub struct Engine {
     tokenizer: Tokenizer,
     device: Device,
     options: EngineOptions,
+    manifest_sha256: String,
     sessions: Mutex<Sessions>,
     text_cache: Mutex<HashMap<Vec<Query>, Arc<TextEmbeddings>>>,
 }
@@ -157,8 +160,12 @@ impl Engine {
             }
             Err(err) => return Err(err),
         };
+        let manifest_path = bundle.dir().join(super::bundle::MANIFEST_FILE);
+        let manifest_sha256 = super::bundle::sha256_file(&manifest_path)
+            .with_context(|| format!("cannot read {}", manifest_path.display()))?;
         Ok(Engine {
             bundle,
+            manifest_sha256,
             tokenizer,
             device,
             options,
@@ -169,6 +176,11 @@ impl Engine {
 
     pub fn bundle(&self) -> &Bundle {
         &self.bundle
+    }
+
+    /// sha256 of the bundle's model.toml (which pins every file's hash): identifies the model in outputs.
+    pub fn manifest_sha256(&self) -> &str {
+        &self.manifest_sha256
     }
 
     pub fn device(&self) -> Device {
@@ -483,9 +495,10 @@ impl Accumulator {
         let mut scores = settings
             .keep_scores
             .then(|| vec![0f32; classes * out_h * out_w]);
-        let mut best = vec![f32::NEG_INFINITY; out_w];
+        let mut best_all = vec![0f32; out_h * out_w];
         let mut row = vec![0f32; out_w];
         for oy in 0..out_h {
+            let best = &mut best_all[oy * out_w..(oy + 1) * out_w];
             best.fill(bg.unwrap_or(f32::NEG_INFINITY));
             let labels_row = &mut labels[oy * out_w..(oy + 1) * out_w];
             labels_row.fill(0);
@@ -521,6 +534,7 @@ impl Accumulator {
             height: out_h,
             classes,
             labels,
+            best: best_all,
             scores,
         })
     }

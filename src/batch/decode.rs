@@ -1,0 +1,162 @@
+//! Reading one input image: format by content, size checked from the header before any pixel is allocated,
+//! EXIF orientation applied, converted to 8-bit RGB. Every failure names the file and says what is wrong.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+
+/// Largest image accepted, in pixels (width × height). 100 MP covers any camera; a header that claims more is
+/// either a very unusual file or a hostile one.
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+
+/// Why an image could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("{path}: cannot read the file: {error}")]
+    Unreadable { path: String, error: std::io::Error },
+    #[error("{path}: the file is empty (0 bytes)")]
+    Empty { path: String },
+    #[error("{path}: not an image in a supported format (JPEG, PNG, WebP, BMP, TIFF)")]
+    UnknownFormat { path: String },
+    #[error(
+        "{path}: the header claims {width}x{height} pixels, over the limit of {limit} pixels; \
+         refusing to decode (raise --max-pixels if the image is genuine)"
+    )]
+    TooLarge {
+        path: String,
+        width: u32,
+        height: u32,
+        limit: u64,
+    },
+    #[error("{path}: the image has a zero dimension ({width}x{height})")]
+    ZeroSize {
+        path: String,
+        width: u32,
+        height: u32,
+    },
+    #[error("{path}: the image data is corrupt or truncated: {error}")]
+    Corrupt { path: String, error: String },
+}
+
+/// Decodes `path` into RGB, refusing images over `max_pixels`.
+pub fn decode(path: &Path, max_pixels: u64) -> Result<RgbImage, DecodeError> {
+    let name = path.display().to_string();
+    let unreadable = |error| DecodeError::Unreadable {
+        path: name.clone(),
+        error,
+    };
+    let file = File::open(path).map_err(unreadable)?;
+    let len = file.metadata().map_err(unreadable)?.len();
+    if len == 0 {
+        return Err(DecodeError::Empty { path: name });
+    }
+    let mut reader = ImageReader::new(BufReader::new(file))
+        .with_guessed_format()
+        .map_err(unreadable)?;
+    if reader.format().is_none() {
+        return Err(DecodeError::UnknownFormat { path: name });
+    }
+    // Cap allocations too: a decoder must not be talked into more than the pixels we accept need.
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(max_pixels.saturating_mul(16).max(64 << 20));
+    reader.limits(limits);
+    let corrupt = |error: image::ImageError| match error {
+        image::ImageError::Unsupported(_) => DecodeError::UnknownFormat { path: name.clone() },
+        other => DecodeError::Corrupt {
+            path: name.clone(),
+            error: other.to_string(),
+        },
+    };
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let (width, height) = decoder.dimensions();
+    if width == 0 || height == 0 {
+        return Err(DecodeError::ZeroSize {
+            path: name,
+            width,
+            height,
+        });
+    }
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(DecodeError::TooLarge {
+            path: name,
+            width,
+            height,
+            limit: max_pixels,
+        });
+    }
+    let orientation = decoder.orientation().map_err(corrupt)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    image.apply_orientation(orientation);
+    Ok(image.into_rgb8())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).expect("write");
+        p
+    }
+
+    fn png_bytes(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_pixel(w, h, image::Rgb([10, 20, 30]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png)
+            .expect("encode");
+        out.into_inner()
+    }
+
+    #[test]
+    fn good_png_decodes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let img = decode(
+            &write(dir.path(), "a.png", &png_bytes(5, 3)),
+            DEFAULT_MAX_PIXELS,
+        )
+        .expect("decode");
+        assert_eq!(img.dimensions(), (5, 3));
+        assert_eq!(img.get_pixel(0, 0).0, [10, 20, 30]);
+    }
+
+    #[test]
+    fn bad_inputs_get_named_errors() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let e = decode(&write(d, "empty.jpg", b""), DEFAULT_MAX_PIXELS).expect_err("empty");
+        assert!(matches!(e, DecodeError::Empty { .. }) && e.to_string().contains("empty.jpg"));
+        let e = decode(
+            &write(d, "text.png", b"hello, not an image"),
+            DEFAULT_MAX_PIXELS,
+        )
+        .expect_err("text");
+        assert!(matches!(e, DecodeError::UnknownFormat { .. }), "{e}");
+        let good = png_bytes(64, 64);
+        let e = decode(
+            &write(d, "cut.png", &good[..good.len() / 2]),
+            DEFAULT_MAX_PIXELS,
+        )
+        .expect_err("cut");
+        assert!(
+            matches!(e, DecodeError::Corrupt { .. }) && e.to_string().contains("cut.png"),
+            "{e}"
+        );
+        let e = decode(&d.join("absent.png"), DEFAULT_MAX_PIXELS).expect_err("absent");
+        assert!(matches!(e, DecodeError::Unreadable { .. }), "{e}");
+        let e = decode(&write(d, "big.png", &png_bytes(20, 20)), 100).expect_err("over limit");
+        assert!(
+            matches!(
+                e,
+                DecodeError::TooLarge {
+                    width: 20,
+                    height: 20,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+}

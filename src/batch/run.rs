@@ -1,0 +1,516 @@
+//! The batch runner behind `tclseg segment`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use crossbeam::channel::{bounded, Receiver, Sender};
+use image::RgbImage;
+use serde::Serialize;
+
+use super::decode::decode;
+use super::inputs::{self, InputImage};
+use super::queries::QuerySet;
+use crate::model::{Engine, SegmentSettings, Segmentation};
+use crate::sink::overlay::{self, OverlayFormat};
+use crate::sink::sidecar::{self, ClassResult, ModelInfo, SettingsInfo, Sidecar, Timings};
+use crate::sink::{label_png, write_atomic};
+
+/// Which files to write per image.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputKinds {
+    pub labels: bool,
+    pub overlay: Option<OverlayFormat>,
+    pub json: bool,
+    /// One 16-bit PNG of soft scores per query (score × 65535).
+    pub scores: bool,
+}
+
+pub struct SegmentJob {
+    pub inputs: Vec<String>,
+    pub out_dir: PathBuf,
+    pub queries: QuerySet,
+    pub outputs: OutputKinds,
+    pub settings: SegmentSettings,
+    /// Images per engine call.
+    pub batch: usize,
+    /// Decoder threads.
+    pub jobs: usize,
+    pub force: bool,
+    /// Stop after this many failed images (None: never stop).
+    pub max_failures: Option<usize>,
+    pub max_pixels: u64,
+    /// Label for the JSON sidecar.
+    pub precision: String,
+}
+
+/// Callbacks for a progress display; the library itself prints nothing.
+pub trait Progress: Send + Sync {
+    fn start(&self, total: usize, skipped: usize);
+    fn image_done(&self, outcome: &Outcome);
+}
+
+/// What happened to one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct Outcome {
+    pub image: String,
+    pub ok: bool,
+    pub error: Option<String>,
+}
+
+/// Totals of a run; also written to `<out>/segment-report.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub done: usize,
+    pub skipped: usize,
+    pub failed: usize,
+    pub not_attempted: usize,
+    pub seconds: f64,
+    pub images_per_second: f64,
+    pub failures: Vec<Outcome>,
+    pub report: Option<PathBuf>,
+}
+
+struct Decoded {
+    input: InputImage,
+    image: Result<RgbImage, String>,
+    decode_ms: f64,
+}
+
+struct ToWrite {
+    input: InputImage,
+    image: RgbImage,
+    segmentation: Segmentation,
+    decode_ms: f64,
+    inference_ms: f64,
+}
+
+/// Runs a segmentation job. Errors are returned only for problems with the job itself (no inputs, output folder
+/// unusable, bad queries); per-image problems are counted in the summary.
+pub fn run(engine: &Engine, job: &SegmentJob, progress: &dyn Progress) -> Result<Summary> {
+    let start = Instant::now();
+    std::fs::create_dir_all(&job.out_dir)
+        .with_context(|| format!("cannot create the output folder {}", job.out_dir.display()))?;
+    probe_writable(&job.out_dir)?;
+    let all = inputs::expand(&job.inputs)?;
+    if all.is_empty() {
+        bail!("no images found in {}", job.inputs.join(", "));
+    }
+    let (todo, skipped): (Vec<InputImage>, Vec<InputImage>) = all
+        .into_iter()
+        .partition(|input| job.force || !outputs_fresh(job, input));
+    progress.start(todo.len(), skipped.len());
+    let text = engine.embed_queries(&job.queries.engine_queries())?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let (work_tx, work_rx) = bounded::<InputImage>(todo.len().max(1));
+    for input in todo.iter().cloned() {
+        // Capacity equals the list length: never blocks.
+        let _ = work_tx.send(input);
+    }
+    drop(work_tx);
+    let (decoded_tx, decoded_rx) = bounded::<Decoded>(job.batch.max(1) * 2);
+    let (write_tx, write_rx) = bounded::<ToWrite>(job.batch.max(1) * 2);
+    let (outcome_tx, outcome_rx) = crossbeam::channel::unbounded::<Outcome>();
+
+    let outcomes = std::thread::scope(|scope| -> Result<Vec<Outcome>> {
+        for _ in 0..job.jobs.max(1) {
+            let (work_rx, decoded_tx, stop) =
+                (work_rx.clone(), decoded_tx.clone(), Arc::clone(&stop));
+            scope.spawn(move || decode_worker(work_rx, decoded_tx, &stop, job.max_pixels));
+        }
+        drop(decoded_tx);
+        {
+            let outcome_tx = outcome_tx.clone();
+            let (stop, failed) = (Arc::clone(&stop), Arc::clone(&failed));
+            scope
+                .spawn(move || writer(write_rx, outcome_tx, job, engine, progress, &stop, &failed));
+        }
+        let collector = scope.spawn(move || outcome_rx.iter().collect::<Vec<Outcome>>());
+        infer_loop(
+            engine,
+            job,
+            &text,
+            decoded_rx,
+            write_tx,
+            &outcome_tx,
+            progress,
+            &stop,
+            &failed,
+        );
+        drop(outcome_tx);
+        collector
+            .join()
+            .map_err(|_| anyhow::anyhow!("the outcome collector panicked"))
+    })?;
+
+    let done = outcomes.iter().filter(|o| o.ok).count();
+    let failures: Vec<Outcome> = outcomes.iter().filter(|o| !o.ok).cloned().collect();
+    let seconds = start.elapsed().as_secs_f64();
+    let mut summary = Summary {
+        done,
+        skipped: skipped.len(),
+        failed: failures.len(),
+        not_attempted: todo.len() - outcomes.len(),
+        seconds,
+        images_per_second: if seconds > 0.0 {
+            done as f64 / seconds
+        } else {
+            0.0
+        },
+        failures,
+        report: None,
+    };
+    let report = job.out_dir.join("segment-report.json");
+    match serde_json::to_vec_pretty(&summary)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| write_atomic(&report, &bytes))
+    {
+        Ok(()) => summary.report = Some(report),
+        Err(err) => tracing::warn!("cannot write the report {}: {err:#}", report.display()),
+    }
+    Ok(summary)
+}
+
+fn decode_worker(
+    work: Receiver<InputImage>,
+    out: Sender<Decoded>,
+    stop: &AtomicBool,
+    max_pixels: u64,
+) {
+    for input in work.iter() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let start = Instant::now();
+        let image = decode(&input.path, max_pixels).map_err(|e| e.to_string());
+        let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+        if out
+            .send(Decoded {
+                input,
+                image,
+                decode_ms,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn infer_loop(
+    engine: &Engine,
+    job: &SegmentJob,
+    text: &crate::model::TextEmbeddings,
+    decoded: Receiver<Decoded>,
+    write: Sender<ToWrite>,
+    outcomes: &Sender<Outcome>,
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+    failed: &AtomicUsize,
+) {
+    let fail = |input: &InputImage, error: String| {
+        tracing::warn!("{error}");
+        let outcome = Outcome {
+            image: input.path.display().to_string(),
+            ok: false,
+            error: Some(error),
+        };
+        progress.image_done(&outcome);
+        let _ = outcomes.send(outcome);
+        note_failure(job, failed, stop);
+    };
+    let settings = SegmentSettings {
+        keep_scores: job.outputs.scores,
+        ..job.settings
+    };
+    while let Ok(first) = decoded.recv() {
+        let mut batch = vec![first];
+        while batch.len() < job.batch.max(1) {
+            match decoded.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut ready: Vec<(InputImage, RgbImage, f64)> = Vec::new();
+        for d in batch {
+            match d.image {
+                Ok(image) => ready.push((d.input, image, d.decode_ms)),
+                Err(error) => fail(&d.input, error),
+            }
+        }
+        if ready.is_empty() || stop.load(Ordering::Relaxed) {
+            continue;
+        }
+        let images: Vec<&RgbImage> = ready.iter().map(|(_, img, _)| img).collect();
+        let start = Instant::now();
+        let result = engine.segment_batch(&images, text, &settings);
+        let inference_ms = start.elapsed().as_secs_f64() * 1e3 / ready.len() as f64;
+        match result {
+            Ok(segmentations) => {
+                for ((input, image, decode_ms), segmentation) in
+                    ready.into_iter().zip(segmentations)
+                {
+                    let item = ToWrite {
+                        input,
+                        image,
+                        segmentation,
+                        decode_ms,
+                        inference_ms,
+                    };
+                    if write.send(item).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(err) => {
+                for (input, _, _) in &ready {
+                    fail(
+                        input,
+                        format!("{}: inference failed: {err:#}", input.path.display()),
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn note_failure(job: &SegmentJob, failed: &AtomicUsize, stop: &AtomicBool) {
+    let n = failed.fetch_add(1, Ordering::Relaxed) + 1;
+    if job.max_failures.is_some_and(|max| n >= max) && !stop.swap(true, Ordering::Relaxed) {
+        tracing::error!("{n} images failed (--max-failures); stopping");
+    }
+}
+
+fn writer(
+    items: Receiver<ToWrite>,
+    outcomes: Sender<Outcome>,
+    job: &SegmentJob,
+    engine: &Engine,
+    progress: &dyn Progress,
+    stop: &AtomicBool,
+    failed: &AtomicUsize,
+) {
+    for item in items.iter() {
+        let image = item.input.path.display().to_string();
+        let outcome = match write_outputs(&item, job, engine) {
+            Ok(()) => Outcome {
+                image,
+                ok: true,
+                error: None,
+            },
+            Err(err) => {
+                let error = format!("{image}: cannot write outputs: {err:#}");
+                tracing::warn!("{error}");
+                note_failure(job, failed, stop);
+                Outcome {
+                    image,
+                    ok: false,
+                    error: Some(error),
+                }
+            }
+        };
+        progress.image_done(&outcome);
+        let _ = outcomes.send(outcome);
+    }
+}
+
+/// Output file paths of one image: `<out>/<relative>.<suffix>`.
+fn output_path(job: &SegmentJob, input: &InputImage, suffix: &str) -> PathBuf {
+    let mut name = input.relative.as_os_str().to_os_string();
+    name.push(".");
+    name.push(suffix);
+    job.out_dir.join(name)
+}
+
+fn output_paths(job: &SegmentJob, input: &InputImage) -> Vec<PathBuf> {
+    let mut paths = Vec::new();
+    if job.outputs.labels {
+        paths.push(output_path(job, input, "labels.png"));
+    }
+    if let Some(fmt) = job.outputs.overlay {
+        paths.push(output_path(
+            job,
+            input,
+            &format!("overlay.{}", fmt.extension()),
+        ));
+    }
+    if job.outputs.json {
+        paths.push(output_path(job, input, "json"));
+    }
+    paths
+}
+
+/// True when every output exists and is newer than the input (resume).
+fn outputs_fresh(job: &SegmentJob, input: &InputImage) -> bool {
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(source) = modified(&input.path) else {
+        return false;
+    };
+    let paths = output_paths(job, input);
+    !paths.is_empty()
+        && paths
+            .iter()
+            .all(|p| modified(p).is_some_and(|t: SystemTime| t >= source))
+}
+
+fn probe_writable(dir: &Path) -> Result<()> {
+    tempfile::Builder::new()
+        .prefix(".tclseg-write-check")
+        .tempfile_in(dir)
+        .map(drop)
+        .with_context(|| format!("the output folder {} is not writable", dir.display()))
+}
+
+/// Maps engine classes to output labels (background prompts → 0) and applies per-query thresholds.
+fn output_labels(job: &SegmentJob, seg: &Segmentation) -> Vec<u16> {
+    let offset = usize::from(job.settings.background.is_some());
+    seg.labels
+        .iter()
+        .zip(&seg.best)
+        .map(|(&class, &score)| {
+            let class = class as usize;
+            if class < offset {
+                return 0;
+            }
+            let q = class - offset;
+            match job.queries.specs[q].threshold {
+                Some(t) if score < t => 0,
+                _ => job.queries.labels[q],
+            }
+        })
+        .collect()
+}
+
+fn write_outputs(item: &ToWrite, job: &SegmentJob, engine: &Engine) -> Result<()> {
+    let start = Instant::now();
+    let seg = &item.segmentation;
+    let (w, h) = (seg.width, seg.height);
+    let labels = output_labels(job, seg);
+    let palette = &job.queries.palette;
+    if job.outputs.labels {
+        let bytes = label_png::encode(&labels, w, h, palette)?;
+        write_atomic(&output_path(job, &item.input, "labels.png"), &bytes)?;
+    }
+    if let Some(fmt) = job.outputs.overlay {
+        let rendered = overlay::render(&item.image, &labels, palette, 0.5);
+        let bytes = overlay::encode(&rendered, fmt)?;
+        write_atomic(
+            &output_path(job, &item.input, &format!("overlay.{}", fmt.extension())),
+            &bytes,
+        )?;
+    }
+    if job.outputs.scores {
+        if let Some(scores) = &seg.scores {
+            let offset = usize::from(job.settings.background.is_some());
+            for q in 0..job.queries.specs.len() {
+                let plane = &scores[(q + offset) * w * h..(q + offset + 1) * w * h];
+                let bytes = encode_scores(plane, w, h)?;
+                write_atomic(
+                    &output_path(job, &item.input, &format!("score{}.png", q + 1)),
+                    &bytes,
+                )?;
+            }
+        }
+    }
+    if job.outputs.json {
+        let sidecar = build_sidecar(
+            item,
+            job,
+            engine,
+            &labels,
+            start.elapsed().as_secs_f64() * 1e3,
+        );
+        let bytes = serde_json::to_vec_pretty(&sidecar)?;
+        write_atomic(&output_path(job, &item.input, "json"), &bytes)?;
+    }
+    Ok(())
+}
+
+fn encode_scores(plane: &[f32], w: usize, h: usize) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, w as u32, h as u32);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Sixteen);
+    let data: Vec<u8> = plane
+        .iter()
+        .flat_map(|v| ((v.clamp(0.0, 1.0) * 65535.0).round() as u16).to_be_bytes())
+        .collect();
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(&data)?;
+    writer.finish()?;
+    Ok(out)
+}
+
+fn build_sidecar(
+    item: &ToWrite,
+    job: &SegmentJob,
+    engine: &Engine,
+    labels: &[u16],
+    write_ms: f64,
+) -> Sidecar {
+    let seg = &item.segmentation;
+    let (w, h) = (seg.width, seg.height);
+    let manifest = engine.bundle().manifest();
+    let mut classes = Vec::new();
+    let label_count = job.queries.label_count();
+    let mut sums = vec![(0f64, 0usize); label_count];
+    for (&l, &s) in labels.iter().zip(&seg.best) {
+        let e = &mut sums[l as usize];
+        e.0 += f64::from(s);
+        e.1 += 1;
+    }
+    for label in 0..label_count as u16 {
+        let (fraction, bbox, rle) = sidecar::class_stats(labels, w, h, label);
+        let specs: Vec<_> = job
+            .queries
+            .specs
+            .iter()
+            .zip(&job.queries.labels)
+            .filter(|(_, &l)| l == label)
+            .map(|(s, _)| s)
+            .collect();
+        let name = match (label, specs.first()) {
+            (0, _) => "background".to_string(),
+            (_, Some(s)) => s.name.trim().to_string(),
+            _ => String::new(),
+        };
+        let (sum, count) = sums[label as usize];
+        classes.push(ClassResult {
+            label,
+            name,
+            prompts: specs.iter().flat_map(|s| s.prompts.clone()).collect(),
+            pixel_fraction: fraction,
+            mean_score: (count > 0).then(|| sum / count as f64),
+            bbox,
+            rle,
+        });
+    }
+    Sidecar {
+        image: item.input.path.display().to_string(),
+        width: w,
+        height: h,
+        model: ModelInfo {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            manifest_sha256: engine.manifest_sha256().to_string(),
+            device: format!("{:?}", engine.device()).to_lowercase(),
+            precision: job.precision.clone(),
+        },
+        settings: SettingsInfo {
+            pamr: job.settings.pamr,
+            kp_weight: job.settings.kp_weight,
+            background: job.settings.background,
+        },
+        classes,
+        timings_ms: Timings {
+            decode: item.decode_ms,
+            inference: item.inference_ms,
+            write: write_ms,
+        },
+    }
+}

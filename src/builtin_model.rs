@@ -1,0 +1,58 @@
+//! The tiny model bundle built into the binary (see build.rs): unpacked on first use into the user's cache folder,
+//! keyed by the manifest's hash, written to a temporary folder and renamed so a crash never leaves half of it.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+
+mod files {
+    include!(concat!(env!("OUT_DIR"), "/builtin_model.rs"));
+}
+
+/// Unpacks the built-in bundle (if not already there) and returns its folder.
+pub fn extract() -> Result<PathBuf> {
+    let Some((_, manifest)) = files::FILES.iter().find(|(name, _)| *name == "model.toml") else {
+        bail!("this build has no built-in model; pass --model DIR (create one with `tclseg models export`)");
+    };
+    let key = hex::encode(&Sha256::digest(manifest)[..8]);
+    let cache = cache_dir().join(format!("builtin-{key}"));
+    if cache.join("model.toml").is_file() {
+        return Ok(cache);
+    }
+    let parent = cache.parent().unwrap_or(&cache).to_path_buf();
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".builtin-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("cannot create a temporary folder in {}", parent.display()))?;
+    for (name, bytes) in files::FILES {
+        std::fs::write(tmp.path().join(name), bytes)
+            .with_context(|| format!("cannot write {}", tmp.path().join(name).display()))?;
+    }
+    let staged = tmp.keep();
+    if let Err(err) = std::fs::rename(&staged, &cache) {
+        // Another process may have unpacked it first; theirs is as good as ours.
+        let _ = std::fs::remove_dir_all(&staged);
+        if !cache.join("model.toml").is_file() {
+            return Err(err)
+                .with_context(|| format!("cannot move the built-in model to {}", cache.display()));
+        }
+    }
+    tracing::info!(
+        "using the built-in tiny model (random weights) unpacked at {}",
+        cache.display()
+    );
+    Ok(cache)
+}
+
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("tclseg");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".cache/tclseg"),
+        None => std::env::temp_dir().join("tclseg-cache"),
+    }
+}

@@ -1,0 +1,220 @@
+//! `tclseg segment`: the batch runner with a progress bar (or log lines when stderr is not a terminal).
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use tclseg::batch::queries::QuerySet;
+use tclseg::batch::{self, Outcome, OutputKinds, Progress, SegmentJob};
+use tclseg::model::{Bundle, DeviceChoice, Engine, EngineOptions, Precision, SegmentSettings};
+use tclseg::sink::overlay::OverlayFormat;
+
+use crate::cli::{DeviceArg, ImagePrecision, OverlayArg, SegmentArgs};
+
+pub fn run(args: SegmentArgs) -> Result<ExitCode> {
+    let queries = match &args.queries {
+        Some(file) => QuerySet::from_file(file)?,
+        None => QuerySet::from_names(&args.query)?,
+    };
+    let outputs = parse_outputs(&args.format, args.overlay_format)?;
+    let model_dir = resolve_model(args.model.clone())?;
+    let bundle = Bundle::open(&model_dir)?;
+    let precision = match args.precision {
+        ImagePrecision::Fp32 => Precision::Fp32,
+        ImagePrecision::Fp16 => Precision::Fp16,
+    };
+    if precision == Precision::Fp16 && bundle.graph("image_trunk", Precision::Fp16).is_none() {
+        bail!(
+            "bundle {} has no fp16 graphs; export it with --precision fp32,fp16",
+            model_dir.display()
+        );
+    }
+    let engine = Engine::new(
+        bundle,
+        EngineOptions {
+            device: match args.device {
+                DeviceArg::Auto => DeviceChoice::Auto,
+                DeviceArg::Cpu => DeviceChoice::Cpu,
+                DeviceArg::Cuda => DeviceChoice::Cuda,
+            },
+            precision,
+            threads: args.threads,
+            crop_batch: 4,
+        },
+    )?;
+    let mask = engine.bundle().manifest().mask.clone();
+    let pamr = !args.no_pamr;
+    let background = if queries.has_background_prompts() {
+        if args.bg_thresh.is_some() {
+            bail!("--bg-thresh and background prompts exclude each other: choose one way to find background");
+        }
+        None
+    } else {
+        Some(args.bg_thresh.unwrap_or(if pamr {
+            mask.bg_thresh_pamr
+        } else {
+            mask.bg_thresh
+        }))
+    };
+    let kp_weight = args.kp_weight.unwrap_or(mask.kp_weight);
+    if !(0.0..=1.0).contains(&kp_weight) {
+        bail!("--kp-weight {kp_weight} is outside 0..1");
+    }
+    tracing::info!(
+        "model {} v{} on {:?} ({}), PAMR {}, background {}",
+        engine.bundle().manifest().name,
+        engine.bundle().manifest().version,
+        engine.device(),
+        precision.key(),
+        if pamr { "on" } else { "off" },
+        background.map_or("from prompts".to_string(), |t| format!("below {t}")),
+    );
+    let job = SegmentJob {
+        inputs: args.inputs,
+        out_dir: args.out,
+        queries,
+        outputs,
+        settings: SegmentSettings {
+            pamr,
+            kp_weight,
+            background,
+            keep_scores: outputs.scores,
+        },
+        batch: args.batch.max(1),
+        jobs: args.jobs.max(1),
+        force: args.force,
+        max_failures: args.max_failures,
+        max_pixels: args.max_pixels,
+        precision: precision.key().to_string(),
+    };
+    let display = Display::new();
+    let summary = batch::run(&engine, &job, &display)?;
+    display.finish();
+    println!(
+        "done {}, skipped {} (up to date), failed {}{}, {:.2} images/s in {:.1} s",
+        summary.done,
+        summary.skipped,
+        summary.failed,
+        if summary.not_attempted > 0 {
+            format!(", not attempted {}", summary.not_attempted)
+        } else {
+            String::new()
+        },
+        summary.images_per_second,
+        summary.seconds
+    );
+    if let Some(report) = &summary.report {
+        println!("report: {}", report.display());
+    }
+    Ok(if summary.failed > 0 || summary.not_attempted > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn parse_outputs(format: &str, overlay: OverlayArg) -> Result<OutputKinds> {
+    let mut kinds = OutputKinds {
+        labels: false,
+        overlay: None,
+        json: false,
+        scores: false,
+    };
+    for part in format.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part {
+            "labels" => kinds.labels = true,
+            "overlay" => {
+                kinds.overlay = Some(match overlay {
+                    OverlayArg::Jpg => OverlayFormat::Jpeg,
+                    OverlayArg::Png => OverlayFormat::Png,
+                })
+            }
+            "json" => kinds.json = true,
+            "scores" => kinds.scores = true,
+            other => {
+                bail!("--format: unknown output '{other}' (known: labels, overlay, json, scores)")
+            }
+        }
+    }
+    if !(kinds.labels || kinds.overlay.is_some() || kinds.json || kinds.scores) {
+        bail!("--format names no output");
+    }
+    Ok(kinds)
+}
+
+/// `--model`, else `$TCLSEG_MODEL`, else `models/default`, else the tiny model built into this binary.
+fn resolve_model(arg: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = arg.or_else(|| std::env::var_os("TCLSEG_MODEL").map(PathBuf::from)) {
+        return Ok(dir);
+    }
+    let default = PathBuf::from("models/default");
+    if default.join("model.toml").is_file() {
+        return Ok(default);
+    }
+    crate::builtin_model::extract().context("cannot unpack the built-in model")
+}
+
+/// Progress: an indicatif bar on a terminal, else a log line at most every 10 s.
+struct Display {
+    bar: std::sync::OnceLock<ProgressBar>,
+    state: Mutex<(usize, usize, Instant)>,
+}
+
+impl Display {
+    fn new() -> Display {
+        Display {
+            bar: std::sync::OnceLock::new(),
+            state: Mutex::new((0, 0, Instant::now())),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = self.bar.get() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for Display {
+    fn start(&self, total: usize, skipped: usize) {
+        if skipped > 0 {
+            tracing::info!("{skipped} images are up to date and skipped (--force redoes them)");
+        }
+        if let Ok(mut s) = self.state.lock() {
+            *s = (0, total, Instant::now());
+        }
+        if std::io::stderr().is_terminal() {
+            let bar = ProgressBar::new(total as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(250));
+            let _ = self.bar.set(bar);
+        } else {
+            tracing::info!("segmenting {total} images");
+        }
+    }
+
+    fn image_done(&self, outcome: &Outcome) {
+        if let Some(bar) = self.bar.get() {
+            bar.inc(1);
+            return;
+        }
+        let Ok(mut s) = self.state.lock() else { return };
+        s.0 += 1;
+        let (done, total, last) = *s;
+        if last.elapsed() >= Duration::from_secs(10) || done == total {
+            tracing::info!(
+                "{done}/{total} images ({})",
+                if outcome.ok { "ok" } else { "failed" }
+            );
+            s.2 = Instant::now();
+        }
+    }
+}

@@ -17,7 +17,9 @@ fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let dst = tmp.path().join("bundle");
     fs::create_dir(&dst).expect("create bundle dir");
-    for entry in fs::read_dir(fixture()).expect("fixture bundle exists (see trainer/tclseg_trainer/fixtures.py)") {
+    for entry in fs::read_dir(fixture())
+        .expect("fixture bundle exists (see trainer/tclseg_trainer/fixtures.py)")
+    {
         let entry = entry.expect("dir entry");
         fs::copy(entry.path(), dst.join(entry.file_name())).expect("copy fixture file");
     }
@@ -37,8 +39,16 @@ fn fixture_bundle_opens_and_lists_all_graphs() {
     let bundle = Bundle::open(&fixture()).expect("fixture bundle verifies");
     let m = bundle.manifest();
     assert_eq!(m.format_version, 1);
-    for role in ["text_encoder", "image_trunk", "tcl_head", "mask_head", "pamr"] {
-        let path = bundle.graph(role, Precision::Fp32).expect("fp32 graph listed");
+    for role in [
+        "text_encoder",
+        "image_trunk",
+        "tcl_head",
+        "mask_head",
+        "pamr",
+    ] {
+        let path = bundle
+            .graph(role, Precision::Fp32)
+            .expect("fp32 graph listed");
         assert!(path.is_file(), "{role} graph file exists");
     }
     assert!(bundle.vocabulary().is_file());
@@ -51,17 +61,33 @@ fn fixture_bundle_runs_one_crop_with_the_promised_shapes() {
     let m = bundle.manifest();
     let runs = smoke::run_one_crop(&bundle, Precision::Fp32, 1).expect("one crop runs");
     let roles: Vec<&str> = runs.iter().map(|r| r.role).collect();
-    assert_eq!(roles, ["text_encoder", "image_trunk", "tcl_head", "mask_head", "pamr"]);
+    assert_eq!(
+        roles,
+        [
+            "text_encoder",
+            "image_trunk",
+            "tcl_head",
+            "mask_head",
+            "pamr"
+        ]
+    );
     let side = m.input.crop_size / m.architecture.mask_stride;
     let pamr = runs.last().expect("pamr ran");
-    assert_eq!(pamr.outputs, vec![("refined".to_string(), vec![1, 1, side, side])]);
+    assert_eq!(
+        pamr.outputs,
+        vec![("refined".to_string(), vec![1, 1, side, side])]
+    );
 }
 
 #[test]
 fn verify_command_succeeds_on_the_fixture() {
     let out = tclseg(&["models", "verify", fixture().to_str().expect("utf-8 path")]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "stdout: {stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "stdout: {stdout}\nstderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("ok: tiny-random"), "{stdout}");
     assert!(stdout.contains("pamr"), "{stdout}");
 }
@@ -77,7 +103,10 @@ fn missing_file_is_named() {
     let out = tclseg(&["models", "verify", dir.to_str().expect("utf-8 path")]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("pamr.onnx") && stderr.contains("missing"), "{stderr}");
+    assert!(
+        stderr.contains("pamr.onnx") && stderr.contains("missing"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -87,7 +116,12 @@ fn truncated_file_is_refused_by_size() {
     let bytes = fs::read(&path).expect("read");
     fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
     match Bundle::open(&dir) {
-        Err(BundleError::SizeMismatch { file, expected, found, .. }) => {
+        Err(BundleError::SizeMismatch {
+            file,
+            expected,
+            found,
+            ..
+        }) => {
             assert_eq!(file, "mask_head.onnx");
             assert_eq!(expected as usize, bytes.len());
             assert_eq!(found as usize, bytes.len() / 2);
@@ -115,18 +149,31 @@ fn malformed_manifest_says_where() {
     let manifest = dir.join("model.toml");
     let text = fs::read_to_string(&manifest).expect("read manifest");
 
-    fs::write(&manifest, text.replace("format_version = 1", "format_version = 99")).expect("write");
-    let err = Bundle::open(&dir).expect_err("future format refused").to_string();
+    fs::write(
+        &manifest,
+        text.replace("format_version = 1", "format_version = 99"),
+    )
+    .expect("write");
+    let err = Bundle::open(&dir)
+        .expect_err("future format refused")
+        .to_string();
     assert!(err.contains("format_version is 99"), "{err}");
 
     fs::write(&manifest, text.replacen("[mask]", "[mask\n", 1)).expect("write");
-    let err = Bundle::open(&dir).expect_err("syntax error refused").to_string();
-    assert!(err.contains("model.toml is malformed") && err.contains("line"), "{err}");
+    let err = Bundle::open(&dir)
+        .expect_err("syntax error refused")
+        .to_string();
+    assert!(
+        err.contains("model.toml is malformed") && err.contains("line"),
+        "{err}"
+    );
 
     let escaped = text.replacen("path = \"pamr.onnx\"", "path = \"../pamr.onnx\"", 1);
     assert_ne!(escaped, text, "fixture manifest lists pamr.onnx");
     fs::write(&manifest, escaped).expect("write");
-    let err = Bundle::open(&dir).expect_err("escaping path refused").to_string();
+    let err = Bundle::open(&dir)
+        .expect_err("escaping path refused")
+        .to_string();
     assert!(err.contains("../pamr.onnx"), "{err}");
 }
 
@@ -135,7 +182,9 @@ fn not_a_bundle_directory() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let err = Bundle::open(&tmp.path().join("nope")).expect_err("no dir");
     assert!(matches!(err, BundleError::NotADirectory { .. }));
-    let err = Bundle::open(tmp.path()).expect_err("no manifest").to_string();
+    let err = Bundle::open(tmp.path())
+        .expect_err("no manifest")
+        .to_string();
     assert!(err.contains("model.toml"), "{err}");
 }
 
@@ -148,16 +197,28 @@ fn missing_onnx_runtime_is_an_error_not_a_panic() {
         .expect("run tclseg");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("ONNX Runtime library not found"), "{stderr}");
+    assert!(
+        stderr.contains("ONNX Runtime library not found"),
+        "{stderr}"
+    );
     assert!(stderr.contains("scripts/setup"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 #[test]
 fn commands_that_have_not_landed_exit_2() {
-    for cmd in [&["serve"][..], &["segment", "x", "-q", "cat"], &["train"], &["eval"], &["config", "check", "f"]] {
+    for cmd in [
+        &["serve"][..],
+        &["segment", "x", "-q", "cat"],
+        &["train"],
+        &["eval"],
+        &["config", "check", "f"],
+    ] {
         let out = tclseg(cmd);
         assert_eq!(out.status.code(), Some(2), "{cmd:?}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("not available"), "{cmd:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not available"),
+            "{cmd:?}"
+        );
     }
 }

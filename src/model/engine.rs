@@ -227,6 +227,12 @@ impl Engine {
             };
             counts.push(prompts.len());
             for p in &prompts {
+                let n = self.tokenizer.encode(p).len() + 2;
+                if n > ctx {
+                    tracing::warn!(
+                        "prompt '{p}' is {n} tokens; the text encoder reads {ctx}, so the rest is cut"
+                    );
+                }
                 prompt_tokens.extend(self.tokenizer.tokenize(p, ctx));
             }
         }

@@ -1,0 +1,247 @@
+//! `tclseg segment` end to end on the tiny fixture bundle: outputs, resume, and every kind of bad input.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixture_bundle() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bundles/tiny-random")
+}
+
+fn tclseg(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tclseg"))
+        .args(args)
+        .env_remove("TCLSEG_LOG")
+        .output()
+        .expect("run tclseg")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A small synthetic picture: a red square on grey.
+fn write_png(path: &Path, w: u32, h: u32) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        if x > w / 4 && x < w / 2 && y > h / 4 && y < h / 2 {
+            image::Rgb([220, 30, 30])
+        } else {
+            image::Rgb([120, 120, 120])
+        }
+    });
+    img.save(path).expect("save png");
+}
+
+fn segment(input: &Path, out: &Path, extra: &[&str]) -> Output {
+    let bundle = fixture_bundle();
+    let mut args = vec![
+        "segment",
+        input.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--model",
+        bundle.to_str().expect("utf-8"),
+        "-q",
+        "red square",
+        "-q",
+        "grey wall",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    tclseg(&args)
+}
+
+#[test]
+fn writes_labels_overlay_and_json_mirroring_the_tree_then_resumes() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let input = tmp.path().join("in");
+    fs::create_dir_all(input.join("sub")).expect("mkdir");
+    write_png(&input.join("a.png"), 61, 45);
+    write_png(&input.join("sub/b.png"), 40, 90);
+    let out = tmp.path().join("out");
+
+    let run = segment(&input, &out, &[]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stdout(&run).contains("done 2"), "{}", stdout(&run));
+
+    let labels = image::open(out.join("sub/b.labels.png")).expect("label png");
+    assert_eq!((labels.width(), labels.height()), (40, 90));
+    let overlay = image::open(out.join("a.overlay.jpg")).expect("overlay");
+    assert_eq!((overlay.width(), overlay.height()), (61, 45));
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("a.json")).expect("json")).expect("valid json");
+    assert_eq!(json["width"], 61);
+    assert_eq!(json["model"]["name"], "tiny-random");
+    let classes = json["classes"].as_array().expect("classes");
+    assert_eq!(classes.len(), 3);
+    assert_eq!(classes[1]["name"], "red square");
+    let total: f64 = classes.iter().map(|c| c["pixel_fraction"].as_f64().expect("fraction")).sum();
+    assert!((total - 1.0).abs() < 1e-9, "fractions sum to 1, got {total}");
+    assert_eq!(classes[0]["rle"]["size"], serde_json::json!([45, 61]));
+
+    // Second run: everything is up to date.
+    let again = segment(&input, &out, &[]);
+    assert!(again.status.success());
+    assert!(stdout(&again).contains("done 0, skipped 2"), "{}", stdout(&again));
+    // --force redoes.
+    let forced = segment(&input, &out, &["--force"]);
+    assert!(stdout(&forced).contains("done 2"), "{}", stdout(&forced));
+}
+
+#[test]
+fn bad_inputs_are_reported_by_name_and_the_rest_goes_on() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let input = tmp.path().join("in");
+    fs::create_dir_all(&input).expect("mkdir");
+    write_png(&input.join("good.png"), 30, 30);
+    fs::write(input.join("empty.jpg"), b"").expect("write");
+    fs::write(input.join("text.png"), b"this is not an image at all").expect("write");
+    let mut good = Vec::new();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]))
+        .write_to(&mut std::io::Cursor::new(&mut good), image::ImageFormat::Png)
+        .expect("encode");
+    fs::write(input.join("truncated.png"), &good[..good.len() / 3]).expect("write");
+    fs::write(input.join("gif.png"), b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").expect("write");
+    fs::write(input.join("huge.png"), png_header(100_000, 100_000)).expect("write");
+    std::os::unix::fs::symlink("/nonexistent/target.png", input.join("dangling.png")).expect("symlink");
+    let out = tmp.path().join("out");
+
+    let run = segment(&input, &out, &[]);
+    assert_eq!(run.status.code(), Some(1), "failures make the exit status non-zero");
+    let err = stderr(&run);
+    for (file, reason) in [
+        ("empty.jpg", "empty"),
+        ("text.png", "not an image"),
+        ("truncated.png", "corrupt or truncated"),
+        ("gif.png", "not an image"),
+        ("huge.png", "100000x100000"),
+        ("dangling.png", "cannot read"),
+    ] {
+        assert!(
+            err.lines().any(|l| l.contains(file) && l.contains(reason)),
+            "no message naming {file} with '{reason}' in:\n{err}"
+        );
+    }
+    assert!(stdout(&run).contains("done 1"), "{}", stdout(&run));
+    assert!(out.join("good.labels.png").is_file());
+
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("segment-report.json")).expect("report")).expect("json");
+    assert_eq!(report["failed"], 6);
+    assert_eq!(report["failures"].as_array().expect("list").len(), 6);
+}
+
+#[test]
+fn a_failed_redo_leaves_earlier_outputs_intact() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let input = tmp.path().join("in");
+    fs::create_dir_all(&input).expect("mkdir");
+    let image = input.join("x.png");
+    write_png(&image, 33, 20);
+    let out = tmp.path().join("out");
+    assert!(segment(&input, &out, &[]).status.success());
+    let before = fs::read(out.join("x.labels.png")).expect("labels");
+    fs::write(&image, b"now corrupt").expect("corrupt input");
+    let run = segment(&input, &out, &["--force"]);
+    assert_eq!(run.status.code(), Some(1));
+    assert_eq!(fs::read(out.join("x.labels.png")).expect("labels"), before);
+}
+
+#[test]
+fn max_failures_stops_early() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let input = tmp.path().join("in");
+    fs::create_dir_all(&input).expect("mkdir");
+    for i in 0..6 {
+        fs::write(input.join(format!("bad{i}.png")), b"junk").expect("write");
+    }
+    let out = tmp.path().join("out");
+    let run = segment(&input, &out, &["--max-failures", "2", "--jobs", "1", "--batch", "1"]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(stderr(&run).contains("--max-failures"), "{}", stderr(&run));
+    let report: serde_json::Value =
+        serde_json::from_slice(&fs::read(out.join("segment-report.json")).expect("report")).expect("json");
+    assert!(report["failed"].as_u64().expect("n") < 6, "{report}");
+}
+
+#[test]
+fn unusable_output_folder_and_bad_queries_are_refused() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let input = tmp.path().join("a.png");
+    write_png(&input, 20, 20);
+    let blocker = tmp.path().join("file");
+    fs::write(&blocker, b"x").expect("write");
+    let run = segment(&input, &blocker.join("out"), &[]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(stderr(&run).contains("output folder"), "{}", stderr(&run));
+
+    let bundle = fixture_bundle();
+    let base = [
+        "segment",
+        input.to_str().expect("utf-8"),
+        "--out",
+        tmp.path().to_str().expect("utf-8"),
+        "--model",
+        bundle.to_str().expect("utf-8"),
+    ];
+    let dup = tclseg(&[&base[..], &["-q", "cat", "-q", "Cat"]].concat());
+    assert_eq!(dup.status.code(), Some(1));
+    assert!(stderr(&dup).contains("twice"), "{}", stderr(&dup));
+    let blank = tclseg(&[&base[..], &["-q", " "]].concat());
+    assert!(stderr(&blank).contains("empty name"), "{}", stderr(&blank));
+    let none = tclseg(&base);
+    assert_eq!(none.status.code(), Some(2), "a query is required");
+}
+
+#[test]
+fn over_long_prompts_are_cut_with_a_warning() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let input = tmp.path().join("a.png");
+    write_png(&input, 20, 20);
+    let long = "very ".repeat(100) + "long query";
+    let out = tmp.path().join("out");
+    let run = tclseg(&[
+        "segment",
+        input.to_str().expect("utf-8"),
+        "--out",
+        out.to_str().expect("utf-8"),
+        "--model",
+        fixture_bundle().to_str().expect("utf-8"),
+        "-q",
+        &long,
+    ]);
+    assert!(run.status.success(), "{}", stderr(&run));
+    assert!(stderr(&run).contains("tokens"), "warned: {}", stderr(&run));
+}
+
+/// A PNG signature and IHDR chunk that claim `w`×`h` pixels, with a valid CRC, and no image data.
+fn png_header(w: u32, h: u32) -> Vec<u8> {
+    let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
+    let mut chunk = b"IHDR".to_vec();
+    chunk.extend_from_slice(&w.to_be_bytes());
+    chunk.extend_from_slice(&h.to_be_bytes());
+    chunk.extend_from_slice(&[8, 2, 0, 0, 0]);
+    out.extend_from_slice(&13u32.to_be_bytes());
+    out.extend_from_slice(&chunk);
+    out.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    out
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}

@@ -209,7 +209,6 @@ fn missing_onnx_runtime_is_an_error_not_a_panic() {
 fn commands_that_have_not_landed_exit_2() {
     for cmd in [
         &["serve"][..],
-        &["segment", "x", "-q", "cat"],
         &["train"],
         &["eval"],
         &["config", "check", "f"],

@@ -16,24 +16,47 @@ fn export_random_tiny_then_verify_and_list() {
     let out_dir = tmp.path().join("tiny");
     let out_str = out_dir.to_str().expect("utf-8 path");
 
-    let out = tclseg(&["models", "export", "--random", "tiny", "--seed", "3", "--out", out_str]);
-    assert!(out.status.success(), "export failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = tclseg(&[
+        "models", "export", "--random", "tiny", "--seed", "3", "--out", out_str,
+    ]);
+    assert!(
+        out.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out_dir.join("model.toml").is_file());
 
     let out = tclseg(&["models", "verify", out_str]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "verify failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "verify failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("fp16"), "both precisions ran: {stdout}");
 
     // A second export to the same place without --force is refused and leaves the bundle intact.
     let before = std::fs::read(out_dir.join("model.toml")).expect("manifest");
-    let out = tclseg(&["models", "export", "--random", "tiny", "--seed", "4", "--out", out_str]);
+    let out = tclseg(&[
+        "models", "export", "--random", "tiny", "--seed", "4", "--out", out_str,
+    ]);
     assert!(!out.status.success());
-    assert_eq!(std::fs::read(out_dir.join("model.toml")).expect("manifest"), before);
+    assert_eq!(
+        std::fs::read(out_dir.join("model.toml")).expect("manifest"),
+        before
+    );
 
-    let out = tclseg(&["models", "list", "--dir", tmp.path().to_str().expect("utf-8 path")]);
+    let out = tclseg(&[
+        "models",
+        "list",
+        "--dir",
+        tmp.path().to_str().expect("utf-8 path"),
+    ]);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stdout).contains("random"), "listed");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("random"),
+        "listed"
+    );
 }
 
 #[test]
@@ -60,5 +83,9 @@ fn export_needs_exactly_one_source() {
     let out = tclseg(&["models", "export", "--out", "/tmp/x"]);
     assert_eq!(out.status.code(), Some(2));
     let out = tclseg(&["models", "export", "--clip", "a.pt", "--out", "/tmp/x"]);
-    assert_eq!(out.status.code(), Some(2), "--clip without --tcl is a usage error");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--clip without --tcl is a usage error"
+    );
 }

@@ -83,14 +83,24 @@ fn writes_labels_overlay_and_json_mirroring_the_tree_then_resumes() {
     let classes = json["classes"].as_array().expect("classes");
     assert_eq!(classes.len(), 3);
     assert_eq!(classes[1]["name"], "red square");
-    let total: f64 = classes.iter().map(|c| c["pixel_fraction"].as_f64().expect("fraction")).sum();
-    assert!((total - 1.0).abs() < 1e-9, "fractions sum to 1, got {total}");
+    let total: f64 = classes
+        .iter()
+        .map(|c| c["pixel_fraction"].as_f64().expect("fraction"))
+        .sum();
+    assert!(
+        (total - 1.0).abs() < 1e-9,
+        "fractions sum to 1, got {total}"
+    );
     assert_eq!(classes[0]["rle"]["size"], serde_json::json!([45, 61]));
 
     // Second run: everything is up to date.
     let again = segment(&input, &out, &[]);
     assert!(again.status.success());
-    assert!(stdout(&again).contains("done 0, skipped 2"), "{}", stdout(&again));
+    assert!(
+        stdout(&again).contains("done 0, skipped 2"),
+        "{}",
+        stdout(&again)
+    );
     // --force redoes.
     let forced = segment(&input, &out, &["--force"]);
     assert!(stdout(&forced).contains("done 2"), "{}", stdout(&forced));
@@ -106,16 +116,28 @@ fn bad_inputs_are_reported_by_name_and_the_rest_goes_on() {
     fs::write(input.join("text.png"), b"this is not an image at all").expect("write");
     let mut good = Vec::new();
     image::RgbImage::from_pixel(64, 64, image::Rgb([1, 2, 3]))
-        .write_to(&mut std::io::Cursor::new(&mut good), image::ImageFormat::Png)
+        .write_to(
+            &mut std::io::Cursor::new(&mut good),
+            image::ImageFormat::Png,
+        )
         .expect("encode");
     fs::write(input.join("truncated.png"), &good[..good.len() / 3]).expect("write");
-    fs::write(input.join("gif.png"), b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").expect("write");
+    fs::write(
+        input.join("gif.png"),
+        b"GIF89a\x01\x00\x01\x00\x00\x00\x00;",
+    )
+    .expect("write");
     fs::write(input.join("huge.png"), png_header(100_000, 100_000)).expect("write");
-    std::os::unix::fs::symlink("/nonexistent/target.png", input.join("dangling.png")).expect("symlink");
+    std::os::unix::fs::symlink("/nonexistent/target.png", input.join("dangling.png"))
+        .expect("symlink");
     let out = tmp.path().join("out");
 
     let run = segment(&input, &out, &[]);
-    assert_eq!(run.status.code(), Some(1), "failures make the exit status non-zero");
+    assert_eq!(
+        run.status.code(),
+        Some(1),
+        "failures make the exit status non-zero"
+    );
     let err = stderr(&run);
     for (file, reason) in [
         ("empty.jpg", "empty"),
@@ -134,7 +156,8 @@ fn bad_inputs_are_reported_by_name_and_the_rest_goes_on() {
     assert!(out.join("good.labels.png").is_file());
 
     let report: serde_json::Value =
-        serde_json::from_slice(&fs::read(out.join("segment-report.json")).expect("report")).expect("json");
+        serde_json::from_slice(&fs::read(out.join("segment-report.json")).expect("report"))
+            .expect("json");
     assert_eq!(report["failed"], 6);
     assert_eq!(report["failures"].as_array().expect("list").len(), 6);
 }
@@ -164,11 +187,16 @@ fn max_failures_stops_early() {
         fs::write(input.join(format!("bad{i}.png")), b"junk").expect("write");
     }
     let out = tmp.path().join("out");
-    let run = segment(&input, &out, &["--max-failures", "2", "--jobs", "1", "--batch", "1"]);
+    let run = segment(
+        &input,
+        &out,
+        &["--max-failures", "2", "--jobs", "1", "--batch", "1"],
+    );
     assert_eq!(run.status.code(), Some(1));
     assert!(stderr(&run).contains("--max-failures"), "{}", stderr(&run));
     let report: serde_json::Value =
-        serde_json::from_slice(&fs::read(out.join("segment-report.json")).expect("report")).expect("json");
+        serde_json::from_slice(&fs::read(out.join("segment-report.json")).expect("report"))
+            .expect("json");
     assert!(report["failed"].as_u64().expect("n") < 6, "{report}");
 }
 
@@ -222,16 +250,25 @@ fn over_long_prompts_are_cut_with_a_warning() {
     assert!(stderr(&run).contains("tokens"), "warned: {}", stderr(&run));
 }
 
-/// A PNG signature and IHDR chunk that claim `w`×`h` pixels, with a valid CRC, and no image data.
+/// A well-formed PNG whose header claims `w`×`h` pixels but which carries only a little compressed data:
+/// what a decompression bomb looks like. It must be refused from the header, before any allocation.
 fn png_header(w: u32, h: u32) -> Vec<u8> {
+    use std::io::Write;
     let mut out = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
-    let mut chunk = b"IHDR".to_vec();
-    chunk.extend_from_slice(&w.to_be_bytes());
-    chunk.extend_from_slice(&h.to_be_bytes());
-    chunk.extend_from_slice(&[8, 2, 0, 0, 0]);
-    out.extend_from_slice(&13u32.to_be_bytes());
-    out.extend_from_slice(&chunk);
-    out.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+    z.write_all(&vec![0u8; 1 << 16]).expect("compress");
+    let idat = z.finish().expect("compress");
+    for (kind, data) in [(&b"IHDR"[..], &ihdr[..]), (b"IDAT", &idat), (b"IEND", &[])] {
+        let mut chunk = kind.to_vec();
+        chunk.extend_from_slice(data);
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(&chunk);
+        out.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    }
     out
 }
 
@@ -240,7 +277,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc

@@ -235,7 +235,8 @@ class LNProj(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., C] or [B, C, H, W] (channels first when 4-D)."""
         if x.ndim == 4:
-            return self.forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            y = self.ln(x.permute(0, 2, 3, 1)) @ self.proj.to(x.dtype)
+            return y.permute(0, 3, 1, 2)
         return self.ln(x) @ self.proj.to(x.dtype)
 
 
@@ -258,15 +259,11 @@ class TextTransformer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.text_cfg = cfg
-        self.context_length = cfg.context_length
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads)
         self.ln_final = LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, cfg.embed_dim))
-        # Causal mask: token i sees tokens <= i. Not persistent: OpenAI's state dict has no such key.
-        mask = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
-        self.register_buffer("attn_mask", mask, persistent=False)
 
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
@@ -280,7 +277,11 @@ class TextTransformer(nn.Module):
         """
         dtype = self.token_embedding.weight.dtype
         x = self.token_embedding(tokens).to(dtype) + self.positional_embedding.to(dtype)
-        x = self.transformer(x, self.attn_mask)
+        # Causal mask: token i sees tokens <= i. Built here rather than stored, so no buffer appears in the
+        # state dict (OpenAI's has none) or in a TorchScript archive.
+        L = tokens.shape[-1]
+        causal = torch.full((L, L), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
+        x = self.transformer(x, causal)
         x = self.ln_final(x)
         eot = tokens.argmax(dim=-1)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
@@ -293,10 +294,14 @@ class TextTransformer(nn.Module):
 class CLIP(TextTransformer):
     """The full CLIP model: `visual.*`, the text encoder at the top level, and `logit_scale`."""
 
-    def __init__(self, vision: VisionConfig, text: TextConfig):
-        super().__init__(text)
-        self.visual = VisionTransformer(vision)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    def __init__(self, vision: VisionConfig, text: TextConfig, seed: int | None = None):
+        # CLIP's random init; with a seed it is reproducible and leaves the global RNG untouched.
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            super().__init__(text)
+            self.visual = VisionTransformer(vision)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.visual(pixels)

@@ -119,7 +119,11 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.layer_norm(
-            x.permute(0, 2, 3, 1).float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps
+            x.permute(0, 2, 3, 1).float(),
+            self.normalized_shape,
+            self.weight.float(),
+            self.bias.float(),
+            self.eps,
         )
         return y.permute(0, 3, 1, 2).to(x.dtype)
 
@@ -263,6 +267,8 @@ class TCL(nn.Module):
             self.tcli_loss = LogitScale()
             self.tclf_loss = LogitScale()
         self.pamr = PAMR()  # constant buffers only, nothing in the state dict
+        # Where the weights came from; checkpoint loaders overwrite it.
+        self.provenance: dict = {"source": "random", "seed": seed}
         self.init_grounder_from_clip()
         self.clip_text_encoder.requires_grad_(False)
         self.clip_image_encoder.requires_grad_(False)
@@ -361,7 +367,7 @@ class TCL(nn.Module):
         """Soft masks for one batch of crops, as the official `TCL.generate_masks`.
 
         image [B, 3, H, W] ImageNet-normalised (any size), text_emb [N, embed_dim].
-        Returns masks [B, N, H, W] and the grounder's cosine map [B, N, h', w'] (stride 4 of the padded input).
+        Returns masks [B, N, H, W] and the grounder's cosine map [B, N, h', w'] (stride 4, padded input).
         """
         H, W = image.shape[-2:]
         pad = compute_padsize(H, W, self.patch_size)
@@ -389,9 +395,3 @@ class TCL(nn.Module):
         left, _, top, _ = pad
         masks = masks[:, :, top : top + H, left : left + W]
         return masks, simmap
-
-
-def maskclip_reference(model: TCL, image: torch.Tensor) -> torch.Tensor:
-    """MaskCLIP dense features for `image` (a multiple of the patch), for tests: [B, embed_dim, h, w]."""
-    grid = (image.shape[-2] // model.patch_size, image.shape[-1] // model.patch_size)
-    return model.kp_features(model.trunk_tokens(image), grid)

@@ -34,7 +34,7 @@ def prepare(image_rgb_uint8: np.ndarray, short_side: int = 448, long_side_max: i
     if image_rgb_uint8.ndim != 3 or image_rgb_uint8.shape[2] != 3:
         raise ValueError(f"expected an HxWx3 RGB image, got shape {image_rgb_uint8.shape}")
     h, w = image_rgb_uint8.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(image_rgb_uint8)).permute(2, 0, 1)[None].float()
+    x = torch.from_numpy(np.array(image_rgb_uint8, dtype=np.uint8)).permute(2, 0, 1)[None].float()
     nh, nw = rescale_size(h, w, short_side, long_side_max)
     if (nh, nw) != (h, w):
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=False)
@@ -77,8 +77,8 @@ def segment_crops(
     """Slide over a prepared image [1, 3, h, w]; crop-averaged scores [1, C, h, w] (C = N, +1 with bg)."""
     _, _, h, w = image.shape
     n = text_emb.shape[0] + (bg_thresh is not None)
-    total = torch.zeros(1, n, h, w)
-    count = torch.zeros(1, 1, h, w)
+    total = torch.zeros(1, n, h, w, device=image.device)
+    count = torch.zeros(1, 1, h, w, device=image.device)
     for y1, y2, x1, x2 in crop_boxes(h, w, crop, stride):
         masks, _ = model.generate_masks(image[:, :, y1:y2, x1:x2], text_emb, apply_pamr=pamr, kp_w=kp_w)
         if bg_thresh is not None:
@@ -110,9 +110,7 @@ def segment(
     index wins ties, as torch.argmax does).
     """
     H, W = image_rgb_uint8.shape[:2]
-    x = prepare(image_rgb_uint8, short_side, long_side_max)
-    scores = segment_crops(
-        model, x, text_emb, pamr=pamr, kp_w=kp_w, bg_thresh=bg_thresh, crop=crop, stride=stride
-    )
-    scores = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)[0]
+    x = prepare(image_rgb_uint8, short_side, long_side_max).to(next(model.parameters()).device)
+    scores = segment_crops(model, x, text_emb, pamr=pamr, kp_w=kp_w, bg_thresh=bg_thresh, crop=crop, stride=stride)
+    scores = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)[0].float().cpu()
     return scores, scores.argmax(dim=0)

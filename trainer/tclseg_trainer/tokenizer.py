@@ -51,15 +51,14 @@ def bytes_to_unicode() -> dict[int, str]:
 
     Printable Latin-1 bytes map to themselves; the rest (control characters, space, ...) are moved to
     code points 256 and up, in byte order, so BPE never sees whitespace or control characters.
+    The dict's order matters: it is the order of the first 256 vocabulary ids (printable bytes first).
     """
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     mapping = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(256 + extra)
-            extra += 1
-    return dict(sorted(mapping.items()))
+    moved = [b for b in range(256) if b not in mapping]
+    for i, b in enumerate(moved):
+        mapping[b] = chr(256 + i)
+    return mapping
 
 
 def clean_text(text: str) -> str:

@@ -1,0 +1,38 @@
+"""Shared fixtures: a seeded tiny TCL model and the CLIP tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tclseg_trainer.model import SIZES, TCL
+from tclseg_trainer.tokenizer import Tokenizer
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return Tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> TCL:
+    """Shared, read-only: tests that modify weights must build their own (`make_tiny`)."""
+    return TCL(SIZES["tiny"], seed=0).eval()
+
+
+@pytest.fixture
+def make_tiny():
+    def make(seed: int = 0) -> TCL:
+        return TCL(SIZES["tiny"], seed=seed).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tiny_model: TCL) -> torch.Tensor:
+    """Three normalised random 'class embeddings' for the tiny model."""
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(3, tiny_model.config.vision.embed_dim, generator=g)
+    return torch.nn.functional.normalize(emb, dim=-1)

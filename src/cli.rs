@@ -156,6 +156,10 @@ pub struct SegmentArgs {
     /// Images per inference call (their crops run together).
     #[arg(long, default_value_t = 2)]
     pub batch: usize,
+    /// Crops per ONNX Runtime run, across images (0: 1 on the CPU, where bigger batches only cost memory;
+    /// 8 on CUDA).
+    #[arg(long, default_value_t = 0)]
+    pub crop_batch: usize,
     /// Image decoder threads.
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,

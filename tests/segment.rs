@@ -286,3 +286,46 @@ fn crc32(bytes: &[u8]) -> u32 {
     }
     !crc
 }
+
+#[test]
+fn cuda_is_never_a_silent_fallback() {
+    // This machine's ONNX Runtime is the CPU build: `cuda` must refuse with the reason, `auto` must say it fell back.
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let input = tmp.path().join("a.png");
+    write_png(&input, 24, 24);
+    let bundle = fixture_bundle();
+    let args = |device: &'static str, out: &'static str| {
+        vec![
+            "segment".to_string(),
+            input.display().to_string(),
+            "--out".to_string(),
+            tmp.path().join(out).display().to_string(),
+            "--model".to_string(),
+            bundle.display().to_string(),
+            "-q".to_string(),
+            "cat".to_string(),
+            "--device".to_string(),
+            device.to_string(),
+        ]
+    };
+    let run = |a: Vec<String>| {
+        Command::new(env!("CARGO_BIN_EXE_tclseg"))
+            .args(a)
+            .env_remove("TCLSEG_LOG")
+            .output()
+            .expect("run tclseg")
+    };
+    let cuda = run(args("cuda", "o1"));
+    assert_eq!(cuda.status.code(), Some(1));
+    assert!(stderr(&cuda).contains("CUDA"), "{}", stderr(&cuda));
+    assert!(!tmp.path().join("o1/a.labels.png").exists());
+
+    let auto = run(args("auto", "o2"));
+    assert!(auto.status.success(), "{}", stderr(&auto));
+    assert!(
+        stderr(&auto).contains("running on the CPU"),
+        "{}",
+        stderr(&auto)
+    );
+    assert!(tmp.path().join("o2/a.labels.png").is_file());
+}

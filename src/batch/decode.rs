@@ -159,4 +159,54 @@ mod tests {
             "{e}"
         );
     }
+
+    #[test]
+    fn every_supported_format_decodes() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let img = RgbImage::from_fn(6, 4, |x, y| {
+            image::Rgb([(x * 40) as u8, (y * 60) as u8, 90])
+        });
+        for ext in ["png", "jpg", "webp", "bmp", "tiff"] {
+            let path = dir.path().join(format!("a.{ext}"));
+            img.save(&path).expect("encode");
+            // Extensions lie: the format comes from the content.
+            let renamed = dir.path().join(format!("{ext}.bin"));
+            std::fs::rename(&path, &renamed).expect("rename");
+            let back = decode(&renamed, DEFAULT_MAX_PIXELS).expect(ext);
+            assert_eq!(back.dimensions(), (6, 4), "{ext}");
+        }
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // A 4x2 JPEG tagged "rotate 90 clockwise" (orientation 6) must come out 2x4, its left column on top.
+        let img = RgbImage::from_fn(4, 2, |x, _| {
+            if x == 0 {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([0, 0, 255])
+            }
+        });
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 100)
+            .encode_image(&img)
+            .expect("encode");
+        let jpeg = jpeg.into_inner();
+        let mut tiff = b"Exif\0\0II*\0\x08\0\0\0\x01\0".to_vec();
+        tiff.extend_from_slice(&[0x12, 0x01, 3, 0, 1, 0, 0, 0, 6, 0, 0, 0, 0, 0, 0, 0]);
+        let mut bytes = jpeg[..2].to_vec();
+        bytes.extend_from_slice(&[0xFF, 0xE1]);
+        bytes.extend_from_slice(&((tiff.len() + 2) as u16).to_be_bytes());
+        bytes.extend_from_slice(&tiff);
+        bytes.extend_from_slice(&jpeg[2..]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let out =
+            decode(&write(dir.path(), "rot.jpg", &bytes), DEFAULT_MAX_PIXELS).expect("decode");
+        assert_eq!(out.dimensions(), (2, 4));
+        let top = out.get_pixel(1, 0).0;
+        assert!(
+            top[0] > 200 && top[2] < 60,
+            "the red column is on top after rotating: {top:?}"
+        );
+    }
 }

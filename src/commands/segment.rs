@@ -44,7 +44,7 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
             },
             precision,
             threads: args.threads,
-            crop_batch: 4,
+            crop_batch: args.crop_batch,
         },
     )?;
     let mask = engine.bundle().manifest().mask.clone();

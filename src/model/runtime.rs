@@ -81,11 +81,17 @@ impl Runtime {
                 .with_intra_threads(threads)
                 .map_err(|e| anyhow!("{e}"))?;
         }
-        if device == Device::Cuda {
-            builder = builder
+        builder = match device {
+            Device::Cuda => builder
                 .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-                .map_err(|e| anyhow!("CUDA execution provider unavailable: {e}"))?;
-        }
+                .map_err(|e| anyhow!("CUDA execution provider unavailable: {e}"))?,
+            // No arena on the CPU: batches vary in size, and an arena keeps the largest one's memory forever.
+            Device::Cpu => builder
+                .with_execution_providers([ort::ep::CPU::default()
+                    .with_arena_allocator(false)
+                    .build()])
+                .map_err(|e| anyhow!("{e}"))?,
+        };
         builder
             .commit_from_file(graph)
             .map_err(|e| anyhow!("{e}"))

@@ -16,7 +16,7 @@ pub struct Cli {
         long,
         global = true,
         env = "TCLSEG_LOG",
-        default_value = "info,ort=warn"
+        default_value = "info,ort=error"
     )]
     pub log: String,
 

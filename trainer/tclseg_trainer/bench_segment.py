@@ -99,6 +99,12 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--work", default="target/bench-segment")
+    ap.add_argument(
+        "--min-agreement",
+        type=float,
+        default=None,
+        help="exit 1 when fewer than this fraction of label pixels agree (a parity check, e.g. 0.999)",
+    )
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--images-dir", help=argparse.SUPPRESS)
     ap.add_argument("--labels-out", help=argparse.SUPPRESS)
@@ -194,6 +200,8 @@ def main() -> None:
     print(f"{'pytorch ref':12} {r_ips:9.3f} {r_rss:13.0f} {r_wall:8.1f}")
     print(f"ratio tclseg/reference: throughput {t_ips / r_ips:.2f}x, peak RSS {t_rss / r_rss:.2f}x")
     print(f"label agreement: {100.0 * agree / total:.3f} % of {total} pixels")
+    if args.min_agreement is not None and agree / total < args.min_agreement:
+        raise SystemExit(f"label agreement {agree / total:.5f} is under {args.min_agreement}")
 
 
 if __name__ == "__main__":

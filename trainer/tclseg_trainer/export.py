@@ -175,18 +175,68 @@ class ImageTrunkGraph(nn.Module):
         return tokens.float()
 
 
+def _fold_taps(w: torch.Tensor, phase: int, axis: int) -> torch.Tensor:
+    """Folds the 3 taps of a 3x3 kernel along `axis` into the 2 taps one output phase of a nearest-2x
+    upsampled input sees: phase 0 reads low-res offsets (-1, 0) = taps (0, 1+2); phase 1 reads (0, +1) = (0+1, 2)."""
+    t0, t1, t2 = (w.select(axis, i) for i in range(3))
+    pair = (t0, t1 + t2) if phase == 0 else (t0 + t1, t2)
+    return torch.stack(pair, dim=axis)
+
+
+class PolyphaseUpConv(nn.Module):
+    """`ResConv` (nearest 2x up, then two gated residual 3x3 convs) with its first conv done at low resolution.
+
+    A 3x3 conv over a nearest-upsampled map equals, for each of the four output phases, a 2x2 conv over the
+    low-resolution map with folded weights; LN and GELU act per pixel, so they commute with the upsampling.
+    All four phases come out of one 2x2 conv with 4x the output channels on the map padded by 1. Same function,
+    2.25x fewer multiply-adds for that conv (about 46 of the decoder's 166 GMACs per 448 crop at ViT-B/16);
+    the sums are only reordered, so results agree to float rounding (tested against the model).
+    """
+
+    def __init__(self, stage: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.stage = stage
+        w = stage.conv.conv.weight.detach().float()  # [C, C, 3, 3]
+        phases = [_fold_taps(_fold_taps(w, a, 2), b, 3) for a in (0, 1) for b in (0, 1)]
+        self.register_buffer("weight", torch.cat(phases, 0).to(dtype), persistent=False)  # [4C, C, 2, 2]
+        bias = stage.conv.conv.bias.detach().float()
+        self.register_buffer("bias", bias.repeat(4).to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        block = self.stage.conv
+        z = block.activ(block.norm(x))
+        y = F.conv2d(F.pad(z, (1, 1, 1, 1)), self.weight, self.bias)  # [B, 4C, h+1, w+1]
+        y = y.reshape(b, 4, c, h + 1, w + 1)
+        # Phase (a, b) sits at offset (a, b) of the padded output; interleave into [B, C, 2h, 2w].
+        rows = [torch.stack([y[:, 2 * a + p, :, a : a + h, p : p + w] for p in (0, 1)], dim=-1) for a in (0, 1)]
+        up_conv = torch.stack([r.reshape(b, c, h, 2 * w) for r in rows], dim=-2).reshape(b, c, 2 * h, 2 * w)
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest") + block.gate(up_conv)
+        return x + self.stage.conv2(x)
+
+
 class TclHeadGraph(nn.Module):
-    """tokens [B,1+G*G,W] -> dense [B,E,4G,4G] and kp_feat [B,E,G,G], both L2-normalized over E (in fp32)."""
+    """tokens [B,1+G*G,W] -> dense [B,E,4G,4G] and kp_feat [B,E,G,G], both L2-normalized over E (in fp32).
+
+    Computes the model's `grounder_dense` with each decoder stage's first conv in polyphase form
+    (`PolyphaseUpConv`), and `kp_features` as is.
+    """
 
     def __init__(self, model: nn.Module, grid: int, dtype: torch.dtype):
         super().__init__()
         self.model = model
         self.grid = (grid, grid)
         self.dtype = dtype
+        head = model.masker.image_encoder.decoder
+        self.stages = nn.ModuleList(PolyphaseUpConv(stage, dtype) for stage in head.decoder.net)
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = tokens.to(self.dtype)
-        dense = self.model.grounder_dense(tokens, self.grid)
+        x = self.model.grounder_block.forward_self_only(tokens)
+        x = self.model._tokens_to_map(x, self.grid)
+        for stage in self.stages:
+            x = stage(x)
+        dense = self.model.masker.image_encoder.decoder.image_proj(x)
         kp_feat = self.model.kp_features(tokens, self.grid)
         return _l2_normalize(dense, 1), _l2_normalize(kp_feat, 1)
 

@@ -2,8 +2,8 @@
 
     python -m tclseg_trainer.fixtures --out tests/fixtures
 
-- `bundles/tiny-random/`: the tiny random TCL (seed 0) exported as a bundle (fp32 + fp16); the Rust tests and the
-  binary's built-in model use it;
+- `bundles/tiny-random/`: the tiny random TCL (seed 0, decoder gates randomized too) exported as a bundle
+  (fp32 + fp16); the Rust tests and the binary's built-in model use it;
 - `images/*.png`: synthetic pictures of shapes in sizes that exercise the host pipeline (smaller than one crop,
   not multiples of 16, portrait, landscape, several crops after the short-side resize);
 - `golden/`: the PyTorch reference (`reference.segment`) on those images with the same weights, with and without
@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .export import export_bundle
-from .model import SIZES, TCL, TEMPLATES
+from .model import SIZES, TCL, TEMPLATES, randomize_gates
 from .reference import segment
 from .tokenizer import default_vocab_path, tokenize
 
@@ -106,7 +106,8 @@ def trimmed_ids(text: str) -> list[int]:
 
 def generate(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    model = TCL(SIZES["tiny"], seed=SEED).eval()
+    # Non-zero gates, so that the decoder's convolutions count in the golden outputs.
+    model = randomize_gates(TCL(SIZES["tiny"], seed=SEED), seed=SEED).eval()
 
     bundles = out / "bundles"
     bundles.mkdir(exist_ok=True)

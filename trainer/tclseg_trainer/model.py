@@ -395,3 +395,17 @@ class TCL(nn.Module):
         left, _, top, _ = pad
         masks = masks[:, :, top : top + H, left : left + W]
         return masks, simmap
+
+
+@torch.no_grad()
+def randomize_gates(model: TCL, seed: int) -> TCL:
+    """Sets every decoder gate to a random value in [-1, 1] (tests and fixtures only).
+
+    A freshly initialised TCL has all gates at 0, so its decoder convolutions contribute nothing; parity checks on
+    such a model would not notice a wrong convolution. Trained checkpoints have non-zero gates.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("gate.gate"):
+            param.copy_(torch.rand((), generator=gen) * 2 - 1)
+    return model

@@ -18,7 +18,7 @@ import torch
 
 from tclseg_trainer.bundle import BundleError, open_bundle
 from tclseg_trainer.export import CUDA_SAFE_OPS, ExportError, export_bundle, graph_op_types
-from tclseg_trainer.model import SIZES, TCL, normalize
+from tclseg_trainer.model import SIZES, TCL, normalize, randomize_gates
 from tclseg_trainer.tokenizer import default_vocab_path, tokenize
 
 CROP = 448
@@ -38,7 +38,7 @@ def session(path: Path) -> ort.InferenceSession:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model = TCL(SIZES["tiny"], seed=11).eval()
+    model = randomize_gates(TCL(SIZES["tiny"], seed=11), seed=11).eval()
     out = tmp_path_factory.mktemp("export") / "tiny"
     export_bundle(
         model,
@@ -65,6 +65,23 @@ def test_image_graphs_match_the_model(tiny, precision):
     assert got_dense.shape == (2, model.config.vision.embed_dim, 4 * g, 4 * g)
     assert rel_err(got_dense, dense) <= TOL[precision]
     assert rel_err(got_kp, kp) <= TOL[precision]
+
+
+def test_polyphase_stage_equals_upsample_then_conv():
+    """The export's low-resolution form of a decoder stage computes exactly what the model's stage does."""
+    from tclseg_trainer.export import PolyphaseUpConv
+
+    model = randomize_gates(TCL(SIZES["tiny"], seed=3), seed=4).eval()
+    gen = torch.Generator().manual_seed(5)
+    for stage in model.masker.image_encoder.decoder.decoder.net:
+        assert float(stage.conv.gate.gate) != 0.0
+        with torch.no_grad():
+            for size in [(5, 7), (1, 1), (14, 14)]:
+                x = torch.randn(2, model.config.vision.width, *size, generator=gen)
+                want = stage(x)
+                got = PolyphaseUpConv(stage, torch.float32)(x)
+                assert got.shape == want.shape
+                assert rel_err(got.numpy(), want) <= 1e-5
 
 
 def test_text_graph_matches_the_model(tiny):

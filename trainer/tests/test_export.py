@@ -215,3 +215,15 @@ def test_cli_exit_codes(tmp_path):
     usage = run_cli("--out", str(tmp_path / "u"))
     assert usage.returncode == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
+def test_cli_checks_the_official_clip_hash(tmp_path):
+    clip = tmp_path / "ViT-B-16.pt"
+    tcl = tmp_path / "tcl.pth"
+    torch.save({"visual.proj": torch.zeros(768, 512)}, clip)
+    torch.save({"model": {}}, tcl)
+    run = run_cli("--clip", str(clip), "--tcl", str(tcl), "--out", str(tmp_path / "b"))
+    assert run.returncode == 1
+    assert "ViT-B-16.pt" in run.stderr and "5806e77c" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "b").exists()

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, open_bundle
+from .reference import crop_boxes, rescale_size  # the host steps that need no model: one definition
 
 NORMALIZE_EPS = 1e-6
 TEXT_CHUNK = 1024
@@ -37,15 +38,6 @@ TEXT_CHUNK = 1024
 
 # ---------------------------------------------------------------------------------------------------------------
 # Numeric building blocks (numpy, float32).
-
-
-def rescale_size(h: int, w: int, short_side: int = 448, long_side_max: int = 2048) -> tuple[int, int]:
-    """Keep-ratio size: the largest scale with short side <= short_side and long side <= long_side_max.
-
-    The scale is a double; each side is rounded half up: int(side * scale + 0.5).
-    """
-    scale = min(long_side_max / max(h, w), short_side / min(h, w))
-    return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,23 +101,6 @@ def prepare(
     m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) * np.float32(255.0)
     s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1) * np.float32(255.0)
     return ((x - m) / s).astype(np.float32)
-
-
-def crop_boxes(h: int, w: int, crop: int = 448, stride: int = 224) -> list[tuple[int, int, int, int]]:
-    """mmseg's slide_inference windows (y1, y2, x1, x2), row by row.
-
-    rows = max(h - crop + stride - 1, 0) // stride + 1 (columns alike); window r starts at r * stride, is
-    clamped to the image, and is shifted back so it ends at the image border when it would overhang.
-    """
-    rows = max(h - crop + stride - 1, 0) // stride + 1
-    cols = max(w - crop + stride - 1, 0) // stride + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y2 = min(r * stride + crop, h)
-            x2 = min(c * stride + crop, w)
-            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
-    return boxes
 
 
 def pad_to(crop: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:

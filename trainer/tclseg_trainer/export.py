@@ -183,14 +183,56 @@ def _fold_taps(w: torch.Tensor, phase: int, axis: int) -> torch.Tensor:
     return torch.stack(pair, dim=axis)
 
 
+# Winograd F(2x2, 3x3): a 3x3 conv as 2x2 output tiles from 4x4 input tiles with 16 multiplies per tile per
+# channel pair instead of 36 (2.25x fewer). Y = A^T [(G g G^T) * (B^T d B)] A.
+_WINO_BT = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
+_WINO_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
+_WINO_AT = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+
+
+class WinogradConv3x3(nn.Module):
+    """A stride-1, padding-1 3x3 conv with bias, computed with Winograd F(2x2, 3x3) on maps of even size.
+
+    The input transform is a fixed 4x4 depthwise conv with stride 2 (16 kernels per channel); the channel mixing is
+    one batched MatMul over the 16 transform positions; the output transform is a fixed [4, 16] MatMul and a
+    pixel shuffle. Only standard ONNX ops. The weights are transformed once, in float64, when the graph is built.
+    """
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype):
+        super().__init__()
+        w = conv.weight.detach().double()  # [Co, Ci, 3, 3]
+        co, ci = w.shape[:2]
+        u = torch.einsum("ur,oirs,vs->uvoi", _WINO_G, w, _WINO_G).reshape(16, co, ci)
+        self.register_buffer("u", u.to(dtype), persistent=False)
+        bt = _WINO_BT
+        kernels = torch.einsum("ur,vs->uvrs", bt, bt).reshape(16, 1, 4, 4)  # V[u,v] = sum B^T[u,r] B^T[v,s] d[r,s]
+        self.register_buffer("input_kernels", kernels.repeat(ci, 1, 1, 1).to(dtype), persistent=False)
+        at = _WINO_AT
+        out = torch.einsum("pu,qv->pquv", at, at).reshape(4, 16)
+        self.register_buffer("output_transform", out.to(dtype), persistent=False)
+        self.register_buffer("bias", conv.bias.detach().to(dtype).reshape(1, co, 1, 1), persistent=False)
+        self.ci, self.co = ci, co
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        th, tw = h // 2, w // 2
+        v = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.input_kernels, stride=2, groups=c)  # [B, 16C, th, tw]
+        v = v.reshape(b, c, 16, th * tw).permute(2, 1, 0, 3).reshape(16, c, b * th * tw)
+        m = torch.matmul(self.u, v)  # [16, Co, B*T]
+        y = torch.matmul(self.output_transform, m.reshape(16, -1)).reshape(2, 2, self.co, b, th, tw)
+        y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, self.co, h, w)
+        return y + self.bias
+
+
 class PolyphaseUpConv(nn.Module):
     """`ResConv` (nearest 2x up, then two gated residual 3x3 convs) with its first conv done at low resolution.
 
     A 3x3 conv over a nearest-upsampled map equals, for each of the four output phases, a 2x2 conv over the
     low-resolution map with folded weights; LN and GELU act per pixel, so they commute with the upsampling.
-    All four phases come out of one 2x2 conv with 4x the output channels on the map padded by 1. Same function,
-    2.25x fewer multiply-adds for that conv (about 46 of the decoder's 166 GMACs per 448 crop at ViT-B/16);
-    the sums are only reordered, so results agree to float rounding (tested against the model).
+    All four phases come out of one 2x2 conv with 4x the output channels on the map padded by 1. The stage's
+    second conv (at full resolution) runs as Winograd F(2x2, 3x3). Same function, 2.25x fewer multiplies for
+    both convs (the decoder drops from ~166 to ~74 GMACs per 448 crop at ViT-B/16); results agree with the model
+    to float rounding (tested).
     """
 
     def __init__(self, stage: nn.Module, dtype: torch.dtype):
@@ -201,6 +243,7 @@ class PolyphaseUpConv(nn.Module):
         self.register_buffer("weight", torch.cat(phases, 0).to(dtype), persistent=False)  # [4C, C, 2, 2]
         bias = stage.conv.conv.bias.detach().float()
         self.register_buffer("bias", bias.repeat(4).to(dtype), persistent=False)
+        self.second_conv = WinogradConv3x3(stage.conv2.conv, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
@@ -212,7 +255,8 @@ class PolyphaseUpConv(nn.Module):
         rows = [torch.stack([y[:, 2 * a + p, :, a : a + h, p : p + w] for p in (0, 1)], dim=-1) for a in (0, 1)]
         up_conv = torch.stack([r.reshape(b, c, h, 2 * w) for r in rows], dim=-2).reshape(b, c, 2 * h, 2 * w)
         x = F.interpolate(x, scale_factor=2.0, mode="nearest") + block.gate(up_conv)
-        return x + self.stage.conv2(x)
+        second = self.stage.conv2
+        return x + second.gate(self.second_conv(second.activ(second.norm(x))))
 
 
 class TclHeadGraph(nn.Module):

@@ -144,8 +144,7 @@ impl Engine {
                     })
             };
             let session = |role: &str| runtime.session(&graph(role)?, device, options.threads);
-            // The text graph is checked here but not kept: it runs once per query set (see embed_queries).
-            drop(session("text_encoder")?);
+            // The text graph is not loaded here: it runs once per query set (see embed_queries).
             Ok(Sessions {
                 trunk: session("image_trunk")?,
                 head: session("tcl_head")?,
@@ -440,7 +439,8 @@ fn output<'a>(out: &'a SessionOutputs<'_>, name: &str, expected: &[usize]) -> Re
     Ok(data)
 }
 
-fn normalize(v: &mut [f32]) {
+/// L2-normalizes `v` in place with the official eps.
+pub(crate) fn normalize(v: &mut [f32]) {
     let norm = v
         .iter()
         .map(|x| x * x)

@@ -207,10 +207,7 @@ fn check_unit_interval(t: &HostTensor, graph: &str, name: &str) -> Result<()> {
 
 fn l2_normalize_rows(mut t: HostTensor) -> HostTensor {
     let cols = t.shape.last().copied().unwrap_or(1).max(1);
-    for row in t.data.chunks_mut(cols) {
-        let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
-        row.iter_mut().for_each(|v| *v /= norm);
-    }
+    t.data.chunks_mut(cols).for_each(super::engine::normalize);
     t
 }
 

@@ -4,6 +4,7 @@
 //! commands → `trainer`, `model`. See ARCHITECTURE.md for the data flow and where each concern lives.
 
 pub mod batch;
+pub mod eval;
 pub mod model;
 pub mod sink;
 pub mod trainer;

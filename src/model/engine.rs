@@ -187,10 +187,6 @@ impl Engine {
         self.device
     }
 
-    pub fn tokenizer(&self) -> &Tokenizer {
-        &self.tokenizer
-    }
-
     /// Default settings of the bundle: PAMR on, its kp weight and background threshold.
     pub fn default_settings(&self) -> SegmentSettings {
         let mask = &self.bundle.manifest().mask;
@@ -346,7 +342,7 @@ impl Engine {
     /// Final stride-4 masks of a batch of crops, [B, N, side, side]: mask head, PAMR, kp blend.
     fn crop_masks(
         &self,
-        pixels: Vec<f32>,
+        mut pixels: Vec<f32>,
         crops: usize,
         text: &TextEmbeddings,
         settings: &SegmentSettings,
@@ -358,8 +354,14 @@ impl Engine {
         let mut sessions = self.lock_sessions()?;
         let pixel_shape = vec![crops, 3, crop, crop];
 
-        let input = Tensor::from_array((pixel_shape.clone(), pixels.clone()))
-            .map_err(|e| anyhow!("{e}"))?;
+        // PAMR needs the crops again after the trunk; copy them only then.
+        let trunk_pixels = if settings.pamr {
+            pixels.clone()
+        } else {
+            std::mem::take(&mut pixels)
+        };
+        let input =
+            Tensor::from_array((pixel_shape.clone(), trunk_pixels)).map_err(|e| anyhow!("{e}"))?;
         let out = sessions
             .trunk
             .run(ort::inputs!["pixels" => input])
@@ -424,7 +426,11 @@ impl Engine {
 }
 
 /// A run's output `name` as a slice, after checking its shape.
-fn output<'a>(out: &'a SessionOutputs<'_>, name: &str, expected: &[usize]) -> Result<&'a [f32]> {
+pub(crate) fn output<'a>(
+    out: &'a SessionOutputs<'_>,
+    name: &str,
+    expected: &[usize],
+) -> Result<&'a [f32]> {
     let value = out
         .get(name)
         .ok_or_else(|| anyhow!("graph output '{name}' missing"))?;

@@ -172,28 +172,20 @@ fn load(runtime: &Runtime, graph: &Path, threads: usize) -> Result<(Session, f64
     Ok((session, start.elapsed().as_secs_f64() * 1e3))
 }
 
-/// Copies output `name` out of a run and checks its shape and that every value is finite.
+/// Copies output `name` out of a run after the engine's shape check, and checks every value is finite.
 fn take(
     outputs: &ort::session::SessionOutputs<'_>,
     name: &str,
     graph: &str,
     expected: &[usize],
 ) -> Result<HostTensor> {
-    let value = outputs
-        .get(name)
-        .ok_or_else(|| anyhow!("graph {graph} has no output '{name}'"))?;
-    let (shape, data) = value
-        .try_extract_tensor::<f32>()
-        .map_err(|e| anyhow!("graph {graph} output '{name}': {e}"))?;
-    let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
-    if shape != expected {
-        bail!("graph {graph} output '{name}' has shape {shape:?}, expected {expected:?}");
-    }
+    let data =
+        super::engine::output(outputs, name, expected).with_context(|| format!("graph {graph}"))?;
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         bail!("graph {graph} output '{name}' holds a non-finite value at flat index {i}");
     }
     Ok(HostTensor {
-        shape,
+        shape: expected.to_vec(),
         data: data.to_vec(),
     })
 }

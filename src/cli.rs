@@ -20,14 +20,25 @@ pub struct Cli {
     )]
     pub log: String,
 
+    /// Log line format: text (for terminals and journald) or json (one object per line).
+    #[arg(long, global = true, env = "TCLSEG_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     #[command(subcommand)]
     pub command: Command,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the streaming daemon (pipelines from a config file). Not available yet.
-    Serve(Pending),
+    /// Run the streaming daemon: pipelines from a config file (see pipelines/), HTTP control on localhost,
+    /// reload on SIGHUP, graceful drain on SIGTERM, systemd notify and watchdog.
+    Serve(ServeArgs),
     /// Segment images, folders and globs with text queries: label PNGs, overlays, JSON sidecars.
     Segment(SegmentArgs),
     /// Train TCL on image–caption data and export a bundle. Not available yet.
@@ -37,7 +48,7 @@ pub enum Command {
     /// Model bundles: export, verify, list.
     #[command(subcommand)]
     Models(ModelsCommand),
-    /// Pipeline configuration files. Not available yet.
+    /// Pipeline configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
 }
@@ -51,8 +62,18 @@ pub struct Pending {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Validate a pipeline config without starting anything.
-    Check(Pending),
+    /// Validate a daemon config without starting anything; every problem is listed with its location.
+    Check {
+        /// The config file (TOML).
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The config file (TOML; see pipelines/ for examples).
+    #[arg(long, short = 'c', env = "TCLSEG_CONFIG", value_name = "FILE")]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,7 +4,13 @@
 //! commands → `trainer`, `model`. See ARCHITECTURE.md for the data flow and where each concern lives.
 
 pub mod batch;
+pub mod config;
+pub mod daemon;
 pub mod eval;
 pub mod model;
+pub mod pipeline;
+pub mod queries;
 pub mod sink;
+pub mod source;
+pub mod telemetry;
 pub mod trainer;

@@ -11,7 +11,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    init_logging(&cli.log);
+    init_logging(&cli.log, cli.log_format);
     match commands::run(cli.command) {
         Ok(code) => code,
         Err(err) => {
@@ -22,13 +22,15 @@ fn main() -> ExitCode {
 }
 
 /// Logs go to stderr; `--log` / `TCLSEG_LOG` take a tracing filter such as `debug` or `tclseg=debug,ort=warn`.
-fn init_logging(filter: &str) {
+fn init_logging(filter: &str, format: cli::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
+        .with_target(false);
+    match format {
+        cli::LogFormat::Json => builder.json().init(),
+        cli::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }

@@ -5,9 +5,6 @@
 //! outputs. Every queue is bounded, so a slow disk or a slow model holds the readers back instead of filling
 //! memory. A failure is recorded against its image and the batch goes on.
 
-pub mod decode;
-pub mod inputs;
-pub mod queries;
 mod run;
 
 pub use run::{run, Outcome, OutputKinds, Progress, SegmentJob, Summary};

@@ -10,13 +10,13 @@ use crossbeam::channel::{bounded, Receiver, Sender};
 use image::RgbImage;
 use serde::Serialize;
 
-use super::decode::decode;
-use super::inputs::{self, InputImage};
-use super::queries::QuerySet;
 use crate::model::{Engine, SegmentSettings, Segmentation};
+use crate::queries::QuerySet;
 use crate::sink::overlay::{self, OverlayFormat};
-use crate::sink::sidecar::{self, ClassResult, ModelInfo, SettingsInfo, Sidecar, Timings};
+use crate::sink::sidecar::{ModelInfo, SettingsInfo, Sidecar, Timings};
 use crate::sink::{label_png, write_atomic};
+use crate::source::decode::decode;
+use crate::source::inputs::{self, InputImage};
 
 /// Which files to write per image.
 #[derive(Debug, Clone, Copy)]
@@ -369,31 +369,13 @@ fn probe_writable(dir: &Path) -> Result<()> {
         .with_context(|| format!("the output folder {} is not writable", dir.display()))
 }
 
-/// Maps engine classes to output labels (background prompts → 0) and applies per-query thresholds.
-fn output_labels(job: &SegmentJob, seg: &Segmentation) -> Vec<u16> {
-    let offset = usize::from(job.settings.background.is_some());
-    seg.labels
-        .iter()
-        .zip(&seg.best)
-        .map(|(&class, &score)| {
-            let class = class as usize;
-            if class < offset {
-                return 0;
-            }
-            let q = class - offset;
-            match job.queries.specs[q].threshold {
-                Some(t) if score < t => 0,
-                _ => job.queries.labels[q],
-            }
-        })
-        .collect()
-}
-
 fn write_outputs(item: &ToWrite, job: &SegmentJob, engine: &Engine) -> Result<()> {
     let start = Instant::now();
     let seg = &item.segmentation;
     let (w, h) = (seg.width, seg.height);
-    let labels = output_labels(job, seg);
+    let labels = job
+        .queries
+        .output_labels(seg, job.settings.background.is_some());
     let palette = &job.queries.palette;
     if job.outputs.labels {
         let bytes = label_png::encode(&labels, w, h, palette)?;
@@ -459,42 +441,10 @@ fn build_sidecar(
     let seg = &item.segmentation;
     let (w, h) = (seg.width, seg.height);
     let manifest = engine.bundle().manifest();
-    let mut classes = Vec::new();
-    let label_count = job.queries.label_count();
-    let mut sums = vec![(0f64, 0usize); label_count];
-    for (&l, &s) in labels.iter().zip(&seg.best) {
-        let e = &mut sums[l as usize];
-        e.0 += f64::from(s);
-        e.1 += 1;
-    }
-    for label in 0..label_count as u16 {
-        let (fraction, bbox, rle) = sidecar::class_stats(labels, w, h, label);
-        let specs: Vec<_> = job
-            .queries
-            .specs
-            .iter()
-            .zip(&job.queries.labels)
-            .filter(|(_, &l)| l == label)
-            .map(|(s, _)| s)
-            .collect();
-        let name = match (label, specs.first()) {
-            (0, _) => "background".to_string(),
-            (_, Some(s)) => s.name.trim().to_string(),
-            _ => String::new(),
-        };
-        let (sum, count) = sums[label as usize];
-        classes.push(ClassResult {
-            label,
-            name,
-            prompts: specs.iter().flat_map(|s| s.prompts.clone()).collect(),
-            pixel_fraction: fraction,
-            mean_score: (count > 0).then(|| sum / count as f64),
-            bbox,
-            rle,
-        });
-    }
+    let classes = job.queries.class_results(labels, &seg.best, w, h);
     Sidecar {
         image: item.input.path.display().to_string(),
+        frame: None,
         width: w,
         height: h,
         model: ModelInfo {

@@ -1,8 +1,10 @@
 //! One function per subcommand, each a thin layer over the library. They print results for the user on stdout;
 //! progress and problems go to the log (stderr).
 
+mod config;
 mod models;
 mod segment;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -16,14 +18,11 @@ const NOT_AVAILABLE: u8 = 2;
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Models(cmd) => models::run(cmd),
-        Command::Serve(_) => not_available("serve", "the streaming daemon, issue #4"),
+        Command::Serve(args) => serve::run(args),
         Command::Segment(args) => segment::run(args),
         Command::Train(_) => not_available("train", "TCL training, issue #5"),
         Command::Eval(_) => not_available("eval", "the 8-dataset evaluation, issue #6"),
-        Command::Config(ConfigCommand::Check(_)) => not_available(
-            "config check",
-            "pipeline configs arrive with the daemon, issue #4",
-        ),
+        Command::Config(ConfigCommand::Check { file }) => config::check(&file),
     }
 }
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use tclseg::batch::queries::QuerySet;
 use tclseg::batch::{self, Outcome, OutputKinds, Progress, SegmentJob};
 use tclseg::model::{Bundle, DeviceChoice, Engine, EngineOptions, Precision, SegmentSettings};
+use tclseg::queries::QuerySet;
 use tclseg::sink::overlay::OverlayFormat;
 
 use crate::cli::{DeviceArg, ImagePrecision, OverlayArg, SegmentArgs};
@@ -148,7 +148,7 @@ fn parse_outputs(format: &str, overlay: OverlayArg) -> Result<OutputKinds> {
 }
 
 /// `--model`, else `$TCLSEG_MODEL`, else `models/default`, else the tiny model built into this binary.
-fn resolve_model(arg: Option<PathBuf>) -> Result<PathBuf> {
+pub fn resolve_model(arg: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = arg.or_else(|| std::env::var_os("TCLSEG_MODEL").map(PathBuf::from)) {
         return Ok(dir);
     }

@@ -187,6 +187,11 @@ impl Engine {
         self.device
     }
 
+    /// Precision of the image graphs in use.
+    pub fn precision(&self) -> Precision {
+        self.options.precision
+    }
+
     /// Default settings of the bundle: PAMR on, its kp weight and background threshold.
     pub fn default_settings(&self) -> SegmentSettings {
         let mask = &self.bundle.manifest().mask;

@@ -5,7 +5,10 @@
 pub mod atomic;
 pub mod label_png;
 pub mod overlay;
+pub mod retention;
 pub mod rle;
 pub mod sidecar;
+pub mod template;
+pub mod video;
 
 pub use atomic::write_atomic;

@@ -7,6 +7,9 @@ use super::rle;
 #[derive(Debug, Serialize)]
 pub struct Sidecar {
     pub image: String,
+    /// Daemon outputs: which pipeline and frame this is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frame: Option<FrameInfo>,
     pub width: usize,
     pub height: usize,
     pub model: ModelInfo,
@@ -14,6 +17,20 @@ pub struct Sidecar {
     /// Class 0 is the background when `settings.background` is set.
     pub classes: Vec<ClassResult>,
     pub timings_ms: Timings,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FrameInfo {
+    pub pipeline: String,
+    /// The source URI, credentials redacted.
+    pub source: String,
+    pub sequence: u64,
+    /// Stream time (GStreamer PTS) in ns, when the source has one.
+    pub pts_ns: Option<u64>,
+    /// Wall time the frame was received, ms since the Unix epoch.
+    pub wall_ms: u64,
+    /// Capture → written, ms (the sidecar itself is the last file written).
+    pub latency_ms: f64,
 }
 
 #[derive(Debug, Serialize)]

@@ -1,5 +1,6 @@
-//! Query lists for `segment` (and later the daemon's pipelines): names from `-q`, or a TOML file with prompts,
-//! colours, per-query thresholds and explicit background prompts.
+//! Query sets, shared by `segment`, the daemon's pipelines and `eval`: names from `-q`, or `[[query]]` tables (a
+//! file, or a pipeline's config) with prompts, colours, per-query thresholds and explicit background prompts; and
+//! what a set makes of a segmentation: output labels and per-label statistics.
 //!
 //! ```toml
 //! [[query]]
@@ -20,8 +21,9 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
-use crate::model::Query;
+use crate::model::{Query, Segmentation};
 use crate::sink::label_png::{default_colour, Rgb};
+use crate::sink::sidecar::{self, ClassResult};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,7 +85,8 @@ impl QuerySet {
         QuerySet::new(file.query).with_context(|| format!("query file {}", path.display()))
     }
 
-    fn new(specs: Vec<QuerySpec>) -> Result<QuerySet> {
+    /// Checks a list of specs (names unique and non-empty, thresholds in 0..1, colours well-formed).
+    pub fn new(specs: Vec<QuerySpec>) -> Result<QuerySet> {
         if specs.iter().all(|s| s.background) {
             bail!("no queries: name at least one thing to segment (-q NAME or --queries FILE)");
         }
@@ -144,6 +147,72 @@ impl QuerySet {
     /// Number of output labels, background included.
     pub fn label_count(&self) -> usize {
         self.palette.len()
+    }
+
+    /// Maps engine classes to output labels (background prompts → 0) and applies per-query thresholds.
+    /// `background_class`: the engine prepended a threshold background as class 0.
+    pub fn output_labels(&self, seg: &Segmentation, background_class: bool) -> Vec<u16> {
+        let offset = usize::from(background_class);
+        seg.labels
+            .iter()
+            .zip(&seg.best)
+            .map(|(&class, &score)| {
+                let class = class as usize;
+                if class < offset {
+                    return 0;
+                }
+                let q = class - offset;
+                match self.specs[q].threshold {
+                    Some(t) if score < t => 0,
+                    _ => self.labels[q],
+                }
+            })
+            .collect()
+    }
+
+    /// Per output label: name, prompts, pixel fraction, mean winning score, bounding box and COCO RLE.
+    pub fn class_results(
+        &self,
+        labels: &[u16],
+        best: &[f32],
+        width: usize,
+        height: usize,
+    ) -> Vec<ClassResult> {
+        let label_count = self.label_count();
+        let mut sums = vec![(0f64, 0usize); label_count];
+        for (&l, &s) in labels.iter().zip(best) {
+            if let Some(e) = sums.get_mut(l as usize) {
+                e.0 += f64::from(s);
+                e.1 += 1;
+            }
+        }
+        (0..label_count as u16)
+            .map(|label| {
+                let (fraction, bbox, rle) = sidecar::class_stats(labels, width, height, label);
+                let specs: Vec<&QuerySpec> = self
+                    .specs
+                    .iter()
+                    .zip(&self.labels)
+                    .filter(|(_, &l)| l == label)
+                    .map(|(s, _)| s)
+                    .collect();
+                let name = match (label, specs.first()) {
+                    (0, _) => "background".to_string(),
+                    (_, Some(s)) => s.name.trim().to_string(),
+                    _ => String::new(),
+                };
+                let (sum, count) = sums[label as usize];
+                ClassResult {
+                    label,
+                    name,
+                    prompts: specs.iter().flat_map(|s| s.prompts.clone()).collect(),
+                    pixel_fraction: fraction,
+                    mean_score: (count > 0).then(|| sum / count as f64),
+                    bbox,
+                    rle,
+                }
+            })
+            .collect()
     }
 }
 

@@ -1,0 +1,141 @@
+//! What a reload changes: which pipelines to add, remove, restart or update in place, and which global changes
+//! only take effect after a restart.
+
+use super::{PipelineConfig, ServeConfig};
+
+/// How one pipeline that exists in both configs changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PipelineChange {
+    /// Only queries or thresholds: the running source and sink stay; new text embeddings are swapped in.
+    Queries,
+    /// The source, queue, rate or outputs changed: the pipeline is stopped and started again.
+    Restart,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConfigDiff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<(String, PipelineChange)>,
+    /// Global fields that changed but need a restart of the daemon, e.g. `model.path`.
+    pub needs_restart: Vec<String>,
+}
+
+impl ConfigDiff {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.needs_restart.is_empty()
+    }
+}
+
+pub fn diff(old: &ServeConfig, new: &ServeConfig) -> ConfigDiff {
+    let mut d = ConfigDiff::default();
+    if old.model != new.model {
+        d.needs_restart.push("model".into());
+    }
+    if old.http != new.http {
+        d.needs_restart.push("http".into());
+    }
+    if old.inference != new.inference {
+        d.needs_restart.push("inference".into());
+    }
+    let find = |list: &[PipelineConfig], name: &str| list.iter().find(|p| p.name == name).cloned();
+    for p in &new.pipelines {
+        match find(&old.pipelines, &p.name) {
+            None => d.added.push(p.name.clone()),
+            Some(o) if o == *p => {}
+            Some(o) => d.changed.push((p.name.clone(), change_kind(&o, p))),
+        }
+    }
+    for p in &old.pipelines {
+        if find(&new.pipelines, &p.name).is_none() {
+            d.removed.push(p.name.clone());
+        }
+    }
+    d
+}
+
+fn change_kind(old: &PipelineConfig, new: &PipelineConfig) -> PipelineChange {
+    let strip = |p: &PipelineConfig| PipelineConfig {
+        queries: Vec::new(),
+        pamr: None,
+        bg_thresh: None,
+        kp_weight: None,
+        ..p.clone()
+    };
+    if strip(old) == strip(new) {
+        PipelineChange::Queries
+    } else {
+        PipelineChange::Restart
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{OutputConfig, QueryEntry};
+
+    fn pipeline(name: &str, source: &str, query: &str) -> PipelineConfig {
+        PipelineConfig {
+            name: name.into(),
+            source: Some(source.into()),
+            source_file: None,
+            folder_mode: None,
+            queries: vec![QueryEntry::Name(query.into())],
+            pamr: None,
+            bg_thresh: None,
+            kp_weight: None,
+            max_fps: None,
+            queue: None,
+            watchdog_s: 10.0,
+            backoff_initial_s: 0.5,
+            backoff_max_s: 30.0,
+            output: OutputConfig {
+                dir: format!("/tmp/{name}").into(),
+                path: "{frame}".into(),
+                labels: true,
+                overlay: None,
+                json: true,
+                jsonl: false,
+                video: None,
+                retention_hours: None,
+                retention_mb: None,
+            },
+        }
+    }
+
+    #[test]
+    fn adds_removes_restarts_and_query_swaps() {
+        let old = ServeConfig {
+            model: Default::default(),
+            inference: Default::default(),
+            http: Default::default(),
+            pipelines: vec![
+                pipeline("keep", "rtsp://a", "cat"),
+                pipeline("gone", "rtsp://b", "cat"),
+                pipeline("requery", "rtsp://c", "cat"),
+                pipeline("move", "rtsp://d", "cat"),
+            ],
+        };
+        let mut new = old.clone();
+        new.pipelines.remove(1);
+        new.pipelines[1].queries = vec![QueryEntry::Name("dog".into())];
+        new.pipelines[2].source = Some("rtsp://e".into());
+        new.pipelines.push(pipeline("fresh", "rtsp://f", "cat"));
+        new.model.device = "cpu".into();
+        let d = diff(&old, &new);
+        assert_eq!(d.added, ["fresh"]);
+        assert_eq!(d.removed, ["gone"]);
+        assert_eq!(
+            d.changed,
+            [
+                ("requery".to_string(), PipelineChange::Queries),
+                ("move".to_string(), PipelineChange::Restart)
+            ]
+        );
+        assert_eq!(d.needs_restart, ["model"]);
+        assert!(diff(&old, &old).is_empty());
+    }
+}

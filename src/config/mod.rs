@@ -1,0 +1,624 @@
+//! The daemon's configuration: typed sections (serde), loading through the `config` crate (a TOML file, then
+//! `TCLSEG_<SECTION>__<KEY>` environment overrides, then secrets read from files), and a validation pass that
+//! reports every problem with its location instead of stopping at the first. `diff` compares two configs for
+//! reload.
+//!
+//! ```toml
+//! [model]                      # changes here need a restart
+//! path = "models/default"      # default: the built-in model
+//! device = "auto"              # auto | cpu | cuda
+//!
+//! [inference]
+//! max_batch = 4                # frames per engine run, across pipelines
+//! max_wait_ms = 20             # how long a partial batch waits for more frames
+//!
+//! [http]
+//! listen = "127.0.0.1:9480"    # "" turns the HTTP endpoints off
+//!
+//! [[pipeline]]
+//! name = "front-door"
+//! source = "rtsp://cam.local/stream1"     # or source_file = "/run/secrets/front-door.uri"
+//! queries = ["person", { name = "car", colour = "#ff8800", threshold = 0.6 }]
+//! max_fps = 2
+//! [pipeline.output]
+//! dir = "/var/lib/tclseg/front-door"
+//! ```
+
+pub mod diff;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::queries::{QuerySet, QuerySpec};
+use crate::sink::template::PathTemplate;
+use crate::source::SourceSpec;
+
+/// Every problem found in a config file, each with where it is.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    pub file: PathBuf,
+    pub errors: Vec<String>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} has {} problem{}:",
+            self.file.display(),
+            self.errors.len(),
+            if self.errors.len() == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    #[serde(default)]
+    pub model: ModelSection,
+    #[serde(default)]
+    pub inference: InferenceSection,
+    #[serde(default)]
+    pub http: HttpSection,
+    #[serde(default, rename = "pipeline")]
+    pub pipelines: Vec<PipelineConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Bundle folder (None: $TCLSEG_MODEL, models/default, then the built-in model).
+    pub path: Option<PathBuf>,
+    pub device: String,
+    pub precision: String,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    pub threads: usize,
+    /// Crops per ONNX Runtime run (0: per device).
+    pub crop_batch: usize,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            path: None,
+            device: "auto".into(),
+            precision: "fp32".into(),
+            threads: 0,
+            crop_batch: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceSection {
+    pub max_batch: usize,
+    pub max_wait_ms: u64,
+    /// Seconds a graceful stop may take before queued frames are abandoned.
+    pub drain_timeout_s: f64,
+}
+
+impl Default for InferenceSection {
+    fn default() -> Self {
+        InferenceSection {
+            max_batch: 4,
+            max_wait_ms: 20,
+            drain_timeout_s: 20.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    pub listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            listen: "127.0.0.1:9480".into(),
+        }
+    }
+}
+
+/// A query: a bare name, or a table like `segment --queries` files take.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum QueryEntry {
+    Name(String),
+    Spec(QuerySpec),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueuePolicy {
+    /// Keep only the freshest frame; replaced frames are counted as dropped (live sources).
+    Latest,
+    /// Never drop: the source waits for the worker (files and folders).
+    Lossless,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FolderMode {
+    /// Process what is there, then keep watching for new images.
+    Watch,
+    /// Process what is there, then the pipeline is finished.
+    Once,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    pub name: String,
+    /// `rtsp://`, `rtsps://`, `http(s)://`, `file:///video.mp4`, `v4l2:///dev/video0`, `folder:///images`.
+    pub source: Option<String>,
+    /// A file holding the source URI (for URIs with credentials); read at load time.
+    pub source_file: Option<PathBuf>,
+    pub folder_mode: Option<FolderMode>,
+    #[serde(default)]
+    pub queries: Vec<QueryEntry>,
+    pub pamr: Option<bool>,
+    pub bg_thresh: Option<f32>,
+    pub kp_weight: Option<f32>,
+    /// Frames per second (of stream time) to segment; None: every frame.
+    pub max_fps: Option<f64>,
+    /// Default: latest for live sources, lossless for files and folders.
+    pub queue: Option<QueuePolicy>,
+    /// No frame for this long → the source is restarted.
+    #[serde(default = "default_watchdog")]
+    pub watchdog_s: f64,
+    #[serde(default = "default_backoff_initial")]
+    pub backoff_initial_s: f64,
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max_s: f64,
+    pub output: OutputConfig,
+}
+
+fn default_watchdog() -> f64 {
+    10.0
+}
+fn default_backoff_initial() -> f64 {
+    0.5
+}
+fn default_backoff_max() -> f64 {
+    30.0
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// The output root; nothing is written outside it.
+    pub dir: PathBuf,
+    /// Per-frame path under `dir`, without extension: `{pipeline}`, `{date}`, `{time}`, `{frame}`, `{name}`.
+    #[serde(default = "default_path_template")]
+    pub path: String,
+    #[serde(default = "yes")]
+    pub labels: bool,
+    /// `jpg` or `png`; None: no overlay image.
+    pub overlay: Option<String>,
+    #[serde(default = "yes")]
+    pub json: bool,
+    /// Append one JSON line per frame to `<dir>/<pipeline>.jsonl`.
+    #[serde(default)]
+    pub jsonl: bool,
+    /// Overlay video file name under `dir` (`.mkv`: Matroska survives a crash).
+    pub video: Option<String>,
+    /// Delete frame outputs older than this.
+    pub retention_hours: Option<f64>,
+    /// Delete the oldest frame outputs beyond this size.
+    pub retention_mb: Option<f64>,
+}
+
+fn default_path_template() -> String {
+    "{date}/{frame}".into()
+}
+fn yes() -> bool {
+    true
+}
+
+/// A pipeline after validation: everything parsed and checked.
+#[derive(Debug, Clone)]
+pub struct PipelinePlan {
+    pub config: PipelineConfig,
+    pub source: SourceSpec,
+    pub queries: QuerySet,
+    pub queue: QueuePolicy,
+    pub template: PathTemplate,
+}
+
+/// Loads, overrides and validates a config file.
+pub fn load(path: &Path) -> Result<(ServeConfig, Vec<PipelinePlan>), ConfigErrors> {
+    load_with_env(path, std::env::vars())
+}
+
+/// `load` with an explicit environment (tests).
+pub fn load_with_env(
+    path: &Path,
+    env: impl Iterator<Item = (String, String)>,
+) -> Result<(ServeConfig, Vec<PipelinePlan>), ConfigErrors> {
+    let fail = |errors: Vec<String>| ConfigErrors {
+        file: path.to_path_buf(),
+        errors,
+    };
+    if !path.is_file() {
+        return Err(fail(vec![format!(
+            "cannot read it: {}",
+            if path.exists() {
+                "not a file"
+            } else {
+                "no such file"
+            }
+        )]));
+    }
+    // Only `TCLSEG_<SECTION>__<KEY>` variables override: TCLSEG_LOG and TCLSEG_MODEL mean other things.
+    let overrides: config::Map<String, String> = env
+        .filter(|(k, _)| k.starts_with("TCLSEG_") && k.contains("__"))
+        .collect();
+    let built = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(
+            config::Environment::with_prefix("TCLSEG")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(overrides)),
+        )
+        .build()
+        .and_then(|c| c.try_deserialize::<ServeConfig>())
+        .map_err(|e| fail(vec![e.to_string()]))?;
+    let plans = validate(&built).map_err(fail)?;
+    Ok((built, plans))
+}
+
+/// Checks every field; returns all problems, each prefixed by where it is.
+pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
+    let mut errors = Vec::new();
+    if !["auto", "cpu", "cuda"].contains(&cfg.model.device.as_str()) {
+        errors.push(format!(
+            "model.device: '{}' is not one of auto, cpu, cuda",
+            cfg.model.device
+        ));
+    }
+    if !["fp32", "fp16"].contains(&cfg.model.precision.as_str()) {
+        errors.push(format!(
+            "model.precision: '{}' is not one of fp32, fp16",
+            cfg.model.precision
+        ));
+    }
+    if cfg.inference.max_batch == 0 || cfg.inference.max_batch > 64 {
+        errors.push(format!(
+            "inference.max_batch: {} is outside 1..=64",
+            cfg.inference.max_batch
+        ));
+    }
+    if cfg.inference.drain_timeout_s.is_nan() || cfg.inference.drain_timeout_s <= 0.0 {
+        errors.push("inference.drain_timeout_s: must be above 0".into());
+    }
+    if !cfg.http.listen.is_empty() && cfg.http.listen.parse::<std::net::SocketAddr>().is_err() {
+        errors.push(format!(
+            "http.listen: '{}' is not an address like 127.0.0.1:9480 (\"\" turns HTTP off)",
+            cfg.http.listen
+        ));
+    }
+    let mut names = BTreeSet::new();
+    let mut dirs: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut plans = Vec::new();
+    for (i, p) in cfg.pipelines.iter().enumerate() {
+        let at = format!("pipeline[{i}] '{}'", p.name);
+        let before = errors.len();
+        if p.name.is_empty()
+            || p.name.len() > 64
+            || !p
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            errors.push(format!(
+                "{at}.name: use 1-64 letters, digits, '-' or '_' (it names files and metrics)"
+            ));
+        }
+        if !names.insert(p.name.clone()) {
+            errors.push(format!("{at}.name: another pipeline has this name"));
+        }
+        let uri = match (&p.source, &p.source_file) {
+            (Some(uri), None) => Some(uri.trim().to_string()),
+            (None, Some(file)) => match std::fs::read_to_string(file) {
+                Ok(text) => Some(text.trim().to_string()),
+                Err(e) => {
+                    errors.push(format!(
+                        "{at}.source_file: cannot read {}: {e}",
+                        file.display()
+                    ));
+                    None
+                }
+            },
+            (Some(_), Some(_)) => {
+                errors.push(format!("{at}: give source or source_file, not both"));
+                None
+            }
+            (None, None) => {
+                errors.push(format!("{at}.source: missing (a URI, or source_file)"));
+                None
+            }
+        };
+        let source = uri.and_then(|uri| {
+            SourceSpec::parse(&uri, p.folder_mode)
+                .map_err(|e| errors.push(format!("{at}.source: {e:#}")))
+                .ok()
+        });
+        if p.folder_mode.is_some() && source.as_ref().is_some_and(|s| !s.is_folder()) {
+            errors.push(format!(
+                "{at}.folder_mode: only folder:// sources have a mode"
+            ));
+        }
+        let specs: Vec<QuerySpec> = p.queries.iter().map(QueryEntry::to_spec).collect();
+        let queries = match QuerySet::new(specs) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                errors.push(format!("{at}.queries: {e:#}"));
+                None
+            }
+        };
+        if let (Some(q), Some(_)) = (&queries, p.bg_thresh) {
+            if q.has_background_prompts() {
+                errors.push(format!(
+                    "{at}.bg_thresh: background comes from background queries here; remove one of the two"
+                ));
+            }
+        }
+        for (field, value) in [("bg_thresh", p.bg_thresh), ("kp_weight", p.kp_weight)] {
+            if let Some(v) = value {
+                if !(0.0..=1.0).contains(&v) {
+                    errors.push(format!("{at}.{field}: {v} is outside 0..1"));
+                }
+            }
+        }
+        if let Some(fps) = p.max_fps {
+            if !(fps > 0.0 && fps <= 1000.0) {
+                errors.push(format!("{at}.max_fps: {fps} is outside (0, 1000]"));
+            }
+        }
+        for (field, v) in [
+            ("watchdog_s", p.watchdog_s),
+            ("backoff_initial_s", p.backoff_initial_s),
+            ("backoff_max_s", p.backoff_max_s),
+        ] {
+            if !(v > 0.0 && v < 86_400.0) {
+                errors.push(format!("{at}.{field}: {v} must be above 0 and below a day"));
+            }
+        }
+        if p.backoff_max_s < p.backoff_initial_s {
+            errors.push(format!("{at}.backoff_max_s: below backoff_initial_s"));
+        }
+        let out = &p.output;
+        if out.dir.as_os_str().is_empty() {
+            errors.push(format!("{at}.output.dir: empty"));
+        } else if let Some(other) = dirs.insert(out.dir.clone(), p.name.clone()) {
+            errors.push(format!(
+                "{at}.output.dir: pipeline '{other}' writes to the same folder; give each its own (retention would delete the other's files)"
+            ));
+        }
+        let template = match PathTemplate::parse(&out.path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(format!("{at}.output.path: {e:#}"));
+                None
+            }
+        };
+        if let Some(fmt) = &out.overlay {
+            if !["jpg", "png"].contains(&fmt.as_str()) {
+                errors.push(format!("{at}.output.overlay: '{fmt}' is not jpg or png"));
+            }
+        }
+        if let Some(video) = &out.video {
+            if !(video.ends_with(".mkv") || video.ends_with(".mp4"))
+                || video.contains('/')
+                || video.starts_with('.')
+            {
+                errors.push(format!(
+                    "{at}.output.video: '{video}' must be a plain file name ending in .mkv (crash-safe) or .mp4 (fragmented)"
+                ));
+            }
+            if source.as_ref().is_some_and(SourceSpec::is_folder) {
+                errors.push(format!(
+                    "{at}.output.video: folder sources have no video to write; remove it"
+                ));
+            }
+        }
+        if !(out.labels || out.overlay.is_some() || out.json || out.jsonl || out.video.is_some()) {
+            errors.push(format!(
+                "{at}.output: writes nothing; turn on labels, overlay, json, jsonl or video"
+            ));
+        }
+        for (field, v) in [
+            ("retention_hours", out.retention_hours),
+            ("retention_mb", out.retention_mb),
+        ] {
+            if let Some(v) = v {
+                if v.is_nan() || v <= 0.0 {
+                    errors.push(format!("{at}.output.{field}: {v} must be above 0"));
+                }
+            }
+        }
+        if errors.len() == before {
+            if let (Some(source), Some(queries), Some(template)) = (source, queries, template) {
+                let queue = p.queue.unwrap_or(if source.is_live() {
+                    QueuePolicy::Latest
+                } else {
+                    QueuePolicy::Lossless
+                });
+                plans.push(PipelinePlan {
+                    config: p.clone(),
+                    source,
+                    queries,
+                    queue,
+                    template,
+                });
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(plans)
+    } else {
+        Err(errors)
+    }
+}
+
+impl QueryEntry {
+    fn to_spec(&self) -> QuerySpec {
+        match self {
+            QueryEntry::Name(name) => QuerySpec {
+                name: name.clone(),
+                prompts: Vec::new(),
+                colour: None,
+                threshold: None,
+                background: false,
+            },
+            QueryEntry::Spec(spec) => spec.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("serve.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    const GOOD: &str = r#"
+[inference]
+max_batch = 2
+[[pipeline]]
+name = "cam"
+source = "rtsp://user:secret@127.0.0.1:8554/live"
+queries = ["person", { name = "car", threshold = 0.6 }]
+max_fps = 2
+[pipeline.output]
+dir = "/tmp/out-cam"
+[[pipeline]]
+name = "inbox"
+source = "folder:///tmp/inbox"
+folder_mode = "once"
+queries = ["cat"]
+[pipeline.output]
+dir = "/tmp/out-inbox"
+jsonl = true
+"#;
+
+    #[test]
+    fn a_good_config_loads_with_defaults_and_env_overrides() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = write(dir.path(), GOOD);
+        let env = vec![
+            (
+                "TCLSEG_INFERENCE__MAX_WAIT_MS".to_string(),
+                "75".to_string(),
+            ),
+            ("TCLSEG_MODEL".to_string(), "/ignored".to_string()),
+        ];
+        let (cfg, plans) = load_with_env(&path, env.into_iter()).expect("valid");
+        assert_eq!(cfg.inference.max_batch, 2);
+        assert_eq!(cfg.inference.max_wait_ms, 75);
+        assert_eq!(cfg.model.path, None);
+        assert_eq!(plans.len(), 2);
+        assert_eq!(plans[0].queue, QueuePolicy::Latest);
+        assert_eq!(plans[1].queue, QueuePolicy::Lossless);
+        assert_eq!(plans[0].queries.specs[1].threshold, Some(0.6));
+        assert!(!plans[0].source.redacted().contains("secret"));
+    }
+
+    #[test]
+    fn every_error_is_reported_with_its_location() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = write(
+            dir.path(),
+            r#"
+[model]
+device = "tpu"
+[[pipeline]]
+name = "a b"
+source = "gopher://x"
+queries = []
+max_fps = -1
+[pipeline.output]
+dir = "/tmp/x"
+path = "../{frame}"
+[[pipeline]]
+name = "ok"
+queries = ["x"]
+[pipeline.output]
+dir = "/tmp/x"
+overlay = "gif"
+"#,
+        );
+        let err = load_with_env(&path, std::iter::empty()).expect_err("invalid");
+        let text = err.to_string();
+        for needle in [
+            "model.device",
+            "pipeline[0] 'a b'.name",
+            "pipeline[0] 'a b'.source",
+            "pipeline[0] 'a b'.queries",
+            "pipeline[0] 'a b'.max_fps",
+            "pipeline[0] 'a b'.output.path",
+            "pipeline[1] 'ok'.source: missing",
+            "pipeline[1] 'ok'.output.dir",
+            "pipeline[1] 'ok'.output.overlay",
+        ] {
+            assert!(text.contains(needle), "missing {needle} in:\n{text}");
+        }
+        assert!(text.contains("serve.toml has 9 problems"), "{text}");
+    }
+
+    #[test]
+    fn syntax_and_unknown_keys_name_the_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = write(
+            dir.path(),
+            "[[pipeline]]\nname = \"x\"\nsorce = \"rtsp://a\"\n",
+        );
+        let text = load_with_env(&path, std::iter::empty())
+            .expect_err("unknown key")
+            .to_string();
+        assert!(
+            text.contains("serve.toml") && text.contains("sorce"),
+            "{text}"
+        );
+        let missing = load_with_env(&dir.path().join("nope.toml"), std::iter::empty())
+            .expect_err("missing")
+            .to_string();
+        assert!(missing.contains("nope.toml") && missing.contains("no such file"));
+    }
+
+    #[test]
+    fn secrets_come_from_files() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let secret = dir.path().join("cam.uri");
+        std::fs::write(&secret, "rtsp://admin:hunter2@10.0.0.5/s1\n").expect("write");
+        let path = write(
+            dir.path(),
+            &format!(
+                "[[pipeline]]\nname = \"cam\"\nsource_file = \"{}\"\nqueries = [\"x\"]\n[pipeline.output]\ndir = \"/tmp/o\"\n",
+                secret.display()
+            ),
+        );
+        let (_, plans) = load_with_env(&path, std::iter::empty()).expect("valid");
+        assert_eq!(plans[0].source.uri(), "rtsp://admin:hunter2@10.0.0.5/s1");
+        assert!(!plans[0].source.redacted().contains("hunter2"));
+    }
+}

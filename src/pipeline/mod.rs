@@ -1,0 +1,286 @@
+//! A running pipeline: its source thread (supervised), its frame queue, its current queries and its output
+//! thread. The inference worker (`scheduler`) takes frames from every pipeline's queue and hands results to that
+//! pipeline's output thread (`output`), so a slow disk never holds up inference and a slow camera never holds up
+//! another.
+//!
+//! Lifecycle: `start` → frames flow → `stop_source` (the source ends; the queue refuses frames) → `finish`
+//! (queued frames dropped or drained by the caller, the output closed, the video finalized).
+
+pub mod output;
+pub mod queue;
+pub mod scheduler;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use crossbeam::channel::{bounded, Sender, TrySendError};
+
+use crate::config::{PipelinePlan, QueuePolicy};
+use crate::model::{Engine, SegmentSettings, Segmentation, TextEmbeddings};
+use crate::queries::QuerySet;
+use crate::source::stream::StreamSettings;
+use crate::source::supervisor::{self, SupervisorSettings};
+use crate::source::{Frame, FrameSink};
+use crate::telemetry::{DropReason, PipelineMetrics, Telemetry};
+use queue::{Doorbell, FrameQueue};
+
+/// Results waiting for a pipeline's output thread.
+const OUTPUT_DEPTH: usize = 8;
+
+/// A pipeline's queries with their text embeddings and engine settings; swapped whole on reload, so a frame's
+/// labels, palette and embedding always belong together.
+#[derive(Debug)]
+pub struct PipelineQueries {
+    pub queries: QuerySet,
+    pub text: Arc<TextEmbeddings>,
+    pub settings: SegmentSettings,
+}
+
+impl PipelineQueries {
+    /// Embeds the queries (cached by the engine) and resolves thresholds against the bundle's defaults.
+    pub fn prepare(engine: &Engine, plan: &PipelinePlan) -> Result<PipelineQueries> {
+        let mask = &engine.bundle().manifest().mask;
+        let pamr = plan.config.pamr.unwrap_or(true);
+        let background = if plan.queries.has_background_prompts() {
+            None
+        } else {
+            Some(plan.config.bg_thresh.unwrap_or(if pamr {
+                mask.bg_thresh_pamr
+            } else {
+                mask.bg_thresh
+            }))
+        };
+        let text = engine
+            .embed_queries(&plan.queries.engine_queries())
+            .with_context(|| {
+                format!("pipeline '{}': cannot embed its queries", plan.config.name)
+            })?;
+        Ok(PipelineQueries {
+            queries: plan.queries.clone(),
+            text,
+            settings: SegmentSettings {
+                pamr,
+                kp_weight: plan.config.kp_weight.unwrap_or(mask.kp_weight),
+                background,
+                keep_scores: false,
+            },
+        })
+    }
+}
+
+/// One segmented frame on its way to the output thread.
+pub struct Segmented {
+    pub frame: Frame,
+    pub segmentation: Segmentation,
+    pub queries: Arc<PipelineQueries>,
+    /// When the worker took the frame from the queue.
+    pub taken: Instant,
+    /// This frame's share of its batch's inference time.
+    pub infer: Duration,
+}
+
+/// The state shared by a pipeline's source thread, the inference worker and its output thread.
+pub struct Shared {
+    pub plan: PipelinePlan,
+    pub queue: FrameQueue,
+    pub metrics: Arc<PipelineMetrics>,
+    queries: Mutex<Arc<PipelineQueries>>,
+    output: Mutex<Option<Sender<Segmented>>>,
+    stopping: AtomicBool,
+    source_done: AtomicBool,
+}
+
+impl Shared {
+    pub fn name(&self) -> &str {
+        &self.plan.config.name
+    }
+
+    pub fn queries(&self) -> Arc<PipelineQueries> {
+        Arc::clone(&self.queries.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn lossless(&self) -> bool {
+        self.plan.queue == QueuePolicy::Lossless
+    }
+
+    /// True when the output thread has no room: a lossless pipeline is then skipped by the worker until it has.
+    pub fn output_full(&self) -> bool {
+        self.output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|tx| tx.len() >= OUTPUT_DEPTH)
+    }
+
+    /// Hands a result to the output thread: lossless pipelines wait; live ones drop it when the writer is behind.
+    pub fn deliver(&self, item: Segmented) {
+        let tx = self
+            .output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(tx) = tx else {
+            self.metrics.drop_frames(DropReason::Shutdown, 1);
+            return;
+        };
+        if self.lossless() {
+            if tx.send(item).is_err() {
+                self.metrics.drop_frames(DropReason::Shutdown, 1);
+            }
+        } else {
+            match tx.try_send(item) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => self.metrics.drop_frames(DropReason::SinkBacklog, 1),
+                Err(TrySendError::Disconnected(_)) => {
+                    self.metrics.drop_frames(DropReason::Shutdown, 1)
+                }
+            }
+        }
+    }
+
+    /// The source has ended for good (a file's end, a one-shot folder) or was stopped.
+    pub fn source_done(&self) -> bool {
+        self.source_done.load(Ordering::Relaxed)
+    }
+}
+
+impl FrameSink for Shared {
+    fn push(&self, frame: Frame) -> bool {
+        !self.stopping() && self.queue.push(frame)
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+}
+
+/// The owner's handle on a running pipeline.
+pub struct Pipeline {
+    pub shared: Arc<Shared>,
+    source: Option<JoinHandle<()>>,
+    output: Option<JoinHandle<()>>,
+}
+
+impl Pipeline {
+    pub fn start(
+        plan: PipelinePlan,
+        queries: PipelineQueries,
+        engine: Arc<Engine>,
+        telemetry: &Telemetry,
+        doorbell: Arc<Doorbell>,
+    ) -> Result<Pipeline> {
+        let name = plan.config.name.clone();
+        let out_dir = plan.config.output.dir.clone();
+        std::fs::create_dir_all(&out_dir).with_context(|| {
+            format!(
+                "pipeline '{name}': cannot create the output folder {}",
+                out_dir.display()
+            )
+        })?;
+        tempfile::Builder::new()
+            .prefix(".tclseg-write-check")
+            .tempfile_in(&out_dir)
+            .map(drop)
+            .with_context(|| {
+                format!(
+                    "pipeline '{name}': the output folder {} is not writable",
+                    out_dir.display()
+                )
+            })?;
+        let metrics = telemetry.pipeline(&name);
+        let (tx, rx) = bounded::<Segmented>(OUTPUT_DEPTH);
+        let shared = Arc::new(Shared {
+            queue: FrameQueue::new(plan.queue, doorbell, Arc::clone(&metrics)),
+            metrics,
+            queries: Mutex::new(Arc::new(queries)),
+            output: Mutex::new(Some(tx)),
+            stopping: AtomicBool::new(false),
+            source_done: AtomicBool::new(false),
+            plan,
+        });
+        let output = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name(format!("out-{name}"))
+                .spawn(move || output::run(&shared, rx, &engine))
+                .context("cannot start an output thread")?
+        };
+        let source = {
+            let shared = Arc::clone(&shared);
+            let c = &shared.plan.config;
+            let settings = SupervisorSettings {
+                stream: StreamSettings {
+                    max_fps: c.max_fps,
+                    watchdog: Duration::from_secs_f64(c.watchdog_s),
+                    lossless: shared.lossless(),
+                },
+                backoff_initial: Duration::from_secs_f64(c.backoff_initial_s),
+                backoff_max: Duration::from_secs_f64(c.backoff_max_s),
+            };
+            std::thread::Builder::new()
+                .name(format!("src-{name}"))
+                .spawn(move || {
+                    let spec = shared.plan.source.clone();
+                    supervisor::supervise(
+                        shared.name(),
+                        &spec,
+                        &settings,
+                        shared.as_ref(),
+                        &shared.metrics,
+                    );
+                    shared.source_done.store(true, Ordering::Relaxed);
+                })
+                .context("cannot start a source thread")?
+        };
+        tracing::info!(pipeline = %name, source = %shared.plan.source, queue = ?shared.plan.queue, "pipeline started");
+        Ok(Pipeline {
+            shared,
+            source: Some(source),
+            output: Some(output),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        self.shared.name()
+    }
+
+    /// Swaps in new queries; frames already taken by the worker finish with the old ones.
+    pub fn set_queries(&self, queries: PipelineQueries) {
+        *self
+            .shared
+            .queries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(queries);
+    }
+
+    /// Ends the source and refuses further frames. Returns when the source thread has ended.
+    pub fn stop_source(&mut self) {
+        self.shared.stopping.store(true, Ordering::Relaxed);
+        self.shared.queue.close();
+        if let Some(h) = self.source.take() {
+            if h.join().is_err() {
+                tracing::error!(pipeline = %self.name(), "the source thread panicked");
+            }
+        }
+    }
+
+    /// Drops what is still queued, closes the output (finalizing the video) and waits for it.
+    pub fn finish(mut self) {
+        self.stop_source();
+        self.shared.queue.discard();
+        self.shared
+            .output
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = self.output.take() {
+            if h.join().is_err() {
+                tracing::error!(pipeline = %self.name(), "the output thread panicked");
+            }
+        }
+        tracing::info!(pipeline = %self.name(), "pipeline stopped");
+    }
+}

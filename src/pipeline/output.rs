@@ -1,0 +1,239 @@
+//! A pipeline's output thread: per frame, the label PNG, the overlay image, the JSON sidecar (each written to a
+//! temp file and renamed), a JSON line appended to `<pipeline>.jsonl`, and a frame of the overlay video; then
+//! the retention sweep every `SWEEP_EVERY`. It runs off the inference path: a slow disk delays only this
+//! pipeline's outputs.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use crossbeam::channel::Receiver;
+
+use super::{Segmented, Shared};
+use crate::model::Engine;
+use crate::sink::overlay::{self, OverlayFormat};
+use crate::sink::retention::{self, Retention};
+use crate::sink::sidecar::{FrameInfo, ModelInfo, SettingsInfo, Sidecar, Timings};
+use crate::sink::template::{utc_date_time, TemplateValues};
+use crate::sink::video::VideoWriter;
+use crate::sink::{label_png, write_atomic};
+use crate::telemetry::{DropReason, Stage};
+
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+pub fn run(shared: &Shared, results: Receiver<Segmented>, engine: &Engine) {
+    let out = &shared.plan.config.output;
+    remove_stale_temp_files(&out.dir);
+    let jsonl_path = out.dir.join(format!("{}.jsonl", shared.name()));
+    let mut jsonl: Option<File> = None;
+    let mut video: Option<VideoWriter> = None;
+    let mut video_failed = false;
+    let retention = Retention {
+        max_age: out
+            .retention_hours
+            .map(|h| Duration::from_secs_f64(h * 3600.0)),
+        max_bytes: out.retention_mb.map(|mb| (mb * 1024.0 * 1024.0) as u64),
+    };
+    let mut last_sweep: Option<Instant> = None;
+    for item in results.iter() {
+        let start = Instant::now();
+        let written = write_frame(
+            shared,
+            &item,
+            engine,
+            &jsonl_path,
+            &mut jsonl,
+            &mut video,
+            &mut video_failed,
+        );
+        match written {
+            Ok(()) => {
+                shared.metrics.frames_out.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.observe(Stage::Write, start.elapsed());
+                shared
+                    .metrics
+                    .observe(Stage::Total, item.frame.captured.elapsed());
+            }
+            Err(e) => {
+                tracing::warn!(pipeline = %shared.name(), frame = item.frame.sequence, "cannot write outputs: {e:#}");
+                shared.metrics.drop_frames(DropReason::WriteError, 1);
+            }
+        }
+        if (retention.max_age.is_some() || retention.max_bytes.is_some())
+            && last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY)
+        {
+            let mut keep = vec![PathBuf::from(jsonl_path.file_name().unwrap_or_default())];
+            if let Some(v) = &video {
+                keep.push(PathBuf::from(v.path().file_name().unwrap_or_default()));
+            }
+            let swept = retention::sweep(&out.dir, retention, &keep, SystemTime::now());
+            if swept.files > 0 {
+                tracing::info!(pipeline = %shared.name(), "retention: deleted {} files ({} bytes)", swept.files, swept.bytes);
+            }
+            last_sweep = Some(Instant::now());
+        }
+    }
+    if let Some(v) = video {
+        let path = v.path().to_path_buf();
+        match v.finish() {
+            Ok(frames) => {
+                tracing::info!(pipeline = %shared.name(), "video {} finished ({frames} frames)", path.display())
+            }
+            Err(e) => tracing::warn!(pipeline = %shared.name(), "{e:#}"),
+        }
+    }
+}
+
+fn write_frame(
+    shared: &Shared,
+    item: &Segmented,
+    engine: &Engine,
+    jsonl_path: &Path,
+    jsonl: &mut Option<File>,
+    video: &mut Option<VideoWriter>,
+    video_failed: &mut bool,
+) -> Result<()> {
+    let write_start = Instant::now();
+    let out = &shared.plan.config.output;
+    let seg = &item.segmentation;
+    let (w, h) = (seg.width, seg.height);
+    let q = &item.queries;
+    let labels = q
+        .queries
+        .output_labels(seg, q.settings.background.is_some());
+    let palette = &q.queries.palette;
+    let relative = shared.plan.template.render(&TemplateValues {
+        pipeline: shared.name(),
+        wall_ms: item.frame.wall_ms,
+        sequence: item.frame.sequence,
+        name: item.frame.file.as_ref().map(|(rel, _)| rel.as_path()),
+    });
+    let base = out.dir.join(relative);
+    let with_suffix = |suffix: &str| {
+        let mut name = base.as_os_str().to_os_string();
+        name.push(".");
+        name.push(suffix);
+        PathBuf::from(name)
+    };
+    if out.labels {
+        write_atomic(
+            &with_suffix("labels.png"),
+            &label_png::encode(&labels, w, h, palette)?,
+        )?;
+    }
+    let needs_overlay = out.overlay.is_some() || (out.video.is_some() && !*video_failed);
+    let rendered = needs_overlay.then(|| overlay::render(&item.frame.image, &labels, palette, 0.5));
+    if let (Some(fmt), Some(img)) = (&out.overlay, &rendered) {
+        let format = if fmt == "png" {
+            OverlayFormat::Png
+        } else {
+            OverlayFormat::Jpeg
+        };
+        write_atomic(
+            &with_suffix(&format!("overlay.{}", format.extension())),
+            &overlay::encode(img, format)?,
+        )?;
+    }
+    if let (Some(name), Some(img)) = (&out.video, &rendered) {
+        if !*video_failed {
+            if video.is_none() {
+                let (date, time) = utc_date_time(item.frame.wall_ms);
+                let file = Path::new(name);
+                let stem = file.file_stem().unwrap_or_default().to_string_lossy();
+                let ext = file.extension().unwrap_or_default().to_string_lossy();
+                let path = out.dir.join(format!("{stem}-{date}-{time}.{ext}"));
+                match VideoWriter::create(&path, img.width(), img.height()) {
+                    Ok(v) => *video = Some(v),
+                    Err(e) => {
+                        *video_failed = true;
+                        tracing::error!(pipeline = %shared.name(), "overlay video off: {e:#}");
+                    }
+                }
+            }
+            if let Some(v) = video.as_mut() {
+                if let Err(e) = v.push(img, item.frame.wall_ms) {
+                    *video_failed = true;
+                    tracing::error!(pipeline = %shared.name(), "overlay video off: {e:#}");
+                }
+            }
+        }
+    }
+    if out.json || out.jsonl {
+        let manifest = engine.bundle().manifest();
+        let sidecar = Sidecar {
+            image: match &item.frame.file {
+                Some((_, path)) => path.display().to_string(),
+                None => shared.plan.source.redacted(),
+            },
+            frame: Some(FrameInfo {
+                pipeline: shared.name().to_string(),
+                source: shared.plan.source.redacted(),
+                sequence: item.frame.sequence,
+                pts_ns: item.frame.pts_ns,
+                wall_ms: item.frame.wall_ms,
+                latency_ms: item.frame.captured.elapsed().as_secs_f64() * 1e3,
+            }),
+            width: w,
+            height: h,
+            model: ModelInfo {
+                name: manifest.name.clone(),
+                version: manifest.version.clone(),
+                manifest_sha256: engine.manifest_sha256().to_string(),
+                device: format!("{:?}", engine.device()).to_lowercase(),
+                precision: engine.precision().key().to_string(),
+            },
+            settings: SettingsInfo {
+                pamr: q.settings.pamr,
+                kp_weight: q.settings.kp_weight,
+                background: q.settings.background,
+            },
+            classes: q.queries.class_results(&labels, &seg.best, w, h),
+            timings_ms: Timings {
+                decode: item.taken.duration_since(item.frame.captured).as_secs_f64() * 1e3,
+                inference: item.infer.as_secs_f64() * 1e3,
+                write: write_start.elapsed().as_secs_f64() * 1e3,
+            },
+        };
+        if out.jsonl {
+            if jsonl.is_none() {
+                *jsonl = Some(
+                    File::options()
+                        .create(true)
+                        .append(true)
+                        .open(jsonl_path)
+                        .with_context(|| format!("cannot open {}", jsonl_path.display()))?,
+                );
+            }
+            if let Some(f) = jsonl.as_mut() {
+                let mut line = serde_json::to_vec(&sidecar)?;
+                line.push(b'\n');
+                // One write per line: a reader sees whole lines (a crash can cut only the last one).
+                f.write_all(&line)
+                    .with_context(|| format!("cannot append to {}", jsonl_path.display()))?;
+            }
+        }
+        if out.json {
+            write_atomic(&with_suffix("json"), &serde_json::to_vec_pretty(&sidecar)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Temp files left by a killed process (`.<name>.<random>.tmp`): never visible as outputs, removed at start.
+fn remove_stale_temp_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().to_string();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_stale_temp_files(&path);
+        } else if name.starts_with('.') && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! The inference worker: one OS thread per device (ONNX Runtime calls block), batching frames across pipelines.
+//!
+//! Each round takes at most one frame per pipeline in turn (fairness: a busy file never starves a camera) until
+//! `max_batch` frames are taken or `max_wait` has passed since the first; frames that share a query set and
+//! settings run through the engine together. A lossless pipeline whose output is full is skipped until it has
+//! room, so one slow disk never blocks the worker.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::queue::Doorbell;
+use super::{Segmented, Shared};
+use crate::model::Engine;
+use crate::source::Frame;
+use crate::telemetry::{unix_ms, DropReason, Stage, Telemetry};
+
+/// A frame taken for inference: its pipeline, when it was taken, and the queries it runs with.
+type Taken = (Arc<Shared>, Frame, Instant, Arc<super::PipelineQueries>);
+
+pub struct Scheduler {
+    engine: Arc<Engine>,
+    telemetry: Arc<Telemetry>,
+    pub doorbell: Arc<Doorbell>,
+    pipelines: Mutex<Vec<Arc<Shared>>>,
+    max_batch: usize,
+    max_wait: Duration,
+    in_flight: AtomicUsize,
+    shutdown: AtomicBool,
+    /// Wall ms of the worker's last loop turn: the systemd watchdog is only fed while this moves.
+    heartbeat_ms: AtomicU64,
+    next: AtomicUsize,
+}
+
+impl Scheduler {
+    pub fn new(
+        engine: Arc<Engine>,
+        telemetry: Arc<Telemetry>,
+        max_batch: usize,
+        max_wait: Duration,
+    ) -> Scheduler {
+        Scheduler {
+            engine,
+            telemetry,
+            doorbell: Arc::new(Doorbell::default()),
+            pipelines: Mutex::new(Vec::new()),
+            max_batch: max_batch.max(1),
+            max_wait,
+            in_flight: AtomicUsize::new(0),
+            shutdown: AtomicBool::new(false),
+            heartbeat_ms: AtomicU64::new(unix_ms()),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Shared>>> {
+        self.pipelines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn add(&self, pipeline: Arc<Shared>) {
+        self.list().push(pipeline);
+        self.doorbell.ring();
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.list().retain(|p| p.name() != name);
+    }
+
+    /// Nothing queued anywhere and no batch running.
+    pub fn idle(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.list().iter().all(|p| p.queue.is_empty())
+    }
+
+    /// Seconds since the worker last turned its loop.
+    pub fn heartbeat_age(&self) -> f64 {
+        unix_ms().saturating_sub(self.heartbeat_ms.load(Ordering::Relaxed)) as f64 / 1e3
+    }
+
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        self.doorbell.ring();
+    }
+
+    /// The worker loop; returns after `shutdown`.
+    pub fn run(&self) {
+        while !self.shutdown.load(Ordering::Relaxed) {
+            self.heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
+            let batch = self.gather();
+            if batch.is_empty() {
+                continue;
+            }
+            self.infer(batch);
+            self.in_flight.store(0, Ordering::Release);
+        }
+    }
+
+    /// Takes up to `max_batch` frames, round robin across pipelines, waiting at most `max_wait` after the first.
+    fn gather(&self) -> Vec<(Arc<Shared>, Frame, Instant)> {
+        let mut batch = Vec::new();
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let seen = self.doorbell.count();
+            let pipelines: Vec<Arc<Shared>> = self.list().clone();
+            let n = pipelines.len();
+            let mut took_any = true;
+            while batch.len() < self.max_batch && took_any {
+                took_any = false;
+                let start = self.next.fetch_add(1, Ordering::Relaxed);
+                for i in 0..n {
+                    if batch.len() >= self.max_batch {
+                        break;
+                    }
+                    let p = &pipelines[(start + i) % n];
+                    if p.lossless() && p.output_full() {
+                        continue;
+                    }
+                    if let Some(frame) = p.queue.pop() {
+                        self.in_flight.fetch_add(1, Ordering::AcqRel);
+                        batch.push((Arc::clone(p), frame, Instant::now()));
+                        took_any = true;
+                    }
+                }
+            }
+            if batch.len() >= self.max_batch || self.shutdown.load(Ordering::Relaxed) {
+                return batch;
+            }
+            let now = Instant::now();
+            let wait = match deadline {
+                None if batch.is_empty() => Duration::from_millis(250),
+                None => {
+                    deadline = Some(now + self.max_wait);
+                    self.max_wait
+                }
+                Some(d) if now >= d => return batch,
+                Some(d) => d - now,
+            };
+            self.doorbell.wait(seen, wait);
+            if batch.is_empty() {
+                // Idle turn: let `run` refresh the heartbeat.
+                return batch;
+            }
+        }
+    }
+
+    fn infer(&self, batch: Vec<(Arc<Shared>, Frame, Instant)>) {
+        self.telemetry.batch_size.observe(batch.len() as f64);
+        // Frames that share queries and settings run together.
+        let mut groups: BTreeMap<usize, Vec<Taken>> = BTreeMap::new();
+        for (p, frame, taken) in batch {
+            let q = p.queries();
+            p.metrics
+                .observe(Stage::Queue, taken.duration_since(frame.received));
+            groups
+                .entry(Arc::as_ptr(&q) as usize)
+                .or_default()
+                .push((p, frame, taken, q));
+        }
+        for (_, group) in groups {
+            let q = Arc::clone(&group[0].3);
+            let images: Vec<&image::RgbImage> = group.iter().map(|(_, f, _, _)| &f.image).collect();
+            let start = Instant::now();
+            let result = self.engine.segment_batch(&images, &q.text, &q.settings);
+            let infer = start.elapsed() / group.len() as u32;
+            match result {
+                Ok(segs) => {
+                    for ((p, frame, taken, queries), segmentation) in group.into_iter().zip(segs) {
+                        p.metrics.observe(Stage::Infer, infer);
+                        p.deliver(Segmented {
+                            frame,
+                            segmentation,
+                            queries,
+                            taken,
+                            infer,
+                        });
+                    }
+                }
+                Err(e) => {
+                    self.telemetry
+                        .inference_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    for (p, frame, _, _) in &group {
+                        tracing::error!(pipeline = %p.name(), frame = frame.sequence, "inference failed: {e:#}");
+                        p.metrics.drop_frames(DropReason::InferenceError, 1);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! Metrics: per-pipeline counters and gauges, per-stage latency histograms and the inference worker's batch
+//! sizes, all lock-free atomics that sources, the scheduler and sinks record into, rendered in the Prometheus
+//! text format. The daemon only exposes them (`/metrics`, `/status`); it lives above this module, not inside it.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// Why a frame was not segmented. Each reason is its own series, so a stalled camera never looks like a slow model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// Over the pipeline's `max_fps` (dropped in GStreamer by `videorate`, before colour conversion).
+    RateCap,
+    /// A live frame replaced by a fresher one before the inference worker took it.
+    Superseded,
+    /// The sink could not keep up (live pipelines only; lossless ones wait).
+    SinkBacklog,
+    /// The frame or image could not be decoded.
+    DecodeError,
+    /// The engine failed on the batch holding the frame.
+    InferenceError,
+    /// Outputs could not be written.
+    WriteError,
+    /// Still queued when the pipeline was removed or the daemon stopped.
+    Shutdown,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 7] = [
+        DropReason::RateCap,
+        DropReason::Superseded,
+        DropReason::SinkBacklog,
+        DropReason::DecodeError,
+        DropReason::InferenceError,
+        DropReason::WriteError,
+        DropReason::Shutdown,
+    ];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            DropReason::RateCap => "rate_cap",
+            DropReason::Superseded => "superseded",
+            DropReason::SinkBacklog => "sink_backlog",
+            DropReason::DecodeError => "decode_error",
+            DropReason::InferenceError => "inference_error",
+            DropReason::WriteError => "write_error",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+
+    fn index(self) -> usize {
+        DropReason::ALL.iter().position(|r| *r == self).unwrap_or(0)
+    }
+}
+
+/// Stages of a frame's life, for the latency histograms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Capture (the buffer's timestamp on the pipeline clock) → decoded frame handed to tclseg.
+    Decode,
+    /// Handed over → taken by the inference worker.
+    Queue,
+    /// The engine's run (per frame share of its batch).
+    Infer,
+    /// Encoding and writing the outputs.
+    Write,
+    /// Capture → every output written.
+    Total,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 5] = [
+        Stage::Decode,
+        Stage::Queue,
+        Stage::Infer,
+        Stage::Write,
+        Stage::Total,
+    ];
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Stage::Decode => "decode",
+            Stage::Queue => "queue",
+            Stage::Infer => "infer",
+            Stage::Write => "write",
+            Stage::Total => "total",
+        }
+    }
+}
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Upper bounds of the batch-size histogram buckets.
+const BATCH_BUCKETS: [f64; 7] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
+/// A cumulative histogram with fixed buckets (Prometheus semantics).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Sum in micro-units (µs for latencies), so it fits an atomic integer.
+    sum_micro: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micro: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: f64) {
+        let value = if value.is_finite() {
+            value.max(0.0)
+        } else {
+            0.0
+        };
+        if let Some(i) = self.bounds.iter().position(|b| value <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micro
+            .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// An upper bound of the q-quantile from the buckets (None when empty or beyond the last bucket).
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil() as u64;
+        let mut seen = 0;
+        for (bound, c) in self.bounds.iter().zip(&self.counts) {
+            seen += c.load(Ordering::Relaxed);
+            if seen >= rank {
+                return Some(*bound);
+            }
+        }
+        None
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (bound, c) in self.bounds.iter().zip(&self.counts) {
+            cumulative += c.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = self.count();
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let sum = self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6;
+        let braces = |s: &str| {
+            if s.is_empty() {
+                String::new()
+            } else {
+                format!("{{{s}}}")
+            }
+        };
+        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
+        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
+    }
+}
+
+/// Everything recorded about one pipeline. Kept after the pipeline is removed only until the next reload.
+#[derive(Debug)]
+pub struct PipelineMetrics {
+    /// Decoded frames (or images) that reached tclseg, before the rate cap.
+    pub frames_in: AtomicU64,
+    /// Frames whose outputs were all written.
+    pub frames_out: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+    /// Source (re)starts after the first.
+    pub reconnects: AtomicU64,
+    /// No-frame watchdog firings.
+    pub stalls: AtomicU64,
+    /// Wall time of the last frame in, ms since the Unix epoch (0: none yet).
+    pub last_frame_ms: AtomicU64,
+    /// Frames waiting for the inference worker.
+    pub queue_depth: AtomicU64,
+    /// The source is delivering frames.
+    pub connected: AtomicBool,
+    latency: Vec<Histogram>,
+}
+
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        PipelineMetrics::new()
+    }
+}
+
+impl PipelineMetrics {
+    fn new() -> PipelineMetrics {
+        PipelineMetrics {
+            frames_in: AtomicU64::new(0),
+            frames_out: AtomicU64::new(0),
+            drops: std::array::from_fn(|_| AtomicU64::new(0)),
+            reconnects: AtomicU64::new(0),
+            stalls: AtomicU64::new(0),
+            last_frame_ms: AtomicU64::new(0),
+            queue_depth: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            latency: Stage::ALL
+                .iter()
+                .map(|_| Histogram::new(&LATENCY_BUCKETS))
+                .collect(),
+        }
+    }
+
+    pub fn drop_frames(&self, reason: DropReason, n: u64) {
+        self.drops[reason.index()].fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn frame_in(&self) {
+        self.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.last_frame_ms.store(unix_ms(), Ordering::Relaxed);
+    }
+
+    pub fn observe(&self, stage: Stage, latency: Duration) {
+        let i = Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0);
+        self.latency[i].observe(latency.as_secs_f64());
+    }
+
+    pub fn latency(&self, stage: Stage) -> &Histogram {
+        let i = Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0);
+        &self.latency[i]
+    }
+
+    /// Seconds since the last frame (None: no frame yet).
+    pub fn last_frame_age(&self) -> Option<f64> {
+        match self.last_frame_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(unix_ms().saturating_sub(ms) as f64 / 1e3),
+        }
+    }
+}
+
+/// The process-wide registry.
+#[derive(Debug)]
+pub struct Telemetry {
+    pipelines: RwLock<BTreeMap<String, Arc<PipelineMetrics>>>,
+    pub batch_size: Histogram,
+    pub inference_errors: AtomicU64,
+    pub reloads: AtomicU64,
+    pub reload_failures: AtomicU64,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Telemetry {
+            pipelines: RwLock::new(BTreeMap::new()),
+            batch_size: Histogram::new(&BATCH_BUCKETS),
+            inference_errors: AtomicU64::new(0),
+            reloads: AtomicU64::new(0),
+            reload_failures: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Per-pipeline figures for `/status`.
+#[derive(Debug, Serialize)]
+pub struct PipelineStatus {
+    pub frames_in: u64,
+    pub frames_out: u64,
+    pub drops: BTreeMap<&'static str, u64>,
+    pub reconnects: u64,
+    pub stalls: u64,
+    pub connected: bool,
+    pub last_frame_age_s: Option<f64>,
+    pub queue_depth: u64,
+    /// Bucket upper bounds of the capture → written latency's p50 and p95.
+    pub latency_p50_s: Option<f64>,
+    pub latency_p95_s: Option<f64>,
+}
+
+impl Telemetry {
+    /// The metrics of a pipeline, created on first use. A pipeline that is restarted by a reload keeps its
+    /// counters, so rates stay continuous.
+    pub fn pipeline(&self, name: &str) -> Arc<PipelineMetrics> {
+        if let Ok(map) = self.pipelines.read() {
+            if let Some(m) = map.get(name) {
+                return Arc::clone(m);
+            }
+        }
+        let mut map = self.pipelines.write().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            map.entry(name.to_string())
+                .or_insert_with(|| Arc::new(PipelineMetrics::new())),
+        )
+    }
+
+    /// Forgets pipelines that are no longer configured.
+    pub fn retain(&self, names: &[String]) {
+        let mut map = self.pipelines.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|k, _| names.contains(k));
+    }
+
+    pub fn status(&self) -> BTreeMap<String, PipelineStatus> {
+        let map = self.pipelines.read().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .map(|(name, m)| {
+                let total = m.latency(Stage::Total);
+                (
+                    name.clone(),
+                    PipelineStatus {
+                        frames_in: m.frames_in.load(Ordering::Relaxed),
+                        frames_out: m.frames_out.load(Ordering::Relaxed),
+                        drops: DropReason::ALL
+                            .iter()
+                            .map(|r| (r.key(), m.drops(*r)))
+                            .collect(),
+                        reconnects: m.reconnects.load(Ordering::Relaxed),
+                        stalls: m.stalls.load(Ordering::Relaxed),
+                        connected: m.connected.load(Ordering::Relaxed),
+                        last_frame_age_s: m.last_frame_age(),
+                        queue_depth: m.queue_depth.load(Ordering::Relaxed),
+                        latency_p50_s: total.quantile_bound(0.5),
+                        latency_p95_s: total.quantile_bound(0.95),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render_prometheus(&self) -> String {
+        let mut out = String::new();
+        let map = self.pipelines.read().unwrap_or_else(|e| e.into_inner());
+        let counter =
+            |out: &mut String, name: &str, help: &str, get: &dyn Fn(&PipelineMetrics) -> u64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+                for (p, m) in map.iter() {
+                    let _ = writeln!(out, "{name}{{pipeline=\"{}\"}} {}", escape(p), get(m));
+                }
+            };
+        counter(
+            &mut out,
+            "tclseg_frames_in_total",
+            "Decoded frames that reached tclseg, before the rate cap.",
+            &|m| m.frames_in.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "tclseg_frames_out_total",
+            "Frames whose outputs were all written.",
+            &|m| m.frames_out.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "tclseg_reconnects_total",
+            "Source restarts after the first start.",
+            &|m| m.reconnects.load(Ordering::Relaxed),
+        );
+        counter(
+            &mut out,
+            "tclseg_stalls_total",
+            "No-frame watchdog firings.",
+            &|m| m.stalls.load(Ordering::Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tclseg_frames_dropped_total Frames not segmented, by reason.\n# TYPE tclseg_frames_dropped_total counter"
+        );
+        for (p, m) in map.iter() {
+            for r in DropReason::ALL {
+                let _ = writeln!(
+                    out,
+                    "tclseg_frames_dropped_total{{pipeline=\"{}\",reason=\"{}\"}} {}",
+                    escape(p),
+                    r.key(),
+                    m.drops(r)
+                );
+            }
+        }
+        let gauge = |out: &mut String,
+                     name: &str,
+                     help: &str,
+                     get: &dyn Fn(&PipelineMetrics) -> Option<f64>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            for (p, m) in map.iter() {
+                if let Some(v) = get(m) {
+                    let _ = writeln!(out, "{name}{{pipeline=\"{}\"}} {v}", escape(p));
+                }
+            }
+        };
+        gauge(
+            &mut out,
+            "tclseg_queue_depth",
+            "Frames waiting for the inference worker.",
+            &|m| Some(m.queue_depth.load(Ordering::Relaxed) as f64),
+        );
+        gauge(
+            &mut out,
+            "tclseg_source_connected",
+            "1 while the source delivers frames.",
+            &|m| Some(f64::from(u8::from(m.connected.load(Ordering::Relaxed)))),
+        );
+        gauge(
+            &mut out,
+            "tclseg_last_frame_age_seconds",
+            "Seconds since the source's last frame (absent before the first).",
+            &|m| m.last_frame_age(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tclseg_stage_latency_seconds Per-frame latency by stage (decode, queue, infer, write; total is capture to written).\n# TYPE tclseg_stage_latency_seconds histogram"
+        );
+        for (p, m) in map.iter() {
+            for stage in Stage::ALL {
+                let labels = format!("pipeline=\"{}\",stage=\"{}\"", escape(p), stage.key());
+                m.latency(stage)
+                    .render(&mut out, "tclseg_stage_latency_seconds", &labels);
+            }
+        }
+        drop(map);
+        let _ = writeln!(
+            out,
+            "# HELP tclseg_batch_size Frames per inference run.\n# TYPE tclseg_batch_size histogram"
+        );
+        self.batch_size.render(&mut out, "tclseg_batch_size", "");
+        for (name, help, v) in [
+            (
+                "tclseg_inference_errors_total",
+                "Failed inference runs.",
+                &self.inference_errors,
+            ),
+            (
+                "tclseg_reloads_total",
+                "Applied configuration reloads.",
+                &self.reloads,
+            ),
+            (
+                "tclseg_reload_failures_total",
+                "Rejected configuration reloads.",
+                &self.reload_failures,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_quantiles_bound() {
+        let h = Histogram::new(&LATENCY_BUCKETS);
+        for v in [0.001, 0.02, 0.02, 0.3, 100.0] {
+            h.observe(v);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 1"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.025\"} 3"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"30\"} 4"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 5"), "{out}");
+        assert!(out.contains("x_count{a=\"b\"} 5"), "{out}");
+        assert_eq!(h.quantile_bound(0.5), Some(0.025));
+        assert_eq!(h.quantile_bound(0.8), Some(0.5));
+        assert_eq!(h.quantile_bound(1.0), None);
+    }
+
+    #[test]
+    fn prometheus_text_has_per_pipeline_series() {
+        let t = Telemetry::default();
+        let m = t.pipeline("door");
+        m.frame_in();
+        m.drop_frames(DropReason::Superseded, 3);
+        m.observe(Stage::Total, Duration::from_millis(40));
+        t.batch_size.observe(2.0);
+        let text = t.render_prometheus();
+        assert!(
+            text.contains("tclseg_frames_in_total{pipeline=\"door\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tclseg_frames_dropped_total{pipeline=\"door\",reason=\"superseded\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "tclseg_stage_latency_seconds_bucket{pipeline=\"door\",stage=\"total\",le=\"0.05\"} 1"
+        ));
+        assert!(
+            text.contains("tclseg_batch_size_bucket{le=\"2\"} 1"),
+            "{text}"
+        );
+        t.retain(&[]);
+        assert!(!t.render_prometheus().contains("door"));
+    }
+}

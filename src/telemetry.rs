@@ -233,7 +233,12 @@ impl PipelineMetrics {
     }
 
     pub fn frame_in(&self) {
-        self.frames_in.fetch_add(1, Ordering::Relaxed);
+        self.frames_in_n(1);
+    }
+
+    /// `n` frames arrived (n may be 0: only the last-frame time moves).
+    pub fn frames_in_n(&self, n: u64) {
+        self.frames_in.fetch_add(n, Ordering::Relaxed);
         self.last_frame_ms.store(unix_ms(), Ordering::Relaxed);
     }
 

@@ -75,7 +75,7 @@ pub struct ServeConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// Bundle folder (None: $TCLSEG_MODEL, models/default, then the built-in model).
     pub path: Option<PathBuf>,
@@ -100,7 +100,7 @@ impl Default for ModelSection {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct InferenceSection {
     pub max_batch: usize,
     pub max_wait_ms: u64,
@@ -119,7 +119,7 @@ impl Default for InferenceSection {
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct HttpSection {
     pub listen: String,
 }

@@ -161,7 +161,7 @@ mod tests {
     fn values(name: Option<&Path>) -> TemplateValues<'_> {
         TemplateValues {
             pipeline: "cam",
-            wall_ms: 1_795_000_000_000, // 2026-11-18 08:26:40 UTC
+            wall_ms: 1_795_000_000_000, // 2026-11-18 11:06:40 UTC
             sequence: 42,
             name,
         }
@@ -172,7 +172,7 @@ mod tests {
         let t = PathTemplate::parse("{pipeline}/{date}/{time}-{frame}").expect("valid");
         assert_eq!(
             t.render(&values(None)),
-            PathBuf::from("cam/2026-11-18/082640-00000042")
+            PathBuf::from("cam/2026-11-18/110640-00000042")
         );
         let t = PathTemplate::parse("{name}").expect("valid");
         assert_eq!(

@@ -63,6 +63,8 @@ impl VideoWriter {
         };
         let file = make("filesink")?;
         file.set_property("location", path.to_string_lossy().as_ref());
+        // Every muxed cluster goes straight to the file: a crash loses at most what the encoder holds.
+        file.set_property_from_str("buffer-mode", "unbuffered");
         let pipeline = gst::Pipeline::new();
         let elements = [
             appsrc.upcast_ref::<gst::Element>(),

@@ -7,6 +7,7 @@
 //! no-frame watchdog; a live source's EOS means the server went away, not that the work is done.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
@@ -75,7 +76,10 @@ pub fn run_once(
 struct Built {
     pipeline: gst::Pipeline,
     appsink: gst_app::AppSink,
-    rate: Option<gst::Element>,
+    /// Decoded frames that reached the conversion chain, and frames that passed it (the rate cap drops the
+    /// difference); counted by pad probes.
+    arrived: Arc<AtomicU64>,
+    passed: Arc<AtomicU64>,
 }
 
 fn make(factory: &str) -> Result<gst::Element> {
@@ -160,6 +164,19 @@ fn build(spec: &SourceSpec, settings: &StreamSettings) -> Result<Built> {
     chain.push(appsink.clone().upcast());
     pipeline.add_many(chain.iter())?;
     gst::Element::link_many(chain.iter()).context("cannot link the conversion chain")?;
+    let count = |element: &gst::Element| {
+        let counter = Arc::new(AtomicU64::new(0));
+        if let Some(pad) = element.static_pad("sink") {
+            let c = Arc::clone(&counter);
+            pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                c.fetch_add(1, Ordering::Relaxed);
+                gst::PadProbeReturn::Ok
+            });
+        }
+        counter
+    };
+    let arrived = count(&chain[0]);
+    let passed = count(appsink.upcast_ref());
     let first = chain[0].clone();
     let pipeline_weak = pipeline.downgrade();
     // Video goes to the chain; any other stream (audio, subtitles) to a fakesink, so it never stalls the source.
@@ -190,7 +207,8 @@ fn build(spec: &SourceSpec, settings: &StreamSettings) -> Result<Built> {
     Ok(Built {
         pipeline,
         appsink,
-        rate,
+        arrived,
+        passed,
     })
 }
 
@@ -211,7 +229,7 @@ fn pull_loop(
     };
     let live = spec.is_live();
     let mut last_frame = Instant::now();
-    let mut rate_drops_seen = 0u64;
+    let (mut arrived_seen, mut capped_seen) = (0u64, 0u64);
     loop {
         if sink.stopping() {
             return RunEnd::Stopped;
@@ -224,10 +242,13 @@ fn pull_loop(
             match msg.view() {
                 gst::MessageView::Error(err) => {
                     let from = msg.src().map(|s| s.name().to_string()).unwrap_or_default();
+                    let debug = err
+                        .debug()
+                        .map(|d| d.replace('\n', " "))
+                        .unwrap_or_default();
                     return RunEnd::Failed(redact_text(&format!(
-                        "{from}: {} ({})",
-                        err.error(),
-                        err.debug().map(|d| d.to_string()).unwrap_or_default()
+                        "{from}: {} ({debug})",
+                        err.error()
                     )));
                 }
                 gst::MessageView::Warning(w) => {
@@ -242,16 +263,13 @@ fn pull_loop(
         {
             Some(sample) => {
                 let received = Instant::now();
-                if let Some(rate) = &built.rate {
-                    let dropped: u64 = rate.property("drop");
-                    let delta = dropped.saturating_sub(rate_drops_seen);
-                    rate_drops_seen = dropped;
-                    if delta > 0 {
-                        metrics.frames_in.fetch_add(delta, Ordering::Relaxed);
-                        metrics.drop_frames(DropReason::RateCap, delta);
-                    }
+                let arrived = built.arrived.load(Ordering::Relaxed);
+                let capped = arrived.saturating_sub(built.passed.load(Ordering::Relaxed));
+                metrics.frames_in_n(arrived.saturating_sub(arrived_seen));
+                if capped > capped_seen {
+                    metrics.drop_frames(DropReason::RateCap, capped - capped_seen);
                 }
-                metrics.frame_in();
+                (arrived_seen, capped_seen) = (arrived, capped.max(capped_seen));
                 let image = match sample_to_rgb(&sample) {
                     Ok(img) => img,
                     Err(e) => {

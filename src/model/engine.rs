@@ -113,7 +113,6 @@ struct Sessions {
     trunk: Session,
     head: Session,
     mask_head: Session,
-    pamr: Session,
 }
 
 pub struct Engine {
@@ -144,12 +143,12 @@ impl Engine {
                     })
             };
             let session = |role: &str| runtime.session(&graph(role)?, device, options.threads);
-            // The text graph is not loaded here: it runs once per query set (see embed_queries).
+            // The text graph is not loaded here: it runs once per query set (see embed_queries). PAMR runs
+            // natively (model::pamr), not through the bundle's `pamr` graph.
             Ok(Sessions {
                 trunk: session("image_trunk")?,
                 head: session("tcl_head")?,
                 mask_head: session("mask_head")?,
-                pamr: session("pamr")?,
             })
         };
         let (sessions, device) = match open(device) {
@@ -365,6 +364,7 @@ impl Engine {
         } else {
             std::mem::take(&mut pixels)
         };
+        let t0 = std::time::Instant::now();
         let input =
             Tensor::from_array((pixel_shape.clone(), trunk_pixels)).map_err(|e| anyhow!("{e}"))?;
         let out = sessions
@@ -374,6 +374,7 @@ impl Engine {
         let tokens = output(&out, "tokens", &[crops, 1 + grid * grid, width])?.to_vec();
         drop(out);
 
+        let t1 = std::time::Instant::now();
         let input = Tensor::from_array((vec![crops, 1 + grid * grid, width], tokens))
             .map_err(|e| anyhow!("{e}"))?;
         let out = sessions
@@ -383,6 +384,7 @@ impl Engine {
         let dense = output(&out, "dense", &[crops, dim, side, side])?.to_vec();
         let kp_feat = output(&out, "kp_feat", &[crops, dim, grid, grid])?.to_vec();
         drop(out);
+        let t2 = std::time::Instant::now();
 
         let out = sessions
             .mask_head
@@ -395,17 +397,33 @@ impl Engine {
         let mut masks = output(&out, "masks", &[crops, n, side, side])?.to_vec();
         let kp_masks = output(&out, "kp_masks", &[crops, n, side, side])?.to_vec();
         drop(out);
+        let t3 = std::time::Instant::now();
 
+        drop(sessions);
         if settings.pamr {
-            let out = sessions
-                .pamr
-                .run(ort::inputs![
-                    "pixels" => Tensor::from_array((pixel_shape, pixels)).map_err(|e| anyhow!("{e}"))?,
-                    "masks" => Tensor::from_array((vec![crops, n, side, side], masks)).map_err(|e| anyhow!("{e}"))?,
-                ])
-                .map_err(|e| anyhow!("PAMR: {e}"))?;
-            masks = output(&out, "refined", &[crops, n, side, side])?.to_vec();
+            let plane = 3 * crop * crop;
+            let per_crop = n * side * side;
+            for (c, crop_masks) in masks.chunks_exact_mut(per_crop).enumerate() {
+                super::pamr::refine(
+                    &pixels[c * plane..(c + 1) * plane],
+                    crop,
+                    crop_masks,
+                    n,
+                    side,
+                    &m.mask.pamr_dilations,
+                    m.mask.pamr_iterations,
+                );
+            }
         }
+        let t4 = std::time::Instant::now();
+        tracing::trace!(
+            crops,
+            "crop timings (ms): trunk {:.1}, head {:.1}, mask head {:.1}, PAMR {:.1}",
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+            (t3 - t2).as_secs_f64() * 1e3,
+            (t4 - t3).as_secs_f64() * 1e3
+        );
         let kp = settings.kp_weight;
         if kp != 0.0 {
             for (m, k) in masks.iter_mut().zip(&kp_masks) {

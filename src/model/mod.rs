@@ -2,6 +2,7 @@
 
 pub mod bundle;
 pub mod engine;
+pub mod pamr;
 pub mod preprocess;
 pub mod resample;
 pub mod runtime;

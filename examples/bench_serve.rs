@@ -1,0 +1,275 @@
+//! Soak benchmark of `tclseg serve`: K local RTSP streams into the daemon for a while, then per-stream processed
+//! fps against the offered rate, drops by reason, capture → written latency p50/p95 (from each frame's JSON line),
+//! CPU use and RSS (start of the measured window vs end).
+//!
+//! ```text
+//! cargo build --release --examples
+//! target/release/examples/bench_serve --streams 8 --cap 5 --seconds 300 [--model DIR] [--size 640x480] [--fps 15]
+//! ```
+//! Uses target/release/tclseg and target/release/examples/rtsp_server. The first `--warmup` seconds (default 20)
+//! are not measured. Prints a Markdown table for BENCHMARKS.md.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Args {
+    streams: usize,
+    cap: f64,
+    seconds: u64,
+    warmup: u64,
+    model: Option<PathBuf>,
+    size: String,
+    fps: u32,
+    threads: usize,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        streams: 8,
+        cap: 5.0,
+        seconds: 300,
+        warmup: 20,
+        model: None,
+        size: "640x480".into(),
+        fps: 15,
+        threads: 0,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let v = argv.get(i + 1).cloned().unwrap_or_default();
+        match argv[i].as_str() {
+            "--streams" => a.streams = v.parse().expect("--streams N"),
+            "--cap" => a.cap = v.parse().expect("--cap FPS"),
+            "--seconds" => a.seconds = v.parse().expect("--seconds S"),
+            "--warmup" => a.warmup = v.parse().expect("--warmup S"),
+            "--model" => a.model = Some(PathBuf::from(v)),
+            "--size" => a.size = v,
+            "--fps" => a.fps = v.parse().expect("--fps N"),
+            "--threads" => a.threads = v.parse().expect("--threads N"),
+            other => panic!("unknown argument {other}"),
+        }
+        i += 2;
+    }
+    a
+}
+
+fn release_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/release")
+        .to_path_buf()
+}
+
+fn get(port: u16, path: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+fn metric(body: &str, key: &str) -> f64 {
+    body.lines()
+        .find_map(|l| l.strip_prefix(key).and_then(|v| v.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// (utime + stime in seconds, RSS in MiB) of a process from /proc.
+fn cpu_rss(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    (cpu, rss_kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((q * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    let dir = tempfile::tempdir().expect("tmp");
+    let release = release_dir();
+    let mut server = Command::new(release.join("examples/rtsp_server"))
+        .args([
+            "--streams",
+            &args.streams.to_string(),
+            "--size",
+            &args.size,
+            "--fps",
+            &args.fps.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rtsp_server (cargo build --release --examples)");
+    let mut banner = String::new();
+    let mut out = server.stdout.take().expect("stdout");
+    let mut b = [0u8; 1];
+    while !banner.ends_with('\n') && out.read(&mut b).map(|n| n == 1).unwrap_or(false) {
+        banner.push(b[0] as char);
+    }
+    let server = Kill(server);
+    let port: u16 = banner
+        .trim()
+        .trim_start_matches("PORT ")
+        .parse()
+        .expect("rtsp port");
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut config = format!(
+        "[model]\ndevice = \"cpu\"\nthreads = {}\n{}[inference]\nmax_batch = 4\nmax_wait_ms = 20\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+        args.threads,
+        args.model.as_ref().map(|m| format!("path = \"{}\"\n", m.display())).unwrap_or_default()
+    );
+    for k in 0..args.streams {
+        config.push_str(&format!(
+            "[[pipeline]]\nname = \"s{k}\"\nsource = \"rtsp://127.0.0.1:{port}/stream{k}\"\nqueries = [\"red square\", \"blue circle\", \"green triangle\"]\nmax_fps = {}\n[pipeline.output]\ndir = \"{}\"\nlabels = true\njson = false\njsonl = true\n",
+            args.cap,
+            dir.path().join(format!("s{k}")).display()
+        ));
+    }
+    let config_path = dir.path().join("bench.toml");
+    std::fs::write(&config_path, config).expect("config");
+    let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
+    let daemon = Command::new(release.join("tclseg"))
+        .args(["serve", "--config", config_path.to_str().expect("utf-8")])
+        .env("TCLSEG_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start tclseg serve");
+    let pid = daemon.id();
+    let daemon = Kill(daemon);
+    let start = Instant::now();
+    while get(http, "/readyz").trim() != "ready" {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "daemon not ready"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(args.warmup));
+    let (cpu0, rss0) = cpu_rss(pid);
+    let (server_cpu0, _) = cpu_rss(server.0.id());
+    let m0 = get(http, "/metrics");
+    let t0 = Instant::now();
+    let wall0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut rss_max = rss0;
+    while t0.elapsed() < Duration::from_secs(args.seconds) {
+        std::thread::sleep(Duration::from_secs(5));
+        rss_max = rss_max.max(cpu_rss(pid).1);
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    let (cpu1, rss1) = cpu_rss(pid);
+    let (server_cpu1, _) = cpu_rss(server.0.id());
+    let m1 = get(http, "/metrics");
+    drop(daemon);
+    drop(server);
+
+    println!(
+        "| stream | offered fps | processed fps | ratio | p50 ms | p95 ms | superseded | rate_cap | sink_backlog | other drops | reconnects |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut all = Vec::new();
+    let mut total_fps = 0.0;
+    for k in 0..args.streams {
+        let p = format!("pipeline=\"s{k}\"");
+        let delta = |name: &str, extra: &str| {
+            let key = format!("{name}{{{p}{extra}}}");
+            metric(&m1, &key) - metric(&m0, &key)
+        };
+        let out = delta("tclseg_frames_out_total", "");
+        let fps = out / elapsed;
+        total_fps += fps;
+        let offered = args.cap.min(f64::from(args.fps));
+        let jsonl = std::fs::read_to_string(dir.path().join(format!("s{k}/s{k}.jsonl")))
+            .unwrap_or_default();
+        let mut lat: Vec<f64> = jsonl
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["frame"]["wall_ms"].as_u64().unwrap_or(0) >= wall0)
+            .filter_map(|v| v["frame"]["latency_ms"].as_f64())
+            .collect();
+        lat.sort_by(f64::total_cmp);
+        all.extend_from_slice(&lat);
+        let other: f64 = ["decode_error", "inference_error", "write_error", "shutdown"]
+            .iter()
+            .map(|r| delta("tclseg_frames_dropped_total", &format!(",reason=\"{r}\"")))
+            .sum();
+        println!(
+            "| s{k} | {offered:.1} | {fps:.2} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {other:.0} | {:.0} |",
+            fps / offered,
+            percentile(&lat, 0.5),
+            percentile(&lat, 0.95),
+            delta("tclseg_frames_dropped_total", ",reason=\"superseded\""),
+            delta("tclseg_frames_dropped_total", ",reason=\"rate_cap\""),
+            delta("tclseg_frames_dropped_total", ",reason=\"sink_backlog\""),
+            delta("tclseg_reconnects_total", ""),
+        );
+    }
+    all.sort_by(f64::total_cmp);
+    println!();
+    println!(
+        "{} streams {} @ {} fps, cap {} fps, {:.0} s measured after {} s warm-up",
+        args.streams, args.size, args.fps, args.cap, elapsed, args.warmup
+    );
+    println!(
+        "total processed {total_fps:.2} fps (offered {:.1}, ratio {:.2}); latency capture→written p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms over {} frames",
+        args.cap * args.streams as f64,
+        total_fps / (args.cap * args.streams as f64),
+        percentile(&all, 0.5),
+        percentile(&all, 0.95),
+        all.last().copied().unwrap_or(f64::NAN),
+        all.len()
+    );
+    println!(
+        "daemon CPU {:.0}% of one core (RTSP server {:.0}%); RSS {rss0:.0} MiB at start of window, {rss1:.0} MiB at end ({:+.1}%), max {rss_max:.0} MiB",
+        100.0 * (cpu1 - cpu0) / elapsed,
+        100.0 * (server_cpu1 - server_cpu0) / elapsed,
+        100.0 * (rss1 - rss0) / rss0.max(1e-9)
+    );
+}

@@ -71,6 +71,7 @@ fn engine_matches_the_pytorch_reference() {
             precision: Precision::Fp32,
             threads: 1,
             crop_batch: 3,
+            spin: true,
         },
     )
     .expect("engine");
@@ -147,6 +148,7 @@ fn crops_batched_across_images_give_the_same_result() {
         precision: Precision::Fp32,
         threads: 1,
         crop_batch,
+        spin: true,
     };
     let one = Engine::new(bundle.clone(), options(1)).expect("engine");
     let many = Engine::new(bundle, options(8)).expect("engine");

@@ -45,6 +45,7 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
             precision,
             threads: args.threads,
             crop_batch: args.crop_batch,
+            spin: true,
         },
     )?;
     let mask = engine.bundle().manifest().mask.clone();

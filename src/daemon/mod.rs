@@ -450,6 +450,7 @@ fn load_engine(config: &ServeConfig, model_dir: &Path) -> Result<Engine> {
             precision,
             threads: config.model.threads,
             crop_batch: config.model.crop_batch,
+            spin: false,
         },
     )
 }

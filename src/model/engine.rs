@@ -46,6 +46,8 @@ pub struct EngineOptions {
     /// Crops per trunk/head run (crops are batched across images); 0 picks per device: 1 on the CPU (compute
     /// bound: measured no faster batched, and each extra crop costs ~120 MB of activations), 8 on CUDA.
     pub crop_batch: usize,
+    /// Idle ONNX Runtime threads busy-wait for work (see `Runtime::session`).
+    pub spin: bool,
 }
 
 impl Default for EngineOptions {
@@ -55,6 +57,7 @@ impl Default for EngineOptions {
             precision: Precision::Fp32,
             threads: 0,
             crop_batch: 0,
+            spin: true,
         }
     }
 }
@@ -142,7 +145,8 @@ impl Engine {
                         anyhow!("bundle {} has no '{role}' graph", bundle.dir().display())
                     })
             };
-            let session = |role: &str| runtime.session(&graph(role)?, device, options.threads);
+            let session =
+                |role: &str| runtime.session(&graph(role)?, device, options.threads, options.spin);
             // The text graph is not loaded here: it runs once per query set (see embed_queries). PAMR runs
             // natively (model::pamr), not through the bundle's `pamr` graph.
             Ok(Sessions {
@@ -247,8 +251,12 @@ impl Engine {
                 .ok_or_else(|| {
                     anyhow!("bundle {} has no text encoder", self.bundle.dir().display())
                 })?;
-            let mut text_session =
-                Runtime::get()?.session(&graph, self.device, self.options.threads)?;
+            let mut text_session = Runtime::get()?.session(
+                &graph,
+                self.device,
+                self.options.threads,
+                self.options.spin,
+            )?;
             for start in (0..total).step_by(TEXT_CHUNK) {
                 let rows = TEXT_CHUNK.min(total - start);
                 let chunk = prompt_tokens[start * ctx..(start + rows) * ctx].to_vec();

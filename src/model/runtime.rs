@@ -67,11 +67,19 @@ impl Runtime {
         &self.library
     }
 
-    /// A session for one graph file, with `threads` intra-op threads (0 = ONNX Runtime's default).
+    /// A session for one graph file, with `threads` intra-op threads (0 = ONNX Runtime's default). `spin`: idle
+    /// intra-op threads busy-wait for the next op (fastest when the model has the cores to itself, as in
+    /// `segment`); off, they sleep and leave the cores to decoders and writers (the daemon).
     ///
     /// CUDA is requested with `error_on_failure`: a missing CUDA library or a CPU-only build is an error that
     /// names the cause, never a silent fall-back to the CPU. Callers that want "auto" catch it and decide.
-    pub fn session(&self, graph: &Path, device: Device, threads: usize) -> Result<Session> {
+    pub fn session(
+        &self,
+        graph: &Path,
+        device: Device,
+        threads: usize,
+        spin: bool,
+    ) -> Result<Session> {
         let mut builder = Session::builder(&self.env)
             .map_err(|e| anyhow!("{e}"))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
@@ -79,6 +87,11 @@ impl Runtime {
         if threads > 0 {
             builder = builder
                 .with_intra_threads(threads)
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        if !spin {
+            builder = builder
+                .with_intra_op_spinning(false)
                 .map_err(|e| anyhow!("{e}"))?;
         }
         builder = match device {

@@ -168,7 +168,7 @@ pub fn run_one_crop(
 
 fn load(runtime: &Runtime, graph: &Path, threads: usize) -> Result<(Session, f64)> {
     let start = Instant::now();
-    let session = runtime.session(graph, Device::Cpu, threads)?;
+    let session = runtime.session(graph, Device::Cpu, threads, true)?;
     Ok((session, start.elapsed().as_secs_f64() * 1e3))
 }
 
@@ -229,7 +229,7 @@ pub fn load_all_graphs(bundle: &Bundle, threads: usize) -> Result<usize> {
     for (role, by_precision) in &bundle.manifest().graphs {
         for (precision, file) in by_precision {
             runtime
-                .session(&bundle.dir().join(file), Device::Cpu, threads)
+                .session(&bundle.dir().join(file), Device::Cpu, threads, true)
                 .with_context(|| format!("graph '{role}' ({precision})"))?;
             count += 1;
         }

@@ -132,6 +132,10 @@ fn config_text(http: u16, pipelines: &str) -> String {
 
 impl Daemon {
     fn start(dir: &Path, pipelines: &str) -> Daemon {
+        Daemon::start_with_env(dir, pipelines, &[])
+    }
+
+    fn start_with_env(dir: &Path, pipelines: &str, extra_env: &[(&str, &str)]) -> Daemon {
         let http = free_port();
         let config = dir.join("serve.toml");
         std::fs::write(&config, config_text(http, pipelines)).expect("write config");
@@ -143,6 +147,7 @@ impl Daemon {
         let log = dir.join("serve.log");
         let child = Command::new(env!("CARGO_BIN_EXE_tclseg"))
             .args(["serve", "--config", config.to_str().expect("utf-8")])
+            .envs(extra_env.iter().copied())
             .env("NOTIFY_SOCKET", &socket)
             .env("WATCHDOG_USEC", "2000000")
             .env_remove("WATCHDOG_PID")
@@ -303,11 +308,16 @@ fn count_video_frames(path: &Path) -> usize {
     frames
 }
 
-/// A small H.264 MP4 made with GStreamer: `frames` frames of a moving ball.
+/// A small H.264 video made with GStreamer: `frames` frames of a moving ball, in MP4 or (`.mkv`) Matroska.
 fn write_video(path: &Path, frames: u32) {
     gst::init().expect("gst init");
+    let mux = if path.extension().is_some_and(|e| e == "mkv") {
+        "matroskamux"
+    } else {
+        "mp4mux"
+    };
     let pipeline = gst::parse::launch(&format!(
-        "videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,width=160,height=120,framerate=10/1 ! videoconvert ! x264enc speed-preset=ultrafast ! mp4mux ! filesink location={}",
+        "videotestsrc num-buffers={frames} pattern=ball ! video/x-raw,width=160,height=120,framerate=10/1 ! videoconvert ! x264enc speed-preset=ultrafast ! {mux} ! filesink location={}",
         path.display()
     ))
     .expect("encode pipeline");
@@ -520,7 +530,7 @@ fn watched_folder_skips_bad_images_and_takes_new_ones() {
             "[pipeline.output]\n",
             "[pipeline.output]\npath = \"{name}\"\n",
         );
-    let daemon = Daemon::start(dir.path(), &pipelines);
+    let daemon = Daemon::start_with_env(dir.path(), &pipelines, &[("TCLSEG_LOG_FORMAT", "json")]);
     daemon.wait_ready();
     let m = |name: &str, labels: &str| daemon.metric(name, labels);
     wait_until(
@@ -544,6 +554,57 @@ fn watched_folder_skips_bad_images_and_takes_new_ones() {
         out.join("c.labels.png").is_file()
     });
     assert_eq!(m("tclseg_frames_out_total", "pipeline=\"inbox\""), 3.0);
+    // --log-format json: every log line is one JSON object.
+    for line in daemon.log_text().lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
+}
+
+#[test]
+fn http_stream_source_is_segmented() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let site = dir.path().join("site");
+    std::fs::create_dir_all(&site).expect("mkdir");
+    write_video(&site.join("clip.mkv"), 30);
+    let port = free_port();
+    let mut server = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(&site)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    wait_until("the HTTP server listens", Duration::from_secs(20), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let out = dir.path().join("out");
+    let pipelines = pipeline_toml(
+        "web",
+        &format!("http://127.0.0.1:{port}/clip.mkv"),
+        &out,
+        "",
+    );
+    let daemon = Daemon::start(dir.path(), &pipelines);
+    daemon.wait_ready();
+    wait_until(
+        "frames from the HTTP stream",
+        Duration::from_secs(60),
+        || daemon.metric("tclseg_frames_out_total", "pipeline=\"web\"") >= 3.0,
+    );
+    let labels = files_with_suffix(&out, ".labels.png");
+    let img = image::open(&labels[0]).expect("label png");
+    assert_eq!((img.width(), img.height()), (160, 120));
+    let _ = server.kill();
+    let _ = server.wait();
 }
 
 #[test]

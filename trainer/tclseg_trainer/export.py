@@ -185,42 +185,77 @@ def _fold_taps(w: torch.Tensor, phase: int, axis: int) -> torch.Tensor:
 
 # Winograd F(2x2, 3x3): a 3x3 conv as 2x2 output tiles from 4x4 input tiles with 16 multiplies per tile per
 # channel pair instead of 36 (2.25x fewer). Y = A^T [(G g G^T) * (B^T d B)] A.
-_WINO_BT = torch.tensor([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64)
-_WINO_G = torch.tensor([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], dtype=torch.float64)
-_WINO_AT = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
+# Winograd transforms (Lavin & Gray 2016): F(2x2, 3x3) with points (0, 1, -1, inf) and F(4x4, 3x3) with points
+# (0, 1, -1, 2, -2, inf). F(4, 3) needs 2.25 multiplies per output where direct needs 9 and F(2, 3) needs 4, at the
+# cost of larger rounding (its transforms have entries up to 8), so fp16 graphs keep F(2, 3).
+_WINOGRAD = {
+    2: (
+        [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]],
+        [[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]],
+        [[1, 1, 1, 0], [0, 1, -1, -1]],
+    ),
+    4: (
+        [
+            [4, 0, -5, 0, 1, 0],
+            [0, -4, -4, 1, 1, 0],
+            [0, 4, -4, -1, 1, 0],
+            [0, -2, -1, 2, 1, 0],
+            [0, 2, -1, -2, 1, 0],
+            [0, 4, 0, -5, 0, 1],
+        ],
+        [
+            [1 / 4, 0, 0],
+            [-1 / 6, -1 / 6, -1 / 6],
+            [-1 / 6, 1 / 6, -1 / 6],
+            [1 / 24, 1 / 12, 1 / 6],
+            [1 / 24, -1 / 12, 1 / 6],
+            [0, 0, 1],
+        ],
+        [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]],
+    ),
+}
 
 
 class WinogradConv3x3(nn.Module):
-    """A stride-1, padding-1 3x3 conv with bias, computed with Winograd F(2x2, 3x3) on maps of even size.
+    """A stride-1, padding-1 3x3 conv with bias, computed with Winograd F(m x m, 3x3).
 
-    The input transform is a fixed 4x4 depthwise conv with stride 2 (16 kernels per channel); the channel mixing is
-    one batched MatMul over the 16 transform positions; the output transform is a fixed [4, 16] MatMul and a
-    pixel shuffle. Only standard ONNX ops. The weights are transformed once, in float64, when the graph is built.
+    m = 4 in fp32 graphs (on maps whose sides divide by 4; F(2x2) otherwise) and m = 2 in fp16 ones. With
+    t = m + 2: the input transform is a fixed t x t depthwise conv with stride m (t*t kernels per channel); the
+    channel mixing is one batched MatMul over the t*t transform positions; the output transform is a fixed
+    [m*m, t*t] MatMul and a pixel shuffle. Only standard ONNX ops. The weights are transformed once, in float64,
+    when the graph is built.
     """
 
     def __init__(self, conv: nn.Conv2d, dtype: torch.dtype):
         super().__init__()
         w = conv.weight.detach().double()  # [Co, Ci, 3, 3]
         co, ci = w.shape[:2]
-        u = torch.einsum("ur,oirs,vs->uvoi", _WINO_G, w, _WINO_G).reshape(16, co, ci)
-        self.register_buffer("u", u.to(dtype), persistent=False)
-        bt = _WINO_BT
-        kernels = torch.einsum("ur,vs->uvrs", bt, bt).reshape(16, 1, 4, 4)  # V[u,v] = sum B^T[u,r] B^T[v,s] d[r,s]
-        self.register_buffer("input_kernels", kernels.repeat(ci, 1, 1, 1).to(dtype), persistent=False)
-        at = _WINO_AT
-        out = torch.einsum("pu,qv->pquv", at, at).reshape(4, 16)
-        self.register_buffer("output_transform", out.to(dtype), persistent=False)
-        self.register_buffer("bias", conv.bias.detach().to(dtype).reshape(1, co, 1, 1), persistent=False)
         self.ci, self.co = ci, co
+        self.tiles = (4, 2) if dtype == torch.float32 else (2,)
+        for m in self.tiles:
+            bt, g, at = (torch.tensor(x, dtype=torch.float64) for x in _WINOGRAD[m])
+            t = m + 2
+            u = torch.einsum("ur,oirs,vs->uvoi", g, w, g).reshape(t * t, co, ci)
+            self.register_buffer(f"u{m}", u.to(dtype), persistent=False)
+            kernels = torch.einsum("ur,vs->uvrs", bt, bt).reshape(t * t, 1, t, t)  # V = B^T d B per tile
+            self.register_buffer(f"input_kernels{m}", kernels.repeat(ci, 1, 1, 1).to(dtype), persistent=False)
+            out = torch.einsum("pu,qv->pquv", at, at).reshape(m * m, t * t)
+            self.register_buffer(f"output_transform{m}", out.to(dtype), persistent=False)
+        self.register_buffer("bias", conv.bias.detach().to(dtype).reshape(1, co, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        th, tw = h // 2, w // 2
-        v = F.conv2d(F.pad(x, (1, 1, 1, 1)), self.input_kernels, stride=2, groups=c)  # [B, 16C, th, tw]
-        v = v.reshape(b, c, 16, th * tw).permute(2, 1, 0, 3).reshape(16, c, b * th * tw)
-        m = torch.matmul(self.u, v)  # [16, Co, B*T]
-        y = torch.matmul(self.output_transform, m.reshape(16, -1)).reshape(2, 2, self.co, b, th, tw)
-        y = y.permute(3, 2, 4, 0, 5, 1).reshape(b, self.co, h, w)
+        # Shapes are constants when the graph is traced, so this picks one tile size per exported graph.
+        m = next((m for m in self.tiles if h % m == 0 and w % m == 0), None)
+        if m is None:
+            raise ValueError(f"Winograd conv needs even map sides, got {h}x{w}")
+        t, th, tw = m + 2, h // m, w // m
+        kernels = getattr(self, f"input_kernels{m}")
+        v = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels, stride=m, groups=c)  # [B, t*t*C, th, tw]
+        v = v.reshape(b, c, t * t, th * tw).permute(2, 1, 0, 3).reshape(t * t, c, b * th * tw)
+        mixed = torch.matmul(getattr(self, f"u{m}"), v)  # [t*t, Co, B*T]
+        y = torch.matmul(getattr(self, f"output_transform{m}"), mixed.reshape(t * t, -1))
+        y = y.reshape(m, m, self.co, b, th, tw).permute(3, 2, 4, 0, 5, 1).reshape(b, self.co, h, w)
         return y + self.bias
 
 
@@ -230,9 +265,10 @@ class PolyphaseUpConv(nn.Module):
     A 3x3 conv over a nearest-upsampled map equals, for each of the four output phases, a 2x2 conv over the
     low-resolution map with folded weights; LN and GELU act per pixel, so they commute with the upsampling.
     All four phases come out of one 2x2 conv with 4x the output channels on the map padded by 1. The stage's
-    second conv (at full resolution) runs as Winograd F(2x2, 3x3). Same function, 2.25x fewer multiplies for
-    both convs (the decoder drops from ~166 to ~74 GMACs per 448 crop at ViT-B/16); results agree with the model
-    to float rounding (tested).
+    second conv (at full resolution) runs as Winograd F(4x4, 3x3) in fp32 graphs, F(2x2, 3x3) in fp16 ones. Same
+    function with 2.25x fewer multiplies for the first conv and 4x (fp16: 2.25x) for the second (the decoder drops
+    from ~166 to ~58 GMACs per 448 crop at ViT-B/16 in fp32); results agree with the model to float rounding
+    (tested).
     """
 
     def __init__(self, stage: nn.Module, dtype: torch.dtype):

@@ -5,6 +5,7 @@
 //! ```text
 //! cargo build --release --examples
 //! target/release/examples/bench_serve --streams 8 --cap 5 --seconds 300 [--model DIR] [--size 640x480] [--fps 15]
+//!     [--pamr false] [--threads N] [--warmup S]
 //! ```
 //! Uses target/release/tclseg and target/release/examples/rtsp_server. The first `--warmup` seconds (default 20)
 //! are not measured. Prints a Markdown table for BENCHMARKS.md.
@@ -24,6 +25,7 @@ struct Args {
     size: String,
     fps: u32,
     threads: usize,
+    pamr: bool,
 }
 
 fn parse_args() -> Args {
@@ -36,6 +38,7 @@ fn parse_args() -> Args {
         size: "640x480".into(),
         fps: 15,
         threads: 0,
+        pamr: true,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -50,6 +53,7 @@ fn parse_args() -> Args {
             "--size" => a.size = v,
             "--fps" => a.fps = v.parse().expect("--fps N"),
             "--threads" => a.threads = v.parse().expect("--threads N"),
+            "--pamr" => a.pamr = v.parse().expect("--pamr true|false"),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -164,8 +168,9 @@ fn main() {
     );
     for k in 0..args.streams {
         config.push_str(&format!(
-            "[[pipeline]]\nname = \"s{k}\"\nsource = \"rtsp://127.0.0.1:{port}/stream{k}\"\nqueries = [\"red square\", \"blue circle\", \"green triangle\"]\nmax_fps = {}\n[pipeline.output]\ndir = \"{}\"\nlabels = true\njson = false\njsonl = true\n",
+            "[[pipeline]]\nname = \"s{k}\"\nsource = \"rtsp://127.0.0.1:{port}/stream{k}\"\nqueries = [\"red square\", \"blue circle\", \"green triangle\"]\nmax_fps = {}\npamr = {}\n[pipeline.output]\ndir = \"{}\"\nlabels = true\njson = false\njsonl = true\n",
             args.cap,
+            args.pamr,
             dir.path().join(format!("s{k}")).display()
         ));
     }
@@ -254,8 +259,14 @@ fn main() {
     all.sort_by(f64::total_cmp);
     println!();
     println!(
-        "{} streams {} @ {} fps, cap {} fps, {:.0} s measured after {} s warm-up",
-        args.streams, args.size, args.fps, args.cap, elapsed, args.warmup
+        "{} streams {} @ {} fps, cap {} fps, PAMR {}, {:.0} s measured after {} s warm-up",
+        args.streams,
+        args.size,
+        args.fps,
+        args.cap,
+        if args.pamr { "on" } else { "off" },
+        elapsed,
+        args.warmup
     );
     println!(
         "total processed {total_fps:.2} fps (offered {:.1}, ratio {:.2}); latency capture→written p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms over {} frames",

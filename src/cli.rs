@@ -48,6 +48,14 @@ pub enum Command {
     /// Model bundles: export, verify, list.
     #[command(subcommand)]
     Models(ModelsCommand),
+    /// Show what a source offers (codecs, resolution, frame rate) without configuring a pipeline.
+    Probe {
+        /// A source URI as a pipeline would take it (rtsp://, http(s)://, file:///, v4l2:///).
+        uri: String,
+        /// Seconds to wait for the streams.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+    },
     /// Pipeline configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),

@@ -446,19 +446,20 @@ fn rtsp_end_to_end_with_notify_metrics_video_and_clean_stop() {
     );
 }
 
+/// A ready daemon with one pipeline, "cam", on the server's first stream at 5 fps.
+fn camera_daemon(dir: &Path, server: &RtspServer) -> Daemon {
+    let pipelines = pipeline_toml("cam", &server.url(0), &dir.join("out"), "max_fps = 5");
+    let daemon = Daemon::start(dir, &pipelines);
+    daemon.wait_ready();
+    daemon
+}
+
 #[test]
 fn rtsp_server_killed_and_restarted_is_reconnected() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut server = RtspServer::start(0, 1);
     let port = server.port;
-    let pipelines = pipeline_toml(
-        "cam",
-        &server.url(0),
-        &dir.path().join("out"),
-        "max_fps = 5",
-    );
-    let daemon = Daemon::start(dir.path(), &pipelines);
-    daemon.wait_ready();
+    let daemon = camera_daemon(dir.path(), &server);
     let frames = || daemon.metric("tclseg_frames_out_total", "pipeline=\"cam\"");
     wait_until("frames before the kill", Duration::from_secs(60), || {
         frames() >= 3.0
@@ -480,14 +481,7 @@ fn rtsp_server_killed_and_restarted_is_reconnected() {
 fn frozen_rtsp_server_trips_the_watchdog_and_recovers() {
     let dir = tempfile::tempdir().expect("tmp");
     let server = RtspServer::start(0, 1);
-    let pipelines = pipeline_toml(
-        "cam",
-        &server.url(0),
-        &dir.path().join("out"),
-        "max_fps = 5",
-    );
-    let daemon = Daemon::start(dir.path(), &pipelines);
-    daemon.wait_ready();
+    let daemon = camera_daemon(dir.path(), &server);
     let frames = || daemon.metric("tclseg_frames_out_total", "pipeline=\"cam\"");
     wait_until("frames before the freeze", Duration::from_secs(60), || {
         frames() >= 3.0
@@ -782,6 +776,33 @@ fn config_check_lists_every_problem_and_accepts_the_examples() {
         }
     }
     assert!(checked >= 3, "pipelines/ has {checked} example configs");
+}
+
+#[test]
+fn probe_names_the_codec_and_size_and_refuses_a_dead_source() {
+    let server = RtspServer::start(0, 1);
+    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
+        .args(["probe", &server.url(0)])
+        .output()
+        .expect("run probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("video/x-h264") && text.contains("width=(int)320"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    let dead = format!("rtsp://127.0.0.1:{}/none", free_port());
+    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
+        .args(["probe", &dead, "--timeout", "5"])
+        .output()
+        .expect("run probe");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1"));
 }
 
 #[test]

@@ -42,8 +42,6 @@ pub struct SegmentJob {
     /// Stop after this many failed images (None: never stop).
     pub max_failures: Option<usize>,
     pub max_pixels: u64,
-    /// Label for the JSON sidecar.
-    pub precision: String,
 }
 
 /// Callbacks for a progress display; the library itself prints nothing.
@@ -440,20 +438,13 @@ fn build_sidecar(
 ) -> Sidecar {
     let seg = &item.segmentation;
     let (w, h) = (seg.width, seg.height);
-    let manifest = engine.bundle().manifest();
     let classes = job.queries.class_results(labels, &seg.best, w, h);
     Sidecar {
         image: item.input.path.display().to_string(),
         frame: None,
         width: w,
         height: h,
-        model: ModelInfo {
-            name: manifest.name.clone(),
-            version: manifest.version.clone(),
-            manifest_sha256: engine.manifest_sha256().to_string(),
-            device: format!("{:?}", engine.device()).to_lowercase(),
-            precision: job.precision.clone(),
-        },
+        model: ModelInfo::of(engine),
         settings: SettingsInfo {
             pamr: job.settings.pamr,
             kp_weight: job.settings.kp_weight,

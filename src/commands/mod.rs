@@ -23,7 +23,24 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Train(_) => not_available("train", "TCL training, issue #5"),
         Command::Eval(_) => not_available("eval", "the 8-dataset evaluation, issue #6"),
         Command::Config(ConfigCommand::Check { file }) => config::check(&file),
+        Command::Probe { uri, timeout } => probe(&uri, timeout),
     }
+}
+
+/// `tclseg probe URI`: one line per stream of the source, and one per decoder with its encoded caps.
+fn probe(uri: &str, timeout: f64) -> Result<ExitCode> {
+    let spec = tclseg::source::SourceSpec::parse(uri, None)?;
+    let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.1, 3600.0));
+    let (streams, decoders) = tclseg::source::probe::probe(&spec, timeout)?;
+    let plural = if streams.len() == 1 { "" } else { "s" };
+    println!("{spec}: {} stream{plural}", streams.len());
+    for (i, s) in streams.iter().enumerate() {
+        println!("  stream {i}: {}", s.caps);
+    }
+    for d in &decoders {
+        println!("  decoder {}: {}", d.decoder, d.caps);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn not_available(command: &str, lands_with: &str) -> Result<ExitCode> {

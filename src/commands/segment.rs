@@ -91,7 +91,6 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         force: args.force,
         max_failures: args.max_failures,
         max_pixels: args.max_pixels,
-        precision: precision.key().to_string(),
     };
     let display = Display::new();
     let summary = batch::run(&engine, &job, &display)?;

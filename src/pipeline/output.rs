@@ -162,7 +162,6 @@ fn write_frame(
         }
     }
     if out.json || out.jsonl {
-        let manifest = engine.bundle().manifest();
         let sidecar = Sidecar {
             image: match &item.frame.file {
                 Some((_, path)) => path.display().to_string(),
@@ -178,13 +177,7 @@ fn write_frame(
             }),
             width: w,
             height: h,
-            model: ModelInfo {
-                name: manifest.name.clone(),
-                version: manifest.version.clone(),
-                manifest_sha256: engine.manifest_sha256().to_string(),
-                device: format!("{:?}", engine.device()).to_lowercase(),
-                precision: engine.precision().key().to_string(),
-            },
+            model: ModelInfo::of(engine),
             settings: SettingsInfo {
                 pamr: q.settings.pamr,
                 kp_weight: q.settings.kp_weight,

@@ -43,6 +43,20 @@ pub struct ModelInfo {
     pub precision: String,
 }
 
+impl ModelInfo {
+    /// What identifies the model an engine runs: name, version, manifest hash, device and precision.
+    pub fn of(engine: &crate::model::Engine) -> ModelInfo {
+        let manifest = engine.bundle().manifest();
+        ModelInfo {
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            manifest_sha256: engine.manifest_sha256().to_string(),
+            device: format!("{:?}", engine.device()).to_lowercase(),
+            precision: engine.precision().key().to_string(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct SettingsInfo {
     pub pamr: bool,

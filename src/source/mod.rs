@@ -8,6 +8,7 @@
 pub mod decode;
 pub mod folder;
 pub mod inputs;
+pub mod probe;
 pub mod stream;
 pub mod supervisor;
 

@@ -1,0 +1,187 @@
+//! `tclseg probe`: what a source offers, before a pipeline is configured for it: per stream, the decoded format
+//! (resolution, frame rate) and the encoded caps its decoder was given (codec, profile, level).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use gstreamer as gst;
+use gstreamer::prelude::*;
+
+use super::{SourceKind, SourceSpec};
+
+/// One stream of the source: decoded caps, and the encoded caps of each decoder, as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
+    pub caps: String,
+}
+
+/// The encoded side of a decoder: its factory name and the caps on its sink pad.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecoderInfo {
+    pub decoder: String,
+    pub caps: String,
+}
+
+/// Opens the source and reports each stream's caps; fails after `timeout` without any.
+pub fn probe(spec: &SourceSpec, timeout: Duration) -> Result<(Vec<StreamInfo>, Vec<DecoderInfo>)> {
+    super::stream::init()?;
+    let pipeline = gst::Pipeline::new();
+    let make = |name: &str| {
+        gst::ElementFactory::make(name)
+            .build()
+            .map_err(|_| anyhow!("GStreamer element '{name}' is missing; run scripts/setup"))
+    };
+    let decode = match spec.kind() {
+        SourceKind::Folder { .. } => bail!("{spec}: a folder has no streams to probe"),
+        SourceKind::V4l2(device) => {
+            let src = make("v4l2src")?;
+            src.set_property("device", device.to_string_lossy().as_ref());
+            let decode = make("decodebin")?;
+            pipeline.add_many([&src, &decode])?;
+            src.link(&decode)?;
+            decode
+        }
+        SourceKind::VideoFile(path) => {
+            let decode = make("uridecodebin")?;
+            let uri = gst::glib::filename_to_uri(path, None)
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            decode.set_property("uri", uri.as_str());
+            pipeline.add(&decode)?;
+            decode
+        }
+        SourceKind::Rtsp | SourceKind::Http => {
+            let decode = make("uridecodebin")?;
+            decode.set_property("uri", spec.uri());
+            decode.connect("source-setup", false, |values| {
+                if let Some(Ok(source)) = values.get(1).map(|v| v.get::<gst::Element>()) {
+                    if source.has_property("protocols") {
+                        source.set_property_from_str("protocols", "tcp");
+                    }
+                }
+                None
+            });
+            pipeline.add(&decode)?;
+            decode
+        }
+    };
+    let pads: Arc<Mutex<Vec<gst::Pad>>> = Arc::default();
+    let decoders: Arc<Mutex<Vec<gst::Element>>> = Arc::default();
+    {
+        let decoders = Arc::clone(&decoders);
+        decode.connect("deep-element-added", false, move |values| {
+            if let Some(Ok(element)) = values.get(2).map(|v| v.get::<gst::Element>()) {
+                let is_decoder = !element.is::<gst::Bin>()
+                    && element.factory().is_some_and(|f| {
+                        f.metadata("klass").is_some_and(|k| k.contains("Decoder"))
+                    });
+                if is_decoder {
+                    if let Ok(mut d) = decoders.lock() {
+                        d.push(element);
+                    }
+                }
+            }
+            None
+        });
+    }
+    {
+        let pads = Arc::clone(&pads);
+        let weak = pipeline.downgrade();
+        decode.connect_pad_added(move |_, pad| {
+            if let (Some(pipeline), Ok(sink)) = (
+                weak.upgrade(),
+                gst::ElementFactory::make("fakesink").build(),
+            ) {
+                sink.set_property("sync", false);
+                if pipeline.add(&sink).is_ok() && sink.sync_state_with_parent().is_ok() {
+                    if let Some(sink_pad) = sink.static_pad("sink") {
+                        let _ = pad.link(&sink_pad);
+                    }
+                }
+            }
+            if let Ok(mut p) = pads.lock() {
+                p.push(pad.clone());
+            }
+        });
+    }
+    let result = run(&pipeline, &pads, spec, timeout).map(|streams| {
+        let decoders = decoders
+            .lock()
+            .map(|d| {
+                d.iter()
+                    .filter_map(|e| {
+                        let caps = e.static_pad("sink")?.current_caps()?;
+                        Some(DecoderInfo {
+                            decoder: e
+                                .factory()
+                                .map(|f| f.name().to_string())
+                                .unwrap_or_default(),
+                            caps: caps.to_string(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        (streams, decoders)
+    });
+    let _ = pipeline.set_state(gst::State::Null);
+    result
+}
+
+fn run(
+    pipeline: &gst::Pipeline,
+    pads: &Mutex<Vec<gst::Pad>>,
+    spec: &SourceSpec,
+    timeout: Duration,
+) -> Result<Vec<StreamInfo>> {
+    pipeline
+        .set_state(gst::State::Playing)
+        .map_err(|e| anyhow!("{spec}: cannot start: {e}"))?;
+    let bus = pipeline
+        .bus()
+        .ok_or_else(|| anyhow!("pipeline without bus"))?;
+    let start = Instant::now();
+    let mut settled_since: Option<Instant> = None;
+    while start.elapsed() < timeout {
+        if let Some(msg) = bus.timed_pop_filtered(
+            gst::ClockTime::from_mseconds(100),
+            &[gst::MessageType::Error],
+        ) {
+            if let gst::MessageView::Error(err) = msg.view() {
+                let debug = err
+                    .debug()
+                    .map(|d| d.replace('\n', " "))
+                    .unwrap_or_default();
+                bail!(
+                    "{}",
+                    super::stream::redact_text(&format!("{spec}: {} ({debug})", err.error()))
+                );
+            }
+        }
+        let infos: Vec<StreamInfo> = pads
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .filter_map(|pad| pad.current_caps())
+                    .map(|c| StreamInfo {
+                        caps: c.to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let total = pads.lock().map(|p| p.len()).unwrap_or(0);
+        if total > 0 && infos.len() == total {
+            // Every exposed stream has negotiated caps; give late streams (audio after video) a moment.
+            let since = *settled_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_millis(500) {
+                return Ok(infos);
+            }
+        } else {
+            settled_since = None;
+        }
+    }
+    bail!(
+        "{spec}: no stream within {:.0} s (is the URI right and the source up?)",
+        timeout.as_secs_f64()
+    )
+}

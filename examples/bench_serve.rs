@@ -220,6 +220,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut all = Vec::new();
+    let (mut first_half, mut second_half) = (Vec::new(), Vec::new());
     let mut total_fps = 0.0;
     for k in 0..args.streams {
         let p = format!("pipeline=\"s{k}\"");
@@ -233,12 +234,21 @@ fn main() {
         let offered = args.cap.min(f64::from(args.fps));
         let jsonl = std::fs::read_to_string(dir.path().join(format!("s{k}/s{k}.jsonl")))
             .unwrap_or_default();
-        let mut lat: Vec<f64> = jsonl
+        let timed: Vec<(u64, f64)> = jsonl
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["frame"]["wall_ms"].as_u64().unwrap_or(0) >= wall0)
-            .filter_map(|v| v["frame"]["latency_ms"].as_f64())
+            .filter_map(|v| {
+                Some((
+                    v["frame"]["wall_ms"].as_u64()?,
+                    v["frame"]["latency_ms"].as_f64()?,
+                ))
+            })
             .collect();
+        let mid = wall0 + (elapsed * 500.0) as u64;
+        first_half.extend(timed.iter().filter(|(t, _)| *t < mid).map(|(_, l)| *l));
+        second_half.extend(timed.iter().filter(|(t, _)| *t >= mid).map(|(_, l)| *l));
+        let mut lat: Vec<f64> = timed.iter().map(|(_, l)| *l).collect();
         lat.sort_by(f64::total_cmp);
         all.extend_from_slice(&lat);
         let other: f64 = ["decode_error", "inference_error", "write_error", "shutdown"]
@@ -276,6 +286,15 @@ fn main() {
         percentile(&all, 0.95),
         all.last().copied().unwrap_or(f64::NAN),
         all.len()
+    );
+    first_half.sort_by(f64::total_cmp);
+    second_half.sort_by(f64::total_cmp);
+    println!(
+        "latency p50/p95 first half of the window {:.0}/{:.0} ms, second half {:.0}/{:.0} ms (growing latency would show here)",
+        percentile(&first_half, 0.5),
+        percentile(&first_half, 0.95),
+        percentile(&second_half, 0.5),
+        percentile(&second_half, 0.95)
     );
     println!(
         "daemon CPU {:.0}% of one core (RTSP server {:.0}%); RSS {rss0:.0} MiB at start of window, {rss1:.0} MiB at end ({:+.1}%), max {rss_max:.0} MiB",

@@ -43,8 +43,8 @@ pub enum Command {
     Segment(SegmentArgs),
     /// Train TCL on image–caption data and export a bundle. Not available yet.
     Train(Pending),
-    /// The paper's 8-dataset mIoU protocol on the deployment code path. Not available yet.
-    Eval(Pending),
+    /// The paper's 8-dataset mIoU protocol on the deployment code path (or your own labelled folder).
+    Eval(EvalArgs),
     /// Model bundles: export, verify, list.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -66,6 +66,53 @@ pub enum Command {
 pub struct Pending {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     pub args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["dataset", "suite"])))]
+pub struct EvalArgs {
+    /// voc, context, coco_object, voc20, context59, coco_stuff, cityscapes, ade20k, or folder.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// `paper`: all eight datasets in a row, then the paper's summary table.
+    #[arg(long)]
+    pub suite: Option<String>,
+    /// The data root in mmsegmentation's layout (for `folder`: the folder with images/, labels/, classes.txt).
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// Model bundle folder (default: as for `segment`).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Refine with PAMR (the paper's setting; default).
+    #[arg(long, overrides_with = "no_pamr")]
+    pub pamr: bool,
+    /// Skip PAMR (background threshold default becomes the bundle's no-PAMR value).
+    #[arg(long)]
+    pub no_pamr: bool,
+    /// Background threshold for with-background datasets (default: the bundle's).
+    #[arg(long, value_name = "SCORE")]
+    pub bg_thresh: Option<f32>,
+    /// Score only the first N images of each split.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Write the JSON report here (temp file + rename).
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Score saved predictions (`<DIR>/<id>.png`, class indices) instead of running the model.
+    #[arg(long, value_name = "DIR")]
+    pub predictions: Option<PathBuf>,
+    /// Save each prediction as `<DIR>/<id>.png` (class indices).
+    #[arg(long, value_name = "DIR")]
+    pub save_predictions: Option<PathBuf>,
+    /// Execution device.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Decoder threads.
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
 }
 
 #[derive(Debug, Subcommand)]

@@ -2,6 +2,7 @@
 //! progress and problems go to the log (stderr).
 
 mod config;
+mod eval;
 mod models;
 mod segment;
 mod serve;
@@ -21,7 +22,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Serve(args) => serve::run(args),
         Command::Segment(args) => segment::run(args),
         Command::Train(_) => not_available("train", "TCL training, issue #5"),
-        Command::Eval(_) => not_available("eval", "the 8-dataset evaluation, issue #6"),
+        Command::Eval(args) => eval::run(args),
         Command::Config(ConfigCommand::Check { file }) => config::check(&file),
         Command::Probe { uri, timeout } => probe(&uri, timeout),
     }

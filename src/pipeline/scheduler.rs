@@ -1,8 +1,8 @@
 //! The inference worker: one OS thread per device (ONNX Runtime calls block), batching frames across pipelines.
 //!
 //! Each round takes at most one frame per pipeline in turn (fairness: a busy file never starves a camera) until
-//! `max_batch` frames are taken or `max_wait` has passed since the first; frames that share a query set and
-//! settings run through the engine together. A lossless pipeline whose output is full is skipped until it has
+//! the batch is full (`max_batch` on CUDA, 1 on the CPU) or `max_wait` has passed since the first; frames that
+//! share a query set and settings run through the engine together. A lossless pipeline whose output is full is skipped until it has
 //! room, so one slow disk never blocks the worker.
 
 use std::collections::BTreeMap;
@@ -96,8 +96,19 @@ impl Scheduler {
         }
     }
 
-    /// Takes up to `max_batch` frames, round robin across pipelines, waiting at most `max_wait` after the first.
+    /// Frames per engine run: 1 on the CPU (crops run one at a time there, so a bigger batch only leaves its
+    /// later frames waiting, and a live pipeline's frame is best taken fresh right before it runs); `max_batch`
+    /// on CUDA, where the crops of a batch share runs.
+    fn batch_limit(&self) -> usize {
+        match self.engine.device() {
+            crate::model::Device::Cpu => 1,
+            crate::model::Device::Cuda => self.max_batch,
+        }
+    }
+
+    /// Takes up to `batch_limit` frames, round robin across pipelines, waiting at most `max_wait` after the first.
     fn gather(&self) -> Vec<(Arc<Shared>, Frame, Instant)> {
+        let limit = self.batch_limit();
         let mut batch = Vec::new();
         let mut deadline: Option<Instant> = None;
         loop {
@@ -105,11 +116,11 @@ impl Scheduler {
             let pipelines: Vec<Arc<Shared>> = self.list().clone();
             let n = pipelines.len();
             let mut took_any = true;
-            while batch.len() < self.max_batch && took_any {
+            while batch.len() < limit && took_any {
                 took_any = false;
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 for i in 0..n {
-                    if batch.len() >= self.max_batch {
+                    if batch.len() >= limit {
                         break;
                     }
                     let p = &pipelines[(start + i) % n];
@@ -123,7 +134,7 @@ impl Scheduler {
                     }
                 }
             }
-            if batch.len() >= self.max_batch || self.shutdown.load(Ordering::Relaxed) {
+            if batch.len() >= limit || self.shutdown.load(Ordering::Relaxed) {
                 return batch;
             }
             let now = Instant::now();
@@ -158,32 +169,36 @@ impl Scheduler {
                 .push((p, frame, taken, q));
         }
         for (_, group) in groups {
-            let q = Arc::clone(&group[0].3);
-            let images: Vec<&image::RgbImage> = group.iter().map(|(_, f, _, _)| &f.image).collect();
-            let start = Instant::now();
-            let result = self.engine.segment_batch(&images, &q.text, &q.settings);
-            let infer = start.elapsed() / group.len() as u32;
-            match result {
-                Ok(segs) => {
-                    for ((p, frame, taken, queries), segmentation) in group.into_iter().zip(segs) {
-                        p.metrics.observe(Stage::Infer, infer);
-                        p.deliver(Segmented {
-                            frame,
-                            segmentation,
-                            queries,
-                            taken,
-                            infer,
-                        });
-                    }
+            self.run_group(group);
+        }
+    }
+
+    fn run_group(&self, group: Vec<Taken>) {
+        let q = Arc::clone(&group[0].3);
+        let images: Vec<&image::RgbImage> = group.iter().map(|(_, f, _, _)| &f.image).collect();
+        let start = Instant::now();
+        let result = self.engine.segment_batch(&images, &q.text, &q.settings);
+        let infer = start.elapsed() / group.len() as u32;
+        match result {
+            Ok(segs) => {
+                for ((p, frame, taken, queries), segmentation) in group.into_iter().zip(segs) {
+                    p.metrics.observe(Stage::Infer, infer);
+                    p.deliver(Segmented {
+                        frame,
+                        segmentation,
+                        queries,
+                        taken,
+                        infer,
+                    });
                 }
-                Err(e) => {
-                    self.telemetry
-                        .inference_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    for (p, frame, _, _) in &group {
-                        tracing::error!(pipeline = %p.name(), frame = frame.sequence, "inference failed: {e:#}");
-                        p.metrics.drop_frames(DropReason::InferenceError, 1);
-                    }
+            }
+            Err(e) => {
+                self.telemetry
+                    .inference_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                for (p, frame, _, _) in &group {
+                    tracing::error!(pipeline = %p.name(), frame = frame.sequence, "inference failed: {e:#}");
+                    p.metrics.drop_frames(DropReason::InferenceError, 1);
                 }
             }
         }

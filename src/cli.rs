@@ -83,15 +83,8 @@ pub struct EvalArgs {
     /// Model bundle folder (default: as for `segment`).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
-    /// Refine with PAMR (the paper's setting; default).
-    #[arg(long, overrides_with = "no_pamr")]
-    pub pamr: bool,
-    /// Skip PAMR (background threshold default becomes the bundle's no-PAMR value).
-    #[arg(long)]
-    pub no_pamr: bool,
-    /// Background threshold for with-background datasets (default: the bundle's).
-    #[arg(long, value_name = "SCORE")]
-    pub bg_thresh: Option<f32>,
+    #[command(flatten)]
+    pub refine: RefineArgs,
     /// Score only the first N images of each split.
     #[arg(long, value_name = "N")]
     pub limit: Option<usize>,
@@ -217,15 +210,8 @@ pub struct SegmentArgs {
     /// Precision of the image graphs.
     #[arg(long, value_enum, default_value_t = ImagePrecision::Fp32)]
     pub precision: ImagePrecision,
-    /// Refine masks with PAMR (the paper's setting).
-    #[arg(long, overrides_with = "no_pamr")]
-    pub pamr: bool,
-    /// Skip PAMR (faster; background threshold default becomes the bundle's no-PAMR value).
-    #[arg(long)]
-    pub no_pamr: bool,
-    /// Background threshold (default: the bundle's, 0.4 with PAMR and 0.5 without).
-    #[arg(long, value_name = "SCORE")]
-    pub bg_thresh: Option<f32>,
+    #[command(flatten)]
+    pub refine: RefineArgs,
     /// Weight of the raw MaskCLIP ("kp") masks in the blend (default: the bundle's, 0.3).
     #[arg(long, value_name = "WEIGHT")]
     pub kp_weight: Option<f32>,
@@ -251,6 +237,20 @@ pub struct SegmentArgs {
     /// Refuse images with more pixels than this (checked from the header, before decoding).
     #[arg(long, value_name = "PIXELS", default_value_t = 100_000_000)]
     pub max_pixels: u64,
+}
+
+/// PAMR and the background threshold, shared by `segment` and `eval`.
+#[derive(Debug, Args)]
+pub struct RefineArgs {
+    /// Refine masks with PAMR (the paper's setting).
+    #[arg(long, overrides_with = "no_pamr")]
+    pub pamr: bool,
+    /// Skip PAMR (faster; background threshold default becomes the bundle's no-PAMR value).
+    #[arg(long)]
+    pub no_pamr: bool,
+    /// Background threshold (default: the bundle's, 0.4 with PAMR and 0.5 without).
+    #[arg(long, value_name = "SCORE")]
+    pub bg_thresh: Option<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -52,8 +52,8 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         let predictor = match (&engine, &args.predictions) {
             (Some(engine), _) => Predictor::Engine {
                 engine,
-                pamr: !args.no_pamr,
-                bg_thresh: args.bg_thresh,
+                pamr: !args.refine.no_pamr,
+                bg_thresh: args.refine.bg_thresh,
             },
             (None, Some(dir)) => Predictor::Files(per_dataset(dir, key, keys.len())),
             (None, None) => bail!("no predictor"),

@@ -49,14 +49,14 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         },
     )?;
     let mask = engine.bundle().manifest().mask.clone();
-    let pamr = !args.no_pamr;
+    let pamr = !args.refine.no_pamr;
     let background = if queries.has_background_prompts() {
-        if args.bg_thresh.is_some() {
+        if args.refine.bg_thresh.is_some() {
             bail!("--bg-thresh and background prompts exclude each other: choose one way to find background");
         }
         None
     } else {
-        Some(args.bg_thresh.unwrap_or(if pamr {
+        Some(args.refine.bg_thresh.unwrap_or(if pamr {
             mask.bg_thresh_pamr
         } else {
             mask.bg_thresh

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 
-use super::{SourceKind, SourceSpec};
+use super::SourceSpec;
 
 /// One stream of the source: decoded caps, and the encoded caps of each decoder, as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,44 +27,10 @@ pub struct DecoderInfo {
 pub fn probe(spec: &SourceSpec, timeout: Duration) -> Result<(Vec<StreamInfo>, Vec<DecoderInfo>)> {
     super::stream::init()?;
     let pipeline = gst::Pipeline::new();
-    let make = |name: &str| {
-        gst::ElementFactory::make(name)
-            .build()
-            .map_err(|_| anyhow!("GStreamer element '{name}' is missing; run scripts/setup"))
-    };
-    let decode = match spec.kind() {
-        SourceKind::Folder { .. } => bail!("{spec}: a folder has no streams to probe"),
-        SourceKind::V4l2(device) => {
-            let src = make("v4l2src")?;
-            src.set_property("device", device.to_string_lossy().as_ref());
-            let decode = make("decodebin")?;
-            pipeline.add_many([&src, &decode])?;
-            src.link(&decode)?;
-            decode
-        }
-        SourceKind::VideoFile(path) => {
-            let decode = make("uridecodebin")?;
-            let uri = gst::glib::filename_to_uri(path, None)
-                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            decode.set_property("uri", uri.as_str());
-            pipeline.add(&decode)?;
-            decode
-        }
-        SourceKind::Rtsp | SourceKind::Http => {
-            let decode = make("uridecodebin")?;
-            decode.set_property("uri", spec.uri());
-            decode.connect("source-setup", false, |values| {
-                if let Some(Ok(source)) = values.get(1).map(|v| v.get::<gst::Element>()) {
-                    if source.has_property("protocols") {
-                        source.set_property_from_str("protocols", "tcp");
-                    }
-                }
-                None
-            });
-            pipeline.add(&decode)?;
-            decode
-        }
-    };
+    if spec.is_folder() {
+        bail!("{spec}: a folder has no streams to probe");
+    }
+    let decode = super::stream::decoder(&pipeline, spec)?;
     let pads: Arc<Mutex<Vec<gst::Pad>>> = Arc::default();
     let decoders: Arc<Mutex<Vec<gst::Element>>> = Arc::default();
     {

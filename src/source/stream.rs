@@ -82,7 +82,7 @@ struct Built {
     passed: Arc<AtomicU64>,
 }
 
-fn make(factory: &str) -> Result<gst::Element> {
+pub(super) fn make(factory: &str) -> Result<gst::Element> {
     gst::ElementFactory::make(factory)
         .build()
         .map_err(|_| anyhow!("GStreamer element '{factory}' is missing; run scripts/setup (it installs gstreamer1.0-plugins-base/good/bad/ugly and gstreamer1.0-libav)"))
@@ -91,54 +91,7 @@ fn make(factory: &str) -> Result<gst::Element> {
 fn build(spec: &SourceSpec, settings: &StreamSettings) -> Result<Built> {
     init()?;
     let pipeline = gst::Pipeline::new();
-    let decoder = match spec.kind() {
-        SourceKind::V4l2(device) => {
-            let src = make("v4l2src")?;
-            src.set_property("device", device.to_string_lossy().as_ref());
-            let decode = make("decodebin")?;
-            pipeline.add_many([&src, &decode])?;
-            src.link(&decode)
-                .context("cannot link v4l2src to decodebin")?;
-            decode
-        }
-        SourceKind::VideoFile(path) => {
-            if !path.is_file() {
-                return Err(anyhow!(
-                    "{} does not exist or is not a file",
-                    path.display()
-                ));
-            }
-            let uri = gst::glib::filename_to_uri(path, None)
-                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
-            let decode = make("uridecodebin")?;
-            decode.set_property("uri", uri.as_str());
-            pipeline.add(&decode)?;
-            decode
-        }
-        SourceKind::Rtsp | SourceKind::Http => {
-            let decode = make("uridecodebin")?;
-            decode.set_property("uri", spec.uri());
-            // RTSP over TCP (no lost UDP packets, passes NAT and firewalls) with a short jitter buffer.
-            decode.connect("source-setup", false, |values| {
-                if let Some(Ok(source)) = values.get(1).map(|v| v.get::<gst::Element>()) {
-                    if source.has_property("protocols") {
-                        source.set_property_from_str("protocols", "tcp");
-                    }
-                    if source.has_property("latency") {
-                        source.set_property("latency", RTSP_LATENCY_MS);
-                    }
-                }
-                None
-            });
-            pipeline.add(&decode)?;
-            decode
-        }
-        SourceKind::Folder { .. } => {
-            return Err(anyhow!(
-                "folder sources are read by the folder source, not GStreamer"
-            ))
-        }
-    };
+    let decoder = decoder(&pipeline, spec)?;
     let rate = match settings.max_fps {
         Some(fps) => {
             let rate = make("videorate")?;
@@ -210,6 +163,60 @@ fn build(spec: &SourceSpec, settings: &StreamSettings) -> Result<Built> {
         arrived,
         passed,
     })
+}
+
+/// The pipeline's source and decoder, added to `pipeline`: `uridecodebin` (RTSP over TCP with a short jitter
+/// buffer) or `v4l2src ! decodebin`. Returns the element whose pads carry the decoded streams.
+pub(super) fn decoder(pipeline: &gst::Pipeline, spec: &SourceSpec) -> Result<gst::Element> {
+    let decode = match spec.kind() {
+        SourceKind::V4l2(device) => {
+            let src = make("v4l2src")?;
+            src.set_property("device", device.to_string_lossy().as_ref());
+            let decode = make("decodebin")?;
+            pipeline.add_many([&src, &decode])?;
+            src.link(&decode)
+                .context("cannot link v4l2src to decodebin")?;
+            decode
+        }
+        SourceKind::VideoFile(path) => {
+            if !path.is_file() {
+                return Err(anyhow!(
+                    "{} does not exist or is not a file",
+                    path.display()
+                ));
+            }
+            let uri = gst::glib::filename_to_uri(path, None)
+                .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            let decode = make("uridecodebin")?;
+            decode.set_property("uri", uri.as_str());
+            pipeline.add(&decode)?;
+            decode
+        }
+        SourceKind::Rtsp | SourceKind::Http => {
+            let decode = make("uridecodebin")?;
+            decode.set_property("uri", spec.uri());
+            // RTSP over TCP (no lost UDP packets, passes NAT and firewalls) with a short jitter buffer.
+            decode.connect("source-setup", false, |values| {
+                if let Some(Ok(source)) = values.get(1).map(|v| v.get::<gst::Element>()) {
+                    if source.has_property("protocols") {
+                        source.set_property_from_str("protocols", "tcp");
+                    }
+                    if source.has_property("latency") {
+                        source.set_property("latency", RTSP_LATENCY_MS);
+                    }
+                }
+                None
+            });
+            pipeline.add(&decode)?;
+            decode
+        }
+        SourceKind::Folder { .. } => {
+            return Err(anyhow!(
+                "folder sources are read by the folder source, not GStreamer"
+            ))
+        }
+    };
+    Ok(decode)
 }
 
 fn pull_loop(

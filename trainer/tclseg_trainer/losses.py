@@ -73,12 +73,20 @@ def clamped_scale(logit_scale: torch.Tensor) -> torch.Tensor:
     return logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
 
 
-def gumbel_sigmoid_st(logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def gumbel_sigmoid_st(
+    logits: torch.Tensor,
+    tau: float = 1.0,
+    generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Hard {0,1} mask from a Gumbel-sigmoid sample (logistic noise), with a straight-through gradient.
 
     Forward: 1[sigmoid((z + g1 - g2) / tau) > 0.5]; backward: the gradient of the soft sample.
+    `uniform` (same shape as logits, in (0, 1)) replaces the random draw.
     """
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    u = uniform
+    if u is None:
+        u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
     u = u.clamp(1e-10, 1 - 1e-10)
     noise = (torch.log(u) - torch.log1p(-u)).to(logits.dtype)  # logistic = difference of two Gumbels
     soft = torch.sigmoid((logits + noise) / tau)
@@ -191,7 +199,10 @@ def tcl_losses(
 
     # image level: hard straight-through masks of each image's own caption, applied to the pixels
     own = logits[torch.arange(B), offset + torch.arange(B)].unsqueeze(1)  # [B, 1, h', w']
-    hard = gumbel_sigmoid_st(own, generator=generator)
+    # the noise is drawn for the global batch and sliced, so it does not depend on the number of processes
+    n_img = txt_all.shape[0]
+    u = torch.rand((n_img, *own.shape[1:]), generator=generator, device=own.device, dtype=torch.float32)
+    hard = gumbel_sigmoid_st(own, uniform=u[offset : offset + B])
     hard = F.interpolate(hard, size=images.shape[-2:], mode="nearest")
     masked_emb = clip_image_embedding(model, images * hard.to(images.dtype))
     tcli = info_nce(masked_emb, text_emb, gather_with_grad(masked_emb), txt_all, offset, model.tcli_loss.logit_scale)

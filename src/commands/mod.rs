@@ -5,6 +5,7 @@ mod config;
 mod models;
 mod segment;
 mod serve;
+mod train;
 
 use std::process::ExitCode;
 
@@ -20,7 +21,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Models(cmd) => models::run(cmd),
         Command::Serve(args) => serve::run(args),
         Command::Segment(args) => segment::run(args),
-        Command::Train(_) => not_available("train", "TCL training, issue #5"),
+        Command::Train(args) => train::run(args),
         Command::Eval(_) => not_available("eval", "the 8-dataset evaluation, issue #6"),
         Command::Config(ConfigCommand::Check { file }) => config::check(&file),
     }

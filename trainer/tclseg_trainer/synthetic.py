@@ -189,6 +189,32 @@ def pretrain_clip(
     return {"final_loss": loss.item()}
 
 
+def score(pred_dir: Path, eval_dir: Path, seed: int = 0) -> dict:
+    """mIoU of `<stem>.labels.png` maps in pred_dir (as `tclseg segment --format labels` writes them) against
+    eval_dir/labels, plus two baselines on the same pixels: uniform random labels and all-background."""
+    from .train import load_eval_set, miou
+
+    classes, pairs = load_eval_set(str(eval_dir))
+    preds, gts, rand, bg = [], [], [], []
+    rng = np.random.default_rng(seed)
+    for img, lab in pairs:
+        p = pred_dir / f"{img.stem}.labels.png"
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no prediction for {img.name}")
+        g = np.asarray(Image.open(lab))
+        preds.append(np.asarray(Image.open(p)))
+        gts.append(g)
+        rand.append(rng.integers(0, len(classes) + 1, g.shape))
+        bg.append(np.zeros_like(g))
+    n = len(classes) + 1
+    return {
+        "images": len(pairs),
+        "miou": miou(preds, gts, n),
+        "chance_uniform": miou(rand, gts, n),
+        "all_background": miou(bg, gts, n),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tclseg_trainer.synthetic", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -204,9 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--batch", type=int, default=64)
     pr.add_argument("--lr", type=float, default=1e-3)
     pr.add_argument("--seed", type=int, default=0)
+    sc = sub.add_parser("score", help="mIoU of tclseg segment label maps against the eval labels")
+    sc.add_argument("--pred", type=Path, required=True)
+    sc.add_argument("--eval", type=Path, required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(int(__import__("os").environ.get("TCLSEG_TRAIN_THREADS", "1")))
-    if args.cmd == "generate":
+    if args.cmd == "score":
+        print(json.dumps(score(args.pred, args.eval)))
+    elif args.cmd == "generate":
         generate(args.out, args.train, args.eval, args.seed)
     else:
         pretrain_clip(args.data, args.out, args.steps, args.batch, args.lr, args.seed)

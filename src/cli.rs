@@ -41,8 +41,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Segment images, folders and globs with text queries: label PNGs, overlays, JSON sidecars.
     Segment(SegmentArgs),
-    /// Train TCL on image–caption data and export a bundle. Not available yet.
-    Train(Pending),
+    /// Train TCL on image–caption data (torchrun), then export and verify a bundle.
+    Train(TrainArgs),
     /// The paper's 8-dataset mIoU protocol on the deployment code path (or your own labelled folder).
     Eval(EvalArgs),
     /// Model bundles: export, verify, list.
@@ -61,11 +61,26 @@ pub enum Command {
     Config(ConfigCommand),
 }
 
-/// Arguments of a subcommand whose issue has not landed: accepted so that the message, not clap, answers.
 #[derive(Debug, Args)]
-pub struct Pending {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    pub args: Vec<String>,
+pub struct TrainArgs {
+    /// Training config (TOML; see trainer/configs/).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Processes (GPUs) on this node; on a CPU-only machine, CPU processes (gloo).
+    #[arg(long, default_value_t = 1)]
+    pub gpus: usize,
+    /// Continue from the newest checkpoint in the config's checkpoint.dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop after this many more steps (a short run; the schedule still follows optim.steps).
+    #[arg(long, value_name = "N")]
+    pub max_steps: Option<u64>,
+    /// Bundle folder to export to after training (default: <checkpoint.dir>/bundle).
+    #[arg(long, value_name = "DIR")]
+    pub export: Option<PathBuf>,
+    /// Train only; no export.
+    #[arg(long)]
+    pub no_export: bool,
 }
 
 #[derive(Debug, Args)]

@@ -40,6 +40,22 @@ pub fn trainer_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// A `python` command with the trainer package on PYTHONPATH and unbuffered output; the caller adds the arguments
+/// (`-m tclseg_trainer.<module> ...` or `-m torch.distributed.run ...`).
+pub fn python_command() -> Result<Command> {
+    let python = python()?;
+    let dir = trainer_dir()?;
+    let mut pythonpath = std::ffi::OsString::from(dir.as_os_str());
+    if let Some(existing) = std::env::var_os("PYTHONPATH") {
+        pythonpath.push(":");
+        pythonpath.push(existing);
+    }
+    let mut cmd = Command::new(python);
+    cmd.env("PYTHONPATH", pythonpath)
+        .env("PYTHONUNBUFFERED", "1");
+    Ok(cmd)
+}
+
 /// Runs `python -m tclseg_trainer.<module> args...` with the terminal's stdio; the module prints its own progress
 /// and errors. Returns the module's exit code (0 success, 1 failure it explained, 2 usage).
 pub fn run_module(module: &str, args: &[String]) -> Result<i32> {

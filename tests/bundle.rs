@@ -204,10 +204,3 @@ fn missing_onnx_runtime_is_an_error_not_a_panic() {
     assert!(stderr.contains("scripts/setup"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
-
-#[test]
-fn train_has_not_landed_and_exits_2() {
-    let out = tclseg(&["train"]);
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not available"));
-}

@@ -6,6 +6,7 @@ mod eval;
 mod models;
 mod segment;
 mod serve;
+mod train;
 
 use std::process::ExitCode;
 
@@ -13,15 +14,12 @@ use anyhow::Result;
 
 use crate::cli::{Command, ConfigCommand};
 
-/// Exit status of a subcommand that exists in the CLI but whose work has not landed yet.
-const NOT_AVAILABLE: u8 = 2;
-
 pub fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Models(cmd) => models::run(cmd),
         Command::Serve(args) => serve::run(args),
         Command::Segment(args) => segment::run(args),
-        Command::Train(_) => not_available("train", "TCL training, issue #5"),
+        Command::Train(args) => train::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Config(ConfigCommand::Check { file }) => config::check(&file),
         Command::Probe { uri, timeout } => probe(&uri, timeout),
@@ -42,11 +40,4 @@ fn probe(uri: &str, timeout: f64) -> Result<ExitCode> {
         println!("  decoder {}: {}", d.decoder, d.caps);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn not_available(command: &str, lands_with: &str) -> Result<ExitCode> {
-    tracing::error!(
-        "`tclseg {command}` is not available in this build yet ({lands_with}); nothing was done"
-    );
-    Ok(ExitCode::from(NOT_AVAILABLE))
 }

@@ -89,7 +89,7 @@ fn default_model_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-fn verify(dir: &Path, precision: PrecisionArg, threads: usize) -> Result<ExitCode> {
+pub(super) fn verify(dir: &Path, precision: PrecisionArg, threads: usize) -> Result<ExitCode> {
     let start = Instant::now();
     let bundle = Bundle::open(dir)?;
     let m = bundle.manifest();

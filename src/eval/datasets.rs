@@ -450,6 +450,10 @@ mod tests {
             (object[0].as_str(), object[80].as_str()),
             ("background", "toothbrush")
         );
+        // mmseg's Pascal Context list is alphabetical after background, as its converted labels are.
+        let context59 = spec("context59").expect("ctx59").class_names();
+        assert_eq!(&context59[..4], ["aeroplane", "bag", "bed", "bedclothes"]);
+        assert_eq!(context59[58], "wood");
         let voc20 = spec("voc20").expect("voc20").class_names();
         assert_eq!(
             (voc20[0].as_str(), voc20[19].as_str()),

@@ -60,19 +60,11 @@ pub fn python_command() -> Result<Command> {
 /// and errors. Returns the module's exit code (0 success, 1 failure it explained, 2 usage).
 pub fn run_module(module: &str, args: &[String]) -> Result<i32> {
     let python = python()?;
-    let dir = trainer_dir()?;
-    let mut pythonpath = std::ffi::OsString::from(dir.as_os_str());
-    if let Some(existing) = std::env::var_os("PYTHONPATH") {
-        pythonpath.push(":");
-        pythonpath.push(existing);
-    }
     tracing::debug!(python = %python.display(), module, ?args, "running the trainer");
-    let status = Command::new(&python)
+    let status = python_command()?
         .arg("-m")
         .arg(format!("tclseg_trainer.{module}"))
         .args(args)
-        .env("PYTHONPATH", pythonpath)
-        .env("PYTHONUNBUFFERED", "1")
         .status()
         .with_context(|| format!("cannot start {}", python.display()))?;
     match status.code() {

@@ -22,7 +22,16 @@ from tclseg_trainer.data import (
     train_transform,
 )
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """1 thread for these tests (cores are shared), restored afterwards: other modules' tolerances assume 2."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 AUG = AugmentConfig(size=32)
 
 

@@ -19,7 +19,16 @@ from tclseg_trainer.losses import (
     total_variation,
 )
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """1 thread for these tests (cores are shared), restored afterwards: other modules' tolerances assume 2."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 L1E = math.log(1 + math.exp(-1))  # CE of logits (1, 0) with target 0
 
 

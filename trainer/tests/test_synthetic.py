@@ -13,7 +13,14 @@ from PIL import Image
 from tclseg_trainer import synthetic as S
 from tclseg_trainer import train as T
 
-torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """1 thread for these tests (cores are shared), restored afterwards: other modules' tolerances assume 2."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_scene_labels_match_objects_and_captions_name_them():

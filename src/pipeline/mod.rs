@@ -215,7 +215,6 @@ impl Pipeline {
                 stream: StreamSettings {
                     max_fps: c.max_fps,
                     watchdog: Duration::from_secs_f64(c.watchdog_s),
-                    lossless: shared.lossless(),
                 },
                 backoff_initial: Duration::from_secs_f64(c.backoff_initial_s),
                 backoff_max: Duration::from_secs_f64(c.backoff_max_s),

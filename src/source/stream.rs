@@ -37,8 +37,6 @@ pub enum RunEnd {
 pub struct StreamSettings {
     pub max_fps: Option<f64>,
     pub watchdog: Duration,
-    /// Lossless pipelines block GStreamer while the worker is busy (files); live ones never block.
-    pub lossless: bool,
 }
 
 /// How long one pull waits before the loop checks for stop requests, bus errors and the watchdog.

@@ -36,3 +36,12 @@ def tiny_text(tiny_model: TCL) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     emb = torch.randn(3, tiny_model.config.vision.embed_dim, generator=g)
     return torch.nn.functional.normalize(emb, dim=-1)
+
+
+@pytest.fixture
+def one_thread():
+    """Runs a test with 1 torch thread and restores the count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

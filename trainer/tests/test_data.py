@@ -22,14 +22,8 @@ from tclseg_trainer.data import (
     train_transform,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """1 thread for these tests (cores are shared), restored afterwards: other modules' tolerances assume 2."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# 1 torch thread for these tests (cores are shared), restored afterwards: other modules assume 2.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 AUG = AugmentConfig(size=32)

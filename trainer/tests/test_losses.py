@@ -19,14 +19,8 @@ from tclseg_trainer.losses import (
     total_variation,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """1 thread for these tests (cores are shared), restored afterwards: other modules' tolerances assume 2."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# 1 torch thread for these tests (cores are shared), restored afterwards: other modules assume 2.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 L1E = math.log(1 + math.exp(-1))  # CE of logits (1, 0) with target 0

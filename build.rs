@@ -1,12 +1,12 @@
-//! Embeds the tiny model bundle (tests/fixtures/bundles/tiny-random) into the binary, so `tclseg segment` has a
-//! model to run on a fresh machine before any bundle is exported. The bundle's own hashes are checked when it is
-//! unpacked and opened, like any other bundle.
+//! Embeds the default model bundle (models/synthetic-shapes: the tiny TCL our trainer learns in the synthetic world,
+//! a few MB) into the binary, so `tclseg segment` has a model that segments something on a fresh machine before any
+//! bundle is exported. The bundle's own hashes are checked when it is unpacked and opened, like any other bundle.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 fn main() {
-    let dir = Path::new("tests/fixtures/bundles/tiny-random");
+    let dir = Path::new("models/synthetic-shapes");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut code = String::from("/// (file name, contents) of the built-in model bundle.\npub const FILES: &[(&str, &[u8])] = &[\n");
     if let Ok(entries) = std::fs::read_dir(dir) {

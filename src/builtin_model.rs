@@ -1,4 +1,4 @@
-//! The tiny model bundle built into the binary (see build.rs): unpacked on first use into the user's cache folder,
+//! The default model bundle built into the binary (models/synthetic-shapes, see build.rs): unpacked on first use into the user's cache folder,
 //! keyed by the manifest's hash, written to a temporary folder and renamed so a crash never leaves half of it.
 
 use std::path::PathBuf;
@@ -41,7 +41,8 @@ pub fn extract() -> Result<PathBuf> {
         }
     }
     tracing::info!(
-        "using the built-in tiny model (random weights) unpacked at {}",
+        "using the built-in model (synthetic-shapes: a tiny TCL trained on generated shapes; it knows colour \
+         names, not the real world) unpacked at {}",
         cache.display()
     );
     Ok(cache)

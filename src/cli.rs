@@ -210,7 +210,7 @@ pub struct SegmentArgs {
     /// Output folder; outputs mirror the input tree.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// Model bundle folder (default: $TCLSEG_MODEL, else models/default, else the built-in tiny model).
+    /// Model bundle folder (default: $TCLSEG_MODEL, else models/default, else the built-in synthetic-shapes model).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Outputs per image, comma-separated: labels, overlay, json, scores.

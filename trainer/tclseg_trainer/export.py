@@ -31,6 +31,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,43 @@ BG_THRESH_PAMR = 0.4
 BG_THRESH = 0.5
 PAMR_ITERATIONS = 10
 PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
+
+
+def _official_templates() -> list[str]:
+    from .model import TEMPLATES
+
+    return list(TEMPLATES)
+
+
+@dataclass
+class BundleDefaults:
+    """The inference defaults a bundle carries in model.toml, which `tclseg segment`/`serve`/`eval` use unless told
+    otherwise. The official TCL evaluation settings by default; a training recipe whose world differs (the synthetic
+    one: 224-pixel images, captions without photo templates) sets its own in the config's [bundle] table."""
+
+    short_side: int = SHORT_SIDE
+    kp_weight: float = KP_WEIGHT
+    bg_thresh_pamr: float = BG_THRESH_PAMR
+    bg_thresh: float = BG_THRESH
+    templates: list[str] = field(default_factory=_official_templates)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, as `key: reason` lines (empty when they are usable)."""
+        out = []
+        if self.short_side < PAD_MULTIPLE:
+            out.append(f"short_side {self.short_side}: must be >= {PAD_MULTIPLE}")
+        if not 0.0 <= self.kp_weight <= 1.0:
+            out.append(f"kp_weight {self.kp_weight}: must be in [0, 1]")
+        for key in ("bg_thresh_pamr", "bg_thresh"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                out.append(f"{key} {getattr(self, key)}: must be in (0, 1)")
+        if not self.templates:
+            out.append('templates: give at least one, e.g. ["{}"]')
+        for t in self.templates:
+            if not isinstance(t, str) or t.count("{}") != 1:
+                out.append(f"templates: {t!r} must contain '{{}}' exactly once (where the query name goes)")
+        return out
+
 
 # role -> precision -> file name in the bundle.
 GRAPH_FILES = {
@@ -433,12 +471,6 @@ def _pamr_settings(pamr: nn.Module) -> tuple[int, list[int]]:
     return int(iterations), [int(d) for d in dilations]
 
 
-def _templates() -> list[str]:
-    from .model import TEMPLATES
-
-    return list(TEMPLATES)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # ONNX export of one graph.
 
@@ -592,8 +624,10 @@ def build_manifest(
     crop_size: int,
     pamr: nn.Module,
     files: list[dict[str, Any]],
+    defaults: BundleDefaults | None = None,
 ) -> dict[str, Any]:
     cfg = model.config
+    defaults = defaults or BundleDefaults()
     vision, text = cfg.vision, cfg.text
     w, b = sim2mask_params(model)
     iterations, dilations = _pamr_settings(pamr)
@@ -623,7 +657,7 @@ def build_manifest(
         "input": {
             "crop_size": int(crop_size),
             "crop_stride": int(crop_size) // 2,
-            "short_side": SHORT_SIDE,
+            "short_side": int(defaults.short_side),
             "long_side_max": LONG_SIDE_MAX,
             "pad_multiple": PAD_MULTIPLE,
             "mean": [float(v) for v in MEAN],
@@ -632,11 +666,11 @@ def build_manifest(
         "mask": {
             "w": w,
             "b": b,
-            "kp_weight": KP_WEIGHT,
+            "kp_weight": float(defaults.kp_weight),
             "kp_shift": KP_SHIFT,
             "kp_scale": KP_SCALE,
-            "bg_thresh_pamr": BG_THRESH_PAMR,
-            "bg_thresh": BG_THRESH,
+            "bg_thresh_pamr": float(defaults.bg_thresh_pamr),
+            "bg_thresh": float(defaults.bg_thresh),
             "pamr_iterations": iterations,
             "pamr_dilations": dilations,
         },
@@ -644,7 +678,7 @@ def build_manifest(
             "vocabulary": VOCAB_FILE,
             "sot_token": SOT_TOKEN,
             "eot_token": EOT_TOKEN,
-            "templates": _templates(),
+            "templates": list(defaults.templates),
         },
         "provenance": _provenance_table(provenance),
         "graphs": graphs,
@@ -732,13 +766,17 @@ def export_bundle(
     vocab_path: Path | str,
     force: bool = False,
     log: Callable[[str], None] | None = _log,
+    defaults: BundleDefaults | None = None,
 ) -> dict[str, Any]:
     """Exports `model` into a bundle at `out_dir` and returns the manifest (as written to model.toml).
 
     `precisions` chooses the image graphs' variants; fp32 is required. An existing `out_dir` is refused unless
-    `force` is set; nothing is left behind when the export fails.
+    `force` is set; nothing is left behind when the export fails. `defaults` are the inference settings written
+    into model.toml (default: the official TCL ones).
     """
     log = log or (lambda _m: None)
+    if defaults is not None and (bad := defaults.problems()):
+        raise ExportError("bundle defaults: " + "; ".join(bad))
     out_dir = Path(out_dir)
     precisions = list(dict.fromkeys(precisions))
     if "fp32" not in precisions:
@@ -779,6 +817,7 @@ def export_bundle(
             crop_size=crop_size,
             pamr=pamr,
             files=files,
+            defaults=defaults,
         )
         manifest_path = tmp_dir / MANIFEST_FILE
         manifest_path.write_text(manifest_to_toml(manifest), encoding="utf-8")
@@ -944,6 +983,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--crop-size", type=int, default=CROP_SIZE, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=Path, default=None, help="BPE vocabulary (default: .deps/clip or TCLSEG_BPE_VOCAB)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument(
+        "--defaults-from",
+        type=Path,
+        metavar="CONFIG",
+        help="take the bundle's inference defaults from this training config's [bundle] table "
+        "(default: the checkpoint's own training config, else the official settings)",
+    )
     args = p.parse_args(argv)
     if args.clip is not None and args.tcl is None:
         p.error("--clip needs --tcl")
@@ -960,8 +1006,39 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def bundle_defaults_from(table: Any, where: str) -> BundleDefaults:
+    """BundleDefaults from a [bundle] table (a dict); unknown keys and wrong values are errors naming `where`."""
+    if not isinstance(table, dict):
+        raise ExportError(f"{where}: [bundle] must be a table")
+    known = {f.name for f in fields(BundleDefaults)}
+    if unknown := sorted(set(table) - known):
+        raise ExportError(
+            f"{where}: unknown key(s) bundle.{', bundle.'.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+    try:
+        defaults = BundleDefaults(**table)
+    except TypeError as e:
+        raise ExportError(f"{where}: [bundle]: {e}") from None
+    if bad := defaults.problems():
+        raise ExportError(f"{where}: bundle." + "; bundle.".join(bad))
+    return defaults
+
+
+def _defaults_from_config_file(path: Path) -> BundleDefaults:
+    import tomllib
+
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("bundle", {})
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no such file (--defaults-from takes a training config)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ExportError(f"{path}: invalid TOML: {e}") from None
+    return bundle_defaults_from(table, str(path))
+
+
 def _load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], str]:
-    """The model, its provenance and a default description, from the command line's source."""
+    """The model, its provenance and a default description, from the command line's source. For a trainer
+    checkpoint, `args.defaults` becomes its training config's [bundle] table unless --defaults-from set it."""
     torch_version = torch.__version__.split("+")[0]
     if args.random is not None:
         from .model import SIZES, TCL
@@ -991,6 +1068,9 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], st
         raise ExportError(f"{args.checkpoint}: no such file")
     model, meta = load_checkpoint(args.checkpoint)
     meta = meta if isinstance(meta, dict) else {}
+    train_config = meta.get("train_config")
+    if args.defaults is None and isinstance(train_config, dict) and "bundle" in train_config:
+        args.defaults = bundle_defaults_from(train_config["bundle"], f"{args.checkpoint} (its training config)")
     provenance = {
         "source": "checkpoint",
         "checkpoint_sha256": meta.get("sha256") or meta.get("checkpoint_sha256") or sha256_file(args.checkpoint),
@@ -1016,6 +1096,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.out.exists() and not args.force:
             raise ExportError(f"{args.out} already exists; pass --force to replace it")
+        args.defaults = _defaults_from_config_file(args.defaults_from) if args.defaults_from else None
         vocab = args.vocab or default_vocab_path()
         if not vocab.is_file():
             raise ExportError(f"{vocab}: the BPE vocabulary file does not exist (run scripts/setup)")
@@ -1032,6 +1113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             crop_size=args.crop_size,
             vocab_path=vocab,
             force=args.force,
+            defaults=args.defaults,
         )
     except (ExportError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)

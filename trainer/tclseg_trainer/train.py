@@ -39,8 +39,9 @@ from PIL import Image
 
 from .checkpoints import CheckpointError, apply_openai_clip, load_checkpoint, load_openai_clip, save_checkpoint
 from .data import AugmentConfig, DataError, ImageTextStream, SkipCounter, collate
+from .export import BundleDefaults
 from .losses import LossWeights, tcl_losses
-from .model import SIZES, TCL, TEMPLATES
+from .model import SIZES, TCL
 from .tokenizer import Tokenizer
 
 EXIT_INTERRUPTED = 130
@@ -108,7 +109,7 @@ class EvalCfg:
     crop: int = 448
     bg_thresh: float = 0.5
     kp_w: float = 0.0
-    templates: str = "custom"  # "custom" (the 9 official templates) or "none" (the class name alone)
+    templates: str = "custom"  # "custom": the [bundle] templates (default: the 9 official ones); "none": the name alone
 
 
 @dataclass
@@ -126,6 +127,7 @@ class TrainConfig:
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     eval: EvalCfg = field(default_factory=EvalCfg)
     log: LogCfg = field(default_factory=LogCfg)
+    bundle: BundleDefaults = field(default_factory=BundleDefaults)  # written into the exported bundle
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -193,6 +195,8 @@ def validate(cfg: TrainConfig, where: str) -> None:
         bad("eval.every must be >= 1")
     if cfg.eval.templates not in ("custom", "none"):
         bad(f"eval.templates {cfg.eval.templates!r}: expected 'custom' or 'none'")
+    for problem in cfg.bundle.problems():
+        bad(f"bundle.{problem}")
 
 
 def load_config(path: str | os.PathLike) -> TrainConfig:
@@ -398,12 +402,18 @@ def encode_captions(model: TCL, tokenizer: Tokenizer, captions: list[str], devic
 
 
 def load_eval_set(root: str, max_images: int = 0) -> tuple[list[str], list[tuple[Path, Path]]]:
-    """classes.txt (label k = line k, 0 = background, 255 = ignore), images/<stem>.*, labels/<stem>.png."""
+    """The labelled-folder layout of `tclseg eval --dataset folder`: classes.txt (one class per line in label order;
+    the first must be `background`, scored by threshold; `name: prompts` keeps the name), images/<stem>.*,
+    labels/<stem>.png (255 = ignore). Returns the class names after background, and the (image, label) pairs."""
     r = Path(root)
     classes_file = r / "classes.txt"
     if not classes_file.is_file():
         raise ConfigError(f"{classes_file}: an evaluation set needs classes.txt")
-    classes = [c.strip() for c in classes_file.read_text(encoding="utf-8").splitlines() if c.strip()]
+    lines = [c.split(":")[0].strip() for c in classes_file.read_text(encoding="utf-8").splitlines() if c.strip()]
+    if not lines or lines[0] != "background":
+        found = repr(lines[0]) if lines else "nothing"
+        raise ConfigError(f"{classes_file}: the first class must be 'background' (label 0), found {found}")
+    classes = lines[1:]
     pairs = []
     for img in sorted((r / "images").glob("*")):
         lab = r / "labels" / (img.stem + ".png")
@@ -430,13 +440,15 @@ def miou(preds: list[np.ndarray], labels: list[np.ndarray], n_classes: int) -> f
 
 
 @torch.no_grad()
-def evaluate(model: TCL, cfg: EvalCfg, tokenizer: Tokenizer) -> float:
+def evaluate(model: TCL, cfg: EvalCfg, tokenizer: Tokenizer, templates: list[str]) -> float:
+    """mIoU on cfg.data through the PyTorch reference; `templates` are the bundle's (used when cfg.templates is
+    "custom")."""
     from .reference import segment
 
     classes, pairs = load_eval_set(cfg.data, cfg.max_images)
     was_training = model.training
     model.eval()
-    templates = TEMPLATES if cfg.templates == "custom" else ("{}",)
+    templates = templates if cfg.templates == "custom" else ["{}"]
     device = next(model.parameters()).device
     text = model.build_text_embedding(classes, templates, tokenizer).to(device)
     preds, gts = [], []
@@ -629,7 +641,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
                 for k, v in last.items():
                     writer.add_scalar(f"train/{k}", v, state.step)
         if cfg.eval.data and (state.step % cfg.eval.every == 0 or state.step == cfg.optim.steps):
-            score = evaluate(model, cfg.eval, tokenizer) if rank == 0 else 0.0
+            score = evaluate(model, cfg.eval, tokenizer, cfg.bundle.templates) if rank == 0 else 0.0
             emit("eval", step=state.step, miou=round(score, 6))
             if writer is not None:
                 writer.add_scalar("eval/miou", score, state.step)

@@ -141,6 +141,54 @@ def test_manifest_records_weights_and_hashes(tiny):
     assert listed == on_disk
 
 
+def test_bundle_defaults_reach_the_manifest(tmp_path):
+    """A recipe's [bundle] table (from --defaults-from, or the checkpoint's own training config) sets the inference
+    defaults in model.toml; bad values are refused naming the key, and nothing is written."""
+    from tclseg_trainer.checkpoints import save_checkpoint
+
+    model = TCL(SIZES["tiny"], seed=3)
+    manifest = export_bundle(
+        model,
+        tmp_path / "official",
+        provenance={"source": "random", "seed": 3},
+        precisions=("fp32",),
+        vocab_path=default_vocab_path(),
+        log=None,
+    )
+    assert manifest["input"]["short_side"] == 448 and manifest["mask"]["kp_weight"] == 0.3
+    assert len(manifest["text"]["templates"]) == 9
+
+    table = {"short_side": 224, "kp_weight": 0.0, "bg_thresh": 0.45, "templates": ["{}", "a {}"]}
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, model, model.config, train_config={"bundle": table})
+    run = run_cli("--checkpoint", str(ckpt), "--precision", "fp32", "--out", str(tmp_path / "trained"))
+    assert run.returncode == 0, run.stderr
+    manifest = tomllib.loads((tmp_path / "trained" / "model.toml").read_text())
+    assert manifest["input"]["short_side"] == 224 and manifest["mask"]["kp_weight"] == 0.0
+    assert manifest["mask"]["bg_thresh"] == 0.45 and manifest["mask"]["bg_thresh_pamr"] == 0.4
+    assert manifest["text"]["templates"] == ["{}", "a {}"]
+
+    config = tmp_path / "recipe.toml"
+    config.write_text('[bundle]\ntemplates = ["there is a {}"]\nkp_weigth = 0.1\n')
+    run = run_cli("--checkpoint", str(ckpt), "--defaults-from", str(config), "--out", str(tmp_path / "typo"))
+    assert run.returncode == 1 and "recipe.toml" in run.stderr and "bundle.kp_weigth" in run.stderr, run.stderr
+    config.write_text('[bundle]\ntemplates = ["there is a {}"]\n')
+    run = run_cli(
+        "--checkpoint",
+        str(ckpt),
+        "--defaults-from",
+        str(config),
+        "--precision",
+        "fp32",
+        "--out",
+        str(tmp_path / "override"),
+    )
+    assert run.returncode == 0, run.stderr
+    manifest = tomllib.loads((tmp_path / "override" / "model.toml").read_text())
+    assert manifest["text"]["templates"] == ["there is a {}"] and manifest["input"]["short_side"] == 448
+    assert not (tmp_path / "typo").exists()
+
+
 def copy_bundle(bundle, dst: Path) -> Path:
     dst.mkdir()
     for p in bundle.dir.iterdir():

@@ -19,10 +19,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_scene_labels_match_objects_and_captions_name_them():
     rng = random.Random(0)
     for _ in range(20):
-        img, labels, objects = S.draw_scene(rng)
-        assert img.shape == (S.SIZE, S.SIZE, 3) and labels.shape == (S.SIZE, S.SIZE)
-        present = {S.SHAPES[k - 1] for k in np.unique(labels) if k}
-        assert present <= {s for _, s in objects}
+        img, objmap, objects = S.draw_scene(rng)
+        assert img.shape == (S.SIZE, S.SIZE, 3) and objmap.shape == (S.SIZE, S.SIZE)
+        assert len({c for c, _ in objects}) == len({s for _, s in objects}) == len(objects)
+        shapes, colours = S.label_map(objmap, objects, "shape"), S.label_map(objmap, objects, "colour")
+        assert {S.SHAPES[k - 1] for k in np.unique(shapes) if k} <= {s for _, s in objects}
+        assert {list(S.COLOURS)[k - 1] for k in np.unique(colours) if k} <= {c for c, _ in objects}
+        assert np.array_equal(shapes > 0, objmap > 0) and np.array_equal(colours > 0, objmap > 0)
+        for i, (colour, _) in enumerate(objects, start=1):  # each object's pixels carry its colour
+            if (objmap == i).any():
+                rgb = img[objmap == i].astype(int).max(axis=0)
+                assert np.abs(rgb - np.array(S.COLOURS[colour])).max() <= 1, (colour, rgb)
         cap = S.caption_for(objects, rng)
         assert any(s in cap for _, s in objects)
         assert all(
@@ -34,30 +41,37 @@ def test_scene_labels_match_objects_and_captions_name_them():
 def test_generate_and_score(tmp_path: Path):
     S.generate(tmp_path, n_train=3, n_eval=2, seed=1)
     assert len(list((tmp_path / "train").glob("*.txt"))) == 3
+    classes, _ = T.load_eval_set(str(tmp_path / "eval-shapes"))
+    assert classes == list(S.SHAPES)
     classes, pairs = T.load_eval_set(str(tmp_path / "eval"))
-    assert classes == list(S.SHAPES) and len(pairs) == 2
+    assert classes == list(S.COLOURS) and len(pairs) == 2
     pred = tmp_path / "pred"
     pred.mkdir()
     for img, lab in pairs:  # perfect predictions score 1, the baselines less
         Image.open(lab).save(pred / f"{img.stem}.labels.png")
     r = S.score(pred, tmp_path / "eval")
     assert r["miou"] == 1.0 and r["chance_uniform"] < 0.5 and r["all_background"] < 1.0
+    # the layout is `tclseg eval --dataset folder`'s: background first, by threshold
+    (tmp_path / "eval" / "classes.txt").write_text("red\ngreen\n")
+    with pytest.raises(T.ConfigError, match=r"classes.txt: the first class must be 'background'.*'red'"):
+        T.load_eval_set(str(tmp_path / "eval"))
 
 
 @pytest.mark.slow
 def test_short_recipe_beats_step0(tmp_path: Path):
-    """Few-minute CPU version of scripts/synthetic-world, evaluated in Python (train.evaluate)."""
-    S.generate(tmp_path / "world", n_train=600, n_eval=12, seed=0)
-    S.pretrain_clip(str(tmp_path / "world/train"), tmp_path / "clip.pt", steps=300, batch=32)
+    """Few-minute CPU version of scripts/synthetic-world, scored in Python (train.evaluate) on the val set."""
+    S.generate(tmp_path / "world", n_train=800, n_eval=12, seed=0)
+    S.pretrain_clip(tmp_path / "clip.pt", steps=300, batch=32, workers=0)
     cfg = T.load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic.toml")
     cfg.model.init = f"checkpoint:{tmp_path / 'clip.pt'}"
     cfg.data.train = str(tmp_path / "world/train")
     cfg.data.workers = 0
-    cfg.eval.data = str(tmp_path / "world/eval")
+    cfg.eval.data = str(tmp_path / "world/val")
     cfg.checkpoint.dir = str(tmp_path / "run")
-    cfg.optim.steps = 150
-    cfg.optim.unfreeze_step = 100
-    cfg.eval.every = 150
-    step0 = T.evaluate(T.build_model(cfg), cfg.eval, T.Tokenizer())
+    cfg.optim.steps = 300
+    cfg.optim.warmup_steps = 50
+    cfg.optim.unfreeze_step = 200
+    cfg.eval.every = 100
+    step0 = T.evaluate(T.build_model(cfg), cfg.eval, T.Tokenizer(), cfg.bundle.templates)
     summary = T.train(cfg)
     assert summary["best_miou"] > step0 + 0.02, (step0, summary)

@@ -158,6 +158,12 @@ def test_config_errors_name_the_key(tmp_path: Path):
     bad.write_text('[data]\ntrain = "x"\nbatch_size = "4"\n')
     with pytest.raises(T.ConfigError, match="data.batch_size must be int"):
         T.load_config(bad)
+    bad.write_text('[data]\ntrain = "x"\n[bundle]\ntemplates = ["a photo"]\n')
+    with pytest.raises(T.ConfigError, match=r"bundle.templates: 'a photo' must contain"):
+        T.load_config(bad)
+    bad.write_text('[data]\ntrain = "x"\n[bundle]\nbg_thresh = 1.5\n')
+    with pytest.raises(T.ConfigError, match=r"bundle.bg_thresh 1.5: must be in \(0, 1\)"):
+        T.load_config(bad)
     assert T.main(["--config", str(tmp_path / "missing.toml")]) == 2
 
 

@@ -8,14 +8,33 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-fn tclseg(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(args)
+/// `tclseg ARGS` with training pinned to the CPU and one thread.
+fn tclseg_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tclseg"));
+    cmd.args(args)
         .env("TCLSEG_TRAIN_DEVICE", "cpu")
         .env("TCLSEG_TRAIN_THREADS", "1")
-        .env("OMP_NUM_THREADS", "1")
-        .output()
-        .expect("run tclseg")
+        .env("OMP_NUM_THREADS", "1");
+    cmd
+}
+
+fn tclseg(args: &[&str]) -> std::process::Output {
+    tclseg_command(args).output().expect("run tclseg")
+}
+
+/// `tclseg train --resume --no-export` with a schedule of `steps`; asserts it succeeds and reaches the last step.
+fn resume_to(dir: &Path, steps: u32) {
+    let config = write_config(dir, steps);
+    let out = tclseg(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--resume",
+        "--no-export",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "resume failed: {stderr}");
+    assert!(stderr.contains(&format!("step={steps}")), "{stderr}");
 }
 
 fn python(args: &[&str]) {
@@ -105,17 +124,7 @@ fn train_a_few_steps_export_verify_and_resume() {
     );
 
     // a longer schedule resumes from step 3
-    let config = write_config(tmp.path(), 4);
-    let out = tclseg(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--resume",
-        "--no-export",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "resume failed: {stderr}");
-    assert!(stderr.contains("step=4"), "{stderr}");
+    resume_to(tmp.path(), 4);
     assert!(run.join("ckpt-00000004.pt").is_file());
 }
 
@@ -126,11 +135,7 @@ fn ctrl_c_stops_with_a_checkpoint_that_resumes() {
     let tmp = tempfile::tempdir().expect("temp dir");
     generate_world(tmp.path());
     let config = write_config(tmp.path(), 100_000); // checkpoint.every = 2; eval.every = 3
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(["train", "--config", config.to_str().unwrap(), "--no-export"])
-        .env("TCLSEG_TRAIN_DEVICE", "cpu")
-        .env("TCLSEG_TRAIN_THREADS", "1")
-        .env("OMP_NUM_THREADS", "1")
+    let mut child = tclseg_command(&["train", "--config", config.to_str().unwrap(), "--no-export"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -190,17 +195,7 @@ fn ctrl_c_stops_with_a_checkpoint_that_resumes() {
     );
 
     // the newest checkpoint resumes: one more step
-    let config = write_config(tmp.path(), last + 1);
-    let out = tclseg(&[
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--resume",
-        "--no-export",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "resume failed: {stderr}");
-    assert!(stderr.contains(&format!("step={}", last + 1)), "{stderr}");
+    resume_to(tmp.path(), last + 1);
 }
 
 #[test]

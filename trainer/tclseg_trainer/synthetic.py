@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from .checkpoints import save_checkpoint
-from .data import collate
+from .data import collate, to_normalized_tensor
 from .losses import clip_image_embedding, info_nce
-from .model import MEAN, SIZES, STD, TCL
+from .model import SIZES, TCL
 from .tokenizer import Tokenizer
 
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -112,12 +112,16 @@ def draw_scene(rng: random.Random, size: int = SIZE) -> tuple[np.ndarray, np.nda
     return img, objmap, objects
 
 
+# What a held-out set labels objects by: the class names, and where the name sits in a (colour, shape) object.
+CLASSES = {"colour": (list(COLOURS), 0), "shape": (list(SHAPES), 1)}
+
+
 def label_map(objmap: np.ndarray, objects: list[tuple[str, str]], by: str) -> np.ndarray:
     """Class labels from an object map: by "colour" (class k = the k-th of COLOURS) or "shape" (of SHAPES)."""
-    names = list(COLOURS) if by == "colour" else list(SHAPES)
+    names, field_index = CLASSES[by]
     lut = np.zeros(256, dtype=np.uint8)
-    for i, (colour, shape) in enumerate(objects, start=1):
-        lut[i] = names.index(colour if by == "colour" else shape) + 1
+    for i, obj in enumerate(objects, start=1):
+        lut[i] = names.index(obj[field_index]) + 1
     return lut[objmap]
 
 
@@ -148,13 +152,13 @@ def generate(out: Path, n_train: int, n_eval: int, seed: int = 0) -> None:
         (ev / "images").mkdir(parents=True, exist_ok=True)
         (ev / "labels").mkdir(parents=True, exist_ok=True)
         eval_rng = random.Random(seed + offset)
+        classes, field_index = CLASSES[by]
         present = {}
         for i in range(n_eval):
             img, objmap, objects = draw_scene(eval_rng)
             Image.fromarray(img).save(ev / "images" / f"{i:04d}.png")
             Image.fromarray(label_map(objmap, objects, by)).save(ev / "labels" / f"{i:04d}.png")
-            present[f"{i:04d}.png"] = sorted(c if by == "colour" else s for c, s in objects)
-        classes = list(COLOURS) if by == "colour" else list(SHAPES)
+            present[f"{i:04d}.png"] = sorted(obj[field_index] for obj in objects)
         (ev / "classes.txt").write_text("\n".join(["background", *classes]) + "\n", encoding="utf-8")
         (ev / "objects.json").write_text(json.dumps(present, indent=1), encoding="utf-8")
 
@@ -183,11 +187,9 @@ class SceneStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = random.Random(f"{self.seed}-{info.id if info else 0}")
-        mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
         while True:
             img, _, objects = draw_scene(rng)
-            pixels = torch.from_numpy(img).permute(2, 0, 1).float().div_(255)
-            yield (pixels - mean) / std, caption_for(objects, rng), (0, {})
+            yield to_normalized_tensor(Image.fromarray(img)), caption_for(objects, rng), (0, {})
 
 
 def pretrain_clip(

@@ -40,7 +40,7 @@ TEXT_CHUNK = 1024
 # Numeric building blocks (numpy, float32).
 
 
-def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each output index: the two source indices and the weight of the second, for bilinear sampling
     with half-pixel centres (PyTorch align_corners=False, ONNX pytorch_half_pixel / half_pixel).
 
@@ -66,10 +66,10 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if (in_h, in_w) == (out_h, out_w):
         return x.copy()
-    r0, r1, fy = _linear_taps(in_h, out_h)
+    r0, r1, fy = linear_taps(in_h, out_h)
     fy = fy.reshape(-1, 1)
     rows = x[..., r0, :] * (np.float32(1.0) - fy) + x[..., r1, :] * fy
-    c0, c1, fx = _linear_taps(in_w, out_w)
+    c0, c1, fx = linear_taps(in_w, out_w)
     return rows[..., c0] * (np.float32(1.0) - fx) + rows[..., c1] * fx
 
 

@@ -131,6 +131,7 @@ CUDA_SAFE_OPS = frozenset(
         "Gather",
         "GatherND",
         "Gemm",
+        "Greater",
         "Identity",
         "LayerNormalization",
         "MatMul",

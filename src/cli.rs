@@ -161,6 +161,49 @@ pub enum ModelsCommand {
     /// Export a bundle (drives the Python trainer): from the official files, a trainer checkpoint, or random
     /// weights of a named size.
     Export(ExportArgs),
+    /// Time the engine on the same images at several batch sizes: one JSON object per batch size on stdout.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model bundle folder (default: as for `segment`).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Image files, folders (searched recursively) and glob patterns; a batch cycles through them.
+    #[arg(long, required = true, num_args = 1.., value_name = "PATH")]
+    pub images: Vec<String>,
+    /// A thing to segment (repeat for more; default: red square, blue circle, green triangle).
+    #[arg(
+        short = 'q',
+        long = "query",
+        value_name = "NAME",
+        conflicts_with = "queries"
+    )]
+    pub query: Vec<String>,
+    /// A TOML file of queries, as for `segment`.
+    #[arg(long, value_name = "FILE")]
+    pub queries: Option<PathBuf>,
+    /// Images per engine call, comma-separated; each size is timed in turn.
+    #[arg(long, value_name = "LIST", default_value = "1,8,32")]
+    pub batch: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    /// Untimed calls before the timed ones, per batch size.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed calls per batch size.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub iterations: usize,
+    #[command(flatten)]
+    pub refine: RefineArgs,
+    /// Before timing each batch size, segment every image once (untimed) and write its label map as
+    /// `<DIR>/b<batch>/<image>.png`, the label PNG `segment` writes (class indices; 0 is background).
+    #[arg(long, value_name = "DIR")]
+    pub save_labels: Option<PathBuf>,
+    /// Refuse images with more pixels than this (checked from the header, before decoding).
+    #[arg(long, value_name = "PIXELS", default_value_t = 100_000_000)]
+    pub max_pixels: u64,
 }
 
 #[derive(Debug, Args)]
@@ -219,12 +262,8 @@ pub struct SegmentArgs {
     /// Overlay image format.
     #[arg(long, value_enum, default_value_t = OverlayArg::Jpg)]
     pub overlay_format: OverlayArg,
-    /// Execution device: auto tries CUDA and falls back to the CPU (logged); cuda refuses to run without it.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
-    /// Precision of the image graphs.
-    #[arg(long, value_enum, default_value_t = ImagePrecision::Fp32)]
-    pub precision: ImagePrecision,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     #[command(flatten)]
     pub refine: RefineArgs,
     /// Weight of the raw MaskCLIP ("kp") masks in the blend (default: the bundle's, 0.3).
@@ -233,16 +272,9 @@ pub struct SegmentArgs {
     /// Images per inference call (their crops run together).
     #[arg(long, default_value_t = 2)]
     pub batch: usize,
-    /// Crops per ONNX Runtime run, across images (0: 1 on the CPU, where bigger batches only cost memory;
-    /// 8 on CUDA).
-    #[arg(long, default_value_t = 0)]
-    pub crop_batch: usize,
     /// Image decoder threads.
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
-    /// ONNX Runtime intra-op threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
     /// Redo images whose outputs exist and are newer than the image.
     #[arg(long)]
     pub force: bool,
@@ -252,6 +284,36 @@ pub struct SegmentArgs {
     /// Refuse images with more pixels than this (checked from the header, before decoding).
     #[arg(long, value_name = "PIXELS", default_value_t = 100_000_000)]
     pub max_pixels: u64,
+}
+
+/// Where and how the model runs, shared by `segment` and `models bench`.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Execution device: auto tries CUDA and falls back to the CPU (logged); cuda and tensorrt refuse to run
+    /// without it.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Precision of the image graphs.
+    #[arg(long, value_enum, default_value_t = ImagePrecision::Fp32)]
+    pub precision: ImagePrecision,
+    /// Crops per ONNX Runtime run, across images (0: 1 on the CPU, where bigger batches only cost memory; on a
+    /// GPU all windows of a call's images, at most 32 under TensorRT).
+    #[arg(long, default_value_t = 0)]
+    pub crop_batch: usize,
+    /// ONNX Runtime intra-op threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Where resizing, windows, averaging and argmax run: on the host (native; the CPU default) or on the
+    /// device beside the model, with tensors kept there (the GPU default). Both give the same labels.
+    #[arg(long, value_enum, default_value_t = ProcessingArg::Auto)]
+    pub processing: ProcessingArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProcessingArg {
+    Auto,
+    Host,
+    Device,
 }
 
 /// PAMR and the background threshold, shared by `segment` and `eval`.
@@ -285,6 +347,8 @@ pub enum DeviceArg {
     Auto,
     Cpu,
     Cuda,
+    /// TensorRT for the image graphs (engines built on first use and cached), CUDA for the rest.
+    Tensorrt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

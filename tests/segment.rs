@@ -287,45 +287,70 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
+/// The CPU build of ONNX Runtime that `scripts/setup` installs (CI has only this one).
+fn cpu_onnxruntime() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/onnxruntime/lib/libonnxruntime.so")
+}
+
 #[test]
 fn cuda_is_never_a_silent_fallback() {
-    // This machine's ONNX Runtime is the CPU build: `cuda` must refuse with the reason, `auto` must say it fell back.
+    // With the CPU build of ONNX Runtime, `cuda` and `tensorrt` must refuse and say which library is missing and
+    // what to run; `auto` must say it fell back, and why.
     let tmp = tempfile::tempdir().expect("temp dir");
     let input = tmp.path().join("a.png");
     write_png(&input, 24, 24);
     let bundle = fixture_bundle();
-    let args = |device: &'static str, out: &'static str| {
-        vec![
-            "segment".to_string(),
-            input.display().to_string(),
-            "--out".to_string(),
-            tmp.path().join(out).display().to_string(),
-            "--model".to_string(),
-            bundle.display().to_string(),
-            "-q".to_string(),
-            "cat".to_string(),
-            "--device".to_string(),
-            device.to_string(),
-        ]
-    };
-    let run = |a: Vec<String>| {
+    let run = |device: &str, out: &str, ort: &Path, cuda_dir: &Path| {
         Command::new(env!("CARGO_BIN_EXE_tclseg"))
-            .args(a)
+            .args(["segment", &input.display().to_string(), "--out"])
+            .arg(tmp.path().join(out))
+            .arg("--model")
+            .arg(&bundle)
+            .args(["-q", "cat", "--device", device])
             .env_remove("TCLSEG_LOG")
+            .env("ORT_DYLIB_PATH", ort)
+            .env("TCLSEG_CUDA_LIB_DIR", cuda_dir)
             .output()
             .expect("run tclseg")
     };
-    let cuda = run(args("cuda", "o1"));
-    assert_eq!(cuda.status.code(), Some(1));
-    assert!(stderr(&cuda).contains("CUDA"), "{}", stderr(&cuda));
-    assert!(!tmp.path().join("o1/a.labels.png").exists());
+    let no_cuda = tmp.path().join("no-cuda-libs");
+    std::fs::create_dir(&no_cuda).expect("mkdir");
+    for (device, out) in [("cuda", "o1"), ("tensorrt", "o2")] {
+        let refused = run(device, out, &cpu_onnxruntime(), &no_cuda);
+        let err = stderr(&refused);
+        assert_eq!(refused.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("libonnxruntime_providers_cuda.so") && err.contains("CPU-only build"),
+            "{err}"
+        );
+        assert!(err.contains("scripts/setup --gpu"), "{err}");
+        assert!(!tmp.path().join(out).join("a.labels.png").exists());
+    }
 
-    let auto = run(args("auto", "o2"));
-    assert!(auto.status.success(), "{}", stderr(&auto));
-    assert!(
-        stderr(&auto).contains("running on the CPU"),
-        "{}",
-        stderr(&auto)
+    // A GPU-build layout (the provider file beside the library) with no CUDA libraries: the error names the
+    // first library that cannot be loaded: the driver's on a machine without one, else the CUDA runtime.
+    let gpu_layout = tmp.path().join("gpu-build");
+    std::fs::create_dir(&gpu_layout).expect("mkdir");
+    std::os::unix::fs::symlink(cpu_onnxruntime(), gpu_layout.join("libonnxruntime.so"))
+        .expect("symlink");
+    std::fs::write(gpu_layout.join("libonnxruntime_providers_cuda.so"), b"").expect("write");
+    let refused = run(
+        "cuda",
+        "o3",
+        &gpu_layout.join("libonnxruntime.so"),
+        &no_cuda,
     );
-    assert!(tmp.path().join("o2/a.labels.png").is_file());
+    let err = stderr(&refused);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("libcuda.so.1") || err.contains("libcudart.so.13 not found"),
+        "{err}"
+    );
+
+    let auto = run("auto", "o4", &cpu_onnxruntime(), &no_cuda);
+    let err = stderr(&auto);
+    assert!(auto.status.success(), "{err}");
+    assert!(err.contains("running on the CPU"), "{err}");
+    assert!(err.contains("libonnxruntime_providers_cuda.so"), "{err}");
+    assert!(tmp.path().join("o4/a.labels.png").is_file());
 }

@@ -11,9 +11,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tclseg::eval::datasets::{self, Dataset, PAPER_SUITE};
 use tclseg::eval::report;
 use tclseg::eval::run::{evaluate, EvalJob, EvalProgress, EvalReport, Predictor};
-use tclseg::model::{Bundle, DeviceChoice, Engine, EngineOptions, Precision};
+use tclseg::model::{Bundle, Engine, EngineOptions, Precision, Processing};
 
-use crate::cli::{DeviceArg, EvalArgs};
+use crate::cli::EvalArgs;
 
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
     let keys: Vec<String> = match (&args.dataset, &args.suite) {
@@ -34,15 +34,12 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
             Some(Engine::new(
                 Bundle::open(&dir)?,
                 EngineOptions {
-                    device: match args.device {
-                        DeviceArg::Auto => DeviceChoice::Auto,
-                        DeviceArg::Cpu => DeviceChoice::Cpu,
-                        DeviceArg::Cuda => DeviceChoice::Cuda,
-                    },
+                    device: super::device_choice(args.device),
                     precision: Precision::Fp32,
                     threads: args.threads,
                     crop_batch: 0,
                     spin: true,
+                    processing: Processing::Auto,
                 },
             )?)
         }

@@ -1,6 +1,7 @@
 //! One function per subcommand, each a thin layer over the library. They print results for the user on stdout;
 //! progress and problems go to the log (stderr).
 
+mod bench;
 mod config;
 mod eval;
 mod models;
@@ -23,6 +24,18 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Eval(args) => eval::run(args),
         Command::Config(ConfigCommand::Check { file }) => config::check(&file),
         Command::Probe { uri, timeout } => probe(&uri, timeout),
+    }
+}
+
+/// The engine's device for a `--device` argument.
+fn device_choice(arg: crate::cli::DeviceArg) -> tclseg::model::DeviceChoice {
+    use crate::cli::DeviceArg;
+    use tclseg::model::DeviceChoice;
+    match arg {
+        DeviceArg::Auto => DeviceChoice::Auto,
+        DeviceArg::Cpu => DeviceChoice::Cpu,
+        DeviceArg::Cuda => DeviceChoice::Cuda,
+        DeviceArg::Tensorrt => DeviceChoice::TensorRt,
     }
 }
 

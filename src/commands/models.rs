@@ -1,4 +1,4 @@
-//! `tclseg models list | verify | export`.
+//! `tclseg models list | verify | export` (`bench` lives in `bench.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -22,6 +22,7 @@ pub fn run(cmd: ModelsCommand) -> Result<ExitCode> {
             threads,
         } => verify(&dir, precision, threads),
         ModelsCommand::Export(args) => export(args),
+        ModelsCommand::Bench(args) => super::bench::run(args),
     }
 }
 

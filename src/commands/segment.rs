@@ -10,11 +10,11 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use tclseg::batch::{self, Outcome, OutputKinds, Progress, SegmentJob};
-use tclseg::model::{Bundle, DeviceChoice, Engine, EngineOptions, Precision, SegmentSettings};
+use tclseg::model::{Bundle, Engine, EngineOptions, Precision, Processing, SegmentSettings};
 use tclseg::queries::QuerySet;
 use tclseg::sink::overlay::OverlayFormat;
 
-use crate::cli::{DeviceArg, ImagePrecision, OverlayArg, SegmentArgs};
+use crate::cli::{EngineArgs, ImagePrecision, OverlayArg, ProcessingArg, RefineArgs, SegmentArgs};
 
 pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     let queries = match &args.queries {
@@ -22,70 +22,21 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         None => QuerySet::from_names(&args.query)?,
     };
     let outputs = parse_outputs(&args.format, args.overlay_format)?;
-    let model_dir = resolve_model(args.model.clone())?;
-    let bundle = Bundle::open(&model_dir)?;
-    let precision = match args.precision {
-        ImagePrecision::Fp32 => Precision::Fp32,
-        ImagePrecision::Fp16 => Precision::Fp16,
-    };
-    if precision == Precision::Fp16 && bundle.graph("image_trunk", Precision::Fp16).is_none() {
-        bail!(
-            "bundle {} has no fp16 graphs; export it with --precision fp32,fp16",
-            model_dir.display()
-        );
-    }
-    let engine = Engine::new(
-        bundle,
-        EngineOptions {
-            device: match args.device {
-                DeviceArg::Auto => DeviceChoice::Auto,
-                DeviceArg::Cpu => DeviceChoice::Cpu,
-                DeviceArg::Cuda => DeviceChoice::Cuda,
-            },
-            precision,
-            threads: args.threads,
-            crop_batch: args.crop_batch,
-            spin: true,
-        },
+    let engine = open_engine(args.model.clone(), &args.engine)?;
+    let settings = segment_settings(
+        &engine,
+        &queries,
+        &args.refine,
+        args.kp_weight,
+        outputs.scores,
     )?;
-    let mask = engine.bundle().manifest().mask.clone();
-    let pamr = !args.refine.no_pamr;
-    let background = if queries.has_background_prompts() {
-        if args.refine.bg_thresh.is_some() {
-            bail!("--bg-thresh and background prompts exclude each other: choose one way to find background");
-        }
-        None
-    } else {
-        Some(args.refine.bg_thresh.unwrap_or(if pamr {
-            mask.bg_thresh_pamr
-        } else {
-            mask.bg_thresh
-        }))
-    };
-    let kp_weight = args.kp_weight.unwrap_or(mask.kp_weight);
-    if !(0.0..=1.0).contains(&kp_weight) {
-        bail!("--kp-weight {kp_weight} is outside 0..1");
-    }
-    tracing::info!(
-        "model {} v{} on {:?} ({}), PAMR {}, background {}",
-        engine.bundle().manifest().name,
-        engine.bundle().manifest().version,
-        engine.device(),
-        precision.key(),
-        if pamr { "on" } else { "off" },
-        background.map_or("from prompts".to_string(), |t| format!("below {t}")),
-    );
+    log_model(&engine, &settings);
     let job = SegmentJob {
         inputs: args.inputs,
         out_dir: args.out,
         queries,
         outputs,
-        settings: SegmentSettings {
-            pamr,
-            kp_weight,
-            background,
-            keep_scores: outputs.scores,
-        },
+        settings,
         batch: args.batch.max(1),
         jobs: args.jobs.max(1),
         force: args.force,
@@ -116,6 +67,87 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// Opens the bundle (`resolve_model`) and starts the engine on the device and precision asked for.
+pub(super) fn open_engine(model: Option<PathBuf>, args: &EngineArgs) -> Result<Engine> {
+    let model_dir = resolve_model(model)?;
+    let bundle = Bundle::open(&model_dir)?;
+    let precision = match args.precision {
+        ImagePrecision::Fp32 => Precision::Fp32,
+        ImagePrecision::Fp16 => Precision::Fp16,
+    };
+    if precision == Precision::Fp16 && bundle.graph("image_trunk", Precision::Fp16).is_none() {
+        bail!(
+            "bundle {} has no fp16 graphs; export it with --precision fp32,fp16",
+            model_dir.display()
+        );
+    }
+    Engine::new(
+        bundle,
+        EngineOptions {
+            device: super::device_choice(args.device),
+            precision,
+            threads: args.threads,
+            crop_batch: args.crop_batch,
+            spin: true,
+            processing: match args.processing {
+                ProcessingArg::Auto => Processing::Auto,
+                ProcessingArg::Host => Processing::Host,
+                ProcessingArg::Device => Processing::Device,
+            },
+        },
+    )
+}
+
+/// PAMR, background and kp weight from the command line, else the bundle's defaults.
+pub(super) fn segment_settings(
+    engine: &Engine,
+    queries: &QuerySet,
+    refine: &RefineArgs,
+    kp_weight: Option<f32>,
+    keep_scores: bool,
+) -> Result<SegmentSettings> {
+    let mask = &engine.bundle().manifest().mask;
+    let pamr = !refine.no_pamr;
+    let background = if queries.has_background_prompts() {
+        if refine.bg_thresh.is_some() {
+            bail!("--bg-thresh and background prompts exclude each other: choose one way to find background");
+        }
+        None
+    } else {
+        Some(refine.bg_thresh.unwrap_or(if pamr {
+            mask.bg_thresh_pamr
+        } else {
+            mask.bg_thresh
+        }))
+    };
+    let kp_weight = kp_weight.unwrap_or(mask.kp_weight);
+    if !(0.0..=1.0).contains(&kp_weight) {
+        bail!("--kp-weight {kp_weight} is outside 0..1");
+    }
+    Ok(SegmentSettings {
+        pamr,
+        kp_weight,
+        background,
+        keep_scores,
+    })
+}
+
+/// One log line: model, device, precision, PAMR and background.
+pub(super) fn log_model(engine: &Engine, settings: &SegmentSettings) {
+    tracing::info!(
+        "model {} v{} on {} ({}, {} processing), PAMR {}, background {}",
+        engine.bundle().manifest().name,
+        engine.bundle().manifest().version,
+        engine.device().name(),
+        engine.precision().key(),
+        engine.processing(),
+        if settings.pamr { "on" } else { "off" },
+        settings
+            .background
+            .map_or("from prompts".to_string(), |t| format!("below {t}")),
+    );
 }
 
 fn parse_outputs(format: &str, overlay: OverlayArg) -> Result<OutputKinds> {

@@ -6,7 +6,7 @@
 //! ```toml
 //! [model]                      # changes here need a restart
 //! path = "models/default"      # default: the built-in model
-//! device = "auto"              # auto | cpu | cuda
+//! device = "auto"              # auto | cpu | cuda | tensorrt
 //!
 //! [inference]
 //! max_batch = 4                # frames per engine run, across pipelines
@@ -285,9 +285,9 @@ pub fn load_with_env(
 /// Checks every field; returns all problems, each prefixed by where it is.
 pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
     let mut errors = Vec::new();
-    if !["auto", "cpu", "cuda"].contains(&cfg.model.device.as_str()) {
+    if !["auto", "cpu", "cuda", "tensorrt"].contains(&cfg.model.device.as_str()) {
         errors.push(format!(
-            "model.device: '{}' is not one of auto, cpu, cuda",
+            "model.device: '{}' is not one of auto, cpu, cuda, tensorrt",
             cfg.model.device
         ));
     }

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 
 use crate::config::diff::{diff, PipelineChange};
 use crate::config::{self, PipelinePlan, ServeConfig};
-use crate::model::{Bundle, DeviceChoice, Engine, EngineOptions, Precision};
+use crate::model::{Bundle, DeviceChoice, Engine, EngineOptions, Precision, Processing};
 use crate::pipeline::scheduler::Scheduler;
 use crate::pipeline::{Pipeline, PipelineQueries};
 use crate::telemetry::Telemetry;
@@ -436,6 +436,7 @@ fn load_engine(config: &ServeConfig, model_dir: &Path) -> Result<Engine> {
     let device = match config.model.device.as_str() {
         "cpu" => DeviceChoice::Cpu,
         "cuda" => DeviceChoice::Cuda,
+        "tensorrt" => DeviceChoice::TensorRt,
         _ => DeviceChoice::Auto,
     };
     let precision = if config.model.precision == "fp16" {
@@ -451,6 +452,7 @@ fn load_engine(config: &ServeConfig, model_dir: &Path) -> Result<Engine> {
             threads: config.model.threads,
             crop_batch: config.model.crop_batch,
             spin: false,
+            processing: Processing::Auto,
         },
     )
 }

@@ -17,9 +17,10 @@ use ort::session::{Session, SessionOutputs};
 use ort::value::Tensor;
 
 use super::bundle::{Bundle, Precision};
+use super::device_path::{DevicePath, ModelSessions};
 use super::preprocess::{self, Prepared};
 use super::resample::{resize_planes, AxisWeights, Coordinates};
-use super::runtime::{Device, Runtime};
+use super::runtime::{Device, Graph, Runtime, SessionSpec, TensorRtSpec};
 use super::tokenizer::Tokenizer;
 
 /// L2 normalization eps of the official code (`us.normalize`).
@@ -35,6 +36,19 @@ pub enum DeviceChoice {
     Cpu,
     /// CUDA or refuse to start.
     Cuda,
+    /// TensorRT for the image graphs (CUDA for the rest), or refuse to start.
+    TensorRt,
+}
+
+/// Where pre- and postprocessing run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Processing {
+    /// The device path on a GPU, the host path on the CPU.
+    Auto,
+    /// Native Rust on the host: resize, windows, upsampling, averaging, argmax (and native PAMR).
+    Host,
+    /// As graphs beside the model, tensors kept on the device (see `device_path`); on the CPU, for tests.
+    Device,
 }
 
 #[derive(Debug, Clone)]
@@ -46,8 +60,9 @@ pub struct EngineOptions {
     /// Crops per trunk/head run (crops are batched across images); 0 picks per device: 1 on the CPU (compute
     /// bound: measured no faster batched, and each extra crop costs ~120 MB of activations), 8 on CUDA.
     pub crop_batch: usize,
-    /// Idle ONNX Runtime threads busy-wait for work (see `Runtime::session`).
+    /// Idle ONNX Runtime threads busy-wait for work (see `SessionSpec::spin`).
     pub spin: bool,
+    pub processing: Processing,
 }
 
 impl Default for EngineOptions {
@@ -58,6 +73,7 @@ impl Default for EngineOptions {
             threads: 0,
             crop_batch: 0,
             spin: true,
+            processing: Processing::Auto,
         }
     }
 }
@@ -116,12 +132,20 @@ struct Sessions {
     trunk: Session,
     head: Session,
     mask_head: Session,
+    /// Present when pre- and postprocessing run on the device.
+    device_path: Option<DevicePath>,
 }
+
+/// Largest crop batch a TensorRT engine is built for (its optimisation profile); the device path splits bigger
+/// batches.
+const TENSORRT_MAX_CROPS: usize = 32;
 
 pub struct Engine {
     bundle: Bundle,
     tokenizer: Tokenizer,
     device: Device,
+    /// Pre- and postprocessing run on the device (`device_path`), not on the host.
+    on_device: bool,
     options: EngineOptions,
     manifest_sha256: String,
     sessions: Mutex<Sessions>,
@@ -132,12 +156,20 @@ impl Engine {
     pub fn new(bundle: Bundle, options: EngineOptions) -> Result<Engine> {
         let runtime = Runtime::get()?;
         let tokenizer = Tokenizer::from_vocab_file(&bundle.vocabulary())?;
+        let manifest_path = bundle.dir().join(super::bundle::MANIFEST_FILE);
+        let manifest_sha256 = super::bundle::sha256_file(&manifest_path)
+            .with_context(|| format!("cannot read {}", manifest_path.display()))?;
         let device = match options.device {
             DeviceChoice::Cpu => Device::Cpu,
-            DeviceChoice::Cuda => Device::Cuda,
-            DeviceChoice::Auto => Device::Cuda,
+            DeviceChoice::Cuda | DeviceChoice::Auto => Device::Cuda,
+            DeviceChoice::TensorRt => Device::TensorRt,
         };
         let open = |device: Device| -> Result<Sessions> {
+            if device.is_gpu() {
+                // Before anything is logged about building engines: a missing library is the likelier news.
+                super::cuda::prepare(runtime.library(), device == Device::TensorRt)?;
+            }
+            let spec = session_spec(&options, device, &bundle, &manifest_sha256, runtime);
             let graph = |role: &str| {
                 bundle
                     .graph_or_fp32(role, options.precision)
@@ -145,14 +177,51 @@ impl Engine {
                         anyhow!("bundle {} has no '{role}' graph", bundle.dir().display())
                     })
             };
-            let session =
-                |role: &str| runtime.session(&graph(role)?, device, options.threads, options.spin);
-            // The text graph is not loaded here: it runs once per query set (see embed_queries). PAMR runs
-            // natively (model::pamr), not through the bundle's `pamr` graph.
+            let session = |role: &str, input: &str, shape: Vec<usize>| -> Result<Session> {
+                let mut spec = spec.clone();
+                if let Some(trt) = spec.tensorrt.as_mut() {
+                    trt.profile = Some((input.to_string(), shape, TENSORRT_MAX_CROPS));
+                }
+                let _progress = (device == Device::TensorRt).then(|| {
+                    Progress::start(format!(
+                        "building the TensorRT engine for {role} (once per bundle, GPU and runtime; cached in {})",
+                        spec.tensorrt.as_ref().map(|t| t.cache_dir.display().to_string()).unwrap_or_default()
+                    ))
+                });
+                runtime.session(Graph::File(&graph(role)?), &spec)
+            };
+            let m = bundle.manifest();
+            let (crop, grid) = (m.input.crop_size, m.crop_grid());
+            let width = m.architecture.vision_width;
+            // The text graph is not loaded here: it runs once per query set (see embed_queries).
+            let sessions = Sessions {
+                trunk: session("image_trunk", "pixels", vec![3, crop, crop])?,
+                head: session("tcl_head", "tokens", vec![1 + grid * grid, width])?,
+                // The mask head's inputs include the query count: TensorRT would need a profile per count.
+                mask_head: runtime.session(
+                    Graph::File(&graph("mask_head")?),
+                    &SessionSpec {
+                        device: if device.is_gpu() {
+                            Device::Cuda
+                        } else {
+                            Device::Cpu
+                        },
+                        tensorrt: None,
+                        ..spec.clone()
+                    },
+                )?,
+                device_path: None,
+            };
+            let on_device = match options.processing {
+                Processing::Auto => device.is_gpu(),
+                Processing::Host => false,
+                Processing::Device => true,
+            };
             Ok(Sessions {
-                trunk: session("image_trunk")?,
-                head: session("tcl_head")?,
-                mask_head: session("mask_head")?,
+                device_path: on_device
+                    .then(|| DevicePath::new(&bundle, &spec))
+                    .transpose()?,
+                ..sessions
             })
         };
         let (sessions, device) = match open(device) {
@@ -163,14 +232,21 @@ impl Engine {
             }
             Err(err) => return Err(err),
         };
-        let manifest_path = bundle.dir().join(super::bundle::MANIFEST_FILE);
-        let manifest_sha256 = super::bundle::sha256_file(&manifest_path)
-            .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+        tracing::debug!(
+            device = device.name(),
+            processing = if sessions.device_path.is_some() {
+                "device"
+            } else {
+                "host"
+            },
+            "engine ready"
+        );
         Ok(Engine {
             bundle,
             manifest_sha256,
             tokenizer,
             device,
+            on_device: sessions.device_path.is_some(),
             options,
             sessions: Mutex::new(sessions),
             text_cache: Mutex::new(HashMap::new()),
@@ -188,6 +264,15 @@ impl Engine {
 
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// "device" when pre- and postprocessing run beside the model on the device, "host" when natively.
+    pub fn processing(&self) -> &'static str {
+        if self.on_device {
+            "device"
+        } else {
+            "host"
+        }
     }
 
     /// Precision of the image graphs in use.
@@ -251,12 +336,21 @@ impl Engine {
                 .ok_or_else(|| {
                     anyhow!("bundle {} has no text encoder", self.bundle.dir().display())
                 })?;
-            let mut text_session = Runtime::get()?.session(
-                &graph,
+            let runtime = Runtime::get()?;
+            let mut spec = session_spec(
+                &self.options,
                 self.device,
-                self.options.threads,
-                self.options.spin,
-            )?;
+                &self.bundle,
+                &self.manifest_sha256,
+                runtime,
+            );
+            if spec.device == Device::TensorRt {
+                spec.device = Device::Cuda;
+                spec.tensorrt = None;
+            }
+            // The text encoder's numbers are compared with stored embeddings: never TF32.
+            spec.tf32 = false;
+            let mut text_session = runtime.session(Graph::File(&graph), &spec)?;
             for start in (0..total).step_by(TEXT_CHUNK) {
                 let rows = TEXT_CHUNK.min(total - start);
                 let chunk = prompt_tokens[start * ctx..(start + rows) * ctx].to_vec();
@@ -300,6 +394,12 @@ impl Engine {
         text: &TextEmbeddings,
         settings: &SegmentSettings,
     ) -> Result<Vec<Segmentation>> {
+        {
+            let mut sessions = self.lock_sessions()?;
+            if sessions.device_path.is_some() {
+                return self.segment_on_device(&mut sessions, images, text, settings);
+            }
+        }
         let input = &self.bundle.manifest().input;
         let prepared: Vec<Prepared> = images
             .iter()
@@ -321,7 +421,7 @@ impl Engine {
             .collect();
         let batch = match (self.options.crop_batch, self.device) {
             (0, Device::Cpu) => 1,
-            (0, Device::Cuda) => 8,
+            (0, Device::Cuda | Device::TensorRt) => 8,
             (n, _) => n,
         };
         for chunk in crops.chunks(batch) {
@@ -348,6 +448,69 @@ impl Engine {
             .iter()
             .zip(accumulators)
             .map(|(img, acc)| acc.finish(img.height() as usize, img.width() as usize, settings))
+            .collect()
+    }
+
+    /// The device path: frames grouped by size (in order of first appearance), each group in runs of at most
+    /// `crop_batch` crops (whole frames; TensorRT: at most its profile's batch).
+    fn segment_on_device(
+        &self,
+        sessions: &mut Sessions,
+        images: &[&image::RgbImage],
+        text: &TextEmbeddings,
+        settings: &SegmentSettings,
+    ) -> Result<Vec<Segmentation>> {
+        let manifest = self.bundle.manifest();
+        let input = &manifest.input;
+        let cap = match (self.options.crop_batch, self.device) {
+            (0, Device::TensorRt) => TENSORRT_MAX_CROPS,
+            (0, _) => usize::MAX,
+            (n, Device::TensorRt) => n.min(TENSORRT_MAX_CROPS),
+            (n, _) => n,
+        };
+        let mut groups: Vec<((u32, u32), Vec<usize>)> = Vec::new();
+        for (i, img) in images.iter().enumerate() {
+            let size = img.dimensions();
+            match groups.iter_mut().find(|(s, _)| *s == size) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((size, vec![i])),
+            }
+        }
+        let Sessions {
+            trunk,
+            head,
+            mask_head,
+            device_path,
+        } = sessions;
+        let path = device_path
+            .as_mut()
+            .ok_or_else(|| anyhow!("the device path is not set up"))?;
+        let mut results: Vec<Option<Segmentation>> = images.iter().map(|_| None).collect();
+        for ((w, h), members) in groups {
+            let (rh, rw) = preprocess::rescale_size(
+                h as usize,
+                w as usize,
+                input.short_side,
+                input.long_side_max,
+            );
+            let windows = preprocess::crop_boxes(rh, rw, input.crop_size, input.crop_stride).len();
+            let per_run = (cap / windows).max(1);
+            for chunk in members.chunks(per_run) {
+                let frames: Vec<&image::RgbImage> = chunk.iter().map(|&i| images[i]).collect();
+                let model = ModelSessions {
+                    trunk: &mut *trunk,
+                    head: &mut *head,
+                    mask_head: &mut *mask_head,
+                };
+                let segs = path.segment(model, manifest, &frames, text, settings)?;
+                for (&i, seg) in chunk.iter().zip(segs) {
+                    results[i] = Some(seg);
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.ok_or_else(|| anyhow!("an image was left out of the device batches")))
             .collect()
     }
 
@@ -453,6 +616,92 @@ impl Engine {
         self.text_cache
             .lock()
             .map_err(|_| anyhow!("an earlier inference panicked; the engine must be recreated"))
+    }
+}
+
+/// The session settings for the engine's graphs on `device`.
+fn session_spec(
+    options: &EngineOptions,
+    device: Device,
+    bundle: &Bundle,
+    manifest_sha256: &str,
+    runtime: &Runtime,
+) -> SessionSpec {
+    SessionSpec {
+        device,
+        threads: options.threads,
+        spin: options.spin,
+        tf32: options.precision == Precision::Fp16,
+        tensorrt: (device == Device::TensorRt).then(|| TensorRtSpec {
+            cache_dir: tensorrt_cache_dir(bundle, manifest_sha256, runtime, options.precision),
+            fp16: options.precision == Precision::Fp16,
+            profile: None,
+        }),
+    }
+}
+
+/// `$XDG_CACHE_HOME/tclseg/tensorrt/<bundle>-<manifest hash>-<precision>-<GPU models>-<ONNX Runtime>`: an engine
+/// is only valid for the graph, the GPU model and the TensorRT/ONNX Runtime that built it, so each of them is in
+/// the key and a change builds afresh instead of loading a stale engine. (systemd: `CacheDirectory=tclseg` with
+/// `XDG_CACHE_HOME=%C`.)
+fn tensorrt_cache_dir(
+    bundle: &Bundle,
+    manifest_sha256: &str,
+    runtime: &Runtime,
+    precision: Precision,
+) -> std::path::PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let ort = std::fs::canonicalize(runtime.library())
+        .ok()
+        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "onnxruntime".to_string());
+    let name = bundle
+        .dir()
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    base.join("tclseg").join("tensorrt").join(format!(
+        "{name}-{}-{}-{}-{ort}",
+        &manifest_sha256[..manifest_sha256.len().min(16)],
+        precision.key(),
+        super::cuda::gpu_models()
+    ))
+}
+
+/// Logs "still working" every 15 s while something slow and silent runs (a TensorRT engine build takes minutes).
+struct Progress {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(what: String) -> Progress {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            tracing::info!("{what}");
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(std::time::Duration::from_secs(15))
+            {
+                tracing::info!("{what}: {} s so far", start.elapsed().as_secs());
+            }
+        });
+        Progress {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

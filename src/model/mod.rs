@@ -1,6 +1,8 @@
 //! The model side of tclseg: bundles, ONNX Runtime, the tokenizer, pre/post-processing and the engine.
 
 pub mod bundle;
+pub mod cuda;
+pub mod device_path;
 pub mod engine;
 pub mod pamr;
 pub mod preprocess;
@@ -11,6 +13,7 @@ pub mod tokenizer;
 
 pub use bundle::{Bundle, BundleError, Manifest, Precision};
 pub use engine::{
-    DeviceChoice, Engine, EngineOptions, Query, SegmentSettings, Segmentation, TextEmbeddings,
+    DeviceChoice, Engine, EngineOptions, Processing, Query, SegmentSettings, Segmentation,
+    TextEmbeddings,
 };
-pub use runtime::{Device, Runtime};
+pub use runtime::{Device, Graph, Runtime, SessionSpec};

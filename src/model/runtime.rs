@@ -12,8 +12,12 @@ use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 
-/// Where `scripts/setup` puts the library in this source tree.
-const SETUP_LIB_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/.deps/onnxruntime/lib");
+/// Where `scripts/setup` puts the library in this source tree: the GPU build (`--gpu`) first, which runs on the
+/// CPU as well, then the CPU build.
+const SETUP_LIB_DIRS: [&str; 2] = [
+    concat!(env!("CARGO_MANIFEST_DIR"), "/.deps/onnxruntime-gpu/lib"),
+    concat!(env!("CARGO_MANIFEST_DIR"), "/.deps/onnxruntime/lib"),
+];
 
 /// The loaded ONNX Runtime and the process's one `ort` environment.
 pub struct Runtime {
@@ -29,6 +33,79 @@ pub enum Device {
     Cpu,
     /// CUDA, and fail when it can't be had.
     Cuda,
+    /// TensorRT for the image graphs (engines built once and cached), CUDA for what TensorRT does not take.
+    TensorRt,
+}
+
+impl Device {
+    pub fn is_gpu(self) -> bool {
+        self != Device::Cpu
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+            Device::TensorRt => "tensorrt",
+        }
+    }
+}
+
+/// A graph to load: a bundle's file, or one of the graphs built into the binary.
+#[derive(Debug, Clone, Copy)]
+pub enum Graph<'a> {
+    File(&'a Path),
+    Embedded {
+        name: &'static str,
+        bytes: &'static [u8],
+    },
+}
+
+impl Graph<'_> {
+    fn describe(&self) -> String {
+        match self {
+            Graph::File(path) => path.display().to_string(),
+            Graph::Embedded { name, .. } => format!("{name} (built in)"),
+        }
+    }
+}
+
+/// How a session runs.
+#[derive(Debug, Clone)]
+pub struct SessionSpec {
+    pub device: Device,
+    /// Intra-op threads (0 = ONNX Runtime's default).
+    pub threads: usize,
+    /// Idle intra-op threads busy-wait for the next op (fastest when the model has the cores to itself, as in
+    /// `segment`); off, they sleep and leave the cores to decoders and writers (the daemon).
+    pub spin: bool,
+    /// CUDA may run fp32 matrix products as TF32 (10-bit mantissa). Off for fp32 graphs, whose numbers must
+    /// match the reference; on for fp16 runs, whose inputs are rounded harder than that anyway.
+    pub tf32: bool,
+    /// TensorRT only: where engines are cached, and the largest batch the engine's profile covers.
+    pub tensorrt: Option<TensorRtSpec>,
+}
+
+impl SessionSpec {
+    pub fn cpu(threads: usize) -> SessionSpec {
+        SessionSpec {
+            device: Device::Cpu,
+            threads,
+            spin: true,
+            tf32: false,
+            tensorrt: None,
+        }
+    }
+}
+
+/// TensorRT engine settings for one graph.
+#[derive(Debug, Clone)]
+pub struct TensorRtSpec {
+    /// Folder for this bundle's engines, keyed by bundle, GPU and runtime (see `Engine::new`).
+    pub cache_dir: PathBuf,
+    pub fp16: bool,
+    /// Optimisation profile: input name, its shape without the batch axis, and the largest batch.
+    pub profile: Option<(String, Vec<usize>, usize)>,
 }
 
 impl Runtime {
@@ -67,48 +144,74 @@ impl Runtime {
         &self.library
     }
 
-    /// A session for one graph file, with `threads` intra-op threads (0 = ONNX Runtime's default). `spin`: idle
-    /// intra-op threads busy-wait for the next op (fastest when the model has the cores to itself, as in
-    /// `segment`); off, they sleep and leave the cores to decoders and writers (the daemon).
+    /// A session for one graph.
     ///
-    /// CUDA is requested with `error_on_failure`: a missing CUDA library or a CPU-only build is an error that
-    /// names the cause, never a silent fall-back to the CPU. Callers that want "auto" catch it and decide.
-    pub fn session(
-        &self,
-        graph: &Path,
-        device: Device,
-        threads: usize,
-        spin: bool,
-    ) -> Result<Session> {
+    /// CUDA and TensorRT are requested with `error_on_failure`: a missing library or a CPU-only build is an error
+    /// that names the cause, never a silent fall-back to the CPU. Callers that want "auto" catch it and decide.
+    pub fn session(&self, graph: Graph<'_>, spec: &SessionSpec) -> Result<Session> {
+        if spec.device.is_gpu() {
+            super::cuda::prepare(&self.library, spec.device == Device::TensorRt)?;
+        }
         let mut builder = Session::builder(&self.env)
             .map_err(|e| anyhow!("{e}"))?
             .with_optimization_level(GraphOptimizationLevel::Level3)
             .map_err(|e| anyhow!("{e}"))?;
-        if threads > 0 {
+        if spec.threads > 0 {
             builder = builder
-                .with_intra_threads(threads)
+                .with_intra_threads(spec.threads)
                 .map_err(|e| anyhow!("{e}"))?;
         }
-        if !spin {
+        if !spec.spin {
             builder = builder
                 .with_intra_op_spinning(false)
                 .map_err(|e| anyhow!("{e}"))?;
         }
-        builder = match device {
-            Device::Cuda => builder
-                .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
+        let cuda = || {
+            ort::ep::CUDA::default()
+                .with_tf32(spec.tf32)
+                .build()
+                .error_on_failure()
+        };
+        builder = match (spec.device, &spec.tensorrt) {
+            (Device::TensorRt, Some(trt)) => {
+                let mut ep = ort::ep::TensorRT::default()
+                    .with_fp16(trt.fp16)
+                    .with_engine_cache(true)
+                    .with_engine_cache_path(trt.cache_dir.display().to_string())
+                    .with_timing_cache(true)
+                    .with_timing_cache_path(trt.cache_dir.display().to_string())
+                    .with_layer_norm_fp32_fallback(true);
+                if let Some((input, shape, max_batch)) = &trt.profile {
+                    let dims = |batch: usize| {
+                        let rest: Vec<String> = shape.iter().map(usize::to_string).collect();
+                        format!("{input}:{batch}x{}", rest.join("x"))
+                    };
+                    ep = ep
+                        .with_profile_min_shapes(dims(1))
+                        .with_profile_opt_shapes(dims((*max_batch).div_ceil(2).max(1)))
+                        .with_profile_max_shapes(dims(*max_batch));
+                }
+                builder
+                    .with_execution_providers([ep.build().error_on_failure(), cuda()])
+                    .map_err(|e| anyhow!("TensorRT execution provider unavailable: {e}"))?
+            }
+            (Device::Cuda | Device::TensorRt, _) => builder
+                .with_execution_providers([cuda()])
                 .map_err(|e| anyhow!("CUDA execution provider unavailable: {e}"))?,
             // No arena on the CPU: batches vary in size, and an arena keeps the largest one's memory forever.
-            Device::Cpu => builder
+            (Device::Cpu, _) => builder
                 .with_execution_providers([ort::ep::CPU::default()
                     .with_arena_allocator(false)
                     .build()])
                 .map_err(|e| anyhow!("{e}"))?,
         };
-        builder
-            .commit_from_file(graph)
+        let committed = match graph {
+            Graph::File(path) => builder.commit_from_file(path),
+            Graph::Embedded { bytes, .. } => builder.commit_from_memory(bytes),
+        };
+        committed
             .map_err(|e| anyhow!("{e}"))
-            .with_context(|| format!("cannot load ONNX graph {}", graph.display()))
+            .with_context(|| format!("cannot load ONNX graph {}", graph.describe()))
     }
 }
 
@@ -116,7 +219,7 @@ impl Runtime {
 /// 1. `ORT_DYLIB_PATH` (a file, as `ort` itself reads it): when set, it is the only candidate, so a wrong
 ///    value is reported rather than quietly replaced by another library;
 /// 2. next to the executable, and in `lib/` beside it (an installed layout);
-/// 3. the `.deps/onnxruntime/lib` that `scripts/setup` fills in this source tree.
+/// 3. the `.deps/onnxruntime-gpu/lib` and `.deps/onnxruntime/lib` that `scripts/setup` fills in this source tree.
 fn library_candidates() -> Vec<PathBuf> {
     if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
         return vec![PathBuf::from(path)];
@@ -129,6 +232,10 @@ fn library_candidates() -> Vec<PathBuf> {
         out.push(dir.join("libonnxruntime.so"));
         out.push(dir.join("lib").join("libonnxruntime.so"));
     }
-    out.push(Path::new(SETUP_LIB_DIR).join("libonnxruntime.so"));
+    out.extend(
+        SETUP_LIB_DIRS
+            .iter()
+            .map(|dir| Path::new(dir).join("libonnxruntime.so")),
+    );
     out
 }

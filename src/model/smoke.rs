@@ -13,7 +13,7 @@ use ort::session::Session;
 use ort::value::Tensor;
 
 use super::bundle::{Bundle, Precision};
-use super::runtime::{Device, Runtime};
+use super::runtime::{Graph, Runtime, SessionSpec};
 
 /// What one graph did in the smoke run.
 #[derive(Debug, Clone)]
@@ -168,7 +168,7 @@ pub fn run_one_crop(
 
 fn load(runtime: &Runtime, graph: &Path, threads: usize) -> Result<(Session, f64)> {
     let start = Instant::now();
-    let session = runtime.session(graph, Device::Cpu, threads, true)?;
+    let session = runtime.session(Graph::File(graph), &SessionSpec::cpu(threads))?;
     Ok((session, start.elapsed().as_secs_f64() * 1e3))
 }
 
@@ -229,7 +229,10 @@ pub fn load_all_graphs(bundle: &Bundle, threads: usize) -> Result<usize> {
     for (role, by_precision) in &bundle.manifest().graphs {
         for (precision, file) in by_precision {
             runtime
-                .session(&bundle.dir().join(file), Device::Cpu, threads, true)
+                .session(
+                    Graph::File(&bundle.dir().join(file)),
+                    &SessionSpec::cpu(threads),
+                )
                 .with_context(|| format!("graph '{role}' ({precision})"))?;
             count += 1;
         }

@@ -100,9 +100,10 @@ impl Scheduler {
     /// later frames waiting, and a live pipeline's frame is best taken fresh right before it runs); `max_batch`
     /// on CUDA, where the crops of a batch share runs.
     fn batch_limit(&self) -> usize {
-        match self.engine.device() {
-            crate::model::Device::Cpu => 1,
-            crate::model::Device::Cuda => self.max_batch,
+        if self.engine.device().is_gpu() {
+            self.max_batch
+        } else {
+            1
         }
     }
 

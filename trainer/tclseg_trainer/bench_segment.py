@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,19 +28,22 @@ from PIL import Image, ImageDraw
 QUERIES = ["red square", "blue circle", "green triangle"]
 
 
-def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
-    """Synthetic photos of shapes, in a mix of sizes and orientations (all cheaper than real decode work)."""
+def make_images(folder: Path, count: int, seed: int = 0, size: tuple[int, int] | None = None) -> list[Path]:
+    """Synthetic photos of shapes (all cheaper than real decode work): a mix of sizes and orientations, or all
+    `size` = (width, height)."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    sizes = [(640, 480), (480, 640), (800, 600), (500, 500), (1024, 576), (448, 336)]
+    sizes = [size] if size is not None else [(640, 480), (480, 640), (800, 600), (500, 500), (1024, 576), (448, 336)]
     paths = []
     for i in range(count):
         w, h = sizes[i % len(sizes)]
         img = Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(60, 200, 3)))
         d = ImageDraw.Draw(img)
+        # 60 px margin and 40 px smallest shape, scaled down for images under 120 px (same draws otherwise).
+        margin, lo = min(60, min(w, h) // 2), min(40, max(1, min(w, h) // 4))
         for _ in range(4):
-            x, y = int(rng.integers(0, w - 60)), int(rng.integers(0, h - 60))
-            s = int(rng.integers(40, min(w, h) // 2))
+            x, y = int(rng.integers(0, w - margin)), int(rng.integers(0, h - margin))
+            s = int(rng.integers(lo, max(lo + 1, min(w, h) // 2)))
             colour = tuple(int(v) for v in rng.integers(0, 255, 3))
             [d.rectangle, d.ellipse][int(rng.integers(0, 2))]([x, y, x + s, y + s], fill=colour)
         path = folder / f"img{i:03d}.png"
@@ -48,13 +52,31 @@ def make_images(folder: Path, count: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def peak_rss_of(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, str, str]:
-    """(wall seconds, peak RSS MiB, stdout, stderr) of one child process, via os.wait4."""
+def ensure_bundle(tclseg: str, size: str, seed: int, work: Path) -> Path:
+    """The random bundle of `size`/`seed` under `work`, exported with `tclseg models export` if it is not there."""
+    bundle = work / f"bundle-{size}-seed{seed}"
+    if not (bundle / "model.toml").is_file():
+        print(f"exporting the random {size} bundle to {bundle} ...", file=sys.stderr)
+        work.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            [tclseg, "models", "export", "--random", size, "--seed", str(seed), "--out", str(bundle), "--force"],
+            check=True,
+        )
+    return bundle
+
+
+def peak_rss_of(
+    cmd: list[str], env: dict[str, str] | None = None, on_spawn: Callable[[int], None] | None = None
+) -> tuple[float, float, str, str]:
+    """(wall seconds, peak RSS MiB, stdout, stderr) of one child process, via os.wait4. `on_spawn(pid)` runs
+    once the child is started (e.g. to sample its GPU memory while it runs)."""
     start = time.perf_counter()
     out_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-{os.getpid()}-{time.time_ns()}.out"
     err_path = out_path.with_suffix(".err")
     with open(out_path, "w") as out, open(err_path, "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        if on_spawn is not None:
+            on_spawn(proc.pid)
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     stdout, stderr = out_path.read_text(), err_path.read_text()
@@ -114,24 +136,7 @@ def main() -> None:
         return
 
     work = Path(args.work)
-    bundle = work / f"bundle-{args.size}-seed{args.seed}"
-    if not (bundle / "model.toml").is_file():
-        print(f"exporting the random {args.size} bundle to {bundle} ...", file=sys.stderr)
-        subprocess.run(
-            [
-                args.tclseg,
-                "models",
-                "export",
-                "--random",
-                args.size,
-                "--seed",
-                str(args.seed),
-                "--out",
-                str(bundle),
-                "--force",
-            ],
-            check=True,
-        )
+    bundle = ensure_bundle(args.tclseg, args.size, args.seed, work)
     images = work / "images"
     make_images(images, args.images)
     out = work / "out"

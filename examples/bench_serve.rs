@@ -5,10 +5,17 @@
 //! ```text
 //! cargo build --release --examples
 //! target/release/examples/bench_serve --streams 8 --cap 5 --seconds 300 [--model DIR] [--size 640x480] [--fps 15]
-//!     [--pamr false] [--threads N] [--warmup S]
+//!     [--pamr false] [--threads N] [--warmup S] [--device cpu|cuda|tensorrt|auto] [--precision fp32|fp16]
+//!     [--max-batch N] [--find-max P95_MS]
 //! ```
 //! Uses target/release/tclseg and target/release/examples/rtsp_server. The first `--warmup` seconds (default 20)
 //! are not measured. Prints a Markdown table for BENCHMARKS.md.
+//!
+//! `--find-max 200` answers "how many streams does this machine sustain": it runs trials of 1, 2, 4, … streams
+//! (each `--seconds` long, fresh server and daemon), then bisects between the last that held and the first that
+//! did not. A trial holds when every frame the cap lets through is processed (total processed ≥ 95 % of
+//! streams × min(cap, fps)) and the capture → written latency p95 is under the limit. `--streams` is then the
+//! upper bound of the search.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -26,6 +33,16 @@ struct Args {
     fps: u32,
     threads: usize,
     pamr: bool,
+    device: String,
+    precision: String,
+    max_batch: usize,
+    find_max: Option<f64>,
+}
+
+/// What one trial measured, for the search.
+struct Trial {
+    processed_ratio: f64,
+    p95_ms: f64,
 }
 
 fn parse_args() -> Args {
@@ -39,6 +56,10 @@ fn parse_args() -> Args {
         fps: 15,
         threads: 0,
         pamr: true,
+        device: "cpu".into(),
+        precision: "fp32".into(),
+        max_batch: 4,
+        find_max: None,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -54,6 +75,10 @@ fn parse_args() -> Args {
             "--fps" => a.fps = v.parse().expect("--fps N"),
             "--threads" => a.threads = v.parse().expect("--threads N"),
             "--pamr" => a.pamr = v.parse().expect("--pamr true|false"),
+            "--device" => a.device = v,
+            "--precision" => a.precision = v,
+            "--max-batch" => a.max_batch = v.parse().expect("--max-batch N"),
+            "--find-max" => a.find_max = Some(v.parse().expect("--find-max P95_MS")),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -129,12 +154,66 @@ impl Drop for Kill {
 
 fn main() {
     let args = parse_args();
+    let Some(limit_ms) = args.find_max else {
+        trial(&args, args.streams);
+        return;
+    };
+    let holds = |k: usize| {
+        let t = trial(&args, k);
+        let ok = t.processed_ratio >= 0.95 && t.p95_ms < limit_ms;
+        println!(
+            "\ntrial {k} streams: processed {:.0} % of offered, p95 {:.0} ms: {}\n",
+            100.0 * t.processed_ratio,
+            t.p95_ms,
+            if ok { "holds" } else { "does not hold" }
+        );
+        ok
+    };
+    let (mut good, mut bad) = (0usize, None);
+    let mut k = 1;
+    while k <= args.streams {
+        if holds(k) {
+            good = k;
+            k *= 2;
+        } else {
+            bad = Some(k);
+            break;
+        }
+    }
+    if let Some(mut hi) = bad {
+        while hi - good > 1 {
+            let mid = (good + hi) / 2;
+            if holds(mid) {
+                good = mid;
+            } else {
+                hi = mid;
+            }
+        }
+    }
+    println!(
+        "sustained: {good} streams of {} at {} fps (cap {}), p95 < {limit_ms} ms, device {} {}, max_batch {}{}",
+        args.size,
+        args.fps,
+        args.cap,
+        args.device,
+        args.precision,
+        args.max_batch,
+        if bad.is_none() {
+            format!(" (the search's upper bound, --streams {}, held)", args.streams)
+        } else {
+            String::new()
+        }
+    );
+}
+
+/// One soak run of `streams` streams; prints its table and returns what the search needs.
+fn trial(args: &Args, streams: usize) -> Trial {
     let dir = tempfile::tempdir().expect("tmp");
     let release = release_dir();
     let mut server = Command::new(release.join("examples/rtsp_server"))
         .args([
             "--streams",
-            &args.streams.to_string(),
+            &streams.to_string(),
             "--size",
             &args.size,
             "--fps",
@@ -162,11 +241,14 @@ fn main() {
         .expect("addr")
         .port();
     let mut config = format!(
-        "[model]\ndevice = \"cpu\"\nthreads = {}\n{}[inference]\nmax_batch = 4\nmax_wait_ms = 20\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+        "[model]\ndevice = \"{}\"\nprecision = \"{}\"\nthreads = {}\n{}[inference]\nmax_batch = {}\nmax_wait_ms = 20\n[http]\nlisten = \"127.0.0.1:{http}\"\n",
+        args.device,
+        args.precision,
         args.threads,
-        args.model.as_ref().map(|m| format!("path = \"{}\"\n", m.display())).unwrap_or_default()
+        args.model.as_ref().map(|m| format!("path = \"{}\"\n", m.display())).unwrap_or_default(),
+        args.max_batch
     );
-    for k in 0..args.streams {
+    for k in 0..streams {
         config.push_str(&format!(
             "[[pipeline]]\nname = \"s{k}\"\nsource = \"rtsp://127.0.0.1:{port}/stream{k}\"\nqueries = [\"red square\", \"blue circle\", \"green triangle\"]\nmax_fps = {}\npamr = {}\n[pipeline.output]\ndir = \"{}\"\nlabels = true\njson = false\njsonl = true\n",
             args.cap,
@@ -222,7 +304,7 @@ fn main() {
     let mut all = Vec::new();
     let (mut first_half, mut second_half) = (Vec::new(), Vec::new());
     let mut total_fps = 0.0;
-    for k in 0..args.streams {
+    for k in 0..streams {
         let p = format!("pipeline=\"s{k}\"");
         let delta = |name: &str, extra: &str| {
             let key = format!("{name}{{{p}{extra}}}");
@@ -267,21 +349,24 @@ fn main() {
         );
     }
     all.sort_by(f64::total_cmp);
+    let offered_total = args.cap.min(f64::from(args.fps)) * streams as f64;
     println!();
     println!(
-        "{} streams {} @ {} fps, cap {} fps, PAMR {}, {:.0} s measured after {} s warm-up",
-        args.streams,
+        "{} streams {} @ {} fps, cap {} fps, PAMR {}, device {} {}, {:.0} s measured after {} s warm-up",
+        streams,
         args.size,
         args.fps,
         args.cap,
         if args.pamr { "on" } else { "off" },
+        args.device,
+        args.precision,
         elapsed,
         args.warmup
     );
     println!(
         "total processed {total_fps:.2} fps (offered {:.1}, ratio {:.2}); latency capture→written p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms over {} frames",
-        args.cap * args.streams as f64,
-        total_fps / (args.cap * args.streams as f64),
+        offered_total,
+        total_fps / offered_total,
         percentile(&all, 0.5),
         percentile(&all, 0.95),
         all.last().copied().unwrap_or(f64::NAN),
@@ -302,4 +387,8 @@ fn main() {
         100.0 * (server_cpu1 - server_cpu0) / elapsed,
         100.0 * (rss1 - rss0) / rss0.max(1e-9)
     );
+    Trial {
+        processed_ratio: total_fps / offered_total,
+        p95_ms: percentile(&all, 0.95),
+    }
 }

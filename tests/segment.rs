@@ -354,3 +354,59 @@ fn cuda_is_never_a_silent_fallback() {
     assert!(err.contains("libonnxruntime_providers_cuda.so"), "{err}");
     assert!(tmp.path().join("o4/a.labels.png").is_file());
 }
+
+/// `--processing device` (the GPU's path, here on the CPU provider) writes the same label maps as the host path,
+/// for a folder of differently sized images, and says which path ran.
+#[test]
+fn device_processing_writes_the_host_paths_labels() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let input = tmp.path().join("in");
+    fs::create_dir(&input).expect("mkdir");
+    for (name, w, h) in [("a", 48, 40), ("b", 90, 30), ("c", 48, 40), ("d", 33, 70)] {
+        write_png(&input.join(format!("{name}.png")), w, h);
+    }
+    let mut labels = Vec::new();
+    for processing in ["host", "device"] {
+        let out = tmp.path().join(processing);
+        let run = segment(
+            &input,
+            &out,
+            &[
+                "--processing",
+                processing,
+                "--batch",
+                "4",
+                "--bg-thresh",
+                "0",
+                "--format",
+                "labels",
+            ],
+        );
+        assert!(run.status.success(), "{}", stderr(&run));
+        assert!(
+            stderr(&run).contains(&format!("{processing} processing")),
+            "{}",
+            stderr(&run)
+        );
+        let mut maps = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            let img = image::open(out.join(format!("{name}.labels.png")))
+                .expect("label map")
+                .to_luma8();
+            maps.push(img.into_raw());
+        }
+        labels.push(maps);
+    }
+    let (host, device) = (&labels[0], &labels[1]);
+    for (h, d) in host.iter().zip(device) {
+        assert_eq!(h.len(), d.len());
+        let equal = h.iter().zip(d).filter(|(a, b)| a == b).count();
+        assert!(
+            equal as f64 >= 0.999 * h.len() as f64,
+            "{equal} of {} pixels equal",
+            h.len()
+        );
+    }
+    // With a zero background threshold every pixel takes one of the two queries: the maps are not trivially equal.
+    assert!(host.iter().flatten().any(|&v| v != 0));
+}

@@ -1,37 +1,13 @@
 //! `tclseg models bench` on the tiny fixture bundle: one JSON line per batch size with sound numbers, label maps
 //! equal to `segment`'s, and bad arguments refused by name.
 
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
 
-fn fixture_bundle() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bundles/tiny-random")
-}
-
-fn tclseg(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(args)
-        .env_remove("TCLSEG_LOG")
-        .output()
-        .expect("run tclseg")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// A red square on grey.
-fn write_png(path: &Path, w: u32, h: u32) {
-    let img = image::RgbImage::from_fn(w, h, |x, y| {
-        if x > w / 4 && x < w / 2 && y > h / 4 && y < h / 2 {
-            image::Rgb([220, 30, 30])
-        } else {
-            image::Rgb([120, 120, 120])
-        }
-    });
-    img.save(path).expect("save png");
-}
+use common::{fixture_bundle, stderr, tclseg, write_png};
 
 fn bench(images: &Path, extra: &[&str]) -> Output {
     let bundle = fixture_bundle();

@@ -42,20 +42,23 @@ pub const CUDA_LIBRARIES: &[&str] = &[
 /// none), so it is loaded first, by pattern.
 const OPTIONAL_LIBRARIES: &[&str] = &["libnvrtc-builtins.so.13.", "libnvrtc.so.13"];
 
-/// What the TensorRT provider needs on top of CUDA.
-pub const TENSORRT_LIBRARIES: &[&str] = &["libnvinfer.so.10", "libnvonnxparser.so.10"];
+/// What the TensorRT provider needs on top of CUDA: TensorRT 10 (it opens the plugin library by name as it runs).
+pub const TENSORRT_LIBRARIES: &[&str] = &[
+    "libnvinfer.so.10",
+    "libnvinfer_plugin.so.10",
+    "libnvonnxparser.so.10",
+];
 
 /// The provider library that only the GPU build of ONNX Runtime has.
 pub const CUDA_PROVIDER: &str = "libonnxruntime_providers_cuda.so";
 pub const TENSORRT_PROVIDER: &str = "libonnxruntime_providers_tensorrt.so";
 
-/// Folders searched for the CUDA libraries: `TCLSEG_CUDA_LIB_DIR` (colon-separated) when set, else `lib/cuda`
-/// beside the executable (an installed layout) and the `.deps/cuda/lib` of this source tree.
+/// Folders searched for the CUDA libraries, in order: `TCLSEG_CUDA_LIB_DIR` (colon-separated; e.g. where TensorRT
+/// is), `lib/cuda` beside the executable (an installed layout), and the `.deps/cuda/lib` of this source tree.
 pub fn library_dirs() -> Vec<PathBuf> {
-    if let Some(dirs) = std::env::var_os("TCLSEG_CUDA_LIB_DIR") {
-        return std::env::split_paths(&dirs).collect();
-    }
-    let mut out = Vec::new();
+    let mut out: Vec<PathBuf> = std::env::var_os("TCLSEG_CUDA_LIB_DIR")
+        .map(|dirs| std::env::split_paths(&dirs).collect())
+        .unwrap_or_default();
     if let Some(dir) = std::env::current_exe()
         .ok()
         .and_then(|exe| exe.parent().map(Path::to_path_buf))
@@ -191,6 +194,15 @@ fn missing_message(name: &str, dirs: &[PathBuf], failed: Option<(&Path, &str)>) 
             );
         }
     }
+    if TENSORRT_LIBRARIES.contains(&name) {
+        // PyPI's tensorrt-cu13-libs is a stub that downloads from NVIDIA's own package index, which setup cannot
+        // reach from the machines this project builds on; so TensorRT is the user's to install.
+        return format!(
+            "{what}.{hint} --device tensorrt needs TensorRT 10 for CUDA 13 (tensorrt-cu13-libs 10.x from NVIDIA's \
+             package index, or NVIDIA's TensorRT tarball): install it and add its lib folder to \
+             TCLSEG_CUDA_LIB_DIR, or use --device cuda"
+        );
+    }
     format!(
         "{what}.{hint} Run `scripts/setup --gpu` (it fetches CUDA 13 and cuDNN 9 from PyPI into .deps/cuda/lib), \
          or set TCLSEG_CUDA_LIB_DIR to the folders that hold them"
@@ -256,6 +268,19 @@ mod tests {
         assert!(err.contains("libcudart.so.13 not found"), "{err}");
         assert!(err.contains(&dir.path().display().to_string()), "{err}");
         assert!(err.contains("scripts/setup --gpu"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_tensorrt_library_says_where_tensorrt_comes_from() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = load_all(TENSORRT_LIBRARIES, &[dir.path().to_path_buf()], false)
+            .expect_err("nothing to load")
+            .to_string();
+        assert!(err.contains("libnvinfer.so.10 not found"), "{err}");
+        assert!(
+            err.contains("TensorRT 10") && err.contains("TCLSEG_CUDA_LIB_DIR"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -522,7 +522,7 @@ def print_report(result: dict) -> None:
     print("goals:")
     for g in result["goals"]:
         print(
-            f"  {g['goal']} (batch {g['batch']}): {g['value']:.2f} against >= {g['target']:g}: "
+            f"  {g['goal']} (batch {g['batch']}): {g['value']:.3f} against >= {g['target']:g}: "
             f"{'met' if g['met'] else 'NOT met'}"
         )
     for note in result["notes"]:

@@ -7,6 +7,7 @@
 //! [model]                      # changes here need a restart
 //! path = "models/default"      # default: the built-in model
 //! device = "auto"              # auto | cpu | cuda | tensorrt
+//! processing = "auto"          # auto | host | device: where resize/windows/argmax run (device: on the GPU)
 //!
 //! [inference]
 //! max_batch = 4                # frames per engine run, across pipelines
@@ -85,6 +86,8 @@ pub struct ModelSection {
     pub threads: usize,
     /// Crops per ONNX Runtime run (0: per device).
     pub crop_batch: usize,
+    /// Where pre- and postprocessing run: `auto` (on the device on a GPU), `host` or `device`.
+    pub processing: String,
 }
 
 impl Default for ModelSection {
@@ -95,6 +98,7 @@ impl Default for ModelSection {
             precision: "fp32".into(),
             threads: 0,
             crop_batch: 0,
+            processing: "auto".into(),
         }
     }
 }
@@ -289,6 +293,12 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
         errors.push(format!(
             "model.device: '{}' is not one of auto, cpu, cuda, tensorrt",
             cfg.model.device
+        ));
+    }
+    if !["auto", "host", "device"].contains(&cfg.model.processing.as_str()) {
+        errors.push(format!(
+            "model.processing: '{}' is not one of auto, host, device",
+            cfg.model.processing
         ));
     }
     if !["fp32", "fp16"].contains(&cfg.model.precision.as_str()) {
@@ -551,6 +561,7 @@ jsonl = true
             r#"
 [model]
 device = "tpu"
+processing = "gpu"
 [[pipeline]]
 name = "a b"
 source = "gopher://x"
@@ -571,6 +582,7 @@ overlay = "gif"
         let text = err.to_string();
         for needle in [
             "model.device",
+            "model.processing",
             "pipeline[0] 'a b'.name",
             "pipeline[0] 'a b'.source",
             "pipeline[0] 'a b'.queries",
@@ -582,7 +594,7 @@ overlay = "gif"
         ] {
             assert!(text.contains(needle), "missing {needle} in:\n{text}");
         }
-        assert!(text.contains("serve.toml has 9 problems"), "{text}");
+        assert!(text.contains("serve.toml has 10 problems"), "{text}");
     }
 
     #[test]

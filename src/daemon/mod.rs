@@ -452,7 +452,11 @@ fn load_engine(config: &ServeConfig, model_dir: &Path) -> Result<Engine> {
             threads: config.model.threads,
             crop_batch: config.model.crop_batch,
             spin: false,
-            processing: Processing::Auto,
+            processing: match config.model.processing.as_str() {
+                "host" => Processing::Host,
+                "device" => Processing::Device,
+                _ => Processing::Auto,
+            },
         },
     )
 }

@@ -13,7 +13,7 @@ use image::RgbImage;
 use serde_json::json;
 
 use tclseg::model::bundle::InputSpec;
-use tclseg::model::preprocess::{crop_boxes, rescale_size};
+use tclseg::model::preprocess;
 use tclseg::model::{Engine, SegmentSettings, TextEmbeddings};
 use tclseg::queries::QuerySet;
 use tclseg::sink::{label_png, write_atomic};
@@ -144,13 +144,9 @@ fn parse_batches(list: &str) -> Result<Vec<usize>> {
 
 /// Sliding-window crops of one image after the engine's rescale.
 fn crop_count(image: &RgbImage, input: &InputSpec) -> usize {
-    let (h, w) = rescale_size(
-        image.height() as usize,
-        image.width() as usize,
-        input.short_side,
-        input.long_side_max,
-    );
-    crop_boxes(h, w, input.crop_size, input.crop_stride).len()
+    preprocess::windows(image.height() as usize, image.width() as usize, input)
+        .1
+        .len()
 }
 
 /// [w, h] when every image of the batch has that size, else "mixed".

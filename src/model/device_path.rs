@@ -26,7 +26,7 @@ use ort::value::{DynValue, Tensor};
 
 use super::bundle::{Bundle, Manifest};
 use super::engine::{SegmentSettings, Segmentation, TextEmbeddings};
-use super::preprocess::{crop_boxes, rescale_size};
+use super::preprocess::windows;
 use super::resample::{AxisWeights, Coordinates};
 use super::runtime::{Device, Graph, Runtime, SessionSpec};
 
@@ -74,15 +74,7 @@ impl DevicePath {
         let runtime = Runtime::get()?;
         // The small graphs run on CUDA under TensorRT too: TensorRT gains nothing on them and would build an
         // engine per frame size.
-        let small = SessionSpec {
-            device: if spec.device.is_gpu() {
-                Device::Cuda
-            } else {
-                Device::Cpu
-            },
-            tensorrt: None,
-            ..spec.clone()
-        };
+        let small = spec.without_tensorrt();
         let pamr_file = bundle
             .graph("pamr", super::bundle::Precision::Fp32)
             .ok_or_else(|| anyhow!("bundle {} has no 'pamr' graph", bundle.dir().display()))?;
@@ -345,8 +337,7 @@ impl DevicePath {
     fn build_geometry(&self, manifest: &Manifest, height: usize, width: usize) -> Result<Geometry> {
         let input = &manifest.input;
         let (crop, side) = (input.crop_size, manifest.mask_side());
-        let (h, w) = rescale_size(height, width, input.short_side, input.long_side_max);
-        let boxes = crop_boxes(h, w, crop, input.crop_stride);
+        let ((h, w), boxes) = windows(height, width, input);
         let rows = distinct(boxes.iter().map(|b| (b.y1, b.y2)));
         let cols = distinct(boxes.iter().map(|b| (b.x1, b.x2)));
         let upload =

@@ -146,6 +146,8 @@ pub struct Engine {
     device: Device,
     /// Pre- and postprocessing run on the device (`device_path`), not on the host.
     on_device: bool,
+    /// How the engine's sessions run on `device` (the text encoder's, opened per query set, derives from it).
+    spec: SessionSpec,
     options: EngineOptions,
     manifest_sha256: String,
     sessions: Mutex<Sessions>,
@@ -164,7 +166,7 @@ impl Engine {
             DeviceChoice::Cuda | DeviceChoice::Auto => Device::Cuda,
             DeviceChoice::TensorRt => Device::TensorRt,
         };
-        let open = |device: Device| -> Result<Sessions> {
+        let open = |device: Device| -> Result<(Sessions, SessionSpec)> {
             if device.is_gpu() {
                 // Before anything is logged about building engines: a missing library is the likelier news.
                 super::cuda::prepare(runtime.library(), device == Device::TensorRt)?;
@@ -198,18 +200,8 @@ impl Engine {
                 trunk: session("image_trunk", "pixels", vec![3, crop, crop])?,
                 head: session("tcl_head", "tokens", vec![1 + grid * grid, width])?,
                 // The mask head's inputs include the query count: TensorRT would need a profile per count.
-                mask_head: runtime.session(
-                    Graph::File(&graph("mask_head")?),
-                    &SessionSpec {
-                        device: if device.is_gpu() {
-                            Device::Cuda
-                        } else {
-                            Device::Cpu
-                        },
-                        tensorrt: None,
-                        ..spec.clone()
-                    },
-                )?,
+                mask_head: runtime
+                    .session(Graph::File(&graph("mask_head")?), &spec.without_tensorrt())?,
                 device_path: None,
             };
             let on_device = match options.processing {
@@ -217,21 +209,23 @@ impl Engine {
                 Processing::Host => false,
                 Processing::Device => true,
             };
-            Ok(Sessions {
+            let sessions = Sessions {
                 device_path: on_device
                     .then(|| DevicePath::new(&bundle, &spec))
                     .transpose()?,
                 ..sessions
-            })
+            };
+            Ok((sessions, spec))
         };
-        let (sessions, device) = match open(device) {
-            Ok(s) => (s, device),
+        let (sessions, spec) = match open(device) {
+            Ok(opened) => opened,
             Err(err) if options.device == DeviceChoice::Auto => {
                 tracing::warn!("CUDA unavailable, running on the CPU: {err:#}");
-                (open(Device::Cpu)?, Device::Cpu)
+                open(Device::Cpu)?
             }
             Err(err) => return Err(err),
         };
+        let device = spec.device;
         tracing::debug!(
             device = device.name(),
             processing = if sessions.device_path.is_some() {
@@ -247,6 +241,7 @@ impl Engine {
             tokenizer,
             device,
             on_device: sessions.device_path.is_some(),
+            spec,
             options,
             sessions: Mutex::new(sessions),
             text_cache: Mutex::new(HashMap::new()),
@@ -336,21 +331,12 @@ impl Engine {
                 .ok_or_else(|| {
                     anyhow!("bundle {} has no text encoder", self.bundle.dir().display())
                 })?;
-            let runtime = Runtime::get()?;
-            let mut spec = session_spec(
-                &self.options,
-                self.device,
-                &self.bundle,
-                &self.manifest_sha256,
-                runtime,
-            );
-            if spec.device == Device::TensorRt {
-                spec.device = Device::Cuda;
-                spec.tensorrt = None;
-            }
             // The text encoder's numbers are compared with stored embeddings: never TF32.
-            spec.tf32 = false;
-            let mut text_session = runtime.session(Graph::File(&graph), &spec)?;
+            let spec = SessionSpec {
+                tf32: false,
+                ..self.spec.without_tensorrt()
+            };
+            let mut text_session = Runtime::get()?.session(Graph::File(&graph), &spec)?;
             for start in (0..total).step_by(TEXT_CHUNK) {
                 let rows = TEXT_CHUNK.min(total - start);
                 let chunk = prompt_tokens[start * ctx..(start + rows) * ctx].to_vec();
@@ -394,11 +380,8 @@ impl Engine {
         text: &TextEmbeddings,
         settings: &SegmentSettings,
     ) -> Result<Vec<Segmentation>> {
-        {
-            let mut sessions = self.lock_sessions()?;
-            if sessions.device_path.is_some() {
-                return self.segment_on_device(&mut sessions, images, text, settings);
-            }
+        if self.on_device {
+            return self.segment_on_device(&mut *self.lock_sessions()?, images, text, settings);
         }
         let input = &self.bundle.manifest().input;
         let prepared: Vec<Prepared> = images
@@ -487,13 +470,7 @@ impl Engine {
             .ok_or_else(|| anyhow!("the device path is not set up"))?;
         let mut results: Vec<Option<Segmentation>> = images.iter().map(|_| None).collect();
         for ((w, h), members) in groups {
-            let (rh, rw) = preprocess::rescale_size(
-                h as usize,
-                w as usize,
-                input.short_side,
-                input.long_side_max,
-            );
-            let windows = preprocess::crop_boxes(rh, rw, input.crop_size, input.crop_stride).len();
+            let windows = preprocess::windows(h as usize, w as usize, input).1.len();
             let per_run = (cap / windows).max(1);
             for chunk in members.chunks(per_run) {
                 let frames: Vec<&image::RgbImage> = chunk.iter().map(|&i| images[i]).collect();

@@ -57,6 +57,13 @@ pub fn prepare(image: &image::RgbImage, input: &InputSpec) -> Prepared {
     }
 }
 
+/// The evaluation-scale size of an image `height`×`width` and mmseg's windows over it: what the engine cuts,
+/// for whoever needs the windows without the pixels (the device path's matrices, crop counts).
+pub fn windows(height: usize, width: usize, input: &InputSpec) -> ((usize, usize), Vec<CropBox>) {
+    let (h, w) = rescale_size(height, width, input.short_side, input.long_side_max);
+    ((h, w), crop_boxes(h, w, input.crop_size, input.crop_stride))
+}
+
 /// mmseg's slide windows, row by row: clamped to the image and shifted back inside when they overhang.
 pub fn crop_boxes(h: usize, w: usize, crop: usize, stride: usize) -> Vec<CropBox> {
     let rows = (h + stride).saturating_sub(crop + 1) / stride + 1;

@@ -96,6 +96,20 @@ impl SessionSpec {
             tensorrt: None,
         }
     }
+
+    /// The same settings with TensorRT replaced by plain CUDA, for graphs TensorRT would not help (small ones,
+    /// or ones whose shapes vary beyond one optimisation profile).
+    pub fn without_tensorrt(&self) -> SessionSpec {
+        SessionSpec {
+            device: if self.device == Device::TensorRt {
+                Device::Cuda
+            } else {
+                self.device
+            },
+            tensorrt: None,
+            ..self.clone()
+        }
+    }
 }
 
 /// TensorRT engine settings for one graph.

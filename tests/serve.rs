@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gstreamer as gst;
@@ -105,11 +106,14 @@ impl Drop for RtspServer {
     }
 }
 
-/// The daemon under test, with its HTTP port, notify socket and log file.
+/// The daemon under test, with its HTTP port, the notify messages it sent and its log file.
 struct Daemon {
     child: Child,
     http: u16,
-    notify: UnixDatagram,
+    /// Filled by a thread that reads the notify socket as systemd does, all the time: a receiver that only reads
+    /// at the end would let the socket's short queue (10 datagrams by default) fill, and the daemon drops what
+    /// does not fit.
+    notify: Arc<Mutex<Vec<String>>>,
     log: PathBuf,
     config: PathBuf,
 }
@@ -140,10 +144,22 @@ impl Daemon {
         let config = dir.join("serve.toml");
         std::fs::write(&config, config_text(http, pipelines)).expect("write config");
         let socket = dir.join("notify.sock");
-        let notify = UnixDatagram::bind(&socket).expect("bind notify socket");
-        notify
+        let socket_reader = UnixDatagram::bind(&socket).expect("bind notify socket");
+        let notify = Arc::new(Mutex::new(Vec::new()));
+        let received = Arc::clone(&notify);
+        socket_reader
             .set_read_timeout(Some(Duration::from_millis(200)))
             .expect("timeout");
+        // Ends once the `Daemon` (the other owner of the message list) is gone.
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while Arc::strong_count(&received) > 1 {
+                if let Ok(n) = socket_reader.recv(&mut buf) {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    received.lock().expect("notify log").push(text);
+                }
+            }
+        });
         let log = dir.join("serve.log");
         let child = Command::new(env!("CARGO_BIN_EXE_tclseg"))
             .args(["serve", "--config", config.to_str().expect("utf-8")])
@@ -165,14 +181,11 @@ impl Daemon {
         }
     }
 
-    /// Notify messages received so far (non-blocking beyond the short read timeout).
+    /// Notify messages received so far.
     fn notifications(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = self.notify.recv(&mut buf) {
-            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-        out
+        // The reader thread may still be taking the last datagrams off the socket.
+        std::thread::sleep(Duration::from_millis(200));
+        self.notify.lock().expect("notify log").clone()
     }
 
     fn get(&self, path: &str) -> (u16, String) {

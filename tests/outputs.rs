@@ -162,6 +162,11 @@ fn serve_names_keep_the_whole_file_name() {
         write_png(&inbox.join(name), 20 + i as u32, 16);
     }
     let out = tmp.path().join("out");
+    // A killed daemon's temporary is swept at start; a file of another pattern is not ours to delete.
+    fs::create_dir_all(out.join("2026-01-01")).expect("mkdir");
+    let stale = out.join(format!("2026-01-01/.tclseg-{}-a1B2c3D4.tmp", dead_pid()));
+    fs::write(&stale, b"half").expect("write");
+    fs::write(out.join(".someone-else.tmp"), b"theirs").expect("write");
     let config = tmp.path().join("serve.toml");
     fs::write(
         &config,
@@ -192,6 +197,8 @@ fn serve_names_keep_the_whole_file_name() {
     let _ = daemon.wait();
     let log = fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(count(), names.len(), "{:?}\n{log}", tree(&out));
+    assert!(!stale.exists(), "stale temporary swept");
+    assert!(out.join(".someone-else.tmp").exists(), "not our pattern");
     for (i, name) in names.iter().enumerate() {
         let shown = name.replace(' ', "%20");
         let labels = out.join(format!("{shown}.labels.png"));

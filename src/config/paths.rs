@@ -151,6 +151,13 @@ mod tests {
             across.len() == 1 && across[0].contains("pipeline 'inbox'"),
             "{across:?}"
         );
+        let mut clip = pipeline("clip", root.join("out"), None);
+        clip.file_under_retention = Some(root.join("out/clip.mp4"));
+        let video = errors(&[clip]);
+        assert!(
+            video.len() == 1 && video[0].contains("retention would delete"),
+            "{video:?}"
+        );
         let holds = errors(&[pipeline("inbox", root.to_path_buf(), Some(root.join("in")))]);
         assert!(holds.len() == 1 && holds[0].contains("holds"), "{holds:?}");
     }

@@ -551,14 +551,14 @@ fn watched_folder_skips_bad_images_and_takes_new_ones() {
                 ) >= 3.0
         },
     );
-    assert!(out.join("a.labels.png").is_file() && out.join("sub/b.labels.png").is_file());
+    assert!(out.join("a.png.labels.png").is_file() && out.join("sub/b.png.labels.png").is_file());
     let log = daemon.log_text();
     for name in ["corrupt.jpg", "empty.png", "truncated.png"] {
         assert!(log.contains(name), "no reason logged for {name}:\n{log}");
     }
     good(&inbox.join("c.png"));
     wait_until("a new image is picked up", Duration::from_secs(30), || {
-        out.join("c.labels.png").is_file()
+        out.join("c.png.labels.png").is_file()
     });
     assert_eq!(m("tclseg_frames_out_total", "pipeline=\"inbox\""), 3.0);
     // --log-format json: every log line is one JSON object.

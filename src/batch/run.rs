@@ -12,7 +12,10 @@ use serde::Serialize;
 
 use crate::model::{Engine, SegmentSettings, Segmentation};
 use crate::queries::QuerySet;
+use crate::sink::atomic::temp_file_in;
+use crate::sink::files::{OutputFile, OutputWriter};
 use crate::sink::overlay::{self, OverlayFormat};
+use crate::sink::paths::{self, Overlap};
 use crate::sink::sidecar::{ModelInfo, SettingsInfo, Sidecar, Timings};
 use crate::sink::{label_png, write_atomic};
 use crate::source::decode::decode;
@@ -89,13 +92,16 @@ struct ToWrite {
 /// unusable, bad queries); per-image problems are counted in the summary.
 pub fn run(engine: &Engine, job: &SegmentJob, progress: &dyn Progress) -> Result<Summary> {
     let start = Instant::now();
-    std::fs::create_dir_all(&job.out_dir)
-        .with_context(|| format!("cannot create the output folder {}", job.out_dir.display()))?;
-    probe_writable(&job.out_dir)?;
     let all = inputs::expand(&job.inputs)?;
     if all.is_empty() {
         bail!("no images found in {}", job.inputs.join(", "));
     }
+    refuse_output_inside_input(&job.out_dir, &all)?;
+    paths::ensure_output_dir(&job.out_dir, "--out")?;
+    probe_writable(&job.out_dir)?;
+    let report = job.out_dir.join("segment-report.json");
+    let files = OutputWriter::new(None);
+    files.claim("the run's report", &report)?;
     let (todo, skipped): (Vec<InputImage>, Vec<InputImage>) = all
         .into_iter()
         .partition(|input| job.force || !outputs_fresh(job, input));
@@ -126,8 +132,12 @@ pub fn run(engine: &Engine, job: &SegmentJob, progress: &dyn Progress) -> Result
         {
             let outcome_tx = outcome_tx.clone();
             let (stop, failed) = (Arc::clone(&stop), Arc::clone(&failed));
-            scope
-                .spawn(move || writer(write_rx, outcome_tx, job, engine, progress, &stop, &failed));
+            let files = &files;
+            scope.spawn(move || {
+                writer(
+                    write_rx, outcome_tx, job, engine, files, progress, &stop, &failed,
+                )
+            });
         }
         let collector = scope.spawn(move || outcome_rx.iter().collect::<Vec<Outcome>>());
         infer_loop(
@@ -165,7 +175,6 @@ pub fn run(engine: &Engine, job: &SegmentJob, progress: &dyn Progress) -> Result
         failures,
         report: None,
     };
-    let report = job.out_dir.join("segment-report.json");
     match serde_json::to_vec_pretty(&summary)
         .map_err(anyhow::Error::from)
         .and_then(|bytes| write_atomic(&report, &bytes))
@@ -287,18 +296,20 @@ fn note_failure(job: &SegmentJob, failed: &AtomicUsize, stop: &AtomicBool) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn writer(
     items: Receiver<ToWrite>,
     outcomes: Sender<Outcome>,
     job: &SegmentJob,
     engine: &Engine,
+    files: &OutputWriter,
     progress: &dyn Progress,
     stop: &AtomicBool,
     failed: &AtomicUsize,
 ) {
     for item in items.iter() {
         let image = item.input.path.display().to_string();
-        let outcome = match write_outputs(&item, job, engine) {
+        let outcome = match write_outputs(&item, job, engine, files) {
             Ok(()) => Outcome {
                 image,
                 ok: true,
@@ -340,13 +351,40 @@ fn output_paths(job: &SegmentJob, input: &InputImage) -> Vec<PathBuf> {
             &format!("overlay.{}", fmt.extension()),
         ));
     }
+    if job.outputs.scores {
+        for q in 0..job.queries.specs.len() {
+            paths.push(output_path(job, input, &format!("score{}.png", q + 1)));
+        }
+    }
     if job.outputs.json {
         paths.push(output_path(job, input, "json"));
     }
     paths
 }
 
-/// True when every output exists and is newer than the input (resume).
+/// `--out` inside (or equal to) a folder being segmented would have the next run read this run's outputs as
+/// images; refused before anything is written.
+fn refuse_output_inside_input(out: &Path, images: &[InputImage]) -> Result<()> {
+    let roots: std::collections::BTreeSet<&Path> = images
+        .iter()
+        .filter_map(|i| i.folder_root.as_deref())
+        .collect();
+    for root in roots {
+        if let Some(Overlap::Same | Overlap::Inside) = paths::overlap(out, root) {
+            bail!(
+                "--out {} is inside the input folder {}: its outputs would be read as input images by the next \
+                 run; choose an --out outside {}",
+                out.display(),
+                root.display(),
+                root.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// True when every output exists and is newer than the input (resume). The outputs are written as one unit
+/// whose last file (the sidecar when there is one) appears last, so this holds only for a complete unit.
 fn outputs_fresh(job: &SegmentJob, input: &InputImage) -> bool {
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let Some(source) = modified(&input.path) else {
@@ -360,14 +398,18 @@ fn outputs_fresh(job: &SegmentJob, input: &InputImage) -> bool {
 }
 
 fn probe_writable(dir: &Path) -> Result<()> {
-    tempfile::Builder::new()
-        .prefix(".tclseg-write-check")
-        .tempfile_in(dir)
+    temp_file_in(dir)
         .map(drop)
         .with_context(|| format!("the output folder {} is not writable", dir.display()))
 }
 
-fn write_outputs(item: &ToWrite, job: &SegmentJob, engine: &Engine) -> Result<()> {
+/// Encodes every output of one image, then writes them as one unit (sidecar last).
+fn write_outputs(
+    item: &ToWrite,
+    job: &SegmentJob,
+    engine: &Engine,
+    files: &OutputWriter,
+) -> Result<()> {
     let start = Instant::now();
     let seg = &item.segmentation;
     let (w, h) = (seg.width, seg.height);
@@ -375,28 +417,29 @@ fn write_outputs(item: &ToWrite, job: &SegmentJob, engine: &Engine) -> Result<()
         .queries
         .output_labels(seg, job.settings.background.is_some());
     let palette = &job.queries.palette;
+    let mut unit = Vec::new();
     if job.outputs.labels {
-        let bytes = label_png::encode(&labels, w, h, palette)?;
-        write_atomic(&output_path(job, &item.input, "labels.png"), &bytes)?;
+        unit.push(OutputFile {
+            path: output_path(job, &item.input, "labels.png"),
+            bytes: label_png::encode(&labels, w, h, palette)?,
+        });
     }
     if let Some(fmt) = job.outputs.overlay {
         let rendered = overlay::render(&item.image, &labels, palette, 0.5);
-        let bytes = overlay::encode(&rendered, fmt)?;
-        write_atomic(
-            &output_path(job, &item.input, &format!("overlay.{}", fmt.extension())),
-            &bytes,
-        )?;
+        unit.push(OutputFile {
+            path: output_path(job, &item.input, &format!("overlay.{}", fmt.extension())),
+            bytes: overlay::encode(&rendered, fmt)?,
+        });
     }
     if job.outputs.scores {
         if let Some(scores) = &seg.scores {
             let offset = usize::from(job.settings.background.is_some());
             for q in 0..job.queries.specs.len() {
                 let plane = &scores[(q + offset) * w * h..(q + offset + 1) * w * h];
-                let bytes = encode_scores(plane, w, h)?;
-                write_atomic(
-                    &output_path(job, &item.input, &format!("score{}.png", q + 1)),
-                    &bytes,
-                )?;
+                unit.push(OutputFile {
+                    path: output_path(job, &item.input, &format!("score{}.png", q + 1)),
+                    bytes: encode_scores(plane, w, h)?,
+                });
             }
         }
     }
@@ -408,10 +451,12 @@ fn write_outputs(item: &ToWrite, job: &SegmentJob, engine: &Engine) -> Result<()
             &labels,
             start.elapsed().as_secs_f64() * 1e3,
         );
-        let bytes = serde_json::to_vec_pretty(&sidecar)?;
-        write_atomic(&output_path(job, &item.input, "json"), &bytes)?;
+        unit.push(OutputFile {
+            path: output_path(job, &item.input, "json"),
+            bytes: serde_json::to_vec_pretty(&sidecar)?,
+        });
     }
-    Ok(())
+    files.write_unit(&item.input.path.display().to_string(), unit)
 }
 
 fn encode_scores(plane: &[f32], w: usize, h: usize) -> Result<Vec<u8>> {

@@ -26,8 +26,9 @@
 //! ```
 
 pub mod diff;
+mod paths;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -35,7 +36,7 @@ use serde::Deserialize;
 
 use crate::queries::{QuerySet, QuerySpec};
 use crate::sink::template::PathTemplate;
-use crate::source::SourceSpec;
+use crate::source::{SourceKind, SourceSpec};
 
 /// Every problem found in a config file, each with where it is.
 #[derive(Debug)]
@@ -323,7 +324,7 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
         ));
     }
     let mut names = BTreeSet::new();
-    let mut dirs: BTreeMap<PathBuf, String> = BTreeMap::new();
+    let mut folders: Vec<paths::PipelinePaths> = Vec::new();
     let mut plans = Vec::new();
     for (i, p) in cfg.pipelines.iter().enumerate() {
         let at = format!("pipeline[{i}] '{}'", p.name);
@@ -415,10 +416,21 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
         let out = &p.output;
         if out.dir.as_os_str().is_empty() {
             errors.push(format!("{at}.output.dir: empty"));
-        } else if let Some(other) = dirs.insert(out.dir.clone(), p.name.clone()) {
-            errors.push(format!(
-                "{at}.output.dir: pipeline '{other}' writes to the same folder; give each its own (retention would delete the other's files)"
-            ));
+        } else {
+            let retention = out.retention_hours.is_some() || out.retention_mb.is_some();
+            folders.push(paths::PipelinePaths {
+                at: at.clone(),
+                name: p.name.clone(),
+                output: out.dir.clone(),
+                watched: match source.as_ref().map(SourceSpec::kind) {
+                    Some(SourceKind::Folder { dir, .. }) => Some(dir.clone()),
+                    _ => None,
+                },
+                file_under_retention: match source.as_ref().map(SourceSpec::kind) {
+                    Some(SourceKind::VideoFile(file)) if retention => Some(file.clone()),
+                    _ => None,
+                },
+            });
         }
         let template = match PathTemplate::parse(&out.path) {
             Ok(t) => Some(t),
@@ -479,6 +491,7 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
             }
         }
     }
+    paths::check(&folders, &mut errors);
     if errors.is_empty() {
         Ok(plans)
     } else {

@@ -180,9 +180,7 @@ impl Pipeline {
                 out_dir.display()
             )
         })?;
-        tempfile::Builder::new()
-            .prefix(".tclseg-write-check")
-            .tempfile_in(&out_dir)
+        crate::sink::atomic::temp_file_in(&out_dir)
             .map(drop)
             .with_context(|| {
                 format!(

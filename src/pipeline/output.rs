@@ -1,6 +1,6 @@
-//! A pipeline's output thread: per frame, the label PNG, the overlay image, the JSON sidecar (each written to a
-//! temp file and renamed), a JSON line appended to `<pipeline>.jsonl`, and a frame of the overlay video; then
-//! the retention sweep every `SWEEP_EVERY`. It runs off the inference path: a slow disk delays only this
+//! A pipeline's output thread: per frame, the label PNG, the overlay image and the JSON sidecar (one unit:
+//! `sink::files`, sidecar last), a JSON line appended to `<pipeline>.jsonl`, and a frame of the overlay video;
+//! then the retention sweep every `SWEEP_EVERY`. It runs off the inference path: a slow disk delays only this
 //! pipeline's outputs.
 
 use std::fs::File;
@@ -14,19 +14,28 @@ use crossbeam::channel::Receiver;
 
 use super::{Segmented, Shared};
 use crate::model::Engine;
+use crate::sink::atomic::sweep_stale_temps;
+use crate::sink::files::{OutputFile, OutputWriter};
+use crate::sink::label_png;
 use crate::sink::overlay::{self, OverlayFormat};
 use crate::sink::retention::{self, Retention};
 use crate::sink::sidecar::{FrameInfo, ModelInfo, SettingsInfo, Sidecar, Timings};
 use crate::sink::template::{utc_date_time, TemplateValues};
 use crate::sink::video::VideoWriter;
-use crate::sink::{label_png, write_atomic};
 use crate::telemetry::{DropReason, Stage};
 
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
+/// Output paths remembered for the collision check (three files per frame: about 100k frames). Names are unique
+/// by construction (the template must hold `{frame}` or `{name}`); this is the guard that turns a mistake into
+/// an error instead of an overwrite.
+const REMEMBERED_OUTPUTS: usize = 300_000;
+
 pub fn run(shared: &Shared, results: Receiver<Segmented>, engine: &Engine) {
     let out = &shared.plan.config.output;
-    remove_stale_temp_files(&out.dir);
+    // The folder is this pipeline's alone (config validation refuses overlaps): its whole tree is ours to sweep.
+    sweep_stale_temps(&out.dir, true);
+    let files = OutputWriter::new(Some(REMEMBERED_OUTPUTS));
     let jsonl_path = out.dir.join(format!("{}.jsonl", shared.name()));
     let mut jsonl: Option<File> = None;
     let mut video: Option<VideoWriter> = None;
@@ -44,6 +53,7 @@ pub fn run(shared: &Shared, results: Receiver<Segmented>, engine: &Engine) {
             shared,
             &item,
             engine,
+            &files,
             &jsonl_path,
             &mut jsonl,
             &mut video,
@@ -87,10 +97,12 @@ pub fn run(shared: &Shared, results: Receiver<Segmented>, engine: &Engine) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn write_frame(
     shared: &Shared,
     item: &Segmented,
     engine: &Engine,
+    files: &OutputWriter,
     jsonl_path: &Path,
     jsonl: &mut Option<File>,
     video: &mut Option<VideoWriter>,
@@ -118,11 +130,12 @@ fn write_frame(
         name.push(suffix);
         PathBuf::from(name)
     };
+    let mut unit = Vec::new();
     if out.labels {
-        write_atomic(
-            &with_suffix("labels.png"),
-            &label_png::encode(&labels, w, h, palette)?,
-        )?;
+        unit.push(OutputFile {
+            path: with_suffix("labels.png"),
+            bytes: label_png::encode(&labels, w, h, palette)?,
+        });
     }
     let needs_overlay = out.overlay.is_some() || (out.video.is_some() && !*video_failed);
     let rendered = needs_overlay.then(|| overlay::render(&item.frame.image, &labels, palette, 0.5));
@@ -132,10 +145,10 @@ fn write_frame(
         } else {
             OverlayFormat::Jpeg
         };
-        write_atomic(
-            &with_suffix(&format!("overlay.{}", format.extension())),
-            &overlay::encode(img, format)?,
-        )?;
+        unit.push(OutputFile {
+            path: with_suffix(&format!("overlay.{}", format.extension())),
+            bytes: overlay::encode(img, format)?,
+        });
     }
     if let (Some(name), Some(img)) = (&out.video, &rendered) {
         if !*video_failed {
@@ -161,72 +174,62 @@ fn write_frame(
             }
         }
     }
-    if out.json || out.jsonl {
-        let sidecar = Sidecar {
-            image: match &item.frame.file {
-                Some((_, path)) => path.display().to_string(),
-                None => shared.plan.source.redacted(),
-            },
-            frame: Some(FrameInfo {
-                pipeline: shared.name().to_string(),
-                source: shared.plan.source.redacted(),
-                sequence: item.frame.sequence,
-                pts_ns: item.frame.pts_ns,
-                wall_ms: item.frame.wall_ms,
-                latency_ms: item.frame.captured.elapsed().as_secs_f64() * 1e3,
-            }),
-            width: w,
-            height: h,
-            model: ModelInfo::of(engine),
-            settings: SettingsInfo {
-                pamr: q.settings.pamr,
-                kp_weight: q.settings.kp_weight,
-                background: q.settings.background,
-            },
-            classes: q.queries.class_results(&labels, &seg.best, w, h),
-            timings_ms: Timings {
-                decode: item.taken.duration_since(item.frame.captured).as_secs_f64() * 1e3,
-                inference: item.infer.as_secs_f64() * 1e3,
-                write: write_start.elapsed().as_secs_f64() * 1e3,
-            },
-        };
-        if out.jsonl {
-            if jsonl.is_none() {
-                *jsonl = Some(
-                    File::options()
-                        .create(true)
-                        .append(true)
-                        .open(jsonl_path)
-                        .with_context(|| format!("cannot open {}", jsonl_path.display()))?,
-                );
-            }
-            if let Some(f) = jsonl.as_mut() {
-                let mut line = serde_json::to_vec(&sidecar)?;
-                line.push(b'\n');
-                // One write per line: a reader sees whole lines (a crash can cut only the last one).
-                f.write_all(&line)
-                    .with_context(|| format!("cannot append to {}", jsonl_path.display()))?;
-            }
+    let sidecar = (out.json || out.jsonl).then(|| Sidecar {
+        image: match &item.frame.file {
+            Some((_, path)) => path.display().to_string(),
+            None => shared.plan.source.redacted(),
+        },
+        frame: Some(FrameInfo {
+            pipeline: shared.name().to_string(),
+            source: shared.plan.source.redacted(),
+            sequence: item.frame.sequence,
+            pts_ns: item.frame.pts_ns,
+            wall_ms: item.frame.wall_ms,
+            latency_ms: item.frame.captured.elapsed().as_secs_f64() * 1e3,
+        }),
+        width: w,
+        height: h,
+        model: ModelInfo::of(engine),
+        settings: SettingsInfo {
+            pamr: q.settings.pamr,
+            kp_weight: q.settings.kp_weight,
+            background: q.settings.background,
+        },
+        classes: q.queries.class_results(&labels, &seg.best, w, h),
+        timings_ms: Timings {
+            decode: item.taken.duration_since(item.frame.captured).as_secs_f64() * 1e3,
+            inference: item.infer.as_secs_f64() * 1e3,
+            write: write_start.elapsed().as_secs_f64() * 1e3,
+        },
+    });
+    if let (true, Some(sidecar)) = (out.json, &sidecar) {
+        unit.push(OutputFile {
+            path: with_suffix("json"),
+            bytes: serde_json::to_vec_pretty(sidecar)?,
+        });
+    }
+    let owner = match &item.frame.file {
+        Some((_, path)) => path.display().to_string(),
+        None => format!("frame {}", item.frame.sequence),
+    };
+    files.write_unit(&owner, unit)?;
+    if let (true, Some(sidecar)) = (out.jsonl, &sidecar) {
+        if jsonl.is_none() {
+            *jsonl = Some(
+                File::options()
+                    .create(true)
+                    .append(true)
+                    .open(jsonl_path)
+                    .with_context(|| format!("cannot open {}", jsonl_path.display()))?,
+            );
         }
-        if out.json {
-            write_atomic(&with_suffix("json"), &serde_json::to_vec_pretty(&sidecar)?)?;
+        if let Some(f) = jsonl.as_mut() {
+            let mut line = serde_json::to_vec(sidecar)?;
+            line.push(b'\n');
+            // One write per line: a reader sees whole lines (a crash can cut only the last one).
+            f.write_all(&line)
+                .with_context(|| format!("cannot append to {}", jsonl_path.display()))?;
         }
     }
     Ok(())
-}
-
-/// Temp files left by a killed process (`.<name>.<random>.tmp`): never visible as outputs, removed at start.
-fn remove_stale_temp_files(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().to_string();
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_stale_temp_files(&path);
-        } else if name.starts_with('.') && name.ends_with(".tmp") {
-            let _ = std::fs::remove_file(&path);
-        }
-    }
 }

@@ -1,10 +1,12 @@
 //! Writers for segmentation results: label PNGs, colour overlays, JSON sidecars with COCO RLE. Every file is
 //! written to a temporary sibling and renamed into place, so a reader (or a crash) never sees half a file and
-//! an earlier result is never damaged.
+//! an earlier result is never damaged; `files` writes one image's outputs as one unit.
 
 pub mod atomic;
+pub mod files;
 pub mod label_png;
 pub mod overlay;
+pub mod paths;
 pub mod retention;
 pub mod rle;
 pub mod sidecar;

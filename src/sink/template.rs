@@ -1,6 +1,8 @@
-//! Output path templates, e.g. `{date}/{pipeline}-{frame}`: parsed once at config load (unknown names and
-//! escaping paths are config errors), rendered per frame into a relative path whose every component is
-//! sanitized, so no value, however odd, can name a file outside the output root.
+//! Output path templates, e.g. `{date}/{pipeline}-{frame}`: parsed once at config load (unknown names,
+//! escaping paths and templates that would give two frames one name are config errors), rendered per frame into
+//! a relative path whose every component is sanitized, so no value, however odd, can name a file outside the
+//! output root. Sanitizing is one-to-one (percent-encoding, not replacement), so two distinct image names never
+//! render to the same output name.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -16,7 +18,8 @@ enum Part {
     Time,
     /// Frame sequence number, zero-padded to 8 digits.
     Frame,
-    /// Folder sources: the image's path relative to the folder, without extension; streams: `frame-<sequence>`.
+    /// Folder sources: the image's path relative to the folder, extension included (`x.png` and `x.jpg` are
+    /// two images); streams: `frame-<sequence>`.
     Name,
 }
 
@@ -66,6 +69,11 @@ impl PathTemplate {
         if !rest.is_empty() {
             parts.push(Part::Text(rest.to_string()));
         }
+        if !parts.iter().any(|p| matches!(p, Part::Frame | Part::Name)) {
+            bail!(
+                "'{text}' gives every frame the same name, so each would replace the last; include {{frame}} or {{name}}"
+            );
+        }
         for part in &parts {
             if let Part::Text(t) = part {
                 if t.contains('}') {
@@ -94,7 +102,7 @@ impl PathTemplate {
                 Part::Time => text.push_str(&time),
                 Part::Frame => text.push_str(&format!("{:08}", v.sequence)),
                 Part::Name => match v.name {
-                    Some(name) => text.push_str(&name.with_extension("").to_string_lossy()),
+                    Some(name) => text.push_str(&name.to_string_lossy()),
                     None => text.push_str(&format!("frame-{:08}", v.sequence)),
                 },
             }
@@ -113,23 +121,24 @@ impl PathTemplate {
     }
 }
 
-/// Keeps letters, digits, '-', '_', '.' (not leading); everything else becomes '_'. "." and ".." vanish.
+/// Keeps letters, digits, '-', '_', '.' (not leading); every other character (and a leading '.') becomes
+/// `%XX` per UTF-8 byte, '%' included, so distinct components stay distinct (`a b` → `a%20b`, `a_b` stays).
+/// "." and ".." vanish.
 fn sanitize(component: &str) -> String {
     if component == "." || component == ".." {
         return String::new();
     }
-    let mut s: String = component
-        .chars()
-        .map(|c| {
-            if c.is_alphanumeric() || c == '-' || c == '_' || c == '.' {
-                c
-            } else {
-                '_'
+    let mut s = String::with_capacity(component.len());
+    for (i, c) in component.chars().enumerate() {
+        let keep = c.is_alphanumeric() || c == '-' || c == '_' || (c == '.' && i > 0);
+        if keep {
+            s.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for byte in c.encode_utf8(&mut buf).bytes() {
+                s.push_str(&format!("%{byte:02X}"));
             }
-        })
-        .collect();
-    if s.starts_with('.') {
-        s.replace_range(0..1, "_");
+        }
     }
     s
 }
@@ -177,7 +186,7 @@ mod tests {
         let t = PathTemplate::parse("{name}").expect("valid");
         assert_eq!(
             t.render(&values(Some(Path::new("sub/dir/img.jpg")))),
-            PathBuf::from("sub/dir/img")
+            PathBuf::from("sub/dir/img.jpg")
         );
         assert_eq!(utc_date_time(0), ("1970-01-01".into(), "000000".into()));
         assert_eq!(utc_date_time(951_782_400_000).0, "2000-02-29");
@@ -192,16 +201,43 @@ mod tests {
             "{nope}",
             "{frame",
             "x}",
+            "{pipeline}/{date}",
         ] {
             assert!(PathTemplate::parse(bad).is_err(), "{bad}");
         }
         let t = PathTemplate::parse("{name}").expect("valid");
         let rendered = t.render(&values(Some(Path::new("../../etc/pass wd"))));
-        assert_eq!(rendered, PathBuf::from("etc/pass_wd"));
+        assert_eq!(rendered, PathBuf::from("etc/pass%20wd"));
         assert!(rendered
             .components()
             .all(|c| matches!(c, Component::Normal(_))));
         let hidden = t.render(&values(Some(Path::new(".hidden"))));
-        assert_eq!(hidden, PathBuf::from("_hidden"));
+        assert_eq!(hidden, PathBuf::from("%2Ehidden"));
+    }
+
+    #[test]
+    fn distinct_names_render_distinct_paths() {
+        let t = PathTemplate::parse("{date}/{name}").expect("valid");
+        let names = [
+            "shot.2026.01.png",
+            "shot.2026.02.png",
+            "x.png",
+            "x.jpg",
+            "a b.png",
+            "a_b.png",
+            "a%20b.png",
+            "_x.png",
+            ".x.png",
+            "sub/x.png",
+            "sub_x.png",
+            "é.png",
+        ];
+        let rendered: std::collections::BTreeSet<PathBuf> = names
+            .iter()
+            .map(|n| t.render(&values(Some(Path::new(n)))))
+            .collect();
+        assert_eq!(rendered.len(), names.len(), "{rendered:?}");
+        assert!(rendered.contains(&PathBuf::from("2026-11-18/shot.2026.01.png")));
+        assert!(rendered.contains(&PathBuf::from("2026-11-18/é.png")));
     }
 }

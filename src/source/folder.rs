@@ -73,7 +73,7 @@ pub fn run(
                         captured: received,
                         received,
                         wall_ms: crate::telemetry::unix_ms(),
-                        file: Some((image.relative.clone(), image.path.clone())),
+                        file: Some((image.name.clone(), image.path.clone())),
                     };
                     if !sink.push(frame) {
                         return RunEnd::Stopped;

@@ -1,7 +1,14 @@
 //! Turning `INPUT...` (files, folders searched recursively, glob patterns) into a sorted list of images, each
 //! with the relative path its outputs mirror under `--out`.
+//!
+//! Output names are unique by construction. Every image belongs to a root: a folder given (or matched by a glob)
+//! is the root of the images under it; a file given (or matched) has its own folder as root. With one root the
+//! outputs mirror the tree under it (`in/sub/a.jpg` → `sub/a`); with several, each root gets a sub-folder named
+//! after it (`c1/same.jpg`, `c2/same.jpg` → `c1/same`, `c2/same`), `-2`, `-3`... added in command-line order when
+//! two roots have the same name (`a/imgs`, `b/imgs` → `imgs`, `imgs-2`). Two images whose mirrored paths differ
+//! only by extension keep their extensions (`a.jpg`, `a.png`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -16,6 +23,10 @@ pub struct InputImage {
     pub path: PathBuf,
     /// Output location relative to `--out`, without extension: `sub/dir/name`.
     pub relative: PathBuf,
+    /// The image's path under its root, full file name: `sub/dir/name.jpg`.
+    pub name: PathBuf,
+    /// The folder input (given or matched by a glob) this image was found under; None for a file named directly.
+    pub folder_root: Option<PathBuf>,
 }
 
 fn is_image(path: &Path) -> bool {
@@ -24,34 +35,36 @@ fn is_image(path: &Path) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-/// Expands the inputs. A folder contributes its images (recursively) with paths relative to it; a file or a glob
-/// match contributes itself by file name. A name that matches nothing is an error; two inputs mapping to the same
-/// output are kept apart by their extension.
+/// An image found, before output names are assigned.
+struct Found {
+    path: PathBuf,
+    name: PathBuf,
+    /// The canonical root folder (for files: their folder).
+    root: PathBuf,
+    folder_root: Option<PathBuf>,
+}
+
+/// Expands the inputs (see the module doc for the output names). A name that matches nothing is an error; the
+/// same file reached twice is segmented once.
 pub fn expand(inputs: &[String]) -> Result<Vec<InputImage>> {
-    let mut found: BTreeMap<PathBuf, InputImage> = BTreeMap::new();
+    let mut found: BTreeMap<PathBuf, Found> = BTreeMap::new();
+    // Roots in order of first appearance.
+    let mut roots: Vec<PathBuf> = Vec::new();
     for input in inputs {
         let path = PathBuf::from(input);
         let before = found.len();
         if path.is_dir() {
-            walk(&path, &path, &mut found)?;
+            walk(&path, &path, &mut found, &mut roots)?;
         } else if path.exists() {
-            add(
-                &path,
-                Path::new(path.file_name().unwrap_or(path.as_os_str())),
-                &mut found,
-            );
+            add_file(&path, &mut found, &mut roots);
         } else if input.contains(['*', '?', '[']) {
             let matches =
                 glob::glob(input).with_context(|| format!("bad glob pattern '{input}'"))?;
             for entry in matches.flatten() {
                 if entry.is_dir() {
-                    walk(&entry, &entry, &mut found)?;
+                    walk(&entry, &entry, &mut found, &mut roots)?;
                 } else if is_image(&entry) {
-                    add(
-                        &entry,
-                        Path::new(entry.file_name().unwrap_or(entry.as_os_str())),
-                        &mut found,
-                    );
+                    add_file(&entry, &mut found, &mut roots);
                 }
             }
         } else {
@@ -64,34 +77,102 @@ pub fn expand(inputs: &[String]) -> Result<Vec<InputImage>> {
             );
         }
     }
+    let labels = root_labels(&roots);
+    let mirrored = |f: &Found| -> PathBuf {
+        match labels.get(&f.root) {
+            Some(label) if roots.len() > 1 => Path::new(label).join(&f.name),
+            _ => f.name.clone(),
+        }
+    };
     // Mirror paths without extension must be unique: `a.jpg` and `a.png` in one folder keep their extension.
-    let mut by_relative: BTreeMap<PathBuf, usize> = BTreeMap::new();
-    for image in found.values() {
-        *by_relative
-            .entry(image.relative.with_extension(""))
-            .or_default() += 1;
+    let mut by_stem: BTreeMap<PathBuf, usize> = BTreeMap::new();
+    for f in found.values() {
+        *by_stem.entry(mirrored(f).with_extension("")).or_default() += 1;
     }
     Ok(found
-        .into_values()
-        .map(|mut image| {
-            let stem = image.relative.with_extension("");
-            if by_relative.get(&stem).copied().unwrap_or(0) == 1 {
-                image.relative = stem;
+        .values()
+        .map(|f| {
+            let full = mirrored(f);
+            let stem = full.with_extension("");
+            InputImage {
+                path: f.path.clone(),
+                relative: if by_stem.get(&stem).copied().unwrap_or(0) == 1 {
+                    stem
+                } else {
+                    full
+                },
+                name: f.name.clone(),
+                folder_root: f.folder_root.clone(),
             }
-            image
         })
         .collect())
 }
 
-fn add(path: &Path, relative: &Path, found: &mut BTreeMap<PathBuf, InputImage>) {
-    let key = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    found.entry(key).or_insert_with(|| InputImage {
-        path: path.to_path_buf(),
-        relative: relative.to_path_buf(),
-    });
+/// A sub-folder name per root: its folder name, `-2`, `-3`... when taken.
+fn root_labels(roots: &[PathBuf]) -> BTreeMap<PathBuf, String> {
+    let mut taken = BTreeSet::new();
+    let mut labels = BTreeMap::new();
+    for root in roots {
+        let base = root
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "root".into());
+        let mut label = base.clone();
+        let mut n = 2;
+        while !taken.insert(label.clone()) {
+            label = format!("{base}-{n}");
+            n += 1;
+        }
+        labels.insert(root.clone(), label);
+    }
+    labels
 }
 
-fn walk(root: &Path, dir: &Path, found: &mut BTreeMap<PathBuf, InputImage>) -> Result<()> {
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+fn add_file(path: &Path, found: &mut BTreeMap<PathBuf, Found>, roots: &mut Vec<PathBuf>) {
+    let name = PathBuf::from(path.file_name().unwrap_or(path.as_os_str()));
+    let folder = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    add(path, name, canonical(folder), None, found, roots);
+}
+
+fn add(
+    path: &Path,
+    name: PathBuf,
+    root: PathBuf,
+    folder_root: Option<PathBuf>,
+    found: &mut BTreeMap<PathBuf, Found>,
+    roots: &mut Vec<PathBuf>,
+) {
+    let key = canonical(path);
+    if found.contains_key(&key) {
+        return;
+    }
+    if !roots.contains(&root) {
+        roots.push(root.clone());
+    }
+    found.insert(
+        key,
+        Found {
+            path: path.to_path_buf(),
+            name,
+            root,
+            folder_root,
+        },
+    );
+}
+
+fn walk(
+    root: &Path,
+    dir: &Path,
+    found: &mut BTreeMap<PathBuf, Found>,
+    roots: &mut Vec<PathBuf>,
+) -> Result<()> {
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot list folder {}", dir.display()))?;
     for entry in entries {
@@ -101,10 +182,17 @@ fn walk(root: &Path, dir: &Path, found: &mut BTreeMap<PathBuf, InputImage>) -> R
             continue;
         };
         if kind.is_dir() {
-            walk(root, &path, found)?;
+            walk(root, &path, found, roots)?;
         } else if is_image(&path) {
-            let relative = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
-            add(&path, &relative, found);
+            let name = path.strip_prefix(root).unwrap_or(&path).to_path_buf();
+            add(
+                &path,
+                name,
+                canonical(root),
+                Some(root.to_path_buf()),
+                found,
+                roots,
+            );
         }
     }
     Ok(())
@@ -149,5 +237,40 @@ mod tests {
             .map(|i| i.relative.display().to_string())
             .collect();
         assert_eq!(rel, ["a.jpg", "a.png"]);
+    }
+
+    fn relatives(images: &[InputImage]) -> Vec<String> {
+        images
+            .iter()
+            .map(|i| i.relative.display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn several_roots_get_a_sub_folder_each() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let root = dir.path();
+        for f in ["c1/same.jpg", "c2/same.jpg", "a/imgs/x.png", "b/imgs/x.png"] {
+            std::fs::create_dir_all(root.join(f).parent().expect("parent")).expect("mkdir");
+            std::fs::write(root.join(f), b"").expect("write");
+        }
+        let arg = |p: &str| root.join(p).display().to_string();
+        let files = expand(&[arg("c2/same.jpg"), arg("c1/same.jpg")]).expect("files");
+        let mut rel = relatives(&files);
+        rel.sort();
+        assert_eq!(rel, ["c1/same", "c2/same"]);
+        let folders = expand(&[arg("a/imgs"), arg("b/imgs"), arg("c1")]).expect("folders");
+        let by_path: BTreeMap<PathBuf, String> = folders
+            .iter()
+            .map(|i| (i.path.clone(), i.relative.display().to_string()))
+            .collect();
+        assert_eq!(by_path[&root.join("a/imgs/x.png")], "imgs/x");
+        assert_eq!(by_path[&root.join("b/imgs/x.png")], "imgs-2/x");
+        assert_eq!(by_path[&root.join("c1/same.jpg")], "c1/same");
+        assert!(folders.iter().all(|i| i.folder_root.is_some()));
+        // Files of one folder are one root: no sub-folder.
+        let one = expand(&[arg("a/imgs/x.png"), arg("a/imgs")]).expect("one root");
+        assert_eq!(relatives(&one), ["x"]);
+        assert_eq!(one[0].name, PathBuf::from("x.png"));
     }
 }

@@ -177,7 +177,8 @@ pub struct Frame {
     pub received: Instant,
     /// Wall time it was received, ms since the Unix epoch.
     pub wall_ms: u64,
-    /// Folder sources: the image's path relative to the folder (outputs mirror it); its source file.
+    /// Folder sources: the image's path relative to the folder, extension included (outputs mirror it); its
+    /// source file.
     pub file: Option<(PathBuf, PathBuf)>,
 }
 

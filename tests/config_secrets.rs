@@ -79,9 +79,7 @@ fn broken_pipelines(dir: &Path) -> Vec<(&'static str, String)> {
         ),
         (
             "a URI that does not parse, password with a raw '/'",
-            table(&format!(
-                "source = \"gopher://admin:hun/ter2S3cret@cam/s1\""
-            )),
+            table("source = \"gopher://admin:hun/ter2S3cret@cam/s1\""),
         ),
         (
             "source_file holding something that is not a URI",

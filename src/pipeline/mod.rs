@@ -314,3 +314,32 @@ impl Pipeline {
         tracing::info!(pipeline = %self.name(), "pipeline stopped");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_that_panics_marks_its_pipeline_not_running() {
+        let metrics = Arc::new(PipelineMetrics::default());
+        let watched = Arc::clone(&metrics);
+        let joined = std::thread::spawn(move || {
+            let _watch = PanicWatch::new(&watched, "output");
+            panic!("a bug");
+        })
+        .join();
+        assert!(joined.is_err());
+        let why = metrics.failure().expect("marked as not running");
+        assert!(why.contains("output thread panicked"), "{why}");
+
+        // A thread that ends normally (a file's end, a stop) leaves it running.
+        let metrics = Arc::new(PipelineMetrics::default());
+        let watched = Arc::clone(&metrics);
+        std::thread::spawn(move || {
+            let _watch = PanicWatch::new(&watched, "source");
+        })
+        .join()
+        .expect("join");
+        assert_eq!(metrics.failure(), None);
+    }
+}

@@ -255,3 +255,43 @@ fn a_pipeline_that_cannot_start_keeps_the_daemon_not_ready_until_a_reload_fixes_
     });
     assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
 }
+
+#[test]
+fn a_source_being_retried_counts_as_ready_and_http_off_still_stops_cleanly() {
+    // A camera that is down: its pipeline runs (retrying), so the daemon is ready.
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let dead = format!(
+        "[[pipeline]]\nname = \"dead\"\nsource = \"rtsp://viewer:pw@127.0.0.1:1/x\"\nqueries = [\"x\"]\nwatchdog_s = 0.1\nbackoff_initial_s = 0.01\nbackoff_max_s = 0.01\n[pipeline.output]\ndir = \"{}\"\n",
+        dir.path().join("out").display()
+    );
+    let text = format!("{}{dead}", globals(&format!("127.0.0.1:{port}")));
+    let mut serve = Serve::start(dir.path(), &text, port);
+    wait_until("ready while retrying", Duration::from_secs(90), || {
+        serve.get("/readyz").code == 200
+    });
+    wait_until("retries", Duration::from_secs(30), || {
+        serve
+            .get("/metrics")
+            .body
+            .contains("tclseg_reconnects_total{pipeline=\"dead\"} ")
+            && !serve
+                .get("/metrics")
+                .body
+                .contains("tclseg_reconnects_total{pipeline=\"dead\"} 0\n")
+    });
+    assert_eq!(serve.get("/readyz").code, 200);
+    assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
+
+    // HTTP off: READY=1 still comes, and SIGTERM still stops it cleanly.
+    let dir = tempfile::tempdir().expect("tmp");
+    let text = format!(
+        "{}{}",
+        globals(""),
+        folder_pipeline("p", &dir.path().join("in"), &dir.path().join("out"), "")
+    );
+    let mut serve = Serve::start(dir.path(), &text, 0);
+    let mut notes = Vec::new();
+    serve.wait_started(&mut notes);
+    assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
+}

@@ -295,3 +295,33 @@ fn a_source_being_retried_counts_as_ready_and_http_off_still_stops_cleanly() {
     serve.wait_started(&mut notes);
     assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
 }
+
+#[test]
+fn sigterm_during_a_start_up_that_never_ends_stops_at_once() {
+    // The model's manifest is a FIFO nobody writes: loading it blocks for good, as a hung disk would.
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).expect("mkdir");
+    let made = Command::new("mkfifo")
+        .arg(model.join("model.toml"))
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success());
+    let port = free_port();
+    let text = format!(
+        "[model]\ndevice = \"cpu\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{}",
+        folder_pipeline("p", &dir.path().join("in"), &dir.path().join("out"), "")
+    );
+    let mut serve = Serve::start_with_env(dir.path(), &text, port, &[("TCLSEG_MODEL", &model)]);
+    wait_until("HTTP up", Duration::from_secs(30), || {
+        serve.get("/livez").code == 200
+    });
+    assert_eq!(serve.get("/readyz").code, 503);
+    let status = serve.terminate(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{}", serve.log_text());
+    assert!(
+        serve.log_text().contains("SIGTERM during start-up"),
+        "{}",
+        serve.log_text()
+    );
+}

@@ -3,7 +3,9 @@
 //! Start-up: load and validate the config (every error reported), start HTTP (`/livez` answers at once,
 //! `/readyz` only once warm), load the model and warm it up, start every pipeline whose output folder works
 //! (a camera that is down does not hold anything up: its supervisor keeps retrying), start the inference worker,
-//! then tell systemd READY=1.
+//! then tell systemd READY=1. SIGTERM/SIGINT during start-up stop it at once. Readiness (`/readyz`) also needs
+//! every configured pipeline running: one that failed to start or lost a thread is named there, in `/status`
+//! and in the STATUS line.
 //!
 //! Control: SIGHUP or `POST /reload` applies the config diff (see `config::diff`); an invalid new config is
 //! rejected with its errors and the old one keeps running. SIGTERM/SIGINT drain: sources stop, queued frames are
@@ -110,7 +112,10 @@ pub fn run(
         .build()
         .context("cannot start the tokio runtime")?;
     let model_dir = resolve_model(config.model.path.clone())?;
-    runtime.block_on(serve(config_path.to_path_buf(), config, plans, model_dir))
+    let result = runtime.block_on(serve(config_path.to_path_buf(), config, plans, model_dir));
+    // Only a start-up abandoned by SIGTERM leaves a blocking task behind; do not wait for it.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn serve(
@@ -154,14 +159,26 @@ async fn serve(
         tokio::spawn(http::serve(listener, Arc::clone(&state), reload_tx.clone()));
     }
     notify::notify("STATUS=loading the model");
-    let daemon = {
+    let starting = {
         let state = Arc::clone(&state);
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
             Daemon::start(config_path, config, plans, &model_dir, state, telemetry)
         })
-        .await
-        .map_err(|e| anyhow!("start-up panicked: {e}"))??
+    };
+    // A start-up can take minutes (a TensorRT engine build, a model on a slow disk): a stop request during it
+    // is obeyed at once rather than after it. Nothing has been handed over yet, and whatever a half-started
+    // pipeline wrote is as safe as after a crash (atomic files, Matroska video).
+    let daemon = tokio::select! {
+        started = starting => started.map_err(|e| anyhow!("start-up panicked: {e}"))??,
+        _ = sigterm.recv() => {
+            stopped_during_start_up("SIGTERM");
+            return Ok(());
+        }
+        _ = sigint.recv() => {
+            stopped_during_start_up("SIGINT");
+            return Ok(());
+        }
     };
     let scheduler = Arc::clone(&daemon.scheduler);
     let daemon = Arc::new(Mutex::new(daemon));
@@ -214,6 +231,11 @@ async fn serve(
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+fn stopped_during_start_up(why: &str) {
+    tracing::info!("{why} during start-up: stopping without finishing it");
+    notify::notify("STOPPING=1\nSTATUS=stopped during start-up");
 }
 
 async fn blocking_reload(

@@ -92,6 +92,16 @@ pub struct Serve {
 impl Serve {
     /// Writes `config_text` to `dir/serve.toml` and starts `tclseg serve` on it; `port` is where its HTTP is.
     pub fn start(dir: &Path, config_text: &str, port: u16) -> Serve {
+        Serve::start_with_env(dir, config_text, port, &[])
+    }
+
+    /// `start` with extra environment variables.
+    pub fn start_with_env(
+        dir: &Path,
+        config_text: &str,
+        port: u16,
+        env: &[(&str, &Path)],
+    ) -> Serve {
         let config = dir.join("serve.toml");
         std::fs::write(&config, config_text).expect("write config");
         let socket = dir.join("notify.sock");
@@ -103,6 +113,7 @@ impl Serve {
         let log = dir.join("serve.log");
         let child = Command::new(env!("CARGO_BIN_EXE_tclseg"))
             .args(["serve", "--config", config.to_str().expect("utf-8")])
+            .envs(env.iter().copied())
             .env("NOTIFY_SOCKET", &socket)
             .env_remove("WATCHDOG_USEC")
             .env("TCLSEG_LOG", "info")

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -197,6 +197,8 @@ pub struct PipelineMetrics {
     pub queue_depth: AtomicU64,
     /// The source is delivering frames.
     pub connected: AtomicBool,
+    /// Why the pipeline is not running (it failed to start, or one of its threads died); None while it runs.
+    failure: Mutex<Option<String>>,
     latency: Vec<Histogram>,
 }
 
@@ -217,6 +219,7 @@ impl PipelineMetrics {
             last_frame_ms: AtomicU64::new(0),
             queue_depth: AtomicU64::new(0),
             connected: AtomicBool::new(false),
+            failure: Mutex::new(None),
             latency: Stage::ALL
                 .iter()
                 .map(|_| Histogram::new(&LATENCY_BUCKETS))
@@ -250,6 +253,19 @@ impl PipelineMetrics {
     pub fn latency(&self, stage: Stage) -> &Histogram {
         let i = Stage::ALL.iter().position(|s| *s == stage).unwrap_or(0);
         &self.latency[i]
+    }
+
+    /// Marks the pipeline as not running, and why (None: running again).
+    pub fn set_failure(&self, why: Option<String>) {
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = why;
+    }
+
+    /// Why the pipeline is not running; None while it runs (or retries its source).
+    pub fn failure(&self) -> Option<String> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Seconds since the last frame (None: no frame yet).
@@ -292,6 +308,9 @@ pub struct PipelineStatus {
     pub reconnects: u64,
     pub stalls: u64,
     pub connected: bool,
+    /// False when the pipeline failed to start or one of its threads died; `error` says why.
+    pub running: bool,
+    pub error: Option<String>,
     pub last_frame_age_s: Option<f64>,
     pub queue_depth: u64,
     /// Bucket upper bounds of the capture → written latency's p50 and p95.
@@ -313,6 +332,14 @@ impl Telemetry {
             map.entry(name.to_string())
                 .or_insert_with(|| Arc::new(PipelineMetrics::new())),
         )
+    }
+
+    /// The configured pipelines that are not running, with why: readiness needs this empty.
+    pub fn not_running(&self) -> Vec<(String, String)> {
+        let map = self.pipelines.read().unwrap_or_else(|e| e.into_inner());
+        map.iter()
+            .filter_map(|(name, m)| m.failure().map(|why| (name.clone(), why)))
+            .collect()
     }
 
     /// Forgets pipelines that are no longer configured.
@@ -338,6 +365,8 @@ impl Telemetry {
                         reconnects: m.reconnects.load(Ordering::Relaxed),
                         stalls: m.stalls.load(Ordering::Relaxed),
                         connected: m.connected.load(Ordering::Relaxed),
+                        running: m.failure().is_none(),
+                        error: m.failure(),
                         last_frame_age_s: m.last_frame_age(),
                         queue_depth: m.queue_depth.load(Ordering::Relaxed),
                         latency_p50_s: total.quantile_bound(0.5),
@@ -420,6 +449,12 @@ impl Telemetry {
             "tclseg_source_connected",
             "1 while the source delivers frames.",
             &|m| Some(f64::from(u8::from(m.connected.load(Ordering::Relaxed)))),
+        );
+        gauge(
+            &mut out,
+            "tclseg_pipeline_running",
+            "1 while the pipeline runs (its source may be retrying); 0 when it failed to start or a thread died.",
+            &|m| Some(f64::from(u8::from(m.failure().is_none()))),
         );
         gauge(
             &mut out,

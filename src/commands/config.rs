@@ -10,6 +10,9 @@ pub fn check(file: &Path) -> Result<ExitCode> {
     match tclseg::config::load(file) {
         Ok((config, plans)) => {
             println!("{}: ok", file.display());
+            for warning in tclseg::config::validate::warnings(&config) {
+                eprintln!("warning: {warning}");
+            }
             println!(
                 "  model: {} on {} ({})",
                 config

@@ -15,6 +15,7 @@
 //!
 //! [http]
 //! listen = "127.0.0.1:9480"    # "" turns the HTTP endpoints off
+//! token_file = "/etc/tclseg/http.token"   # bearer token for POST /reload; required off loopback
 //!
 //! [[pipeline]]
 //! name = "front-door"
@@ -27,10 +28,13 @@
 
 pub mod diff;
 mod paths;
+pub mod redact;
+pub mod validate;
 
 use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -42,6 +46,7 @@ use crate::source::{SourceKind, SourceSpec};
 #[derive(Debug)]
 pub struct ConfigErrors {
     pub file: PathBuf,
+    /// Already redacted (`redact::redact`): safe for logs and HTTP replies.
     pub errors: Vec<String>,
 }
 
@@ -127,13 +132,55 @@ impl Default for InferenceSection {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSection {
     pub listen: String,
+    /// A file holding the bearer token that `POST /reload` must carry. Required when `listen` is reachable
+    /// from other machines; when set, it is required on loopback too.
+    pub token_file: Option<PathBuf>,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
         HttpSection {
             listen: "127.0.0.1:9480".into(),
+            token_file: None,
         }
+    }
+}
+
+impl InferenceSection {
+    pub fn max_wait(&self) -> Duration {
+        validate::duration(self.max_wait_ms as f64, validate::ranges::MAX_WAIT_MS, 1e-3)
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        validate::duration(self.drain_timeout_s, validate::ranges::DRAIN_TIMEOUT_S, 1.0)
+    }
+}
+
+impl PipelineConfig {
+    pub fn watchdog(&self) -> Duration {
+        validate::duration(self.watchdog_s, validate::ranges::WATCHDOG_S, 1.0)
+    }
+
+    pub fn backoff_initial(&self) -> Duration {
+        validate::duration(self.backoff_initial_s, validate::ranges::BACKOFF_S, 1.0)
+    }
+
+    pub fn backoff_max(&self) -> Duration {
+        validate::duration(self.backoff_max_s, validate::ranges::BACKOFF_S, 1.0)
+    }
+}
+
+impl OutputConfig {
+    pub fn retention_age(&self) -> Option<Duration> {
+        self.retention_hours
+            .map(|h| validate::duration(h, validate::ranges::RETENTION_HOURS, 3600.0))
+    }
+
+    /// The size quota in bytes (the float-to-int cast saturates; the range keeps it far from that).
+    pub fn retention_bytes(&self) -> Option<u64> {
+        let r = validate::ranges::RETENTION_MB;
+        self.retention_mb
+            .map(|mb| (mb.clamp(r.min, r.max) * 1024.0 * 1024.0) as u64)
     }
 }
 
@@ -255,7 +302,7 @@ pub fn load_with_env(
 ) -> Result<(ServeConfig, Vec<PipelinePlan>), ConfigErrors> {
     let fail = |errors: Vec<String>| ConfigErrors {
         file: path.to_path_buf(),
-        errors,
+        errors: errors.iter().map(|e| redact::redact(e, &[])).collect(),
     };
     if !path.is_file() {
         return Err(fail(vec![format!(
@@ -266,6 +313,15 @@ pub fn load_with_env(
                 "no such file"
             }
         )]));
+    }
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let literal_errors = validate::check_number_literals(&text);
+            if !literal_errors.is_empty() {
+                return Err(fail(literal_errors));
+            }
+        }
+        Err(e) => return Err(fail(vec![format!("cannot read it: {e}")])),
     }
     // Only `TCLSEG_<SECTION>__<KEY>` variables override: TCLSEG_LOG and TCLSEG_MODEL mean other things.
     let overrides: config::Map<String, String> = env
@@ -287,9 +343,13 @@ pub fn load_with_env(
     Ok((built, plans))
 }
 
-/// Checks every field; returns all problems, each prefixed by where it is.
+/// Checks every field; returns all problems, each prefixed by where it is, redacted.
 pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
-    let mut errors = Vec::new();
+    let mut errors = validate::check_ranges(cfg);
+    errors.extend(validate::check_paths(cfg));
+    errors.extend(validate::check_http(cfg));
+    // What `*_file` keys held: scrubbed from every message below.
+    let mut file_secrets: Vec<String> = Vec::new();
     if !["auto", "cpu", "cuda", "tensorrt"].contains(&cfg.model.device.as_str()) {
         errors.push(format!(
             "model.device: '{}' is not one of auto, cpu, cuda, tensorrt",
@@ -307,15 +367,6 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
             "model.precision: '{}' is not one of fp32, fp16",
             cfg.model.precision
         ));
-    }
-    if cfg.inference.max_batch == 0 || cfg.inference.max_batch > 64 {
-        errors.push(format!(
-            "inference.max_batch: {} is outside 1..=64",
-            cfg.inference.max_batch
-        ));
-    }
-    if cfg.inference.drain_timeout_s.is_nan() || cfg.inference.drain_timeout_s <= 0.0 {
-        errors.push("inference.drain_timeout_s: must be above 0".into());
     }
     if !cfg.http.listen.is_empty() && cfg.http.listen.parse::<std::net::SocketAddr>().is_err() {
         errors.push(format!(
@@ -346,7 +397,10 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
         let uri = match (&p.source, &p.source_file) {
             (Some(uri), None) => Some(uri.trim().to_string()),
             (None, Some(file)) => match std::fs::read_to_string(file) {
-                Ok(text) => Some(text.trim().to_string()),
+                Ok(text) => {
+                    file_secrets.push(text.trim().to_string());
+                    Some(text.trim().to_string())
+                }
                 Err(e) => {
                     errors.push(format!(
                         "{at}.source_file: cannot read {}: {e}",
@@ -387,27 +441,6 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
                 errors.push(format!(
                     "{at}.bg_thresh: background comes from background queries here; remove one of the two"
                 ));
-            }
-        }
-        for (field, value) in [("bg_thresh", p.bg_thresh), ("kp_weight", p.kp_weight)] {
-            if let Some(v) = value {
-                if !(0.0..=1.0).contains(&v) {
-                    errors.push(format!("{at}.{field}: {v} is outside 0..1"));
-                }
-            }
-        }
-        if let Some(fps) = p.max_fps {
-            if !(fps > 0.0 && fps <= 1000.0) {
-                errors.push(format!("{at}.max_fps: {fps} is outside (0, 1000]"));
-            }
-        }
-        for (field, v) in [
-            ("watchdog_s", p.watchdog_s),
-            ("backoff_initial_s", p.backoff_initial_s),
-            ("backoff_max_s", p.backoff_max_s),
-        ] {
-            if !(v > 0.0 && v < 86_400.0) {
-                errors.push(format!("{at}.{field}: {v} must be above 0 and below a day"));
             }
         }
         if p.backoff_max_s < p.backoff_initial_s {
@@ -464,16 +497,6 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
                 "{at}.output: writes nothing; turn on labels, overlay, json, jsonl or video"
             ));
         }
-        for (field, v) in [
-            ("retention_hours", out.retention_hours),
-            ("retention_mb", out.retention_mb),
-        ] {
-            if let Some(v) = v {
-                if v.is_nan() || v <= 0.0 {
-                    errors.push(format!("{at}.output.{field}: {v} must be above 0"));
-                }
-            }
-        }
         if errors.len() == before {
             if let (Some(source), Some(queries), Some(template)) = (source, queries, template) {
                 let queue = p.queue.unwrap_or(if source.is_live() {
@@ -495,7 +518,10 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
     if errors.is_empty() {
         Ok(plans)
     } else {
-        Err(errors)
+        Err(errors
+            .iter()
+            .map(|e| redact::redact(e, &file_secrets))
+            .collect())
     }
 }
 

@@ -1,11 +1,17 @@
 //! The control plane over HTTP/1.1 on localhost: `/livez`, `/readyz`, `/metrics` (Prometheus), `/status` (JSON)
 //! and `POST /reload`. A deliberately small server on tokio: one request per connection, bounded request size
 //! and read time, nothing but these five routes.
+//!
+//! Access: the GET routes are read-only and stay open, so probes and Prometheus scrapes need no credentials
+//! (they show redacted sources only). `POST /reload` changes what runs: when `http.token_file` is set (which
+//! validation requires for any `listen` address off loopback) it needs `Authorization: Bearer <token>`,
+//! compared in constant time.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -65,13 +71,18 @@ async fn handle(
     let path = path.split('?').next().unwrap_or("");
     match (method, path) {
         ("GET", "/livez") => respond(&mut stream, 200, "text/plain", "ok\n").await,
-        ("GET", "/readyz") => {
-            if state.ready.load(Ordering::Relaxed) {
-                respond(&mut stream, 200, "text/plain", "ready\n").await
-            } else {
-                respond(&mut stream, 503, "text/plain", "starting\n").await
+        ("GET", "/readyz") => match state.not_ready() {
+            None => respond(&mut stream, 200, "text/plain", "ready\n").await,
+            Some(why) => {
+                respond(
+                    &mut stream,
+                    503,
+                    "text/plain",
+                    &format!("not ready: {why}\n"),
+                )
+                .await
             }
-        }
+        },
         ("GET", "/metrics") => {
             let body = state.telemetry.render_prometheus();
             respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
@@ -81,6 +92,23 @@ async fn handle(
             respond(&mut stream, 200, "application/json", &body).await
         }
         ("POST", "/reload") => {
+            if let Some(token) = &state.token {
+                match bearer(&head) {
+                    None => return respond(
+                        &mut stream,
+                        401,
+                        "text/plain",
+                        "unauthorized: send Authorization: Bearer <the token in http.token_file>\n",
+                    )
+                    .await,
+                    Some(given) if !same_token(given, token) => {
+                        tracing::warn!("POST /reload refused: wrong bearer token");
+                        return respond(&mut stream, 403, "text/plain", "forbidden: wrong token\n")
+                            .await;
+                    }
+                    Some(_) => {}
+                }
+            }
             let (tx, rx) = oneshot::channel();
             if reload.send(tx).await.is_err() {
                 return respond(&mut stream, 503, "text/plain", "shutting down\n").await;
@@ -110,6 +138,31 @@ async fn handle(
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header, if the request has one.
+fn bearer(head: &str) -> Option<&str> {
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if !name.trim().eq_ignore_ascii_case("authorization") {
+            return None;
+        }
+        let value = value.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        scheme
+            .eq_ignore_ascii_case("bearer")
+            .then_some(token.trim())
+    })
+}
+
+/// Compares the SHA-256 digests in constant time: neither the contents nor the length of the token leak
+/// through the response time.
+fn same_token(given: &str, expected: &str) -> bool {
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(expected.as_bytes()),
+    );
+    bool::from(a.as_slice().ct_eq(b.as_slice()))
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -123,12 +176,19 @@ async fn respond(
     let reason = match code {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         _ => "Service Unavailable",
     };
+    let challenge = if code == 401 {
+        "WWW-Authenticate: Bearer realm=\"tclseg\"\r\n"
+    } else {
+        ""
+    };
     let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{challenge}Connection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;

@@ -3,7 +3,9 @@
 //! Start-up: load and validate the config (every error reported), start HTTP (`/livez` answers at once,
 //! `/readyz` only once warm), load the model and warm it up, start every pipeline whose output folder works
 //! (a camera that is down does not hold anything up: its supervisor keeps retrying), start the inference worker,
-//! then tell systemd READY=1.
+//! then tell systemd READY=1. SIGTERM/SIGINT during start-up stop it at once. Readiness (`/readyz`) also needs
+//! every configured pipeline running: one that failed to start or lost a thread is named there, in `/status`
+//! and in the STATUS line.
 //!
 //! Control: SIGHUP or `POST /reload` applies the config diff (see `config::diff`); an invalid new config is
 //! rejected with its errors and the old one keeps running. SIGTERM/SIGINT drain: sources stop, queued frames are
@@ -37,18 +39,43 @@ const WORKER_STALL_LIMIT_S: f64 = 120.0;
 /// What the HTTP endpoints read.
 pub struct State {
     pub telemetry: Arc<Telemetry>,
+    /// The model is warm and the pipelines were started (false again while draining). Readiness also needs
+    /// every pipeline running: see `not_ready`.
     pub ready: AtomicBool,
     started: Instant,
     info: Mutex<serde_json::Value>,
+    /// The bearer token mutating endpoints require (`http.token_file`); None: they are open (loopback only).
+    token: Option<String>,
 }
 
 impl State {
+    /// Why the daemon is not ready, or None when it is: started, and every configured pipeline running (a
+    /// source that is retrying counts as running; a pipeline that failed to start or lost a thread does not).
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("starting or stopping".into());
+        }
+        let failed = self.telemetry.not_running();
+        if failed.is_empty() {
+            return None;
+        }
+        Some(
+            failed
+                .iter()
+                .map(|(name, why)| format!("pipeline '{name}' is not running: {why}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let info = self.info.lock().map(|i| i.clone()).unwrap_or_default();
         let metrics = serde_json::to_value(self.telemetry.status()).unwrap_or_default();
+        let not_ready = self.not_ready();
         json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "ready": self.ready.load(Ordering::Relaxed),
+            "ready": not_ready.is_none(),
+            "not_ready": not_ready,
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "daemon": info,
             "pipelines": metrics,
@@ -74,6 +101,9 @@ pub fn run(
     resolve_model: impl Fn(Option<PathBuf>) -> Result<PathBuf>,
 ) -> Result<()> {
     let (config, plans) = config::load(config_path).map_err(|e| anyhow!("{e}"))?;
+    for warning in config::validate::warnings(&config) {
+        tracing::warn!("{warning}");
+    }
     crate::source::stream::init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -82,7 +112,10 @@ pub fn run(
         .build()
         .context("cannot start the tokio runtime")?;
     let model_dir = resolve_model(config.model.path.clone())?;
-    runtime.block_on(serve(config_path.to_path_buf(), config, plans, model_dir))
+    let result = runtime.block_on(serve(config_path.to_path_buf(), config, plans, model_dir));
+    // Only a start-up abandoned by SIGTERM leaves a blocking task behind; do not wait for it.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
 }
 
 async fn serve(
@@ -92,11 +125,18 @@ async fn serve(
     model_dir: PathBuf,
 ) -> Result<()> {
     let telemetry = Arc::new(Telemetry::default());
+    // Read again here (validation read it too): the file may have changed since, and start-up must not go on
+    // with mutating endpoints open when the token cannot be read.
+    let token = match &config.http.token_file {
+        Some(file) => Some(config::validate::read_token(file).map_err(|e| anyhow!("{e}"))?),
+        None => None,
+    };
     let state = Arc::new(State {
         telemetry: Arc::clone(&telemetry),
         ready: AtomicBool::new(false),
         started: Instant::now(),
         info: Mutex::new(json!({ "config": config_path.display().to_string() })),
+        token,
     });
     // Signals first, so a SIGTERM during the model load is not the default (immediate) death.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
@@ -108,25 +148,47 @@ async fn serve(
             .await
             .with_context(|| format!("cannot listen on {} (http.listen)", config.http.listen))?;
         let addr = listener.local_addr()?;
-        tracing::info!("HTTP on http://{addr} (/livez /readyz /metrics /status, POST /reload)");
+        tracing::info!(
+            "HTTP on http://{addr} (/livez /readyz /metrics /status, POST /reload{})",
+            if state.token.is_some() {
+                " with the bearer token"
+            } else {
+                ""
+            }
+        );
         tokio::spawn(http::serve(listener, Arc::clone(&state), reload_tx.clone()));
     }
     notify::notify("STATUS=loading the model");
-    let daemon = {
+    let starting = {
         let state = Arc::clone(&state);
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
             Daemon::start(config_path, config, plans, &model_dir, state, telemetry)
         })
-        .await
-        .map_err(|e| anyhow!("start-up panicked: {e}"))??
+    };
+    // A start-up can take minutes (a TensorRT engine build, a model on a slow disk): a stop request during it
+    // is obeyed at once rather than after it. Nothing has been handed over yet, and whatever a half-started
+    // pipeline wrote is as safe as after a crash (atomic files, Matroska video).
+    let daemon = tokio::select! {
+        started = starting => started.map_err(|e| anyhow!("start-up panicked: {e}"))??,
+        _ = sigterm.recv() => {
+            stopped_during_start_up("SIGTERM");
+            return Ok(());
+        }
+        _ = sigint.recv() => {
+            stopped_during_start_up("SIGINT");
+            return Ok(());
+        }
     };
     let scheduler = Arc::clone(&daemon.scheduler);
     let daemon = Arc::new(Mutex::new(daemon));
     state.ready.store(true, Ordering::Relaxed);
     let summary = status_line(&state);
     notify::notify(&format!("READY=1\nSTATUS={summary}"));
-    tracing::info!("ready: {summary}");
+    match state.not_ready() {
+        None => tracing::info!("ready: {summary}"),
+        Some(why) => tracing::error!("started, but not ready: {why}"),
+    }
 
     let watchdog = notify::watchdog_interval();
     let mut next_ping = Instant::now();
@@ -160,8 +222,7 @@ async fn serve(
         let mut guard = daemon
             .lock()
             .map_err(|_| anyhow!("daemon state poisoned"))?;
-        guard.shutdown();
-        Ok::<(), anyhow::Error>(())
+        guard.shutdown()
     })
     .await;
     match stopped {
@@ -170,6 +231,11 @@ async fn serve(
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+fn stopped_during_start_up(why: &str) {
+    tracing::info!("{why} during start-up: stopping without finishing it");
+    notify::notify("STOPPING=1\nSTATUS=stopped during start-up");
 }
 
 async fn blocking_reload(
@@ -188,8 +254,18 @@ fn status_line(state: &State) -> String {
     let status = state.telemetry.status();
     let connected = status.values().filter(|p| p.connected).count();
     let out: u64 = status.values().map(|p| p.frames_out).sum();
+    let failed: Vec<&str> = status
+        .iter()
+        .filter(|(_, p)| !p.running)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let failed = if failed.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} not running: {})", failed.len(), failed.join(", "))
+    };
     format!(
-        "{} pipelines, {connected} sources delivering, {out} frames written",
+        "{} pipelines{failed}, {connected} sources delivering, {out} frames written",
         status.len()
     )
 }
@@ -226,7 +302,7 @@ impl Daemon {
             Arc::clone(&engine),
             Arc::clone(&telemetry),
             config.inference.max_batch,
-            Duration::from_millis(config.inference.max_wait_ms),
+            config.inference.max_wait(),
         ));
         let worker = {
             let scheduler = Arc::clone(&scheduler);
@@ -254,20 +330,34 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// Starts a pipeline; one that cannot start is marked as not running (readiness, `/status`, STATUS) until
+    /// a reload starts it.
     fn start_pipeline(&mut self, plan: PipelinePlan) -> Result<()> {
-        let queries = PipelineQueries::prepare(&self.engine, &plan)?;
         let name = plan.config.name.clone();
         let telemetry = Arc::clone(&self.state.telemetry);
-        let pipeline = Pipeline::start(
-            plan,
-            queries,
-            Arc::clone(&self.engine),
-            &telemetry,
-            Arc::clone(&self.scheduler.doorbell),
-        )?;
-        self.scheduler.add(Arc::clone(&pipeline.shared));
-        self.pipelines.insert(name, pipeline);
-        Ok(())
+        let started = PipelineQueries::prepare(&self.engine, &plan).and_then(|queries| {
+            Pipeline::start(
+                plan,
+                queries,
+                Arc::clone(&self.engine),
+                &telemetry,
+                Arc::clone(&self.scheduler.doorbell),
+            )
+        });
+        match started {
+            Ok(pipeline) => {
+                pipeline.shared.metrics.set_failure(None);
+                self.scheduler.add(Arc::clone(&pipeline.shared));
+                self.pipelines.insert(name, pipeline);
+                Ok(())
+            }
+            Err(e) => {
+                telemetry
+                    .pipeline(&name)
+                    .set_failure(Some(format!("it failed to start: {e:#}")));
+                Err(e)
+            }
+        }
     }
 
     fn stop_pipeline(&mut self, name: &str) {
@@ -402,12 +492,19 @@ impl Daemon {
         }
     }
 
-    /// Stops the sources, lets the worker finish what is queued (bounded), then closes every output.
-    fn shutdown(&mut self) {
+    /// Stops the sources, lets the worker finish what is queued (bounded), then closes every output. An error
+    /// when a thread had died (panicked) on the way: the stop was not clean, and the exit status says so.
+    fn shutdown(&mut self) -> Result<()> {
+        let mut died: Vec<String> = self
+            .pipelines
+            .iter()
+            .filter(|(_, p)| p.shared.metrics.failure().is_some())
+            .map(|(name, _)| format!("pipeline '{name}'"))
+            .collect();
         for p in self.pipelines.values_mut() {
             p.stop_source();
         }
-        let limit = Duration::from_secs_f64(self.config.inference.drain_timeout_s);
+        let limit = self.config.inference.drain_timeout();
         let start = Instant::now();
         while !self.scheduler.idle() && start.elapsed() < limit {
             std::thread::sleep(Duration::from_millis(20));
@@ -422,11 +519,20 @@ impl Daemon {
         if let Some(worker) = self.worker.take() {
             if worker.join().is_err() {
                 tracing::error!("the inference worker panicked");
+                died.push("the inference worker".into());
             }
         }
         let names: Vec<String> = self.pipelines.keys().cloned().collect();
         for name in names {
             self.stop_pipeline(&name);
+        }
+        if died.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "stopped, but {} had died on the way (see the log)",
+                died.join(", ")
+            ))
         }
     }
 }

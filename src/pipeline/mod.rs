@@ -157,6 +157,33 @@ impl FrameSink for Shared {
     }
 }
 
+/// Marks the pipeline as not running when the thread it lives on panics, so `/readyz`, `/status` and the
+/// STATUS line see a dead pipeline instead of reporting it as running (its drop runs while unwinding).
+struct PanicWatch {
+    metrics: Arc<PipelineMetrics>,
+    thread: &'static str,
+}
+
+impl PanicWatch {
+    fn new(metrics: &Arc<PipelineMetrics>, thread: &'static str) -> PanicWatch {
+        PanicWatch {
+            metrics: Arc::clone(metrics),
+            thread,
+        }
+    }
+}
+
+impl Drop for PanicWatch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.metrics.set_failure(Some(format!(
+                "its {} thread panicked (a bug: see the log, and report it)",
+                self.thread
+            )));
+        }
+    }
+}
+
 /// The owner's handle on a running pipeline.
 pub struct Pipeline {
     pub shared: Arc<Shared>,
@@ -203,7 +230,10 @@ impl Pipeline {
             let shared = Arc::clone(&shared);
             std::thread::Builder::new()
                 .name(format!("out-{name}"))
-                .spawn(move || output::run(&shared, rx, &engine))
+                .spawn(move || {
+                    let _watch = PanicWatch::new(&shared.metrics, "output");
+                    output::run(&shared, rx, &engine)
+                })
                 .context("cannot start an output thread")?
         };
         let source = {
@@ -212,14 +242,15 @@ impl Pipeline {
             let settings = SupervisorSettings {
                 stream: StreamSettings {
                     max_fps: c.max_fps,
-                    watchdog: Duration::from_secs_f64(c.watchdog_s),
+                    watchdog: c.watchdog(),
                 },
-                backoff_initial: Duration::from_secs_f64(c.backoff_initial_s),
-                backoff_max: Duration::from_secs_f64(c.backoff_max_s),
+                backoff_initial: c.backoff_initial(),
+                backoff_max: c.backoff_max(),
             };
             std::thread::Builder::new()
                 .name(format!("src-{name}"))
                 .spawn(move || {
+                    let _watch = PanicWatch::new(&shared.metrics, "source");
                     let spec = shared.plan.source.clone();
                     supervisor::supervise(
                         shared.name(),
@@ -279,5 +310,34 @@ impl Pipeline {
             }
         }
         tracing::info!(pipeline = %self.name(), "pipeline stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_thread_that_panics_marks_its_pipeline_not_running() {
+        let metrics = Arc::new(PipelineMetrics::default());
+        let watched = Arc::clone(&metrics);
+        let joined = std::thread::spawn(move || {
+            let _watch = PanicWatch::new(&watched, "output");
+            panic!("a bug");
+        })
+        .join();
+        assert!(joined.is_err());
+        let why = metrics.failure().expect("marked as not running");
+        assert!(why.contains("output thread panicked"), "{why}");
+
+        // A thread that ends normally (a file's end, a stop) leaves it running.
+        let metrics = Arc::new(PipelineMetrics::default());
+        let watched = Arc::clone(&metrics);
+        std::thread::spawn(move || {
+            let _watch = PanicWatch::new(&watched, "source");
+        })
+        .join()
+        .expect("join");
+        assert_eq!(metrics.failure(), None);
     }
 }

@@ -41,10 +41,8 @@ pub fn run(shared: &Shared, results: Receiver<Segmented>, engine: &Engine) {
     let mut video: Option<VideoWriter> = None;
     let mut video_failed = false;
     let retention = Retention {
-        max_age: out
-            .retention_hours
-            .map(|h| Duration::from_secs_f64(h * 3600.0)),
-        max_bytes: out.retention_mb.map(|mb| (mb * 1024.0 * 1024.0) as u64),
+        max_age: out.retention_age(),
+        max_bytes: out.retention_bytes(),
     };
     let mut last_sweep: Option<Instant> = None;
     for item in results.iter() {

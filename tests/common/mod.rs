@@ -37,3 +37,5 @@ pub fn write_png(path: &Path, w: u32, h: u32) {
     });
     img.save(path).expect("save png");
 }
+
+pub mod serve;

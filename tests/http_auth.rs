@@ -1,0 +1,146 @@
+//! `POST /reload` off loopback: refused by `config check` without a token file, and with one the daemon warns
+//! at start and asks every reload for the bearer token (real HTTP requests); GET endpoints stay open.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::serve::{folder_pipeline, free_port, globals, request, wait_until, Serve};
+
+const TOKEN: &str = "q6Yb1mZ0p3Hc9TfKx2Lw";
+
+fn config_check(path: &Path) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
+        .args(["config", "check", path.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn listening_off_loopback_needs_a_token_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("serve.toml");
+    let token = dir.path().join("http.token");
+
+    std::fs::write(&path, "[http]\nlisten = \"0.0.0.0:9480\"\n").expect("write");
+    let (code, err) = config_check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("http.listen") && err.contains("http.token_file"),
+        "{err}"
+    );
+
+    // A token file that is missing, or holds too short a token, is an error that does not quote it.
+    let with_token = format!(
+        "[http]\nlisten = \"0.0.0.0:9480\"\ntoken_file = \"{}\"\n",
+        token.display()
+    );
+    std::fs::write(&path, &with_token).expect("write");
+    let (code, err) = config_check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("http.token_file: cannot read"), "{err}");
+    std::fs::write(&token, "short-secret\n").expect("write");
+    let (code, err) = config_check(&path);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("at least 16 characters") && !err.contains("short-secret"),
+        "{err}"
+    );
+
+    // A good token: accepted, with warnings for the open port and a world-readable file.
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("write");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (code, err) = config_check(&path);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("warning: http.listen") && err.contains("other machines"),
+        "{err}"
+    );
+    assert!(
+        err.contains("warning: http.token_file") && err.contains("chmod 600"),
+        "{err}"
+    );
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (_, err) = config_check(&path);
+    assert!(!err.contains("warning: http.token_file"), "{err}");
+    assert!(!err.contains(TOKEN), "{err}");
+}
+
+#[test]
+fn reload_off_loopback_needs_the_bearer_token() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let token = dir.path().join("http.token");
+    std::fs::write(&token, format!("{TOKEN}\n")).expect("write");
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let port = free_port();
+    let text = format!(
+        "{}token_file = \"{}\"\n{}",
+        globals(&format!("0.0.0.0:{port}")),
+        token.display(),
+        folder_pipeline("p", &dir.path().join("in"), &dir.path().join("out"), "")
+    );
+    let mut serve = Serve::start(dir.path(), &text, port);
+    wait_until("ready", Duration::from_secs(90), || {
+        serve.get("/readyz").code == 200
+    });
+    let log = serve.log_text();
+    assert!(
+        log.contains("WARN") && log.contains("other machines"),
+        "no warning about the open port:\n{log}"
+    );
+
+    // GET endpoints are open.
+    for path in ["/livez", "/readyz", "/metrics", "/status"] {
+        assert_eq!(serve.get(path).code, 200, "{path}");
+    }
+    let reloads = |serve: &Serve| {
+        serve
+            .get("/metrics")
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix("tclseg_reloads_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("tclseg_reloads_total")
+    };
+
+    let none = request(port, "POST", "/reload", "");
+    assert_eq!(none.code, 401, "{}", none.body);
+    assert!(
+        none.head.contains("WWW-Authenticate: Bearer"),
+        "{}",
+        none.head
+    );
+    let wrong = request(
+        port,
+        "POST",
+        "/reload",
+        "Authorization: Bearer q6Yb1mZ0p3Hc9TfKx2LX\r\n",
+    );
+    assert_eq!(wrong.code, 403, "{}", wrong.body);
+    let other_scheme = request(
+        port,
+        "POST",
+        "/reload",
+        &format!("Authorization: Basic {TOKEN}\r\n"),
+    );
+    assert_eq!(other_scheme.code, 401, "{}", other_scheme.body);
+    assert_eq!(reloads(&serve), 0, "a refused request reloaded");
+
+    let right = request(
+        port,
+        "POST",
+        "/reload",
+        &format!("authorization: bearer {TOKEN}\r\n"),
+    );
+    assert_eq!(right.code, 200, "{}", right.body);
+    assert_eq!(reloads(&serve), 1);
+    assert!(!serve.log_text().contains(TOKEN), "the token is in the log");
+    assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
+}

@@ -1,0 +1,327 @@
+//! Configs against the daemon: every value `config check` refuses names its key and range, and every value it
+//! accepts runs — `serve` on the edge of each range becomes ready and stops cleanly at SIGTERM, and a pipeline
+//! that cannot start keeps `/readyz` not ready and shows in `/status` and the STATUS line.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::serve::{folder_pipeline, free_port, globals, wait_until, Serve};
+
+fn check(dir: &Path, text: &str) -> (Option<i32>, String) {
+    let path = dir.join("check.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
+        .args(["config", "check", path.to_str().expect("utf-8")])
+        .output()
+        .expect("run");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A valid config with `model` / `inference` keys and pipeline keys replaced or added.
+fn with(dir: &Path, model: &str, inference: &str, pipeline: &str, output: &str) -> String {
+    let inbox = dir.join("inbox");
+    std::fs::create_dir_all(&inbox).expect("inbox");
+    format!(
+        "[model]\n{model}\n[inference]\n{inference}\n[[pipeline]]\nname = \"cam\"\nsource = \"folder://{}\"\nqueries = [\"x\"]\n{pipeline}\n[pipeline.output]\ndir = \"{}\"\n{output}\n",
+        inbox.display(),
+        dir.join("out").display()
+    )
+}
+
+#[test]
+fn out_of_range_and_missing_values_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let file = d.join("a-file");
+    std::fs::write(&file, "x").expect("write");
+    let cases: Vec<(String, &[&str])> = vec![
+        (
+            with(d, "threads = 1000000", "", "", ""),
+            &["model.threads", "1000000", "[0, 256]"],
+        ),
+        (
+            with(d, "threads = 99999999999999999999999", "", "", ""),
+            &["threads"],
+        ),
+        (
+            with(d, "crop_batch = 100000", "", "", ""),
+            &["model.crop_batch", "[0, 1024]"],
+        ),
+        (
+            with(d, "", "max_wait_ms = 100000000", "", ""),
+            &["inference.max_wait_ms", "[0, 10000]"],
+        ),
+        (
+            with(d, "", "drain_timeout_s = inf", "", ""),
+            &["inference.drain_timeout_s", "inf", "(0, 3600]"],
+        ),
+        (
+            with(d, "", "drain_timeout_s = nan", "", ""),
+            &["inference.drain_timeout_s", "(0, 3600]"],
+        ),
+        (
+            with(d, "", "", "", "retention_hours = inf"),
+            &["pipeline[0] 'cam'.output.retention_hours", "(0, 87600]"],
+        ),
+        (
+            with(d, "", "", "", "retention_hours = 1e300"),
+            &["output.retention_hours", "(0, 87600]"],
+        ),
+        (
+            with(d, "", "", "", "retention_mb = 1e300"),
+            &["output.retention_mb", "(0, 1000000000]"],
+        ),
+        (
+            with(d, "", "", "watchdog_s = inf", ""),
+            &["pipeline[0] 'cam'.watchdog_s", "[0.1, 86400]"],
+        ),
+        (
+            with(d, "", "", "backoff_max_s = 1e300", ""),
+            &["pipeline[0] 'cam'.backoff_max_s", "[0.01, 86400]"],
+        ),
+        (
+            with(d, "", "", "max_fps = inf", ""),
+            &["pipeline[0] 'cam'.max_fps", "(0, 1000]"],
+        ),
+        (
+            with(d, "", "", "kp_weight = 2.0", ""),
+            &["pipeline[0] 'cam'.kp_weight", "[0, 1]"],
+        ),
+        (
+            with(d, "path = \"/nonexistent/model\"", "", "", ""),
+            &["model.path", "/nonexistent/model", "does not exist"],
+        ),
+        (
+            with(d, &format!("path = \"{}\"", d.display()), "", "", ""),
+            &["model.path", "no model.toml"],
+        ),
+        (
+            with(d, "", "", "", "").replace(
+                &d.join("out").display().to_string(),
+                &file.display().to_string(),
+            ),
+            &["pipeline[0] 'cam'.output.dir", "is not a folder"],
+        ),
+        (
+            with(d, "", "", "", "").replace(
+                &d.join("out").display().to_string(),
+                &file.join("sub").display().to_string(),
+            ),
+            &["pipeline[0] 'cam'.output.dir", "is not a folder"],
+        ),
+    ];
+    for (text, needles) in cases {
+        let (code, err) = check(d, &text);
+        assert_eq!(code, Some(1), "accepted:\n{text}\n{err}");
+        for needle in needles {
+            assert!(err.contains(needle), "'{needle}' missing in:\n{err}");
+        }
+    }
+    // The same file with sane values passes, so each case failed on its own value.
+    let (code, err) = check(d, &with(d, "threads = 1", "", "", "retention_hours = 24"));
+    assert_eq!(code, Some(0), "{err}");
+}
+
+/// The accepted extremes of every range, for `serve`: (name, model, inference, pipeline, output keys).
+const EDGES: [(&str, &str, &str, &str, &str); 2] = [
+    (
+        "minimums",
+        "threads = 0\ncrop_batch = 1",
+        "max_batch = 1\nmax_wait_ms = 0\ndrain_timeout_s = 0.001",
+        "max_fps = 0.001\nbg_thresh = 0.0\nkp_weight = 0.0\nwatchdog_s = 0.1\nbackoff_initial_s = 0.01\nbackoff_max_s = 0.01",
+        "retention_hours = 0.0001\nretention_mb = 0.0001",
+    ),
+    (
+        "maximums",
+        "threads = 256\ncrop_batch = 1024",
+        "max_batch = 64\nmax_wait_ms = 10000\ndrain_timeout_s = 3600",
+        "max_fps = 1000\nbg_thresh = 1.0\nkp_weight = 1.0\nwatchdog_s = 86400\nbackoff_initial_s = 86400\nbackoff_max_s = 86400",
+        "retention_hours = 87600\nretention_mb = 1e9",
+    ),
+];
+
+#[test]
+fn serve_on_the_edges_of_every_range_gets_ready_and_stops_cleanly() {
+    for (name, model, inference, pipeline, output) in EDGES {
+        let dir = tempfile::tempdir().expect("tmp");
+        let inbox = dir.path().join("inbox");
+        std::fs::create_dir_all(&inbox).expect("inbox");
+        common::write_png(&inbox.join("a.png"), 64, 48);
+        let port = free_port();
+        let mut text = globals(&format!("127.0.0.1:{port}")).replace(
+            "threads = 1\n",
+            &format!("{model}\n[inference]\n{inference}\n"),
+        );
+        text.push_str(&folder_pipeline(
+            "edge",
+            &inbox,
+            &dir.path().join("out"),
+            pipeline,
+        ));
+        text = text.replace(
+            "[pipeline.output]\n",
+            &format!("[pipeline.output]\n{output}\n"),
+        );
+        let mut serve = Serve::start(dir.path(), &text, port);
+        let mut notes = Vec::new();
+        serve.wait_started(&mut notes);
+        wait_until(
+            &format!("{name}: /readyz 200"),
+            Duration::from_secs(30),
+            || serve.get("/readyz").code == 200,
+        );
+        wait_until(
+            &format!("{name}: the image is segmented"),
+            Duration::from_secs(60),
+            || {
+                serve
+                    .get("/metrics")
+                    .body
+                    .contains("tclseg_frames_out_total{pipeline=\"edge\"} 1")
+            },
+        );
+        let status = serve.get("/status");
+        assert!(status.body.contains("\"running\": true"), "{}", status.body);
+        let exit = serve.terminate(Duration::from_secs(60));
+        let log = serve.log_text();
+        assert_eq!(exit.code(), Some(0), "{name}: {exit:?}\n{log}");
+        assert!(!log.contains("panicked"), "{name}:\n{log}");
+        assert!(log.contains("stopped cleanly"), "{name}:\n{log}");
+    }
+}
+
+#[test]
+fn a_pipeline_that_cannot_start_keeps_the_daemon_not_ready_until_a_reload_fixes_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let good = folder_pipeline(
+        "good",
+        &dir.path().join("in-good"),
+        &dir.path().join("out-good"),
+        "",
+    );
+    // Validation passes (the nearest existing part, /proc, is a folder), but nobody can create a folder there.
+    let broken_dir = Path::new("/proc/tclseg-cannot-create-this");
+    let broken = folder_pipeline("broken", &dir.path().join("in-broken"), broken_dir, "");
+    let text = format!("{}{good}{broken}", globals(&format!("127.0.0.1:{port}")));
+    let mut serve = Serve::start(dir.path(), &text, port);
+    let mut notes = Vec::new();
+    serve.wait_started(&mut notes);
+    let ready = notes
+        .iter()
+        .find(|n| n.contains("READY=1"))
+        .expect("READY=1");
+    assert!(
+        ready.contains("1 not running: broken"),
+        "STATUS line: {ready}"
+    );
+    let readyz = serve.get("/readyz");
+    assert_eq!(readyz.code, 503, "{}", readyz.body);
+    assert!(
+        readyz.body.contains("pipeline 'broken' is not running"),
+        "{}",
+        readyz.body
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&serve.get("/status").body).expect("status json");
+    assert_eq!(status["ready"], false);
+    assert_eq!(status["pipelines"]["broken"]["running"], false);
+    assert!(status["pipelines"]["broken"]["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("tclseg-cannot-create-this")));
+    assert_eq!(status["pipelines"]["good"]["running"], true);
+    let metrics = serve.get("/metrics").body;
+    assert!(
+        metrics.contains("tclseg_pipeline_running{pipeline=\"broken\"} 0"),
+        "{metrics}"
+    );
+
+    // Point it somewhere writable: the reload starts it, and the daemon is ready.
+    let fixed = text.replace(
+        &broken_dir.display().to_string(),
+        &dir.path().join("out-broken").display().to_string(),
+    );
+    std::fs::write(&serve.config, fixed).expect("write");
+    let reply = common::serve::request(port, "POST", "/reload", "");
+    assert_eq!(reply.code, 200, "{}", reply.body);
+    wait_until("ready after the reload", Duration::from_secs(30), || {
+        serve.get("/readyz").code == 200
+    });
+    assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
+}
+
+#[test]
+fn a_source_being_retried_counts_as_ready_and_http_off_still_stops_cleanly() {
+    // A camera that is down: its pipeline runs (retrying), so the daemon is ready.
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let dead = format!(
+        "[[pipeline]]\nname = \"dead\"\nsource = \"rtsp://viewer:pw@127.0.0.1:1/x\"\nqueries = [\"x\"]\nwatchdog_s = 0.1\nbackoff_initial_s = 0.01\nbackoff_max_s = 0.01\n[pipeline.output]\ndir = \"{}\"\n",
+        dir.path().join("out").display()
+    );
+    let text = format!("{}{dead}", globals(&format!("127.0.0.1:{port}")));
+    let mut serve = Serve::start(dir.path(), &text, port);
+    wait_until("ready while retrying", Duration::from_secs(90), || {
+        serve.get("/readyz").code == 200
+    });
+    wait_until("retries", Duration::from_secs(30), || {
+        serve
+            .get("/metrics")
+            .body
+            .contains("tclseg_reconnects_total{pipeline=\"dead\"} ")
+            && !serve
+                .get("/metrics")
+                .body
+                .contains("tclseg_reconnects_total{pipeline=\"dead\"} 0\n")
+    });
+    assert_eq!(serve.get("/readyz").code, 200);
+    assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
+
+    // HTTP off: READY=1 still comes, and SIGTERM still stops it cleanly.
+    let dir = tempfile::tempdir().expect("tmp");
+    let text = format!(
+        "{}{}",
+        globals(""),
+        folder_pipeline("p", &dir.path().join("in"), &dir.path().join("out"), "")
+    );
+    let mut serve = Serve::start(dir.path(), &text, 0);
+    let mut notes = Vec::new();
+    serve.wait_started(&mut notes);
+    assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
+}
+
+#[test]
+fn sigterm_during_a_start_up_that_never_ends_stops_at_once() {
+    // The model's manifest is a FIFO nobody writes: loading it blocks for good, as a hung disk would.
+    let dir = tempfile::tempdir().expect("tmp");
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).expect("mkdir");
+    let made = Command::new("mkfifo")
+        .arg(model.join("model.toml"))
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success());
+    let port = free_port();
+    let text = format!(
+        "[model]\ndevice = \"cpu\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{}",
+        folder_pipeline("p", &dir.path().join("in"), &dir.path().join("out"), "")
+    );
+    let mut serve = Serve::start_with_env(dir.path(), &text, port, &[("TCLSEG_MODEL", &model)]);
+    wait_until("HTTP up", Duration::from_secs(30), || {
+        serve.get("/livez").code == 200
+    });
+    assert_eq!(serve.get("/readyz").code, 503);
+    let status = serve.terminate(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0), "{}", serve.log_text());
+    assert!(
+        serve.log_text().contains("SIGTERM during start-up"),
+        "{}",
+        serve.log_text()
+    );
+}

@@ -215,9 +215,11 @@ impl Pipeline {
                 stream: StreamSettings {
                     max_fps: c.max_fps,
                     watchdog: Duration::from_secs_f64(c.watchdog_s),
+                    rtsp_transport: shared.plan.rtsp_transport(),
                 },
                 backoff_initial: Duration::from_secs_f64(c.backoff_initial_s),
                 backoff_max: Duration::from_secs_f64(c.backoff_max_s),
+                folder_settle: shared.plan.folder_settle(),
             };
             std::thread::Builder::new()
                 .name(format!("src-{name}"))

@@ -30,7 +30,7 @@ pub fn probe(spec: &SourceSpec, timeout: Duration) -> Result<(Vec<StreamInfo>, V
     if spec.is_folder() {
         bail!("{spec}: a folder has no streams to probe");
     }
-    let decode = super::stream::decoder(&pipeline, spec)?;
+    let decode = super::stream::decoder(&pipeline, spec, super::stream::RtspTransport::Tcp)?;
     let pads: Arc<Mutex<Vec<gst::Pad>>> = Arc::default();
     let decoders: Arc<Mutex<Vec<gst::Element>>> = Arc::default();
     {

@@ -374,7 +374,14 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
         let uri = uri.and_then(|uri| with_password_file(&at, p, uri, &mut errors));
         let source = uri.and_then(|uri| {
             SourceSpec::parse(&uri, p.folder_mode)
-                .map_err(|e| errors.push(format!("{at}.source: {e:#}")))
+                .map_err(|e| {
+                    let key = if p.source.is_some() {
+                        "source"
+                    } else {
+                        "source_file"
+                    };
+                    errors.push(format!("{at}.{key}: {e:#}"))
+                })
                 .ok()
         });
         if p.folder_mode.is_some() && source.as_ref().is_some_and(|s| !s.is_folder()) {
@@ -781,6 +788,23 @@ overlay = "gif"
             assert!(text.contains("percent-encode"), "{text}");
             assert!(!text.contains("ter2"), "the password leaked: {text}");
         }
+        let uri_file = dir.path().join("cam.uri");
+        std::fs::write(&uri_file, "rtsp://admin:hun@ter2@10.0.0.5/s1\n").expect("write");
+        let path = write(
+            dir.path(),
+            &format!(
+                "[[pipeline]]\nname = \"cam\"\nsource_file = \"{}\"\nqueries = [\"x\"]\n[pipeline.output]\ndir = \"/tmp/o\"\n",
+                uri_file.display()
+            ),
+        );
+        let text = load_with_env(&path, std::iter::empty())
+            .expect_err("unencoded")
+            .to_string();
+        assert!(
+            text.contains("'cam'.source_file: ") && text.contains("raw '@'"),
+            "{text}"
+        );
+        assert!(!text.contains("ter2"), "the password leaked: {text}");
     }
 
     #[test]

@@ -325,10 +325,8 @@ fn pull_loop(
                         .debug()
                         .map(|d| d.replace('\n', " "))
                         .unwrap_or_default();
-                    return RunEnd::Failed(redact_text(&format!(
-                        "{from}: {} ({debug})",
-                        err.error()
-                    )));
+                    let text = format!("{from}: {} ({debug})", err.error());
+                    return RunEnd::Failed(redact_text(&with_transport_hint(&text)));
                 }
                 gst::MessageView::Warning(w) => {
                     tracing::debug!(source = %spec, "GStreamer warning: {}", redact_text(&w.error().to_string()));
@@ -412,6 +410,18 @@ fn is_transport_refusal(err: &gst::message::Error) -> bool {
         || text.contains("Unsupported transport")
 }
 
+/// Adds the cause and the key to set to a transport error that does not name them: rtspsrc gives up on UDP
+/// when no packet arrives (a firewall or NAT in the way) with only a hint at the cause.
+fn with_transport_hint(text: &str) -> String {
+    if text.contains("Could not receive any UDP packets") {
+        format!(
+            "no RTP packets arrived over UDP (a firewall or NAT drops them): set rtsp_transport = \"tcp\" or \"auto\" for this pipeline ({text})"
+        )
+    } else {
+        text.to_string()
+    }
+}
+
 /// How long ago, on the pipeline clock, the buffer was captured (live sources only).
 fn pipeline_latency(pipeline: &gst::Pipeline, pts: Option<gst::ClockTime>) -> Option<Duration> {
     let clock = pipeline.clock()?;
@@ -466,6 +476,26 @@ pub fn redact_text(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_transport_is_a_valid_rtspsrc_protocols_value() {
+        // set_property_from_str panics on a value the flags type does not know: check each one we set.
+        init().expect("gstreamer");
+        let src = make("rtspsrc").expect("rtspsrc (gst-plugins-good)");
+        for name in RtspTransport::NAMES {
+            let transport = RtspTransport::parse(name).expect(name);
+            assert_eq!(transport.name(), name);
+            src.set_property_from_str("protocols", transport.protocols());
+        }
+        assert_eq!(RtspTransport::parse("TCP"), None);
+    }
+
+    #[test]
+    fn a_udp_timeout_names_the_key() {
+        let text = with_transport_hint("source: Could not read. (Could not receive any UDP packets for 5.0000 seconds, maybe your firewall is blocking it. No other protocols to try.)");
+        assert!(text.contains("rtsp_transport = \"tcp\""), "{text}");
+        assert_eq!(with_transport_hint("other"), "other");
+    }
 
     #[test]
     fn uris_inside_messages_are_redacted() {

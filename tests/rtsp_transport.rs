@@ -106,3 +106,17 @@ fn config_check_refuses_an_unknown_transport_and_an_unencoded_password() {
     );
     assert!(!err.contains("Sup3r") && !err.contains("cret@"), "{err}");
 }
+
+#[test]
+fn probe_falls_back_to_udp_when_the_server_refuses_tcp() {
+    let udp_only = RtspServer::start("udp");
+    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
+        .args(["probe", &udp_only.url()])
+        .output()
+        .expect("run probe");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(text.contains("video/x-h264"), "{text}");
+    assert!(!text.contains("hunter2") && !err.contains("hunter2"));
+}

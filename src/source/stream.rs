@@ -400,7 +400,7 @@ fn pull_loop(
 /// (STREAM / CODEC_NOT_FOUND, "No supported stream was found. You might need to allow more transport
 /// protocols..."), and uridecodebin passes it on as "Your GStreamer installation is missing a plug-in" with
 /// rtspsrc's `gst_rtspsrc_setup_streams_start` in the debug text: the step that sends SETUP.
-fn is_transport_refusal(err: &gst::message::Error) -> bool {
+pub(super) fn is_transport_refusal(err: &gst::message::Error) -> bool {
     let debug = err.debug().map(|d| d.to_string()).unwrap_or_default();
     let text = format!("{} {debug}", err.error());
     let missing_plugin = err.error().matches(gst::CoreError::MissingPlugin)

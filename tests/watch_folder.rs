@@ -51,7 +51,7 @@ fn files_written_in_stages_are_taken_once_whole() {
                 &inbox.join("stalled.jpg"),
                 &jpeg,
                 &[jpeg.len() / 3],
-                Duration::from_millis(4500),
+                Duration::from_secs(6),
             )
         });
         // Created empty, filled 3 s later.

@@ -225,8 +225,9 @@ impl Engine {
                 if super::cuda::nvidia_driver_present() {
                     tracing::warn!("CUDA unavailable, running on the CPU: {err:#}");
                 } else {
-                    tracing::info!("no NVIDIA GPU driver on this machine: running on the CPU");
-                    tracing::debug!("why CUDA was not used: {err:#}");
+                    tracing::info!(
+                        "no NVIDIA GPU driver on this machine: running on the CPU (CUDA: {err:#})"
+                    );
                 }
                 open(Device::Cpu)?
             }

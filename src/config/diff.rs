@@ -92,6 +92,9 @@ mod tests {
             watchdog_s: 10.0,
             backoff_initial_s: 0.5,
             backoff_max_s: 30.0,
+            rtsp_transport: None,
+            password_file: None,
+            folder_settle_s: None,
             output: OutputConfig {
                 dir: format!("/tmp/{name}").into(),
                 path: "{frame}".into(),
@@ -137,5 +140,27 @@ mod tests {
         );
         assert_eq!(d.needs_restart, ["model"]);
         assert!(diff(&old, &old).is_empty());
+    }
+
+    #[test]
+    fn a_source_option_change_restarts_the_source() {
+        let old = ServeConfig {
+            model: Default::default(),
+            inference: Default::default(),
+            http: Default::default(),
+            pipelines: vec![pipeline("cam", "rtsp://a", "cat")],
+        };
+        let mut new = old.clone();
+        new.pipelines[0].rtsp_transport = Some("udp".into());
+        assert_eq!(
+            diff(&old, &new).changed,
+            [("cam".to_string(), PipelineChange::Restart)]
+        );
+        let mut new = old.clone();
+        new.pipelines[0].password_file = Some("/run/secrets/cam".into());
+        assert_eq!(
+            diff(&old, &new).changed,
+            [("cam".to_string(), PipelineChange::Restart)]
+        );
     }
 }

@@ -235,6 +235,14 @@ pub struct PipelineConfig {
     pub backoff_initial_s: f64,
     #[serde(default = "default_backoff_max")]
     pub backoff_max_s: f64,
+    /// RTSP sources: how RTP travels, `auto` (TCP, then UDP if the server refuses TCP), `tcp`, `udp` or
+    /// `udp-mcast`. None: auto.
+    pub rtsp_transport: Option<String>,
+    /// RTSP/HTTP sources: a file holding the password, percent-encoded into the URI at load time (so a password
+    /// may hold any character, and stays out of the config file).
+    pub password_file: Option<PathBuf>,
+    /// Watched folders: seconds a file's size and time must hold still before it is read. None: 2.
+    pub folder_settle_s: Option<f64>,
     pub output: OutputConfig,
 }
 
@@ -418,9 +426,17 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
                 None
             }
         };
+        let uri = uri.and_then(|uri| with_password_file(&at, p, uri, &mut errors));
         let source = uri.and_then(|uri| {
             SourceSpec::parse(&uri, p.folder_mode)
-                .map_err(|e| errors.push(format!("{at}.source: {e:#}")))
+                .map_err(|e| {
+                    let key = if p.source.is_some() {
+                        "source"
+                    } else {
+                        "source_file"
+                    };
+                    errors.push(format!("{at}.{key}: {e:#}"))
+                })
                 .ok()
         });
         if p.folder_mode.is_some() && source.as_ref().is_some_and(|s| !s.is_folder()) {
@@ -428,6 +444,7 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
                 "{at}.folder_mode: only folder:// sources have a mode"
             ));
         }
+        validate_source_options(&at, p, source.as_ref(), &mut errors);
         let specs: Vec<QuerySpec> = p.queries.iter().map(QueryEntry::to_spec).collect();
         let queries = match QuerySet::new(specs) {
             Ok(q) => Some(q),
@@ -522,6 +539,93 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
             .iter()
             .map(|e| redact::redact(e, &file_secrets))
             .collect())
+    }
+}
+
+/// `password_file`: reads the password and puts it, percent-encoded, into `uri`, which must name a user and no
+/// password. Errors name the key and the file, never the password.
+fn with_password_file(
+    at: &str,
+    p: &PipelineConfig,
+    uri: String,
+    errors: &mut Vec<String>,
+) -> Option<String> {
+    let Some(file) = &p.password_file else {
+        return Some(uri);
+    };
+    let password = match std::fs::read_to_string(file) {
+        Ok(text) => text.trim_end_matches(['\r', '\n']).to_string(),
+        Err(e) => {
+            errors.push(format!(
+                "{at}.password_file: cannot read {}: {e}",
+                file.display()
+            ));
+            return None;
+        }
+    };
+    match crate::source::insert_password(&uri, &password) {
+        Ok(uri) => Some(uri),
+        Err(e) => {
+            errors.push(format!("{at}.password_file: {e:#}"));
+            None
+        }
+    }
+}
+
+/// The source keys that only some kinds of source take: `rtsp_transport` (RTSP), `folder_settle_s` (watched
+/// folders).
+fn validate_source_options(
+    at: &str,
+    p: &PipelineConfig,
+    source: Option<&SourceSpec>,
+    errors: &mut Vec<String>,
+) {
+    use crate::source::{stream::RtspTransport, SourceKind};
+    if let Some(text) = &p.rtsp_transport {
+        if RtspTransport::parse(text).is_none() {
+            errors.push(format!(
+                "{at}.rtsp_transport: '{text}' is not one of {}",
+                RtspTransport::NAMES.join(", ")
+            ));
+        } else if source.is_some_and(|s| *s.kind() != SourceKind::Rtsp) {
+            errors.push(format!(
+                "{at}.rtsp_transport: only rtsp:// sources have a transport; remove it"
+            ));
+        }
+    }
+    // Its range is checked with every other numeric key's (validate::check_ranges).
+    if p.folder_settle_s.is_some() {
+        if source.is_some_and(|s| !s.is_folder()) {
+            errors.push(format!(
+                "{at}.folder_settle_s: only folder:// sources settle; remove it"
+            ));
+        }
+    }
+    if p.password_file.is_some()
+        && source.is_some_and(|s| !matches!(s.kind(), SourceKind::Rtsp | SourceKind::Http))
+    {
+        errors.push(format!(
+            "{at}.password_file: only rtsp:// and http(s):// sources take a password; remove it"
+        ));
+    }
+}
+
+impl PipelinePlan {
+    /// The RTSP transport this pipeline asked for (auto when unset).
+    pub fn rtsp_transport(&self) -> crate::source::stream::RtspTransport {
+        self.config
+            .rtsp_transport
+            .as_deref()
+            .and_then(crate::source::stream::RtspTransport::parse)
+            .unwrap_or_default()
+    }
+
+    /// How long a watched folder's files must hold still.
+    pub fn folder_settle(&self) -> std::time::Duration {
+        self.config
+            .folder_settle_s
+            .map(|s| validate::duration(s, validate::ranges::FOLDER_SETTLE_S, 1.0))
+            .unwrap_or(crate::source::folder::DEFAULT_SETTLE)
     }
 }
 
@@ -654,6 +758,119 @@ overlay = "gif"
             .expect_err("missing")
             .to_string();
         assert!(missing.contains("nope.toml") && missing.contains("no such file"));
+    }
+
+    fn one_pipeline(dir: &Path, source: &str, extra: &str) -> String {
+        let path = write(
+            dir,
+            &format!(
+                "[[pipeline]]\nname = \"cam\"\nsource = \"{source}\"\nqueries = [\"x\"]\n{extra}\n[pipeline.output]\ndir = \"/tmp/o\"\n"
+            ),
+        );
+        match load_with_env(&path, std::iter::empty()) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn rtsp_transport_and_folder_settle_are_checked_with_key_and_allowed_values() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = dir.path();
+        for ok in ["auto", "tcp", "udp", "udp-mcast"] {
+            let text = one_pipeline(d, "rtsp://cam/s", &format!("rtsp_transport = \"{ok}\""));
+            assert!(text.is_empty(), "{ok}: {text}");
+        }
+        let text = one_pipeline(d, "rtsp://cam/s", "rtsp_transport = \"quic\"");
+        assert!(
+            text.contains(
+                "pipeline[0] 'cam'.rtsp_transport: 'quic' is not one of auto, tcp, udp, udp-mcast"
+            ),
+            "{text}"
+        );
+        let text = one_pipeline(d, "folder:///in", "rtsp_transport = \"tcp\"");
+        assert!(
+            text.contains("'cam'.rtsp_transport: only rtsp://"),
+            "{text}"
+        );
+        assert!(one_pipeline(d, "folder:///in", "folder_settle_s = 0.5").is_empty());
+        let text = one_pipeline(d, "folder:///in", "folder_settle_s = -1");
+        assert!(
+            text.contains("'cam'.folder_settle_s: -1 is outside [0, 3600]"),
+            "{text}"
+        );
+        let text = one_pipeline(d, "folder:///in", "folder_settle_s = nan");
+        assert!(text.contains("'cam'.folder_settle_s"), "{text}");
+        let text = one_pipeline(d, "rtsp://cam/s", "folder_settle_s = 3");
+        assert!(
+            text.contains("'cam'.folder_settle_s: only folder://"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn an_unencoded_password_is_refused_at_check_time_without_printing_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for (password, says) in [("hun@ter2", "raw '@'"), ("hun:ter2", "raw ':'")] {
+            let text = one_pipeline(
+                dir.path(),
+                &format!("rtsp://admin:{password}@10.0.0.5/s1"),
+                "",
+            );
+            assert!(
+                text.contains("pipeline[0] 'cam'.source") && text.contains(says),
+                "{text}"
+            );
+            assert!(text.contains("percent-encode"), "{text}");
+            assert!(!text.contains("ter2"), "the password leaked: {text}");
+        }
+        let uri_file = dir.path().join("cam.uri");
+        std::fs::write(&uri_file, "rtsp://admin:hun@ter2@10.0.0.5/s1\n").expect("write");
+        let path = write(
+            dir.path(),
+            &format!(
+                "[[pipeline]]\nname = \"cam\"\nsource_file = \"{}\"\nqueries = [\"x\"]\n[pipeline.output]\ndir = \"/tmp/o\"\n",
+                uri_file.display()
+            ),
+        );
+        let text = load_with_env(&path, std::iter::empty())
+            .expect_err("unencoded")
+            .to_string();
+        assert!(
+            text.contains("'cam'.source_file: ") && text.contains("raw '@'"),
+            "{text}"
+        );
+        assert!(!text.contains("ter2"), "the password leaked: {text}");
+    }
+
+    #[test]
+    fn password_file_is_percent_encoded_into_the_uri() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let secret = dir.path().join("cam.pw");
+        std::fs::write(&secret, "p@ss:w/rd\n").expect("write");
+        let path = write(
+            dir.path(),
+            &format!(
+                "[[pipeline]]\nname = \"cam\"\nsource = \"rtsp://admin@10.0.0.5/s1\"\npassword_file = \"{}\"\nqueries = [\"x\"]\n[pipeline.output]\ndir = \"/tmp/o\"\n",
+                secret.display()
+            ),
+        );
+        let (_, plans) = load_with_env(&path, std::iter::empty()).expect("valid");
+        assert_eq!(
+            plans[0].source.uri(),
+            "rtsp://admin:p%40ss%3Aw%2Frd@10.0.0.5/s1"
+        );
+        assert!(!format!("{:?}", plans[0].source).contains("p%40ss"));
+        let text = one_pipeline(
+            dir.path(),
+            "rtsp://admin:old@10.0.0.5/s1",
+            &format!("password_file = \"{}\"", secret.display()),
+        );
+        assert!(
+            text.contains("'cam'.password_file") && text.contains("already holds a password"),
+            "{text}"
+        );
+        assert!(!text.contains("p@ss") && !text.contains("old@"), "{text}");
     }
 
     #[test]

@@ -79,6 +79,8 @@ pub mod ranges {
     pub const BACKOFF_S: Range = Range::closed(0.01, 86_400.0);
     /// `output.retention_hours`: up to ten years.
     pub const RETENTION_HOURS: Range = Range::above(0.0, 87_600.0);
+    /// `folder_settle_s`: how long a watched folder's file must hold still; 0 takes files at once.
+    pub const FOLDER_SETTLE_S: Range = Range::closed(0.0, 3600.0);
     /// `output.retention_mb`: up to 1 PB.
     pub const RETENTION_MB: Range = Range::above(0.0, 1e9);
 }
@@ -145,6 +147,11 @@ pub fn check_ranges(cfg: &ServeConfig) -> Vec<String> {
             ("kp_weight", p.kp_weight.map(f64::from), ranges::UNIT),
             ("max_fps", p.max_fps, ranges::MAX_FPS),
             (
+                "folder_settle_s",
+                p.folder_settle_s,
+                ranges::FOLDER_SETTLE_S,
+            ),
+            (
                 "output.retention_hours",
                 p.output.retention_hours,
                 ranges::RETENTION_HOURS,
@@ -187,6 +194,7 @@ fn range_of(key: &str) -> Option<Range> {
         "backoff_initial_s" | "backoff_max_s" => ranges::BACKOFF_S,
         "retention_hours" => ranges::RETENTION_HOURS,
         "retention_mb" => ranges::RETENTION_MB,
+        "folder_settle_s" => ranges::FOLDER_SETTLE_S,
         _ => return None,
     })
 }

@@ -155,6 +155,19 @@ fn load_optional(dirs: &[PathBuf]) {
 }
 
 /// dlopen with RTLD_NOW | RTLD_GLOBAL, kept open for the life of the process.
+/// Whether this machine has an NVIDIA driver this process can see: its kernel module's `/proc` folder, or the
+/// driver's user-space library. Without one, `device = auto` running on the CPU is the expected outcome, not a
+/// problem worth a warning.
+pub fn nvidia_driver_present() -> bool {
+    if Path::new("/proc/driver/nvidia").exists() {
+        return true;
+    }
+    use libloading::os::unix::{Library, RTLD_LAZY, RTLD_LOCAL};
+    // SAFETY: as in `open_global`: NVIDIA's driver library, loaded as the CUDA runtime would load it; it is
+    // unloaded again at once.
+    unsafe { Library::open(Some(DRIVER_LIBRARY), RTLD_LAZY | RTLD_LOCAL) }.is_ok()
+}
+
 fn open_global(path: &Path) -> std::result::Result<(), String> {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     // SAFETY: loading a shared library runs its initialisers; these are NVIDIA's CUDA libraries (or whatever the

@@ -220,7 +220,15 @@ impl Engine {
         let (sessions, spec) = match open(device) {
             Ok(opened) => opened,
             Err(err) if options.device == DeviceChoice::Auto => {
-                tracing::warn!("CUDA unavailable, running on the CPU: {err:#}");
+                // No NVIDIA driver at all: the CPU is what `auto` is expected to pick. A driver that is there
+                // but unusable (CPU-only ONNX Runtime build, missing CUDA libraries) is worth a warning.
+                if super::cuda::nvidia_driver_present() {
+                    tracing::warn!("CUDA unavailable, running on the CPU: {err:#}");
+                } else {
+                    tracing::info!(
+                        "no NVIDIA GPU driver on this machine: running on the CPU (CUDA: {err:#})"
+                    );
+                }
                 open(Device::Cpu)?
             }
             Err(err) => return Err(err),

@@ -243,9 +243,11 @@ impl Pipeline {
                 stream: StreamSettings {
                     max_fps: c.max_fps,
                     watchdog: c.watchdog(),
+                    rtsp_transport: shared.plan.rtsp_transport(),
                 },
                 backoff_initial: c.backoff_initial(),
                 backoff_max: c.backoff_max(),
+                folder_settle: shared.plan.folder_settle(),
             };
             std::thread::Builder::new()
                 .name(format!("src-{name}"))

@@ -1,8 +1,11 @@
 //! Reading one input image: format by content, size checked from the header before any pixel is allocated,
 //! EXIF orientation applied, converted to 8-bit RGB. Every failure names the file and says what is wrong.
+//!
+//! `segment`, `serve` (folder sources) and `eval` all read images through `decode`, so a file that one of them
+//! refuses, all of them refuse.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
@@ -38,6 +41,11 @@ pub enum DecodeError {
     },
     #[error("{path}: the image data is corrupt or truncated: {error}")]
     Corrupt { path: String, error: String },
+    #[error(
+        "{path}: the JPEG data ends before its end-of-image marker: the file is truncated \
+         (or was still being written when it was read)"
+    )]
+    Truncated { path: String },
 }
 
 /// Decodes `path` into RGB, refusing images over `max_pixels`.
@@ -57,6 +65,13 @@ pub fn decode(path: &Path, max_pixels: u64) -> Result<RgbImage, DecodeError> {
         .map_err(unreadable)?;
     if reader.format().is_none() {
         return Err(DecodeError::UnknownFormat { path: name });
+    }
+    // The JPEG decoder pads missing data with grey instead of failing, so a cut file would come out as a
+    // plausible image. Walk the markers first: a whole JPEG reaches its end-of-image marker.
+    if reader.format() == Some(image::ImageFormat::Jpeg)
+        && !jpeg_reaches_end_marker(File::open(path).map_err(unreadable)?).map_err(unreadable)?
+    {
+        return Err(DecodeError::Truncated { path: name });
     }
     // Cap allocations too: a decoder must not be talked into more than the pixels we accept need.
     let mut limits = image::Limits::default();
@@ -90,6 +105,110 @@ pub fn decode(path: &Path, max_pixels: u64) -> Result<RgbImage, DecodeError> {
     let mut image = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     image.apply_orientation(orientation);
     Ok(image.into_rgb8())
+}
+
+/// True when a JPEG stream reaches its EOI marker: segments are skipped by their lengths, entropy-coded data
+/// is scanned for the next marker (a 0xFF there is followed by a stuffed 0x00 or a restart marker), and
+/// progressive files' many scans are followed one after another. Bytes after EOI are allowed (some cameras append
+/// data). Where the structure is not what the standard says, it settles for any EOI in the rest of the file.
+fn jpeg_reaches_end_marker(file: File) -> std::io::Result<bool> {
+    let mut reader = BufReader::with_capacity(1 << 16, file);
+    if next_byte(&mut reader)? != Some(0xFF) || next_byte(&mut reader)? != Some(0xD8) {
+        return Ok(false);
+    }
+    let mut read_marker: Option<u8> = None;
+    loop {
+        let marker = match read_marker.take() {
+            Some(marker) => marker,
+            None => match next_byte(&mut reader)? {
+                Some(0xFF) => match marker_after_fill(&mut reader)? {
+                    Some(marker) => marker,
+                    None => return Ok(false),
+                },
+                Some(_) => return any_end_marker(&mut reader),
+                None => return Ok(false),
+            },
+        };
+        match marker {
+            0xD9 => return Ok(true),
+            0x01 | 0xD0..=0xD7 => {}
+            _ => {
+                let (Some(high), Some(low)) = (next_byte(&mut reader)?, next_byte(&mut reader)?)
+                else {
+                    return Ok(false);
+                };
+                let length = u16::from_be_bytes([high, low]);
+                if length < 2 {
+                    return any_end_marker(&mut reader);
+                }
+                reader.seek_relative(i64::from(length) - 2)?;
+                if marker == 0xDA {
+                    match marker_after_entropy_data(&mut reader)? {
+                        Some(next) => read_marker = Some(next),
+                        None => return Ok(false),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn next_byte(reader: &mut impl BufRead) -> std::io::Result<Option<u8>> {
+    let byte = reader.fill_buf()?.first().copied();
+    if byte.is_some() {
+        reader.consume(1);
+    }
+    Ok(byte)
+}
+
+/// After a 0xFF: skips fill bytes (more 0xFF) and returns the marker code; None at the end of the file.
+fn marker_after_fill(reader: &mut impl BufRead) -> std::io::Result<Option<u8>> {
+    loop {
+        match next_byte(reader)? {
+            Some(0xFF) => continue,
+            other => return Ok(other),
+        }
+    }
+}
+
+/// Scans entropy-coded data up to the next real marker and returns its code; None at the end of the file.
+fn marker_after_entropy_data(reader: &mut impl BufRead) -> std::io::Result<Option<u8>> {
+    loop {
+        let buffer = reader.fill_buf()?;
+        if buffer.is_empty() {
+            return Ok(None);
+        }
+        let Some(at) = buffer.iter().position(|&b| b == 0xFF) else {
+            let all = buffer.len();
+            reader.consume(all);
+            continue;
+        };
+        reader.consume(at + 1);
+        match marker_after_fill(reader)? {
+            None => return Ok(None),
+            Some(0x00 | 0xD0..=0xD7) => continue,
+            Some(marker) => return Ok(Some(marker)),
+        }
+    }
+}
+
+/// The lenient fall-back: is there an EOI marker anywhere in the rest of the stream?
+fn any_end_marker(reader: &mut impl BufRead) -> std::io::Result<bool> {
+    let mut after_ff = false;
+    loop {
+        let buffer = reader.fill_buf()?;
+        if buffer.is_empty() {
+            return Ok(false);
+        }
+        for &b in buffer {
+            if after_ff && b == 0xD9 {
+                return Ok(true);
+            }
+            after_ff = b == 0xFF;
+        }
+        let all = buffer.len();
+        reader.consume(all);
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +293,71 @@ mod tests {
             std::fs::rename(&path, &renamed).expect("rename");
             let back = decode(&renamed, DEFAULT_MAX_PIXELS).expect(ext);
             assert_eq!(back.dimensions(), (6, 4), "{ext}");
+        }
+    }
+
+    /// A photo-like JPEG (noise, so the entropy-coded data is long and holds stuffed 0xFF bytes).
+    fn noisy_jpeg(w: u32, h: u32) -> Vec<u8> {
+        let mut state = 0x2545_f491_u32;
+        let img = RgbImage::from_fn(w, h, |_, _| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+        });
+        let mut jpeg = std::io::Cursor::new(Vec::new());
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+            .encode_image(&img)
+            .expect("encode");
+        jpeg.into_inner()
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_refused_and_a_whole_one_with_trailing_bytes_is_not() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let d = dir.path();
+        let whole = noisy_jpeg(96, 64);
+        assert!(whole.len() > 3000, "{} bytes", whole.len());
+        for cut in [whole.len() / 3, whole.len() / 2, whole.len() - 2, 200] {
+            let e = decode(&write(d, "cut.jpg", &whole[..cut]), DEFAULT_MAX_PIXELS)
+                .expect_err("a cut JPEG must fail");
+            assert!(
+                matches!(
+                    e,
+                    DecodeError::Truncated { .. } | DecodeError::Corrupt { .. }
+                ) && e.to_string().contains("cut.jpg"),
+                "cut at {cut}: {e}"
+            );
+        }
+        let e = decode(
+            &write(d, "third.jpg", &whole[..whole.len() / 3]),
+            DEFAULT_MAX_PIXELS,
+        )
+        .expect_err("a third");
+        assert!(e.to_string().contains("truncated"), "{e}");
+        let mut trailing = whole.clone();
+        trailing.extend_from_slice(b"\0\0camera maker notes\xFF");
+        let img = decode(&write(d, "trailing.jpg", &trailing), DEFAULT_MAX_PIXELS)
+            .expect("bytes after EOI are allowed");
+        assert_eq!(img.dimensions(), (96, 64));
+        decode(&write(d, "whole.jpg", &whole), DEFAULT_MAX_PIXELS).expect("whole");
+    }
+
+    #[test]
+    fn every_format_cut_to_a_third_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut state = 7u32;
+        let img = RgbImage::from_fn(64, 48, |_, _| {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            image::Rgb([(state >> 16) as u8, (state >> 8) as u8, state as u8])
+        });
+        for ext in ["png", "jpg", "webp", "bmp", "tiff"] {
+            let path = dir.path().join(format!("whole.{ext}"));
+            img.save(&path).expect("encode");
+            let bytes = std::fs::read(&path).expect("read");
+            let cut = write(dir.path(), &format!("cut.{ext}"), &bytes[..bytes.len() / 3]);
+            let e = decode(&cut, DEFAULT_MAX_PIXELS).expect_err(ext);
+            assert!(e.to_string().contains("cut."), "{ext}: {e}");
         }
     }
 

@@ -84,6 +84,14 @@ impl SourceSpec {
         {
             bail!("'{shown}' names no host");
         }
+        if matches!(kind, SourceKind::Rtsp | SourceKind::Http) {
+            check_userinfo(rest).map_err(|problem| {
+                anyhow::anyhow!(
+                    "'{shown}': {problem}; percent-encode the user name and password ('@' → %40, ':' → %3A, \
+                     '/' → %2F, '?' → %3F, '#' → %23, '%' → %25), or put the password in password_file"
+                )
+            })?;
+        }
         Ok(SourceSpec {
             uri: uri.to_string(),
             kind,
@@ -117,20 +125,114 @@ impl SourceSpec {
     }
 }
 
+/// The authority of `rest` (what follows `scheme://`) and what comes after it.
+fn split_authority(rest: &str) -> (&str, &str) {
+    match rest.find(['/', '?', '#']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    }
+}
+
+/// True when an authority without userinfo has a port that is not a number: what a raw '/', '?' or '#' in a
+/// password makes of `user:pa/ss@host` (the authority ends at the '/', leaving `user:pa`).
+fn has_bad_port(authority: &str) -> bool {
+    let host_port = authority
+        .rsplit_once(']')
+        .map_or(authority, |(_, after)| after);
+    host_port
+        .rsplit_once(':')
+        .is_some_and(|(_, port)| !port.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Why the userinfo of an rtsp/http URI (`rest` follows `scheme://`) would be misread: GStreamer, like any URI
+/// parser, splits at reserved characters, so a raw '@', ':', '/', '?' or '#' in a password connects with the
+/// wrong credentials or to the wrong host. The reason never quotes the userinfo.
+fn check_userinfo(rest: &str) -> std::result::Result<(), &'static str> {
+    let (authority, _) = split_authority(rest);
+    let Some(at) = authority.rfind('@') else {
+        return if has_bad_port(authority) && rest.contains('@') {
+            Err("the user name or password holds a raw '/', '?' or '#' (the host part ends early)")
+        } else {
+            Ok(())
+        };
+    };
+    let userinfo = &authority[..at];
+    if userinfo.contains('@') {
+        return Err("the user name or password holds a raw '@'");
+    }
+    if userinfo.matches(':').count() > 1 {
+        return Err("the password holds a raw ':'");
+    }
+    let bytes = userinfo.as_bytes();
+    let bad_escape = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'%'
+            && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+    });
+    if bad_escape {
+        return Err("the user name or password holds a '%' that does not start a %XX escape");
+    }
+    if userinfo.contains([' ', '[', ']', '"', '<', '>', '\\']) {
+        return Err("the user name or password holds a character a URI cannot carry raw");
+    }
+    Ok(())
+}
+
+/// Puts `password`, percent-encoded, into `uri` (rtsp/http, with a user name and no password): for
+/// `password_file`. Errors quote the URI redacted, never the password.
+pub fn insert_password(uri: &str, password: &str) -> Result<String> {
+    let shown = redact_uri(uri);
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        bail!("'{shown}' is not a URI");
+    };
+    if !["rtsp", "rtsps", "rtspt", "http", "https"].contains(&scheme.to_ascii_lowercase().as_str())
+    {
+        bail!("'{shown}': only rtsp:// and http(s):// sources take a password");
+    }
+    let (authority, tail) = split_authority(rest);
+    let Some((user, host)) = authority.rsplit_once('@') else {
+        bail!("'{shown}' names no user; write the source as {scheme}://USER@host/... and the password goes in password_file");
+    };
+    if user.contains(':') {
+        bail!("'{shown}' already holds a password; remove it from the URI or drop password_file");
+    }
+    if password.is_empty() {
+        bail!("the password file is empty");
+    }
+    let mut encoded = String::with_capacity(password.len() * 3);
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(format!("{scheme}://{user}:{encoded}@{host}{tail}"))
+}
+
 /// Replaces credentials in a URI: the userinfo part and the values of query parameters whose names look secret.
 pub fn redact_uri(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {
         return uri.to_string();
     };
-    let (authority, tail) = match rest.find(['/', '?', '#']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
+    let (authority, tail) = split_authority(rest);
+    // `user:pa/ss@host/x`: a raw '/' in a password ends the authority early; hide everything up to the '@'.
+    if !authority.contains('@') && has_bad_port(authority) {
+        if let Some(at) = rest.rfind('@') {
+            let (host, tail) = split_authority(&rest[at + 1..]);
+            return format!("{scheme}://***@{host}{}", redact_query(tail));
+        }
+    }
     let authority = match authority.rfind('@') {
         Some(i) => format!("***@{}", &authority[i + 1..]),
         None => authority.to_string(),
     };
-    let tail = match tail.split_once('?') {
+    format!("{scheme}://{authority}{}", redact_query(tail))
+}
+
+/// The path and query with the values of secret-looking query parameters replaced.
+fn redact_query(tail: &str) -> String {
+    match tail.split_once('?') {
         Some((path, query)) => {
             let query: Vec<String> = query
                 .split('&')
@@ -142,8 +244,7 @@ pub fn redact_uri(uri: &str) -> String {
             format!("{path}?{}", query.join("&"))
         }
         None => tail.to_string(),
-    };
-    format!("{scheme}://{authority}{tail}")
+    }
 }
 
 fn is_secret_key(key: &str) -> bool {
@@ -217,7 +318,63 @@ mod tests {
     }
 
     #[test]
+    fn unencoded_userinfo_is_refused_without_quoting_the_password() {
+        for (password, says) in [
+            ("p@ss", "raw '@'"),
+            ("pa:ss", "raw ':'"),
+            ("pa/ss", "raw '/'"),
+            ("pa?ss", "raw '/'"),
+            ("pa%zzss", "'%'"),
+            ("pa ss", "cannot carry"),
+        ] {
+            let uri = &format!("rtsp://admin:{password}@10.0.0.5/s1");
+            let err = format!("{:#}", SourceSpec::parse(uri, None).expect_err(uri));
+            assert!(
+                err.contains(says) && err.contains("percent-encode"),
+                "{uri}: {err}"
+            );
+            assert!(
+                !err.contains(password) && !err.contains("ss@"),
+                "{uri}: {err}"
+            );
+        }
+        for good in [
+            "rtsp://admin:p%40ss%3A1@10.0.0.5:554/s1",
+            "rtsp://admin@cam/s1",
+            "rtsp://[::1]:8554/s1",
+            "rtsp://cam:554/s1?user=a@b",
+            "http://cam/mjpeg",
+        ] {
+            SourceSpec::parse(good, None).expect(good);
+        }
+    }
+
+    #[test]
+    fn a_password_from_a_file_is_percent_encoded_into_the_uri() {
+        let uri = insert_password("rtsp://admin@10.0.0.5:554/s1?ch=1", "p@ss:w/rd%").expect("ok");
+        assert_eq!(uri, "rtsp://admin:p%40ss%3Aw%2Frd%25@10.0.0.5:554/s1?ch=1");
+        SourceSpec::parse(&uri, None).expect("valid once encoded");
+        for (uri, says) in [
+            ("rtsp://10.0.0.5/s1", "names no user"),
+            ("rtsp://admin:old@10.0.0.5/s1", "already holds a password"),
+            ("folder:///in", "only rtsp"),
+        ] {
+            let err = insert_password(uri, "secret!").expect_err(uri).to_string();
+            assert!(err.contains(says), "{uri}: {err}");
+            assert!(!err.contains("secret!") && !err.contains("old@"), "{err}");
+        }
+    }
+
+    #[test]
     fn credentials_never_survive_redaction() {
+        assert_eq!(
+            redact_uri("rtsp://admin:pa/ss@10.0.0.5/s1"),
+            "rtsp://***@10.0.0.5/s1"
+        );
+        assert_eq!(
+            redact_uri("rtsp://admin:p@ss@10.0.0.5/s1"),
+            "rtsp://***@10.0.0.5/s1"
+        );
         assert_eq!(
             redact_uri("rtsp://admin:hunter2@10.0.0.5:554/s1?token=abc&ch=1"),
             "rtsp://***@10.0.0.5:554/s1?token=***&ch=1"

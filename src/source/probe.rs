@@ -8,7 +8,8 @@ use anyhow::{anyhow, bail, Result};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 
-use super::SourceSpec;
+use super::stream::RtspTransport;
+use super::{SourceKind, SourceSpec};
 
 /// One stream of the source: decoded caps, and the encoded caps of each decoder, as text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,14 +24,38 @@ pub struct DecoderInfo {
     pub caps: String,
 }
 
-/// Opens the source and reports each stream's caps; fails after `timeout` without any.
+/// The RTSP server refused the transport asked for (461 Unsupported transport).
+#[derive(Debug, thiserror::Error)]
+#[error("the RTSP server refused RTP over {0}")]
+struct TransportRefused(&'static str);
+
+/// Opens the source and reports each stream's caps; fails after `timeout` without any. RTSP goes as
+/// `rtsp_transport = "auto"` does: TCP, then UDP if the server refuses TCP.
 pub fn probe(spec: &SourceSpec, timeout: Duration) -> Result<(Vec<StreamInfo>, Vec<DecoderInfo>)> {
+    let refused = |e: &anyhow::Error| e.is::<TransportRefused>();
+    match probe_over(spec, timeout, RtspTransport::Tcp) {
+        Err(e) if refused(&e) => match probe_over(spec, timeout, RtspTransport::Udp) {
+            Err(e) if refused(&e) => bail!(
+                "{spec}: the RTSP server refused RTP over both TCP and UDP (461 Unsupported transport); \
+                 it may offer only multicast (rtsp_transport = \"udp-mcast\")"
+            ),
+            other => other,
+        },
+        other => other,
+    }
+}
+
+fn probe_over(
+    spec: &SourceSpec,
+    timeout: Duration,
+    transport: RtspTransport,
+) -> Result<(Vec<StreamInfo>, Vec<DecoderInfo>)> {
     super::stream::init()?;
     let pipeline = gst::Pipeline::new();
     if spec.is_folder() {
         bail!("{spec}: a folder has no streams to probe");
     }
-    let decode = super::stream::decoder(&pipeline, spec)?;
+    let decode = super::stream::decoder(&pipeline, spec, transport)?;
     let pads: Arc<Mutex<Vec<gst::Pad>>> = Arc::default();
     let decoders: Arc<Mutex<Vec<gst::Element>>> = Arc::default();
     {
@@ -70,7 +95,7 @@ pub fn probe(spec: &SourceSpec, timeout: Duration) -> Result<(Vec<StreamInfo>, V
             }
         });
     }
-    let result = run(&pipeline, &pads, spec, timeout).map(|streams| {
+    let result = run(&pipeline, &pads, spec, transport, timeout).map(|streams| {
         let decoders = decoders
             .lock()
             .map(|d| {
@@ -98,6 +123,7 @@ fn run(
     pipeline: &gst::Pipeline,
     pads: &Mutex<Vec<gst::Pad>>,
     spec: &SourceSpec,
+    transport: RtspTransport,
     timeout: Duration,
 ) -> Result<Vec<StreamInfo>> {
     pipeline
@@ -114,6 +140,9 @@ fn run(
             &[gst::MessageType::Error],
         ) {
             if let gst::MessageView::Error(err) = msg.view() {
+                if *spec.kind() == SourceKind::Rtsp && super::stream::is_transport_refusal(err) {
+                    return Err(TransportRefused(transport.name()).into());
+                }
                 let debug = err
                     .debug()
                     .map(|d| d.replace('\n', " "))

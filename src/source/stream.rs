@@ -31,12 +31,77 @@ pub enum RunEnd {
     Stalled,
     /// An error, or a live source's end of stream.
     Failed(String),
+    /// The RTSP server refused to send RTP over this transport (it answered 461 Unsupported transport).
+    TransportRefused(RtspTransport),
+}
+
+/// How RTP travels from an RTSP server (per pipeline: `rtsp_transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RtspTransport {
+    /// TCP first (no lost packets, passes NAT and firewalls); UDP when the server refuses TCP.
+    #[default]
+    Auto,
+    /// RTP interleaved in the RTSP TCP connection.
+    Tcp,
+    /// RTP over UDP unicast.
+    Udp,
+    /// RTP over UDP multicast.
+    UdpMcast,
+}
+
+impl RtspTransport {
+    /// The config values, in the order error messages list them.
+    pub const NAMES: [&'static str; 4] = ["auto", "tcp", "udp", "udp-mcast"];
+
+    pub fn parse(text: &str) -> Option<RtspTransport> {
+        match text {
+            "auto" => Some(RtspTransport::Auto),
+            "tcp" => Some(RtspTransport::Tcp),
+            "udp" => Some(RtspTransport::Udp),
+            "udp-mcast" => Some(RtspTransport::UdpMcast),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RtspTransport::Auto => "auto",
+            RtspTransport::Tcp => "tcp",
+            RtspTransport::Udp => "udp",
+            RtspTransport::UdpMcast => "udp-mcast",
+        }
+    }
+
+    /// rtspsrc's `protocols` flags for one attempt. Auto is resolved by the supervisor before an attempt
+    /// (rtspsrc's own fall-back order is UDP first, the opposite of what auto promises); here it means TCP.
+    fn protocols(self) -> &'static str {
+        match self {
+            RtspTransport::Auto | RtspTransport::Tcp => "tcp",
+            RtspTransport::Udp => "udp",
+            RtspTransport::UdpMcast => "udp-mcast",
+        }
+    }
+
+    /// What to tell an operator whose server refused this transport: the cause and the key to set.
+    pub fn refusal_advice(self, pipeline: &str) -> String {
+        let (what, instead) = match self {
+            RtspTransport::Auto => ("both RTP over TCP and over UDP", "\"udp-mcast\""),
+            RtspTransport::Tcp => ("RTP over TCP", "\"auto\" or \"udp\""),
+            RtspTransport::Udp => ("RTP over UDP", "\"auto\" or \"tcp\""),
+            RtspTransport::UdpMcast => ("RTP over UDP multicast", "\"auto\""),
+        };
+        format!(
+            "the RTSP server refused {what} (461 Unsupported transport): set rtsp_transport = {instead} for pipeline '{pipeline}'"
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct StreamSettings {
     pub max_fps: Option<f64>,
     pub watchdog: Duration,
+    /// For RTSP sources; the supervisor resolves `Auto` to the transport of each attempt.
+    pub rtsp_transport: RtspTransport,
 }
 
 /// How long one pull waits before the loop checks for stop requests, bus errors and the watchdog.
@@ -89,7 +154,7 @@ pub(super) fn make(factory: &str) -> Result<gst::Element> {
 fn build(spec: &SourceSpec, settings: &StreamSettings) -> Result<Built> {
     init()?;
     let pipeline = gst::Pipeline::new();
-    let decoder = decoder(&pipeline, spec)?;
+    let decoder = decoder(&pipeline, spec, settings.rtsp_transport)?;
     let rate = match settings.max_fps {
         Some(fps) => {
             let rate = make("videorate")?;
@@ -163,9 +228,13 @@ fn build(spec: &SourceSpec, settings: &StreamSettings) -> Result<Built> {
     })
 }
 
-/// The pipeline's source and decoder, added to `pipeline`: `uridecodebin` (RTSP over TCP with a short jitter
-/// buffer) or `v4l2src ! decodebin`. Returns the element whose pads carry the decoded streams.
-pub(super) fn decoder(pipeline: &gst::Pipeline, spec: &SourceSpec) -> Result<gst::Element> {
+/// The pipeline's source and decoder, added to `pipeline`: `uridecodebin` (RTSP over `transport` with a short
+/// jitter buffer) or `v4l2src ! decodebin`. Returns the element whose pads carry the decoded streams.
+pub(super) fn decoder(
+    pipeline: &gst::Pipeline,
+    spec: &SourceSpec,
+    transport: RtspTransport,
+) -> Result<gst::Element> {
     let decode = match spec.kind() {
         SourceKind::V4l2(device) => {
             let src = make("v4l2src")?;
@@ -193,11 +262,13 @@ pub(super) fn decoder(pipeline: &gst::Pipeline, spec: &SourceSpec) -> Result<gst
         SourceKind::Rtsp | SourceKind::Http => {
             let decode = make("uridecodebin")?;
             decode.set_property("uri", spec.uri());
-            // RTSP over TCP (no lost UDP packets, passes NAT and firewalls) with a short jitter buffer.
-            decode.connect("source-setup", false, |values| {
+            // RTSP over the transport asked for (TCP by default: no lost UDP packets, passes NAT and firewalls)
+            // with a short jitter buffer.
+            let protocols = transport.protocols();
+            decode.connect("source-setup", false, move |values| {
                 if let Some(Ok(source)) = values.get(1).map(|v| v.get::<gst::Element>()) {
                     if source.has_property("protocols") {
-                        source.set_property_from_str("protocols", "tcp");
+                        source.set_property_from_str("protocols", protocols);
                     }
                     if source.has_property("latency") {
                         source.set_property("latency", RTSP_LATENCY_MS);
@@ -246,15 +317,16 @@ fn pull_loop(
         ]) {
             match msg.view() {
                 gst::MessageView::Error(err) => {
+                    if spec.kind() == &SourceKind::Rtsp && is_transport_refusal(err) {
+                        return RunEnd::TransportRefused(settings.rtsp_transport);
+                    }
                     let from = msg.src().map(|s| s.name().to_string()).unwrap_or_default();
                     let debug = err
                         .debug()
                         .map(|d| d.replace('\n', " "))
                         .unwrap_or_default();
-                    return RunEnd::Failed(redact_text(&format!(
-                        "{from}: {} ({debug})",
-                        err.error()
-                    )));
+                    let text = format!("{from}: {} ({debug})", err.error());
+                    return RunEnd::Failed(redact_text(&with_transport_hint(&text)));
                 }
                 gst::MessageView::Warning(w) => {
                     tracing::debug!(source = %spec, "GStreamer warning: {}", redact_text(&w.error().to_string()));
@@ -323,6 +395,33 @@ fn pull_loop(
     }
 }
 
+/// Whether an error is rtspsrc saying that no stream could be set up over the transports it was allowed: what
+/// it reports when the server answers SETUP with 461 Unsupported transport. It words that as a missing plug-in
+/// (STREAM / CODEC_NOT_FOUND, "No supported stream was found. You might need to allow more transport
+/// protocols..."), and uridecodebin passes it on as "Your GStreamer installation is missing a plug-in" with
+/// rtspsrc's `gst_rtspsrc_setup_streams_start` in the debug text: the step that sends SETUP.
+pub(super) fn is_transport_refusal(err: &gst::message::Error) -> bool {
+    let debug = err.debug().map(|d| d.to_string()).unwrap_or_default();
+    let text = format!("{} {debug}", err.error());
+    let missing_plugin = err.error().matches(gst::CoreError::MissingPlugin)
+        || err.error().matches(gst::StreamError::CodecNotFound);
+    (missing_plugin && debug.contains("rtspsrc_setup_streams_start"))
+        || text.contains("allow more transport protocols")
+        || text.contains("Unsupported transport")
+}
+
+/// Adds the cause and the key to set to a transport error that does not name them: rtspsrc gives up on UDP
+/// when no packet arrives (a firewall or NAT in the way) with only a hint at the cause.
+fn with_transport_hint(text: &str) -> String {
+    if text.contains("Could not receive any UDP packets") {
+        format!(
+            "no RTP packets arrived over UDP (a firewall or NAT drops them): set rtsp_transport = \"tcp\" or \"auto\" for this pipeline ({text})"
+        )
+    } else {
+        text.to_string()
+    }
+}
+
 /// How long ago, on the pipeline clock, the buffer was captured (live sources only).
 fn pipeline_latency(pipeline: &gst::Pipeline, pts: Option<gst::ClockTime>) -> Option<Duration> {
     let clock = pipeline.clock()?;
@@ -377,6 +476,26 @@ pub fn redact_text(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_transport_is_a_valid_rtspsrc_protocols_value() {
+        // set_property_from_str panics on a value the flags type does not know: check each one we set.
+        init().expect("gstreamer");
+        let src = make("rtspsrc").expect("rtspsrc (gst-plugins-good)");
+        for name in RtspTransport::NAMES {
+            let transport = RtspTransport::parse(name).expect(name);
+            assert_eq!(transport.name(), name);
+            src.set_property_from_str("protocols", transport.protocols());
+        }
+        assert_eq!(RtspTransport::parse("TCP"), None);
+    }
+
+    #[test]
+    fn a_udp_timeout_names_the_key() {
+        let text = with_transport_hint("source: Could not read. (Could not receive any UDP packets for 5.0000 seconds, maybe your firewall is blocking it. No other protocols to try.)");
+        assert!(text.contains("rtsp_transport = \"tcp\""), "{text}");
+        assert_eq!(with_transport_hint("other"), "other");
+    }
 
     #[test]
     fn uris_inside_messages_are_redacted() {

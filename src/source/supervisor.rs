@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::folder::{self, FolderState};
-use super::stream::{self, RunEnd, StreamSettings};
+use super::stream::{self, RtspTransport, RunEnd, StreamSettings};
 use super::{FrameSink, SourceKind, SourceSpec};
 use crate::telemetry::PipelineMetrics;
 
@@ -16,6 +16,8 @@ pub struct SupervisorSettings {
     pub stream: StreamSettings,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// Watched folders: how long a file must hold still before it is read.
+    pub folder_settle: Duration,
 }
 
 /// Runs until the sink stops or the source finishes (a file's or one-shot folder's end).
@@ -31,6 +33,9 @@ pub fn supervise(
     let mut backoff = settings.backoff_initial;
     let mut jitter = Jitter::new(pipeline);
     let mut attempt = 0u64;
+    // rtsp_transport = auto: TCP until the server refuses it, then UDP (and back, should UDP be refused later).
+    let mut auto_transport = RtspTransport::Tcp;
+    let mut refusals_in_a_row = 0u32;
     loop {
         if sink.stopping() {
             break;
@@ -44,20 +49,40 @@ pub fn supervise(
         let mut delivered = false;
         let end = match spec.kind() {
             SourceKind::Folder { dir, mode } => {
-                let end = folder::run(dir, *mode, &mut folder_state, sink, metrics, &sequence);
+                let end = folder::run(
+                    dir,
+                    *mode,
+                    settings.folder_settle,
+                    &mut folder_state,
+                    sink,
+                    metrics,
+                    &sequence,
+                );
                 delivered = !matches!(end, RunEnd::Failed(_));
                 end
             }
-            _ => stream::run_once(
-                spec,
-                &settings.stream,
-                sink,
-                metrics,
-                &sequence,
-                &mut delivered,
-            ),
+            _ => {
+                let auto = settings.stream.rtsp_transport == RtspTransport::Auto;
+                let stream_settings = StreamSettings {
+                    rtsp_transport: if auto {
+                        auto_transport
+                    } else {
+                        settings.stream.rtsp_transport
+                    },
+                    ..settings.stream.clone()
+                };
+                stream::run_once(
+                    spec,
+                    &stream_settings,
+                    sink,
+                    metrics,
+                    &sequence,
+                    &mut delivered,
+                )
+            }
         };
         metrics.connected.store(false, Ordering::Relaxed);
+        let refused_now = matches!(end, RunEnd::TransportRefused(_));
         match end {
             RunEnd::Stopped => break,
             RunEnd::Finished => {
@@ -76,6 +101,40 @@ pub fn supervise(
             RunEnd::Failed(reason) => {
                 tracing::warn!(pipeline, source = %spec, "source failed after {:.1} s: {reason}", started.elapsed().as_secs_f64());
             }
+            RunEnd::TransportRefused(refused) => {
+                refusals_in_a_row += 1;
+                let auto = settings.stream.rtsp_transport == RtspTransport::Auto;
+                if auto && refusals_in_a_row < 2 {
+                    // The server refused one transport: try the other at once; that is not a failure yet.
+                    auto_transport = match refused {
+                        RtspTransport::Tcp => RtspTransport::Udp,
+                        _ => RtspTransport::Tcp,
+                    };
+                    tracing::info!(
+                        pipeline,
+                        source = %spec,
+                        "the RTSP server refused RTP over {}: trying {} (rtsp_transport = auto)",
+                        refused.name().to_uppercase(),
+                        auto_transport.name().to_uppercase()
+                    );
+                    continue;
+                }
+                let advice = if auto {
+                    // Both refused: the next attempt (after the backoff) starts over with the other one.
+                    refusals_in_a_row = 0;
+                    auto_transport = match refused {
+                        RtspTransport::Tcp => RtspTransport::Udp,
+                        _ => RtspTransport::Tcp,
+                    };
+                    RtspTransport::Auto.refusal_advice(pipeline)
+                } else {
+                    refused.refusal_advice(pipeline)
+                };
+                tracing::warn!(pipeline, source = %spec, "source failed: {advice}");
+            }
+        }
+        if !refused_now {
+            refusals_in_a_row = 0;
         }
         if delivered {
             backoff = settings.backoff_initial;

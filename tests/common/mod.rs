@@ -2,6 +2,9 @@
 // Each test crate compiles its own copy and uses only some of these.
 #![allow(dead_code)]
 
+pub mod daemon;
+pub mod staged;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -163,42 +163,46 @@ pub fn resize_u8_bilinear(
     let xs = FixedTaps::new(w, ow, true);
     let ys = FixedTaps::new(h, oh, false);
     let row_len = ow * channels;
-    let horizontal = |row: usize, out: &mut Vec<i32>| {
+    let horizontal = |row: usize, out: &mut [i32]| {
         let line = &src[row * w * channels..(row + 1) * w * channels];
-        out.clear();
-        for ox in 0..ow {
-            let (a, b) = (xs.lo[ox] * channels, xs.hi[ox] * channels);
-            let (wa, wb) = (xs.w_lo[ox], xs.w_hi[ox]);
-            for c in 0..channels {
-                out.push(i32::from(line[a + c]) * wa + i32::from(line[b + c]) * wb);
+        let taps = xs.lo.iter().zip(&xs.hi).zip(xs.w_lo.iter().zip(&xs.w_hi));
+        for (pixel, ((&lo, &hi), (&wa, &wb))) in out.chunks_exact_mut(channels).zip(taps) {
+            let (a, b) = (
+                &line[lo * channels..][..channels],
+                &line[hi * channels..][..channels],
+            );
+            for ((o, &pa), &pb) in pixel.iter_mut().zip(a).zip(b) {
+                *o = i32::from(pa) * wa + i32::from(pb) * wb;
             }
         }
     };
-    // The two source rows of the current output row, after the horizontal pass, reused while they last.
-    let mut cached: [(usize, Vec<i32>); 2] = [
-        (usize::MAX, Vec::with_capacity(row_len)),
-        (usize::MAX, Vec::with_capacity(row_len)),
+    // The two source rows of the current output row after the horizontal pass, reused while they last.
+    let mut rows = [
+        (usize::MAX, vec![0i32; row_len]),
+        (usize::MAX, vec![0i32; row_len]),
     ];
     let mut out = vec![0u8; oh * row_len];
     for (oy, dst) in out.chunks_exact_mut(row_len).enumerate() {
-        for (slot, row) in [ys.lo[oy], ys.hi[oy]].into_iter().enumerate() {
-            if cached[slot].0 != row {
-                if cached[1 - slot].0 == row {
-                    let (first, second) = cached.split_at_mut(1);
-                    let (this, other) = if slot == 0 {
-                        (&mut first[0], &second[0])
-                    } else {
-                        (&mut second[0], &first[0])
-                    };
-                    this.1.clone_from(&other.1);
-                } else {
-                    horizontal(row, &mut cached[slot].1);
-                }
-                cached[slot].0 = row;
+        let (lo, hi) = (ys.lo[oy], ys.hi[oy]);
+        if rows[0].0 != lo {
+            if rows[1].0 == lo {
+                rows.swap(0, 1);
+            } else {
+                horizontal(lo, &mut rows[0].1);
+                rows[0].0 = lo;
             }
         }
+        if rows[1].0 != hi {
+            if hi == lo {
+                let [first, second] = &mut rows;
+                second.1.copy_from_slice(&first.1);
+            } else {
+                horizontal(hi, &mut rows[1].1);
+            }
+            rows[1].0 = hi;
+        }
         let (b0, b1) = (ys.w_lo[oy], ys.w_hi[oy]);
-        for ((d, &s0), &s1) in dst.iter_mut().zip(&cached[0].1).zip(&cached[1].1) {
+        for ((d, &s0), &s1) in dst.iter_mut().zip(&rows[0].1).zip(&rows[1].1) {
             let v = (((s0 >> 4) * b0) >> 16) + (((s1 >> 4) * b1) >> 16);
             *d = ((v + 2) >> 2).clamp(0, 255) as u8;
         }

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::model::bundle::InputSpec;
+use crate::model::preprocess::pixel_statistics;
+
 /// How a dataset treats background.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Background {
@@ -26,6 +29,69 @@ pub struct Layout {
     pub label_suffix: &'static str,
 }
 
+/// A dataset's official test pipeline: kakaobrain/tcl at bc2b551, `segmentation/configs/_base_/datasets/<config>`
+/// (the file `configs/eval.yml` l. 23-30 names for the dataset), run by mmseg 0.27.0 / mmcv 1.6.2.
+///
+/// Every config reads `LoadImageFromFile` (cv2, BGR) → `MultiScaleFlipAug(img_scale, flip=False)` →
+/// `Resize(keep_ratio=True)` (`mmcv.imrescale`: OpenCV bilinear on the uint8 image) → `RandomFlip` (a no-op
+/// without flip) → `Normalize(**img_norm_cfg)` → slide inference with `test_cfg`. The engine implements exactly
+/// this (`model::preprocess`); `eval` warns when a bundle's input settings differ from it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TestPipeline {
+    /// The config file, under `segmentation/configs/_base_/datasets/`.
+    pub config: &'static str,
+    /// `img_scale=(long, short)`: with keep_ratio, the image is scaled as large as fits both (mmcv `rescale_size`).
+    pub long_side_max: usize,
+    pub short_side: usize,
+    pub keep_ratio: bool,
+    pub flip: bool,
+    /// `img_norm_cfg`: mean and std on 0..255 pixels, after BGR → RGB (`to_rgb=True`).
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub to_rgb: bool,
+    /// `test_cfg = dict(mode="slide", stride=(s, s), crop_size=(c, c))`.
+    pub crop_size: usize,
+    pub crop_stride: usize,
+}
+
+impl TestPipeline {
+    /// Where a bundle's input settings differ from this pipeline, one line per setting (empty: the official
+    /// protocol). The engine always resizes with keep_ratio and without flipping, as every config does.
+    pub fn differences(&self, input: &InputSpec) -> Vec<String> {
+        let (mean, std) = pixel_statistics(input);
+        let mut out = Vec::new();
+        let mut check = |what: &str, ours: String, official: String| {
+            if ours != official {
+                out.push(format!(
+                    "{what} {ours} (the official {} has {official})",
+                    self.config
+                ));
+            }
+        };
+        check(
+            "img_scale",
+            format!("({}, {})", input.long_side_max, input.short_side),
+            format!("({}, {})", self.long_side_max, self.short_side),
+        );
+        check("mean", format!("{mean:?}"), format!("{:?}", self.mean));
+        check("std", format!("{std:?}"), format!("{:?}", self.std));
+        check(
+            "crop_size",
+            input.crop_size.to_string(),
+            self.crop_size.to_string(),
+        );
+        check(
+            "stride",
+            input.crop_stride.to_string(),
+            self.crop_stride.to_string(),
+        );
+        out
+    }
+}
+
+const IMAGENET_MEAN: [f32; 3] = [123.675, 116.28, 103.53];
+const IMAGENET_STD: [f32; 3] = [58.395, 57.12, 57.375];
+
 #[derive(Debug, Clone, Copy)]
 pub struct DatasetSpec {
     pub key: &'static str,
@@ -42,6 +108,7 @@ pub struct DatasetSpec {
     pub background: Background,
     /// mmseg's reduce_zero_label: 0 → ignore, k → k−1.
     pub reduce_zero_label: bool,
+    pub pipeline: TestPipeline,
 }
 
 const VOC: &str = include_str!("classes/voc.txt");
@@ -89,8 +156,23 @@ pub const DATASETS: [DatasetSpec; 8] = [
         prefix: None,
         add_background: false,
         drop_first: false,
+        // mmseg 0.27.0 datasets/voc.py l. 16: CLASSES starts with 'background', so TCL's builder.py l. 60 sets
+        // with_bg: class 0 is the constant bg_thresh channel (tcl_seg.py l. 66-70).
         background: Background::Threshold,
+        // voc.py l. 29 passes no reduce_zero_label: CustomDataset's default False (custom.py l. 90).
         reduce_zero_label: false,
+        pipeline: TestPipeline {
+            config: "pascal_voc12.py",
+            long_side_max: 2048, // pascal_voc12.py l. 17: img_scale=(2048, 448)
+            short_side: 448,     // pascal_voc12.py l. 17
+            keep_ratio: true,    // pascal_voc12.py l. 21: dict(type="Resize", keep_ratio=True)
+            flip: false,         // pascal_voc12.py l. 19: flip=False
+            mean: IMAGENET_MEAN, // pascal_voc12.py l. 12: img_norm_cfg mean=[123.675, 116.28, 103.53]
+            std: IMAGENET_STD,   // pascal_voc12.py l. 12: std=[58.395, 57.12, 57.375]
+            to_rgb: true,        // pascal_voc12.py l. 12: to_rgb=True
+            crop_size: 448,      // pascal_voc12.py l. 40: test_cfg crop_size=(448, 448)
+            crop_stride: 224,    // pascal_voc12.py l. 40: stride=(224, 224)
+        },
     },
     DatasetSpec {
         key: "context",
@@ -100,8 +182,22 @@ pub const DATASETS: [DatasetSpec; 8] = [
         prefix: None,
         add_background: false,
         drop_first: false,
+        // mmseg 0.27.0 datasets/pascal_context.py l. 20: CLASSES starts with 'background' → with_bg.
         background: Background::Threshold,
+        // pascal_context.py l. 52: reduce_zero_label=False.
         reduce_zero_label: false,
+        pipeline: TestPipeline {
+            config: "pascal_context.py",
+            long_side_max: 2048, // pascal_context.py l. 17: img_scale=(2048, 448)
+            short_side: 448,     // pascal_context.py l. 17
+            keep_ratio: true,    // pascal_context.py l. 21: dict(type="Resize", keep_ratio=True)
+            flip: false,         // pascal_context.py l. 19: flip=False
+            mean: IMAGENET_MEAN, // pascal_context.py l. 12: img_norm_cfg mean=[123.675, 116.28, 103.53]
+            std: IMAGENET_STD,   // pascal_context.py l. 12: std=[58.395, 57.12, 57.375]
+            to_rgb: true,        // pascal_context.py l. 12: to_rgb=True
+            crop_size: 448,      // pascal_context.py l. 40: test_cfg crop_size=(448, 448)
+            crop_stride: 224,    // pascal_context.py l. 40: stride=(224, 224)
+        },
     },
     DatasetSpec {
         key: "coco_object",
@@ -117,8 +213,22 @@ pub const DATASETS: [DatasetSpec; 8] = [
         prefix: Some(80),
         add_background: true,
         drop_first: false,
+        // TCL segmentation/datasets/coco_object.py l. 18: CLASSES starts with 'background' → with_bg.
         background: Background::Threshold,
+        // coco_object.py l. 42 passes no reduce_zero_label: CustomDataset's default False (custom.py l. 90).
         reduce_zero_label: false,
+        pipeline: TestPipeline {
+            config: "coco.py",
+            long_side_max: 2048, // coco.py l. 17: img_scale=(2048, 448)
+            short_side: 448,     // coco.py l. 17
+            keep_ratio: true,    // coco.py l. 21: dict(type="Resize", keep_ratio=True)
+            flip: false,         // coco.py l. 19: flip=False
+            mean: IMAGENET_MEAN, // coco.py l. 12: img_norm_cfg mean=[123.675, 116.28, 103.53]
+            std: IMAGENET_STD,   // coco.py l. 12: std=[58.395, 57.12, 57.375]
+            to_rgb: true,        // coco.py l. 12: to_rgb=True
+            crop_size: 448,      // coco.py l. 39: test_cfg crop_size=(448, 448)
+            crop_stride: 224,    // coco.py l. 39: stride=(224, 224)
+        },
     },
     DatasetSpec {
         key: "voc20",
@@ -128,8 +238,22 @@ pub const DATASETS: [DatasetSpec; 8] = [
         prefix: None,
         add_background: false,
         drop_first: true,
+        // TCL segmentation/datasets/pascal_voc.py l. 24: CLASSES has no 'background' → no background class.
         background: Background::None,
+        // pascal_voc.py l. 40: reduce_zero_label=True (VOC's background 0 becomes ignored).
         reduce_zero_label: true,
+        pipeline: TestPipeline {
+            config: "pascal_voc12_20.py",
+            long_side_max: 2048, // pascal_voc12_20.py l. 17: img_scale=(2048, 448)
+            short_side: 448,     // pascal_voc12_20.py l. 17
+            keep_ratio: true,    // pascal_voc12_20.py l. 21: dict(type="Resize", keep_ratio=True)
+            flip: false,         // pascal_voc12_20.py l. 19: flip=False
+            mean: IMAGENET_MEAN, // pascal_voc12_20.py l. 12: img_norm_cfg mean=[123.675, 116.28, 103.53]
+            std: IMAGENET_STD,   // pascal_voc12_20.py l. 12: std=[58.395, 57.12, 57.375]
+            to_rgb: true,        // pascal_voc12_20.py l. 12: to_rgb=True
+            crop_size: 448,      // pascal_voc12_20.py l. 40: test_cfg crop_size=(448, 448)
+            crop_stride: 224,    // pascal_voc12_20.py l. 40: stride=(224, 224)
+        },
     },
     DatasetSpec {
         key: "context59",
@@ -139,8 +263,22 @@ pub const DATASETS: [DatasetSpec; 8] = [
         prefix: None,
         add_background: false,
         drop_first: true,
+        // mmseg 0.27.0 datasets/pascal_context.py l. 70: PascalContextDataset59's CLASSES has no 'background'.
         background: Background::None,
+        // pascal_context.py l. 101: reduce_zero_label=True.
         reduce_zero_label: true,
+        pipeline: TestPipeline {
+            config: "pascal_context59.py",
+            long_side_max: 2048, // pascal_context59.py l. 17: img_scale=(2048, 448)
+            short_side: 448,     // pascal_context59.py l. 17
+            keep_ratio: true,    // pascal_context59.py l. 21: dict(type="Resize", keep_ratio=True)
+            flip: false,         // pascal_context59.py l. 19: flip=False
+            mean: IMAGENET_MEAN, // pascal_context59.py l. 12: img_norm_cfg mean=[123.675, 116.28, 103.53]
+            std: IMAGENET_STD,   // pascal_context59.py l. 12: std=[58.395, 57.12, 57.375]
+            to_rgb: true,        // pascal_context59.py l. 12: to_rgb=True
+            crop_size: 448,      // pascal_context59.py l. 40: test_cfg crop_size=(448, 448)
+            crop_stride: 224,    // pascal_context59.py l. 40: stride=(224, 224)
+        },
     },
     DatasetSpec {
         key: "coco_stuff",
@@ -156,8 +294,22 @@ pub const DATASETS: [DatasetSpec; 8] = [
         prefix: None,
         add_background: false,
         drop_first: false,
+        // mmseg 0.27.0 datasets/coco_stuff.py l. 17: no 'background' class.
         background: Background::None,
+        // coco_stuff.py l. 94 passes no reduce_zero_label: default False (custom.py l. 90), the 164k labels.
         reduce_zero_label: false,
+        pipeline: TestPipeline {
+            config: "stuff.py",
+            long_side_max: 2048, // stuff.py l. 17: img_scale=(2048, 448)
+            short_side: 448,     // stuff.py l. 17
+            keep_ratio: true,    // stuff.py l. 21: dict(type="Resize", keep_ratio=True)
+            flip: false,         // stuff.py l. 19: flip=False
+            mean: IMAGENET_MEAN, // stuff.py l. 12: img_norm_cfg mean=[123.675, 116.28, 103.53]
+            std: IMAGENET_STD,   // stuff.py l. 12: std=[58.395, 57.12, 57.375]
+            to_rgb: true,        // stuff.py l. 12: to_rgb=True
+            crop_size: 448,      // stuff.py l. 39: test_cfg crop_size=(448, 448)
+            crop_stride: 224,    // stuff.py l. 39: stride=(224, 224)
+        },
     },
     DatasetSpec {
         key: "cityscapes",
@@ -173,8 +325,22 @@ pub const DATASETS: [DatasetSpec; 8] = [
         prefix: None,
         add_background: false,
         drop_first: false,
+        // mmseg 0.27.0 datasets/cityscapes.py l. 21: no 'background' class.
         background: Background::None,
+        // cityscapes.py l. 37 passes no reduce_zero_label: default False (custom.py l. 90).
         reduce_zero_label: false,
+        pipeline: TestPipeline {
+            config: "cityscapes.py",
+            long_side_max: 2048, // cityscapes.py l. 17: img_scale=(2048, 448)
+            short_side: 448,     // cityscapes.py l. 17
+            keep_ratio: true,    // cityscapes.py l. 21: dict(type="Resize", keep_ratio=True)
+            flip: false,         // cityscapes.py l. 19: flip=False
+            mean: IMAGENET_MEAN, // cityscapes.py l. 12: img_norm_cfg mean=[123.675, 116.28, 103.53]
+            std: IMAGENET_STD,   // cityscapes.py l. 12: std=[58.395, 57.12, 57.375]
+            to_rgb: true,        // cityscapes.py l. 12: to_rgb=True
+            crop_size: 448,      // cityscapes.py l. 39: test_cfg crop_size=(448, 448)
+            crop_stride: 224,    // cityscapes.py l. 39: stride=(224, 224)
+        },
     },
     DatasetSpec {
         key: "ade20k",
@@ -190,8 +356,22 @@ pub const DATASETS: [DatasetSpec; 8] = [
         prefix: None,
         add_background: false,
         drop_first: false,
+        // mmseg 0.27.0 datasets/ade.py l. 21: no 'background' class.
         background: Background::None,
+        // ade.py l. 90: reduce_zero_label=True.
         reduce_zero_label: true,
+        pipeline: TestPipeline {
+            config: "ade20k.py",
+            long_side_max: 2048, // ade20k.py l. 17: img_scale=(2048, 448)
+            short_side: 448,     // ade20k.py l. 17
+            keep_ratio: true,    // ade20k.py l. 21: dict(type="Resize", keep_ratio=True)
+            flip: false,         // ade20k.py l. 19: flip=False
+            mean: IMAGENET_MEAN, // ade20k.py l. 12: img_norm_cfg mean=[123.675, 116.28, 103.53]
+            std: IMAGENET_STD,   // ade20k.py l. 12: std=[58.395, 57.12, 57.375]
+            to_rgb: true,        // ade20k.py l. 12: to_rgb=True
+            crop_size: 448,      // ade20k.py l. 39: test_cfg crop_size=(448, 448)
+            crop_stride: 224,    // ade20k.py l. 39: stride=(224, 224)
+        },
     },
 ];
 
@@ -209,6 +389,8 @@ pub struct Dataset {
     pub classes: Vec<ClassDef>,
     pub background: Background,
     pub reduce_zero_label: bool,
+    /// The official test pipeline; None for a user's folder.
+    pub pipeline: Option<TestPipeline>,
     pub samples: Vec<Sample>,
 }
 
@@ -299,6 +481,7 @@ impl DatasetSpec {
                 .collect(),
             background: self.background,
             reduce_zero_label: self.reduce_zero_label,
+            pipeline: Some(self.pipeline),
             samples,
         })
     }
@@ -428,6 +611,7 @@ pub fn open_folder(root: &Path) -> Result<Dataset> {
         classes,
         background,
         reduce_zero_label: false,
+        pipeline: None,
         samples,
     })
 }
@@ -435,6 +619,75 @@ pub fn open_folder(root: &Path) -> Result<Dataset> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each dataset against its official config, setting by setting (kakaobrain/tcl bc2b551
+    /// segmentation/configs/_base_/datasets/, mmseg 0.27.0 datasets/, TCL segmentation/datasets/).
+    #[test]
+    fn every_dataset_follows_its_official_test_pipeline() {
+        // (key, config, background class, reduce_zero_label)
+        let official = [
+            ("voc", "pascal_voc12.py", Background::Threshold, false),
+            ("context", "pascal_context.py", Background::Threshold, false),
+            ("coco_object", "coco.py", Background::Threshold, false),
+            ("voc20", "pascal_voc12_20.py", Background::None, true),
+            ("context59", "pascal_context59.py", Background::None, true),
+            ("coco_stuff", "stuff.py", Background::None, false),
+            ("cityscapes", "cityscapes.py", Background::None, false),
+            ("ade20k", "ade20k.py", Background::None, true),
+        ];
+        assert_eq!(official.map(|o| o.0), PAPER_SUITE);
+        for (key, config, background, reduce_zero_label) in official {
+            let ds = spec(key).expect(key);
+            assert_eq!(
+                ds.pipeline,
+                TestPipeline {
+                    config,
+                    long_side_max: 2048,
+                    short_side: 448,
+                    keep_ratio: true,
+                    flip: false,
+                    mean: [123.675, 116.28, 103.53],
+                    std: [58.395, 57.12, 57.375],
+                    to_rgb: true,
+                    crop_size: 448,
+                    crop_stride: 224,
+                },
+                "{key}"
+            );
+            assert_eq!(ds.background, background, "{key}");
+            assert_eq!(ds.reduce_zero_label, reduce_zero_label, "{key}");
+            // mmseg's with_bg is "the class list starts with background" (TCL builder.py l. 60).
+            let names = ds.class_names();
+            assert_eq!(
+                names[0] == "background",
+                background == Background::Threshold,
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bundle_off_the_official_pipeline_is_named() {
+        let pipeline = spec("voc").expect("voc").pipeline;
+        let mut input = InputSpec {
+            crop_size: 448,
+            crop_stride: 224,
+            short_side: 448,
+            long_side_max: 2048,
+            pad_multiple: 16,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        };
+        assert_eq!(pipeline.differences(&input), Vec::<String>::new());
+        input.short_side = 336;
+        input.crop_stride = 112;
+        let found = pipeline.differences(&input);
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("img_scale (2048, 336)") && found[0].contains("pascal_voc12.py"),
+            "{found:?}"
+        );
+    }
 
     #[test]
     fn class_lists_match_the_protocol() {

@@ -95,6 +95,17 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
             bg_thresh,
         } => {
             let mask = &engine.bundle().manifest().mask;
+            if let Some(pipeline) = &ds.pipeline {
+                let differences = pipeline.differences(&engine.bundle().manifest().input);
+                if !differences.is_empty() {
+                    tracing::warn!(
+                        dataset = %ds.key,
+                        "the model bundle's input settings are not the official test pipeline, so scores are \
+                         not comparable with the paper's: {}",
+                        differences.join("; ")
+                    );
+                }
+            }
             let with_bg = ds.background == Background::Threshold;
             let queried = if with_bg {
                 &ds.classes[1..]

@@ -1,11 +1,13 @@
 //! The device path: whole images through ONNX Runtime, every tensor of a batch kept where the sessions run.
 //!
-//! On a GPU the host path (native resize and crop cutting, mask upsampling, averaging, argmax) would move every
-//! crop and every float score map across PCIe and spend host cores on per-pixel loops. Here the host uploads the
-//! frames as uint8 and gets back uint16 label maps and the winning scores:
+//! On a GPU the host path (crop cutting, mask upsampling, averaging, argmax) would move every crop and every float
+//! score map across PCIe and spend host cores on per-pixel loops. Here the host resizes each frame to the
+//! evaluation scale (OpenCV's uint8 bilinear, bit for bit, as the official pipeline does: a float matrix product
+//! cannot reproduce its per-tap truncations), uploads it as uint8 and gets back uint16 label maps and the winning
+//! scores:
 //!
 //! ```text
-//! frames uint8 [I,H,W,3] ─▶ crops ─▶ trunk ─▶ TCL head ─▶ mask head ─▶ [PAMR] ─▶ labels ─▶ labels u16, best f32
+//! frames uint8 [I,h,w,3] ─▶ crops ─▶ trunk ─▶ TCL head ─▶ mask head ─▶ [PAMR] ─▶ labels ─▶ labels u16, best f32
 //!                   geometry ─┘                  text ─┘ (resident)              └─ geometry
 //! ```
 //!
@@ -26,7 +28,7 @@ use ort::value::{DynValue, Tensor};
 
 use super::bundle::{Bundle, Manifest};
 use super::engine::{SegmentSettings, Segmentation, TextEmbeddings};
-use super::preprocess::windows;
+use super::preprocess::{pixel_statistics, rescale, windows};
 use super::resample::{AxisWeights, Coordinates};
 use super::runtime::{Device, Graph, Runtime, SessionSpec};
 
@@ -63,6 +65,8 @@ pub(crate) struct DevicePath {
 /// One frame size's matrices, on the device.
 struct Geometry {
     windows: usize,
+    /// The frame's size at the evaluation scale: what the host resizes to and uploads.
+    resized: (usize, usize),
     crop_rows: DynValue,
     crop_cols: DynValue,
     label_rows: DynValue,
@@ -102,8 +106,7 @@ impl DevicePath {
         } else {
             AllocationDevice::CPU
         })?;
-        let input = &bundle.manifest().input;
-        let scaled = |v: [f32; 3]| v.map(|x| x * 255.0).to_vec();
+        let (mean, std) = pixel_statistics(&bundle.manifest().input);
         Ok(DevicePath {
             crops,
             labels,
@@ -111,8 +114,8 @@ impl DevicePath {
             device: small.device,
             resident,
             host: memory(AllocationDevice::CPU)?,
-            mean: upload(small.device, host_tensor(vec![3], scaled(input.mean))?)?,
-            std: upload(small.device, host_tensor(vec![3], scaled(input.std))?)?,
+            mean: upload(small.device, host_tensor(vec![3], mean.to_vec())?)?,
+            std: upload(small.device, host_tensor(vec![3], std.to_vec())?)?,
             geometry: Vec::new(),
             text: None,
         })
@@ -161,11 +164,12 @@ impl DevicePath {
         let geometry = &geometry[at].1;
         let text_value = &resident_text.as_ref().expect("uploaded above").1;
         let windows = geometry.windows;
-        let mut pixels = Vec::with_capacity(frames.len() * height * width * 3);
+        let (h, w) = geometry.resized;
+        let mut pixels = Vec::with_capacity(frames.len() * h * w * 3);
         for frame in frames {
-            pixels.extend_from_slice(frame.as_raw());
+            pixels.extend_from_slice(rescale(frame, &manifest.input).as_raw());
         }
-        let image = Tensor::from_array((vec![frames.len(), height, width, 3], pixels))
+        let image = Tensor::from_array((vec![frames.len(), h, w, 3], pixels))
             .map_err(|e| anyhow!("{e}"))?
             .into_dyn();
         let crops = run(
@@ -344,8 +348,9 @@ impl DevicePath {
             |(shape, data): (Vec<usize>, Vec<f32>)| upload(self.device, host_tensor(shape, data)?);
         Ok(Geometry {
             windows: boxes.len(),
-            crop_rows: upload(crop_matrices(height, h, &rows, crop))?,
-            crop_cols: upload(crop_matrices(width, w, &cols, crop))?,
+            resized: (h, w),
+            crop_rows: upload(crop_matrices(h, &rows, crop))?,
+            crop_cols: upload(crop_matrices(w, &cols, crop))?,
             label_rows: upload(label_matrices(height, h, &rows, crop, side))?,
             label_cols: upload(label_matrices(width, w, &cols, crop, side))?,
         })
@@ -437,24 +442,18 @@ fn resample_matrix(input: usize, output: usize) -> Vec<f32> {
     m
 }
 
-/// [windows, crop, size]: resize size→resized, take the window's span, centre it in the crop (zero rows pad a
-/// short window with the normalized mean colour). Mirrors `device_graphs.crop_matrices`.
-fn crop_matrices(
-    size: usize,
-    resized: usize,
-    spans: &[(usize, usize)],
-    crop: usize,
-) -> (Vec<usize>, Vec<f32>) {
-    let resize = resample_matrix(size, resized);
-    let mut out = vec![0f32; spans.len() * crop * size];
+/// [windows, crop, resized] of 0/1: take the window's span of the resized frame, centre it in the crop (the
+/// graph zeroes the rows left empty, padding a short window with the normalized mean colour). Selecting whole
+/// grey levels is exact in any float arithmetic, TF32 included. Mirrors `device_graphs.crop_matrices`.
+fn crop_matrices(resized: usize, spans: &[(usize, usize)], crop: usize) -> (Vec<usize>, Vec<f32>) {
+    let mut out = vec![0f32; spans.len() * crop * resized];
     for (k, &(a, b)) in spans.iter().enumerate() {
         let top = (crop - (b - a)) / 2;
         for y in a..b {
-            let row = (k * crop + top + y - a) * size;
-            out[row..row + size].copy_from_slice(&resize[y * size..(y + 1) * size]);
+            out[(k * crop + top + y - a) * resized + y] = 1.0;
         }
     }
-    (vec![spans.len(), crop, size], out)
+    (vec![spans.len(), crop, resized], out)
 }
 
 /// [windows, size, side]: upsample side→crop, place the window, divide by the number of windows covering each
@@ -502,8 +501,8 @@ mod tests {
 
     #[test]
     fn crop_rows_select_and_centre_the_window() {
-        // 4 rows kept at size (no resize), one window of 2 rows (2..4) centred in a crop of 4: rows 1..3.
-        let (shape, m) = crop_matrices(4, 4, &[(2, 4)], 4);
+        // 4 resized rows, one window of 2 rows (2..4) centred in a crop of 4: rows 1..3.
+        let (shape, m) = crop_matrices(4, &[(2, 4)], 4);
         assert_eq!(shape, vec![1, 4, 4]);
         let row = |r: usize| &m[r * 4..(r + 1) * 4];
         assert_eq!(row(0), &[0.0; 4]);

@@ -1,11 +1,13 @@
 //! Image → normalized planar tensor at the evaluation scale, and the sliding windows over it.
 //!
-//! Mirrors `reference.prepare` and `reference.crop_boxes`: mmcv's keep-ratio rescale (short side 448, long side at
-//! most 2048, sizes rounded half up), float bilinear resize without antialiasing, ImageNet normalization on 0..255
-//! values, and mmseg's `slide_inference` windows.
+//! Mirrors `reference.prepare` and `reference.crop_boxes`, which reproduce the official TCL test pipeline
+//! (`segmentation/configs/_base_/datasets/*.py` → mmseg 0.27 `Resize(keep_ratio=True)` + `Normalize`): mmcv's
+//! keep-ratio rescale (short side 448, long side at most 2048, sizes rounded half up), OpenCV's uint8 bilinear
+//! resize (whole grey levels, bit for bit), ImageNet normalization on 0..255 values, and mmseg's
+//! `slide_inference` windows.
 
 use super::bundle::InputSpec;
-use super::resample::{resize_planes, Coordinates};
+use super::resample::resize_u8_bilinear;
 
 /// A prepared image: [3, height, width], normalized.
 #[derive(Debug, Clone)]
@@ -25,6 +27,10 @@ pub struct CropBox {
 }
 
 /// mmcv keep-ratio rescale: the largest scale that fits both limits; sizes rounded half up.
+///
+/// mmcv 1.6.2 `mmcv/image/geometric.py`: `rescale_size` (l. 218-244) takes
+/// `min(max_long_edge / max(h, w), max_short_edge / min(h, w))` in f64 and `_scale_size` (l. 34) gives
+/// `int(w * scale + 0.5), int(h * scale + 0.5)`; `imrescale` (l. 257) then calls `cv2.resize` (l. 117).
 pub fn rescale_size(h: usize, w: usize, short_side: usize, long_side_max: usize) -> (usize, usize) {
     let scale = (long_side_max as f64 / h.max(w) as f64).min(short_side as f64 / h.min(w) as f64);
     (
@@ -33,21 +39,44 @@ pub fn rescale_size(h: usize, w: usize, short_side: usize, long_side_max: usize)
     )
 }
 
-pub fn prepare(image: &image::RgbImage, input: &InputSpec) -> Prepared {
+/// The image at the evaluation scale, still uint8 RGB: OpenCV's bilinear resize, exactly as the official
+/// pipeline's `mmcv.imrescale` does it (per channel, so the official BGR order makes no difference).
+pub fn rescale(image: &image::RgbImage, input: &InputSpec) -> image::RgbImage {
     let (h, w) = (image.height() as usize, image.width() as usize);
-    let mut planar = vec![0f32; 3 * h * w];
-    for (i, px) in image.pixels().enumerate() {
-        for c in 0..3 {
-            planar[c * h * w + i] = f32::from(px[c]);
-        }
-    }
     let (nh, nw) = rescale_size(h, w, input.short_side, input.long_side_max);
-    let mut data = resize_planes(&planar, 3, (h, w), (nh, nw), Coordinates::HalfPixel);
-    for c in 0..3 {
-        let mean = input.mean[c] * 255.0;
-        let std = input.std[c] * 255.0;
-        for v in &mut data[c * nh * nw..(c + 1) * nh * nw] {
-            *v = (*v - mean) / std;
+    if (nh, nw) == (h, w) {
+        return image.clone();
+    }
+    let pixels = resize_u8_bilinear(image.as_raw(), 3, (h, w), (nh, nw));
+    image::RgbImage::from_raw(nw as u32, nh as u32, pixels)
+        .expect("the resize fills nh x nw pixels")
+}
+
+/// The normalization's mean and std in 0..255 units, as f32 the way the official config holds them.
+///
+/// mmseg's `Normalize` takes `mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375]` (each dataset config,
+/// l. 12) as float32. The bundle stores 0..1 statistics; `0.224f32 * 255` is one ulp off `57.12f32`, so the
+/// scaling goes through the manifest's decimal value in f64 (f32's shortest round-trip text, what the manifest
+/// file holds) and rounds once.
+pub fn pixel_statistics(input: &InputSpec) -> ([f32; 3], [f32; 3]) {
+    let scaled = |v: f32| {
+        let decimal: f64 = v.to_string().parse().unwrap_or(f64::from(v));
+        (decimal * 255.0) as f32
+    };
+    (input.mean.map(scaled), input.std.map(scaled))
+}
+
+pub fn prepare(image: &image::RgbImage, input: &InputSpec) -> Prepared {
+    let resized = rescale(image, input);
+    let (nh, nw) = (resized.height() as usize, resized.width() as usize);
+    let (mean, std) = pixel_statistics(input);
+    let plane = nh * nw;
+    let mut data = vec![0f32; 3 * plane];
+    // (x - mean) / std in f32 equals mmcv's `imnormalize_` (cv2.subtract, then cv2.multiply by 1/std in f64)
+    // for every grey level of the ImageNet statistics; `tests/opencv_resize.rs` checks all 3 x 256 of them.
+    for (i, px) in resized.pixels().enumerate() {
+        for c in 0..3 {
+            data[c * plane + i] = (f32::from(px[c]) - mean[c]) / std[c];
         }
     }
     Prepared {
@@ -110,6 +139,24 @@ mod tests {
         assert_eq!(rescale_size(480, 640, 448, 2048), (448, 597));
         assert_eq!(rescale_size(37, 53, 448, 2048), (448, 642));
         assert_eq!(rescale_size(100, 1000, 448, 2048), (205, 2048));
+    }
+
+    /// The configs' float32 constants, exactly: `0.224f32 * 255.0` would be one ulp above `57.12f32`.
+    #[test]
+    fn statistics_are_the_official_configs_float32_values() {
+        let input = InputSpec {
+            crop_size: 448,
+            crop_stride: 224,
+            short_side: 448,
+            long_side_max: 2048,
+            pad_multiple: 16,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        };
+        let (mean, std) = pixel_statistics(&input);
+        assert_eq!(mean, [123.675f32, 116.28, 103.53]);
+        assert_eq!(std, [58.395f32, 57.12, 57.375]);
+        assert_ne!(0.224f32 * 255.0, 57.12f32);
     }
 
     #[test]

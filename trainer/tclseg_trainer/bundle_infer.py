@@ -3,8 +3,8 @@
 This mirrors `reference.segment` step by step, with numpy on the host and ONNX Runtime for the graphs:
 
  1. prepare:   keep-ratio resize (short side 448, long side at most 2048; sizes rounded half up) of the uint8
-               image as float32 0..255 with bilinear half-pixel sampling (no antialiasing), then ImageNet
-               normalization -> [3, h, w].
+               image with OpenCV's uint8 bilinear arithmetic (whole grey levels, as the official pipeline's
+               cv2.resize), then ImageNet normalization -> [3, h, w] (`reference.rescale` / `reference.normalize`).
  2. windows:   mmseg's slide_inference grid of 448x448 windows with stride 224, clamped to the image.
  3. per crop, in batches: image_trunk -> tcl_head -> mask_head (with the normalized text embeddings)
                -> optional pamr -> kp blend M = kp_w * kp_masks + (1 - kp_w) * M
@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import Bundle, open_bundle
-from .reference import crop_boxes, rescale_size  # the host steps that need no model: one definition
+
+# The host steps that need no model: one definition.
+from .reference import crop_boxes, normalize, rescale
 
 NORMALIZE_EPS = 1e-6
 TEXT_CHUNK = 1024
@@ -88,19 +90,10 @@ def prepare(
 ) -> np.ndarray:
     """HxWx3 uint8 RGB -> normalized float32 [3, h, w] at the evaluation scale.
 
-    The resize works on float32 pixel values 0..255 (no rounding back to uint8); mean and std are on 0..1
-    pixels and are scaled by 255.
+    The resize is OpenCV's uint8 bilinear, bit for bit (`reference.resize_uint8_bilinear`); mean and std are on
+    0..1 pixels and are scaled by 255 as the official configs hold them.
     """
-    if image_rgb_uint8.ndim != 3 or image_rgb_uint8.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {image_rgb_uint8.shape}")
-    h, w = image_rgb_uint8.shape[:2]
-    x = np.ascontiguousarray(image_rgb_uint8.transpose(2, 0, 1)).astype(np.float32)  # [3, H, W]
-    size = rescale_size(h, w, short_side, long_side_max)
-    if size != (h, w):
-        x = resize_bilinear(x, size)
-    m = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1) * np.float32(255.0)
-    s = np.asarray(std, dtype=np.float32).reshape(3, 1, 1) * np.float32(255.0)
-    return ((x - m) / s).astype(np.float32)
+    return normalize(rescale(image_rgb_uint8, short_side, long_side_max), mean, std)
 
 
 def pad_to(crop: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int]]:

@@ -3,18 +3,27 @@
     python -m tclseg_trainer.device_graphs --out src/model/graphs      (writes crops.onnx, labels.onnx)
 
 On a GPU, the engine keeps every tensor of a batch on the device (ONNX Runtime I/O binding): the host uploads the
-decoded frames as uint8 and receives uint16 label maps, never float score maps. These two graphs are the ends of
-that chain; the bundle's own graphs (trunk, TCL head, mask head, PAMR) sit between them. They hold no weights,
+frames as uint8, already at the evaluation scale, and receives uint16 label maps, never float score maps. These
+two graphs are the ends of that chain; the bundle's own graphs (trunk, TCL head, mask head, PAMR) sit between
+them. They hold no weights,
 so one pair serves every bundle: the Rust binary embeds them (`src/model/device_path.rs`), and
 `test_device_graphs.py` checks that this module still writes them byte for byte.
 
-Every resampling step the reference takes is linear and separable, so each becomes a pair of matrix products with
+Every step after the image resize is linear and separable, so each becomes a pair of matrix products with
 matrices the host builds once per frame size (and the engine keeps on the device):
 
-* `crops`: image [I,H,W,3] uint8 → normalize → for every window row r and column c,
-  crop[r,c] = Rows[r] · image · Cols[c]ᵀ, where Rows[r] [S,H] is "resize H→h, take the window's rows, centre them in
-  the crop" (zero rows where a short window is padded: the normalized mean colour). All windows of one image come
-  out of two MatMuls, in mmseg's order (row-major), as [I·R·C, 3, S, S].
+* `crops`: image [I,h,w,3] uint8, resized on the host → for every window row r and column c,
+  crop[r,c] = Rows[r] · image · Cols[c]ᵀ, where Rows[r] [S,h] is "take the window's rows, centre them in the crop"
+  (0/1 entries) → normalize → zero where a short window is padded (the normalized mean colour). All windows of one
+  image come out of two MatMuls, in mmseg's order (row-major), as [I·R·C, 3, S, S]. The products only select
+  whole grey levels, so they are exact even where the GPU multiplies in TF32; normalizing afterwards gives the
+  host path's floats bit for bit.
+
+  The resize itself stays on the host (`resize_u8_bilinear` in Rust): the official pipeline resizes with OpenCV's
+  fixed-point uint8 arithmetic, whose vertical pass truncates after each tap (row sum >> 4, times the 16-bit
+  weight, >> 16, then (v + 2) >> 2). A matrix product rounds once after summing, so as a float MatMul the resize
+  was off by up to 0.76 grey levels on most pixels; the host does the exact version in a few milliseconds per
+  frame, and the upload shrinks with the image.
 * `labels`: stride-4 masks [I·R·C, N, s, s] → kp blend → for all windows at once,
   scores = Rows · M · Colsᵀ with Rows [H, R·s] = "upsample s→S, place the window, divide by the window count,
   resize h→H" summed over the windows (the count of windows covering a pixel is a product of a row count and a
@@ -74,12 +83,11 @@ def _finish(onnx, helper, nodes, name: str, inputs, outputs) -> bytes:
 
 
 def crops_graph() -> bytes:
-    """image uint8 [I,H,W,3], rows [R,S,H], cols [C,S,W], mean [3], std [3] (0..255 units) → pixels [I·R·C,3,S,S]."""
+    """image uint8 [I,h,w,3], rows [R,S,h], cols [C,S,w] (0/1), mean [3], std [3] (0..255 units)
+    → pixels [I·R·C,3,S,S]."""
     onnx, TP, helper, nodes, node, const_i64, dim = _graph_helpers()
     x = node("Cast", ["image"], "image_f", to=TP.FLOAT)
-    x = node("Sub", [x, "mean"], "centred")
-    x = node("Div", [x, "std"], "normalized")
-    x = node("Transpose", [x], "planar", perm=[0, 3, 1, 2])  # [I,3,H,W]
+    x = node("Transpose", [x], "planar", perm=[0, 3, 1, 2])  # [I,3,h,w]
     rows_shape = node("Shape", ["rows"], "rows_shape")
     cols_shape = node("Shape", ["cols"], "cols_shape")
     r, s = dim(rows_shape, 0, "R"), dim(rows_shape, 1, "S")
@@ -87,10 +95,23 @@ def crops_graph() -> bytes:
     w = dim(cols_shape, 2, "W")
     rows2 = node("Reshape", ["rows", node("Concat", [const_i64("m1_rows", [-1]), h], "rows2_shape", axis=0)], "rows2")
     cols2 = node("Reshape", ["cols", node("Concat", [const_i64("m1_cols", [-1]), w], "cols2_shape", axis=0)], "cols2")
-    cols_t = node("Transpose", [cols2], "cols_t", perm=[1, 0])  # [W, C·S]
-    # Rows first: the H×W → (R·S)×W product is the smaller one whenever the window covers less than the frame.
-    t = node("MatMul", [rows2, x], "row_resized")  # [I,3,R·S,W]
-    u = node("MatMul", [t, cols_t], "windows")  # [I,3,R·S,C·S]
+    cols_t = node("Transpose", [cols2], "cols_t", perm=[1, 0])  # [w, C·S]
+    # Rows first: the h×w → (R·S)×w product is the smaller one whenever the window covers less than the frame.
+    t = node("MatMul", [rows2, x], "row_selected")  # [I,3,R·S,w], whole grey levels
+    u = node("MatMul", [t, cols_t], "selected")  # [I,3,R·S,C·S]
+    stat_shape = const_i64("stat_shape", [3, 1, 1])
+    u = node("Sub", [u, node("Reshape", ["mean", stat_shape], "mean_c")], "centred")
+    u = node("Div", [u, node("Reshape", ["std", stat_shape], "std_c")], "normalized")
+    # A pixel is inside its window when its row and its column each select one source pixel (sums are 0 or 1).
+    axis1 = const_i64("axis1", [1])
+    row_in = node("ReduceSum", [rows2, axis1], "row_in", keepdims=1)  # [R·S,1]
+    col_in = node("ReduceSum", [cols2, axis1], "col_in", keepdims=0)  # [C·S]
+    half = helper.make_tensor("half", TP.FLOAT, [1], [0.5])
+    nodes.append(helper.make_node("Constant", [], ["half"], name="half", value=half))
+    inside = node("Greater", [node("Mul", [row_in, col_in], "inside_f"), "half"], "inside")  # [R·S,C·S]
+    zero = helper.make_tensor("zero_f", TP.FLOAT, [1], [0.0])
+    nodes.append(helper.make_node("Constant", [], ["zero_f"], name="zero_f", value=zero))
+    u = node("Where", [inside, u, "zero_f"], "windows")
     grid = node("Concat", [const_i64("m1_i", [-1]), const_i64("three_a", [3]), r, s, c, s], "grid_shape", axis=0)
     u = node("Reshape", [u, grid], "windows6")  # [I,3,R,S,C,S]
     u = node("Transpose", [u], "windows_t", perm=[0, 2, 4, 1, 3, 5])  # [I,R,C,3,S,S]
@@ -191,13 +212,12 @@ def axis_weights(size_in: int, size_out: int) -> np.ndarray:
     return m
 
 
-def crop_matrices(size: int, resized: int, spans: list[tuple[int, int]], crop: int) -> np.ndarray:
-    """[windows, crop, size]: resize size→resized, take the window's span, centre it in the crop."""
-    resize = axis_weights(size, resized)
-    out = np.zeros((len(spans), crop, size), np.float32)
+def crop_matrices(resized: int, spans: list[tuple[int, int]], crop: int) -> np.ndarray:
+    """[windows, crop, resized] of 0/1: take the window's span of the resized image, centre it in the crop."""
+    out = np.zeros((len(spans), crop, resized), np.float32)
     for k, (a, b) in enumerate(spans):
         top = (crop - (b - a)) // 2
-        out[k, top : top + b - a] = resize[a:b]
+        out[k, np.arange(top, top + b - a), np.arange(a, b)] = 1
     return out
 
 

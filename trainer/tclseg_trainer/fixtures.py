@@ -9,7 +9,10 @@
 - `golden/`: the PyTorch reference (`reference.segment`) on those images with the same weights, with and without
   PAMR: soft scores [C, H, W] float32 (.npy), label maps (.png, uint8), the text embeddings (.npy), and
   `golden.json` describing each case;
-- `tokenizer.json`: Python tokenizer ids on a corpus of tricky strings, for the Rust tokenizer's parity test.
+- `tokenizer.json`: Python tokenizer ids on a corpus of tricky strings, for the Rust tokenizer's parity test;
+- `opencv/`: OpenCV's own output (opencv-python-headless, pinned in requirements.txt) for the Rust port of the
+  official pipeline's image resize and normalization (`tests/opencv_resize.rs`): uint8 inputs and
+  `cv2.resize(..., INTER_LINEAR)` outputs as PNG, and mmcv's normalization of every grey level, in `opencv.json`.
 """
 
 from __future__ import annotations
@@ -97,6 +100,63 @@ def draw_image(width: int, height: int, seed: int) -> np.ndarray:
     return np.asarray(img)
 
 
+# (name, input height, width, output height, width): upscales and downscales by non-integer factors, exact
+# integer factors (OpenCV hands an exact 2x reduction to its area filter), odd sizes, one-pixel rows and columns,
+# extreme aspect ratios; random pixels so that every rounding step shows.
+OPENCV_CASES = [
+    ("up_fraction", 13, 17, 29, 31),
+    ("down_fraction", 61, 47, 23, 19),
+    ("down_2x", 64, 48, 32, 24),
+    ("down_3x", 63, 48, 21, 16),
+    ("down_4x", 64, 60, 16, 15),
+    ("up_2x", 16, 21, 32, 42),
+    ("up_3x", 11, 9, 33, 27),
+    ("down_2x_rows_only", 40, 30, 20, 29),
+    ("odd", 7, 5, 11, 13),
+    ("one_column", 20, 1, 37, 3),
+    ("one_row", 1, 20, 3, 37),
+    ("to_one_pixel", 9, 7, 1, 1),
+    ("from_one_pixel", 1, 1, 5, 6),
+    ("wide", 3, 150, 9, 448),
+    ("tall", 150, 3, 448, 9),
+    ("same_width", 30, 40, 45, 40),
+]
+
+
+def write_opencv_cases(out: Path, seed: int = SEED) -> None:
+    """OpenCV's resize and mmcv's normalization, computed by OpenCV itself, for the Rust tests."""
+    import cv2
+
+    from .reference import rescale_size
+
+    rng = np.random.default_rng(seed)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    cases = []
+    inputs = [(name, rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (oh, ow)) for name, h, w, oh, ow in OPENCV_CASES]
+    # The golden pictures at the evaluation scale: the sizes the pipeline really resizes to.
+    for name, w, h in IMAGES:
+        pixels = np.asarray(Image.open(out.parent / "images" / f"{name}.png").convert("RGB"))
+        inputs.append((f"rescale_{name}", pixels, rescale_size(h, w)))
+    for name, pixels, (oh, ow) in inputs:
+        resized = cv2.resize(pixels, (ow, oh), interpolation=cv2.INTER_LINEAR)
+        Image.fromarray(pixels).save(out / f"{name}.in.png")
+        Image.fromarray(resized).save(out / f"{name}.out.png")
+        cases.append({"name": name, "input": f"{name}.in.png", "output": f"{name}.out.png", "height": oh, "width": ow})
+    # mmcv.imnormalize as mmseg's Normalize calls it (float32 mean/std from the configs, to_rgb): every grey level.
+    mean = np.array([123.675, 116.28, 103.53], np.float32)
+    std = np.array([58.395, 57.12, 57.375], np.float32)
+    grey = np.tile(np.arange(256, dtype=np.float32)[:, None, None], (1, 1, 3))
+    cv2.subtract(grey, np.float64(mean.reshape(1, -1)), grey)
+    cv2.multiply(grey, 1 / np.float64(std.reshape(1, -1)), grey)
+    manifest = {
+        "opencv": cv2.__version__,
+        "cases": cases,
+        "normalized": [[float(v) for v in grey[:, 0, c]] for c in range(3)],
+    }
+    (out / "opencv.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+
+
 def trimmed_ids(text: str) -> list[int]:
     ids = tokenize([text])[0].tolist()
     while ids and ids[-1] == 0:
@@ -161,6 +221,7 @@ def generate(out: Path) -> None:
         "cases": cases,
     }
     (out / "golden.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    write_opencv_cases(out / "opencv")
     corpus = [{"text": t, "ids": trimmed_ids(t)} for t in TOKENIZER_CORPUS]
     (out / "tokenizer.json").write_text(
         json.dumps(corpus, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8"

@@ -11,7 +11,7 @@ import pytest
 from tclseg_trainer import device_graphs as dg
 from tclseg_trainer.bundle_infer import pad_to, prepare, resize_bilinear
 from tclseg_trainer.export import CUDA_SAFE_OPS, graph_op_types_of
-from tclseg_trainer.reference import crop_boxes, rescale_size
+from tclseg_trainer.reference import crop_boxes, pixel_statistics, rescale, rescale_size
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMITTED = ROOT / "src" / "model" / "graphs"
@@ -55,18 +55,19 @@ CASES = [((48, 48), 32, 16, 32), ((40, 90), 32, 16, 32), ((70, 50), 32, 16, 32),
 
 @pytest.mark.parametrize("size,crop,stride,short", CASES)
 def test_crops_graph_cuts_the_reference_windows(size, crop, stride, short):
+    """The frames arrive resized (OpenCV's arithmetic, on the host); the graph's windows equal bundle_infer's
+    prepared crops bit for bit, padding included."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, *size, 3), dtype=np.uint8)
     h, w = rescale_size(*size, short, 4 * short)
     boxes = crop_boxes(h, w, crop, stride)
-    rows = dg.crop_matrices(size[0], h, spans(boxes, 0), crop)
-    cols = dg.crop_matrices(size[1], w, spans(boxes, 1), crop)
+    mean, std = pixel_statistics(MEAN, STD)
     feeds = {
-        "image": images,
-        "rows": rows,
-        "cols": cols,
-        "mean": np.float32(MEAN) * np.float32(255),
-        "std": np.float32(STD) * np.float32(255),
+        "image": np.stack([rescale(img, short, 4 * short) for img in images]),
+        "rows": dg.crop_matrices(h, spans(boxes, 0), crop),
+        "cols": dg.crop_matrices(w, spans(boxes, 1), crop),
+        "mean": mean,
+        "std": std,
     }
     (pixels,) = session(dg.crops_graph()).run(["pixels"], feeds)
     assert pixels.shape == (2 * len(boxes), 3, crop, crop)
@@ -74,7 +75,7 @@ def test_crops_graph_cuts_the_reference_windows(size, crop, stride, short):
         prepared = prepare(img, MEAN, STD, short, 4 * short)
         for k, (y1, y2, x1, x2) in enumerate(boxes):
             expected, _ = pad_to(prepared[:, y1:y2, x1:x2], crop)
-            np.testing.assert_allclose(pixels[i * len(boxes) + k], expected, atol=2e-5)
+            np.testing.assert_array_equal(pixels[i * len(boxes) + k], expected)
 
 
 @pytest.mark.parametrize("size,crop,stride,short", CASES)

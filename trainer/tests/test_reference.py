@@ -1,12 +1,24 @@
 from __future__ import annotations
 
+import json
+
+import cv2
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tclseg_trainer.model import MEAN, STD
-from tclseg_trainer.reference import crop_boxes, prepare, rescale_size, segment, segment_crops
+from tclseg_trainer.reference import (
+    crop_boxes,
+    normalize,
+    pixel_statistics,
+    prepare,
+    rescale_size,
+    resize_uint8_bilinear,
+    segment,
+    segment_crops,
+)
 
 
 def test_rescale_size_follows_mmcv():
@@ -17,20 +29,120 @@ def test_rescale_size_follows_mmcv():
     assert rescale_size(1000, 1000) == (448, 448)
 
 
-def test_prepare_resizes_and_normalises():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, size=(30, 50, 3), dtype=np.uint8)
-    x = prepare(img, short_side=60)
-    assert x.shape == (1, 3, 60, 100) and x.dtype == torch.float32
-    raw = torch.from_numpy(img).permute(2, 0, 1)[None].float()
-    want = F.interpolate(raw, size=(60, 100), mode="bilinear", align_corners=False)
-    want = (want - torch.tensor(MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(STD).view(1, 3, 1, 1) * 255)
-    torch.testing.assert_close(x, want)
-    flat = prepare(np.full((8, 8, 3), 128, np.uint8), short_side=8)
-    expected = (128 / 255 - np.array(MEAN)) / np.array(STD)
-    np.testing.assert_allclose(flat[0, :, 0, 0].numpy(), expected, rtol=1e-5)
+# The official pipeline's image steps, against OpenCV itself (opencv-python-headless, pinned in requirements.txt).
+
+# (in_h, in_w, out_h, out_w): non-integer up/down scales, exact integer factors (OpenCV hands an exact 2x
+# reduction to its area filter), odd sizes, one-pixel rows and columns, extreme aspect ratios, the pipeline's sizes.
+RESIZE_CASES = [
+    (13, 17, 29, 31),
+    (61, 47, 23, 19),
+    (64, 48, 32, 24),
+    (63, 48, 21, 16),
+    (64, 60, 16, 15),
+    (16, 21, 32, 42),
+    (11, 9, 33, 27),
+    (40, 30, 20, 29),
+    (7, 5, 11, 13),
+    (20, 1, 37, 3),
+    (1, 20, 3, 37),
+    (9, 7, 1, 1),
+    (1, 1, 5, 6),
+    (3, 150, 9, 448),
+    (150, 3, 448, 9),
+    (53, 37, 642, 448),
+    (480, 640, 448, 597),
+    (896, 1194, 448, 597),
+    (100, 1000, 205, 2048),
+]
+
+
+@pytest.mark.parametrize("in_h,in_w,out_h,out_w", RESIZE_CASES)
+def test_resize_equals_opencv_inter_linear(in_h, in_w, out_h, out_w):
+    rng = np.random.default_rng(in_h * 1000 + in_w)
+    for img in (
+        rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8),
+        rng.choice(np.array([0, 255], np.uint8), (in_h, in_w, 3)),  # saturation at both ends
+    ):
+        want = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(resize_uint8_bilinear(img, (out_h, out_w)), want)
+
+
+def test_resize_equals_opencv_on_random_sizes():
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        in_h, in_w = (int(v) for v in rng.integers(1, 80, 2))
+        out_h, out_w = (int(v) for v in rng.integers(1, 160, 2))
+        img = rng.integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+        want = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+        got = resize_uint8_bilinear(img, (out_h, out_w))
+        assert np.array_equal(got, want), f"{in_w}x{in_h} -> {out_w}x{out_h}"
+
+
+def mmseg_pipeline(img_rgb: np.ndarray) -> np.ndarray:
+    """What mmseg 0.27's test pipeline gives the model, with the calls it makes (cv2 image in BGR order):
+    mmcv.imrescale(img, (2048, 448)) -> cv2.resize INTER_LINEAR; Normalize(to_rgb=True) -> mmcv.imnormalize with
+    float32 mean/std: float32 image, BGR->RGB, cv2.subtract(mean in float64), cv2.multiply(1 / std in float64)."""
+    bgr = np.ascontiguousarray(img_rgb[..., ::-1])
+    h, w = bgr.shape[:2]
+    nh, nw = rescale_size(h, w)
+    resized = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    mean = np.array([123.675, 116.28, 103.53], np.float32)
+    std = np.array([58.395, 57.12, 57.375], np.float32)
+    x = resized.astype(np.float32)
+    cv2.cvtColor(x, cv2.COLOR_BGR2RGB, x)
+    cv2.subtract(x, np.float64(mean.reshape(1, -1)), x)
+    cv2.multiply(x, 1 / np.float64(std.reshape(1, -1)), x)
+    return x.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("h,w", [(53, 37), (75, 100), (130, 90), (60, 150), (896, 1194)])
+def test_prepare_is_the_official_pipeline_bit_for_bit(h, w):
+    rng = np.random.default_rng(h + w)
+    img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    x = prepare(img)
+    assert x.dtype == torch.float32 and x.shape == (1, 3, *rescale_size(h, w))
+    np.testing.assert_array_equal(x[0].numpy(), mmseg_pipeline(img))
+
+
+def test_normalize_equals_mmcv_for_every_grey_level():
+    grey = np.tile(np.arange(256, dtype=np.uint8)[:, None, None], (1, 1, 3))
+    mean, std = pixel_statistics(MEAN, STD)
+    np.testing.assert_array_equal(mean, np.float32([123.675, 116.28, 103.53]))
+    np.testing.assert_array_equal(std, np.float32([58.395, 57.12, 57.375]))
+    np.testing.assert_array_equal(normalize(grey), mmseg_pipeline_normalize_only(grey))
+
+
+def mmseg_pipeline_normalize_only(img_rgb: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(img_rgb).astype(np.float32)
+    cv2.subtract(x, np.float64(np.float32([123.675, 116.28, 103.53]).reshape(1, -1)), x)
+    cv2.multiply(x, 1 / np.float64(np.float32([58.395, 57.12, 57.375]).reshape(1, -1)), x)
+    return x.transpose(2, 0, 1)
+
+
+def test_prepare_rejects_a_grey_image():
     with pytest.raises(ValueError):
         prepare(np.zeros((8, 8), np.uint8))
+
+
+def test_committed_opencv_fixtures_are_opencvs_output(tmp_path):
+    """tests/fixtures/opencv (what the Rust tests compare with) is what this OpenCV makes now."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from tclseg_trainer.fixtures import write_opencv_cases
+
+    committed = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "opencv"
+    (tmp_path / "images").symlink_to(committed.parent / "images")
+    write_opencv_cases(tmp_path / "opencv")
+    fresh = json.loads((tmp_path / "opencv" / "opencv.json").read_text())
+    stored = json.loads((committed / "opencv.json").read_text())
+    assert fresh["cases"] == stored["cases"] and fresh["normalized"] == stored["normalized"]
+    for case in stored["cases"]:
+        for key in ("input", "output"):
+            a = np.asarray(Image.open(committed / case[key]))
+            b = np.asarray(Image.open(tmp_path / "opencv" / case[key]))
+            assert np.array_equal(a, b), f"{case[key]} is stale: run python -m tclseg_trainer.fixtures"
 
 
 @pytest.mark.parametrize(

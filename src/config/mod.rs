@@ -594,12 +594,10 @@ fn validate_source_options(
         }
     }
     // Its range is checked with every other numeric key's (validate::check_ranges).
-    if p.folder_settle_s.is_some() {
-        if source.is_some_and(|s| !s.is_folder()) {
-            errors.push(format!(
-                "{at}.folder_settle_s: only folder:// sources settle; remove it"
-            ));
-        }
+    if p.folder_settle_s.is_some() && source.is_some_and(|s| !s.is_folder()) {
+        errors.push(format!(
+            "{at}.folder_settle_s: only folder:// sources settle; remove it"
+        ));
     }
     if p.password_file.is_some()
         && source.is_some_and(|s| !matches!(s.kind(), SourceKind::Rtsp | SourceKind::Http))

@@ -270,15 +270,7 @@ mod tests {
 
     #[test]
     fn crops_are_counted_after_the_rescale() {
-        let input = InputSpec {
-            crop_size: 448,
-            crop_stride: 224,
-            short_side: 448,
-            long_side_max: 2048,
-            pad_multiple: 16,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        };
+        let input = InputSpec::official();
         // 1920x1080 → 448x796: columns at 0, 224 and the last one pushed back to 348.
         assert_eq!(crop_count(&RgbImage::new(1920, 1080), &input), 3);
         assert_eq!(crop_count(&RgbImage::new(64, 64), &input), 1);

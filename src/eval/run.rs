@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use super::datasets::{Background, Dataset, Sample};
 use super::metrics::{IouAccumulator, IGNORE};
-use crate::model::{Engine, Query, SegmentSettings};
+use crate::model::{Engine, Query, SegmentSettings, SettingsOverrides};
 use crate::sink::files::{OutputFile, OutputWriter};
 use crate::sink::label_png::{self, Style};
 use crate::source::decode::{decode, DEFAULT_MAX_PIXELS};
@@ -122,17 +122,13 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
                 })
                 .collect();
             let text = engine.embed_queries(&queries)?;
-            let threshold = bg_thresh.unwrap_or(if *pamr {
-                mask.bg_thresh_pamr
-            } else {
-                mask.bg_thresh
-            });
-            let settings = SegmentSettings {
-                pamr: *pamr,
-                kp_weight: mask.kp_weight,
-                background: with_bg.then_some(threshold),
-                keep_scores: false,
+            // Datasets without a background class take no threshold: a --bg-thresh is not used there.
+            let overrides = SettingsOverrides {
+                pamr: Some(*pamr),
+                bg_thresh: *bg_thresh,
+                kp_weight: None,
             };
+            let settings = SegmentSettings::resolve(mask, overrides, !with_bg);
             let m = engine.bundle().manifest();
             let model = serde_json::json!({
                 "name": m.name, "version": m.version, "manifest_sha256": engine.manifest_sha256(),

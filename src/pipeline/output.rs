@@ -18,7 +18,6 @@ use crate::sink::atomic::sweep_stale_temps;
 use crate::sink::files::{
     ImagePaths, Keep, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo,
 };
-use crate::sink::overlay::OverlayFormat;
 use crate::sink::retention::{self, Retention};
 use crate::sink::sidecar::{FrameInfo, ModelInfo};
 use crate::sink::template::{utc_date_time, TemplateValues};
@@ -117,13 +116,11 @@ fn write_frame(
     });
     let kinds = OutputKinds {
         labels: out.labels,
-        overlay: out.overlay.as_deref().map(|fmt| {
-            if fmt == "png" {
-                OverlayFormat::Png
-            } else {
-                OverlayFormat::Jpeg
-            }
-        }),
+        // Validated with the config: an unknown format never gets here.
+        overlay: out
+            .overlay
+            .as_ref()
+            .and_then(|fmt| fmt.get("output.overlay").ok()),
         json: out.json,
         scores: false,
     };

@@ -134,4 +134,24 @@ mod tests {
         reader.next_frame(&mut buf).expect("frame");
         assert_eq!(&buf[..6], &[0, 1, 2, 1, 0, 2]);
     }
+
+    #[test]
+    fn grey8_clamps_and_too_many_classes_fall_back_to_16_bit() {
+        let read = |bytes: Vec<u8>| {
+            let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
+                .read_info()
+                .expect("info");
+            let info = (reader.info().color_type, reader.info().bit_depth);
+            let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+            reader.next_frame(&mut buf).expect("frame");
+            (info, buf)
+        };
+        let (info, buf) = read(encode(&[0, 7, 300], 3, 1, Style::Grey8).expect("encode"));
+        assert_eq!(info, (png::ColorType::Grayscale, png::BitDepth::Eight));
+        assert_eq!(&buf[..3], &[0, 7, 255]);
+        let palette: Vec<Rgb> = (0..3).map(default_colour).collect();
+        let (info, buf) = read(encode(&[0, 5], 2, 1, Style::Palette(&palette)).expect("encode"));
+        assert_eq!(info, (png::ColorType::Grayscale, png::BitDepth::Sixteen));
+        assert_eq!(&buf[..4], &[0, 0, 0, 5]);
+    }
 }

@@ -14,7 +14,7 @@ use crate::model::{Engine, SegmentSettings, Segmentation};
 use crate::queries::QuerySet;
 use crate::sink::atomic::temp_file_in;
 pub use crate::sink::files::OutputKinds;
-use crate::sink::files::{ImagePaths, Keep, OutputWriter, SegmentedImage, SidecarInfo};
+use crate::sink::files::{ImagePaths, OutputWriter, SegmentedImage, SidecarInfo};
 use crate::sink::paths::{self, Overlap};
 use crate::sink::sidecar::ModelInfo;
 use crate::sink::write_atomic;
@@ -390,13 +390,5 @@ fn write_outputs(
         settings: &job.settings,
     };
     let paths = image_paths(job, &item.input);
-    files.write_image(
-        &image,
-        &paths,
-        &segmented,
-        &job.outputs,
-        Keep::default(),
-        info,
-    )?;
-    Ok(())
+    files.write_image(&image, &paths, &segmented, &job.outputs, info)
 }

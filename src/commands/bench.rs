@@ -16,9 +16,7 @@ use tclseg::model::bundle::InputSpec;
 use tclseg::model::preprocess;
 use tclseg::model::{Engine, SegmentSettings, TextEmbeddings};
 use tclseg::queries::QuerySet;
-use tclseg::sink::files::{
-    ImagePaths, Keep, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo,
-};
+use tclseg::sink::files::{ImagePaths, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo};
 use tclseg::sink::sidecar::ModelInfo;
 use tclseg::source::decode::decode;
 use tclseg::source::inputs::{self, InputImage};
@@ -201,7 +199,7 @@ fn save_labels(
                 inference_ms: 0.0,
             };
             files
-                .write_image(&owner, &paths, &segmented, &kinds, Keep::default(), info)
+                .write_image(&owner, &paths, &segmented, &kinds, info)
                 .with_context(|| format!("--save-labels: {}", input.path.display()))?;
         }
     }

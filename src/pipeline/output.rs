@@ -16,7 +16,7 @@ use super::{Segmented, Shared};
 use crate::model::Engine;
 use crate::sink::atomic::sweep_stale_temps;
 use crate::sink::files::{
-    ImagePaths, Keep, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo,
+    encode_image, ImagePaths, Keep, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo,
 };
 use crate::sink::retention::{self, Retention};
 use crate::sink::sidecar::{FrameInfo, ModelInfo};
@@ -157,8 +157,8 @@ fn write_frame(
         None => format!("frame {}", item.frame.sequence),
     };
     let paths = ImagePaths::new(out.dir.join(relative));
-    let written = files.write_image(&owner, &paths, &segmented, &kinds, keep, info)?;
-    if let (Some(name), Some(img)) = (&out.video, &written.overlay) {
+    let encoded = encode_image(&paths, &segmented, &kinds, keep, info)?;
+    if let (Some(name), Some(img)) = (&out.video, &encoded.overlay) {
         if !*video_failed {
             if video.is_none() {
                 let (date, time) = utc_date_time(item.frame.wall_ms);
@@ -182,7 +182,8 @@ fn write_frame(
             }
         }
     }
-    let sidecar = written.sidecar;
+    files.write_unit(&owner, encoded.files)?;
+    let sidecar = encoded.sidecar;
     if let (true, Some(sidecar)) = (out.jsonl, &sidecar) {
         if jsonl.is_none() {
             *jsonl = Some(

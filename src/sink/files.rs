@@ -11,8 +11,9 @@
 //! The writer remembers which input each output path was written for in this run; a second input that maps to
 //! the same path is an error naming both, never an overwrite.
 //!
-//! `OutputWriter::write_image` is the one place an image's outputs are encoded: `segment`, `serve` and
-//! `models bench` call it with their own paths and threads, so a new output or sidecar field is added once.
+//! `encode_image` is the one place an image's outputs are encoded (`OutputWriter::write_image` encodes and
+//! writes): `segment`, `serve` and `models bench` call it with their own paths and threads, so a new output or
+//! sidecar field is added once.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
@@ -118,9 +119,9 @@ pub struct Keep {
     pub sidecar: bool,
 }
 
-/// What `write_image` hands back, as asked for by `Keep` (or written anyway).
-#[derive(Default)]
-pub struct Written {
+/// One image's outputs, encoded: the unit's files, and the overlay and sidecar when written or kept.
+pub struct Encoded {
+    pub files: Vec<OutputFile>,
     pub overlay: Option<RgbImage>,
     pub sidecar: Option<Sidecar>,
 }
@@ -262,81 +263,96 @@ impl OutputWriter {
         Ok(())
     }
 
-    /// Encodes the outputs `kinds` asks for of one segmented image (label map, overlay, score maps, sidecar)
-    /// and writes them as one unit for `owner`.
+    /// Encodes the outputs `kinds` asks for of one segmented image (`encode_image`) and writes them as one
+    /// unit for `owner`.
     pub fn write_image(
         &self,
         owner: &str,
         paths: &ImagePaths,
         item: &SegmentedImage,
         kinds: &OutputKinds,
-        keep: Keep,
         info: SidecarInfo,
-    ) -> Result<Written> {
-        let start = Instant::now();
-        let seg = item.segmentation;
-        let (w, h) = (seg.width, seg.height);
-        let background = item.settings.background.is_some();
-        let labels = item.queries.output_labels(seg, background);
-        let palette = &item.queries.palette;
-        let mut unit = Vec::new();
-        if kinds.labels {
-            unit.push(OutputFile {
-                path: paths.with_suffix(paths.labels_suffix),
-                bytes: label_png::encode(&labels, w, h, Style::Palette(palette))?,
-            });
-        }
-        let overlay = (kinds.overlay.is_some() || keep.overlay)
-            .then(|| overlay::render(item.image, &labels, palette, OVERLAY_ALPHA));
-        if let (Some(fmt), Some(img)) = (kinds.overlay, &overlay) {
-            unit.push(OutputFile {
-                path: paths.with_suffix(&format!("overlay.{}", fmt.extension())),
-                bytes: overlay::encode(img, fmt)?,
-            });
-        }
-        if let (true, Some(scores)) = (kinds.scores, &seg.scores) {
-            let offset = usize::from(background);
-            for q in 0..item.queries.specs.len() {
-                let plane = &scores[(q + offset) * w * h..(q + offset + 1) * w * h];
-                unit.push(OutputFile {
-                    path: paths.with_suffix(&format!("score{}.png", q + 1)),
-                    bytes: label_png::encode_scores(plane, w, h)?,
-                });
-            }
-        }
-        let sidecar = (kinds.json || keep.sidecar).then(|| {
-            let mut frame = info.frame;
-            if let (Some(f), Some(captured)) = (frame.as_mut(), info.captured) {
-                f.latency_ms = captured.elapsed().as_secs_f64() * 1e3;
-            }
-            Sidecar {
-                image: info.image,
-                frame,
-                width: w,
-                height: h,
-                model: info.model,
-                settings: SettingsInfo {
-                    pamr: item.settings.pamr,
-                    kp_weight: item.settings.kp_weight,
-                    background: item.settings.background,
-                },
-                classes: item.queries.class_results(&labels, &seg.best, w, h),
-                timings_ms: Timings {
-                    decode: info.decode_ms,
-                    inference: info.inference_ms,
-                    write: start.elapsed().as_secs_f64() * 1e3,
-                },
-            }
-        });
-        if let (true, Some(sidecar)) = (kinds.json, &sidecar) {
-            unit.push(OutputFile {
-                path: paths.with_suffix("json"),
-                bytes: serde_json::to_vec_pretty(sidecar)?,
-            });
-        }
-        self.write_unit(owner, unit)?;
-        Ok(Written { overlay, sidecar })
+    ) -> Result<()> {
+        let encoded = encode_image(paths, item, kinds, Keep::default(), info)?;
+        self.write_unit(owner, encoded.files)
     }
+}
+
+/// Encodes the outputs `kinds` asks for of one segmented image: label map, overlay, score maps and sidecar, in
+/// unit order (sidecar last, for `OutputWriter::write_unit`), plus what `keep` asks for.
+pub fn encode_image(
+    paths: &ImagePaths,
+    item: &SegmentedImage,
+    kinds: &OutputKinds,
+    keep: Keep,
+    info: SidecarInfo,
+) -> Result<Encoded> {
+    let start = Instant::now();
+    let seg = item.segmentation;
+    let (w, h) = (seg.width, seg.height);
+    let background = item.settings.background.is_some();
+    let labels = item.queries.output_labels(seg, background);
+    let palette = &item.queries.palette;
+    let mut unit = Vec::new();
+    if kinds.labels {
+        unit.push(OutputFile {
+            path: paths.with_suffix(paths.labels_suffix),
+            bytes: label_png::encode(&labels, w, h, Style::Palette(palette))?,
+        });
+    }
+    let overlay = (kinds.overlay.is_some() || keep.overlay)
+        .then(|| overlay::render(item.image, &labels, palette, OVERLAY_ALPHA));
+    if let (Some(fmt), Some(img)) = (kinds.overlay, &overlay) {
+        unit.push(OutputFile {
+            path: paths.with_suffix(&format!("overlay.{}", fmt.extension())),
+            bytes: overlay::encode(img, fmt)?,
+        });
+    }
+    if let (true, Some(scores)) = (kinds.scores, &seg.scores) {
+        let offset = usize::from(background);
+        for q in 0..item.queries.specs.len() {
+            let plane = &scores[(q + offset) * w * h..(q + offset + 1) * w * h];
+            unit.push(OutputFile {
+                path: paths.with_suffix(&format!("score{}.png", q + 1)),
+                bytes: label_png::encode_scores(plane, w, h)?,
+            });
+        }
+    }
+    let sidecar = (kinds.json || keep.sidecar).then(|| {
+        let mut frame = info.frame;
+        if let (Some(f), Some(captured)) = (frame.as_mut(), info.captured) {
+            f.latency_ms = captured.elapsed().as_secs_f64() * 1e3;
+        }
+        Sidecar {
+            image: info.image,
+            frame,
+            width: w,
+            height: h,
+            model: info.model,
+            settings: SettingsInfo {
+                pamr: item.settings.pamr,
+                kp_weight: item.settings.kp_weight,
+                background: item.settings.background,
+            },
+            classes: item.queries.class_results(&labels, &seg.best, w, h),
+            timings_ms: Timings {
+                decode: info.decode_ms,
+                inference: info.inference_ms,
+                write: start.elapsed().as_secs_f64() * 1e3,
+            },
+        }
+    });
+    if let (true, Some(sidecar)) = (kinds.json, &sidecar) {
+        unit.push(OutputFile {
+            path: paths.with_suffix("json"),
+            bytes: serde_json::to_vec_pretty(sidecar)?,
+        });
+    }
+    Ok(Encoded {
+        files: unit,
+        overlay,
+        sidecar,
+    })
 }
 
 fn parent(path: &Path) -> &Path {
@@ -444,5 +460,60 @@ mod tests {
         );
         assert!(!m.exists(), "no marker");
         assert_eq!(names(dir.path()), ["blocked.png", "x.json", "x.labels.png"]);
+    }
+
+    #[test]
+    fn an_image_encodes_every_kind_asked_for_with_the_sidecar_last() {
+        let queries = QuerySet::from_names(&["a".to_string(), "b".to_string()]).expect("queries");
+        let segmentation = Segmentation {
+            width: 2,
+            height: 1,
+            classes: 3,
+            labels: vec![0, 2],
+            best: vec![0.9, 0.8],
+            scores: Some(vec![0.9, 0.1, 0.05, 0.1, 0.05, 0.8]),
+        };
+        let settings = SegmentSettings {
+            pamr: false,
+            kp_weight: 0.3,
+            background: Some(0.5),
+            keep_scores: true,
+        };
+        let image = RgbImage::new(2, 1);
+        let item = SegmentedImage {
+            image: &image,
+            segmentation: &segmentation,
+            queries: &queries,
+            settings: &settings,
+        };
+        let kinds = OutputKinds {
+            labels: true,
+            overlay: Some(OverlayFormat::Png),
+            json: true,
+            scores: true,
+        };
+        let info = SidecarInfo {
+            image: "x.png".into(),
+            frame: None,
+            captured: None,
+            model: ModelInfo {
+                name: "m".into(),
+                version: "1".into(),
+                manifest_sha256: String::new(),
+                device: "cpu".into(),
+                precision: "fp32".into(),
+            },
+            decode_ms: 0.0,
+            inference_ms: 0.0,
+        };
+        let paths = ImagePaths::new(PathBuf::from("out/x"));
+        let encoded = encode_image(&paths, &item, &kinds, Keep::default(), info).expect("encode");
+        let names: Vec<PathBuf> = encoded.files.iter().map(|f| f.path.clone()).collect();
+        assert_eq!(names, paths.all(&kinds, queries.specs.len()));
+        assert_eq!(
+            names.last().map(|p| p.display().to_string()),
+            Some("out/x.json".to_string())
+        );
+        assert!(encoded.overlay.is_some() && encoded.sidecar.is_some());
     }
 }

@@ -15,7 +15,12 @@ fn sidecars(out: &Path) -> BTreeSet<String> {
     files_with_suffix(out, ".json")
         .into_iter()
         .filter(|p| !p.to_string_lossy().ends_with(".jsonl"))
-        .map(|p| p.strip_prefix(out).expect("under out").display().to_string())
+        .map(|p| {
+            p.strip_prefix(out)
+                .expect("under out")
+                .display()
+                .to_string()
+        })
         .collect()
 }
 
@@ -31,9 +36,11 @@ fn a_restart_after_sigkill_never_replaces_the_earlier_runs_outputs() {
     {
         let daemon = Daemon::start(dir.path(), &pipeline);
         daemon.wait_ready();
-        wait_until("the first run writes frames", Duration::from_secs(90), || {
-            daemon.frames_out("cam") >= 2.0
-        });
+        wait_until(
+            "the first run writes frames",
+            Duration::from_secs(90),
+            || daemon.frames_out("cam") >= 2.0,
+        );
         // Dropping the daemon SIGKILLs it: no orderly shutdown writes anything for the next run.
         drop(daemon);
         first_run = sidecars(&out);
@@ -46,9 +53,11 @@ fn a_restart_after_sigkill_never_replaces_the_earlier_runs_outputs() {
 
     let daemon = Daemon::start(dir.path(), &pipeline);
     daemon.wait_ready();
-    wait_until("the second run writes frames", Duration::from_secs(90), || {
-        daemon.frames_out("cam") >= 2.0
-    });
+    wait_until(
+        "the second run writes frames",
+        Duration::from_secs(90),
+        || daemon.frames_out("cam") >= 2.0,
+    );
     drop(daemon);
     let both_runs = sidecars(&out);
     let second_run: BTreeSet<&String> = both_runs.difference(&first_run).collect();

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +186,8 @@ def main() -> None:
 
     started = time.perf_counter()
     work = args.work
+    for stale in ("images", "official", "tclseg", "bundle"):  # outputs of an earlier run must not be compared
+        shutil.rmtree(work / stale, ignore_errors=True)
     images = work / "images"
     names = [p.stem for p in make_images(args.photos, images)]
     t_weights = time.perf_counter()

@@ -1,9 +1,10 @@
 """`tclseg segment` against the official TCL code (kakaobrain/tcl) itself, on the same weights and photos.
 
-    python -m tclseg_trainer.official_parity --official .official/tcl --python-official .venv-official/bin/python \
-        --tclseg target/release/tclseg --images .official/images --work target/official-parity
+    python -m tclseg_trainer.official_parity --official .official/tcl \
+        --python-official ~/.cache/tclseg/venv-official-*/bin/python --tclseg target/release/tclseg \
+        --images .official/images --work target/official-parity
 
-`scripts/test-official` prepares everything (the checkout, the separate `.venv-official` with mmseg 0.27 / mmcv
+`scripts/test-official` prepares everything (the checkout, the separate venv with mmseg 0.27 / mmcv
 1.6.2, the photos) and runs this. One run:
 
 1. writes seeded random weights in the official file formats: a CLIP state dict under OpenAI's key names, fp16 like
@@ -174,7 +175,7 @@ def check_provenance(bundle: Path, clip: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description="tclseg segment against the official TCL code on the same weights")
     ap.add_argument("--official", required=True, type=Path, help="kakaobrain/tcl checkout")
-    ap.add_argument("--python-official", required=True, help="Python of the official environment (.venv-official)")
+    ap.add_argument("--python-official", required=True, help="the official environment's Python")
     ap.add_argument("--tclseg", default="target/release/tclseg")
     ap.add_argument("--photos", required=True, type=Path, help="folder with scikit-image's sample photos")
     ap.add_argument("--work", default="target/official-parity", type=Path)

@@ -1,9 +1,9 @@
 """The official side of `official_parity`: kakaobrain/tcl's own evaluation path on a folder of photos.
 
-Runs in the separate official environment (`.venv-official`: mmsegmentation 0.27.0, mmcv 1.6.2 without compiled
-ops), never in the trainer's; it imports nothing from tclseg_trainer. The official code is imported at run time from
-its checkout (`--official`), unchanged. What runs is what `main.py --eval` runs for one dataset, minus the parts
-that need a GPU or a data set on disk:
+Runs in the separate official environment (set up by scripts/setup-official: mmsegmentation 0.27.0, mmcv 1.6.2
+without compiled ops), never in the trainer's; it imports nothing from tclseg_trainer. The official code is
+imported at run time from its checkout (`--official`), unchanged. What runs is what `main.py --eval` runs for one
+dataset, minus the parts that need a GPU or a data set on disk:
 
 - the config: `configs/tcl.yml` (with its `_base_` chain) merged with `configs/eval.yml`, then the README's
   no-PAMR options when asked (`evaluate.pamr=false evaluate.bg_thresh=0.5`), and `model.clip_model` pointing at the

@@ -219,6 +219,10 @@ pub struct ExportArgs {
     /// The official TCL checkpoint (tcl.pth); needs --clip.
     #[arg(long, value_name = "FILE", requires = "clip")]
     pub tcl: Option<PathBuf>,
+    /// Accept a --clip file whose sha256 is not OpenAI's ViT-B/16 (a re-hosted copy, a fine-tuned CLIP). Its
+    /// weights are then vouched for by nobody; the bundle records `clip_verified = false` and the file's sha256.
+    #[arg(long, requires = "clip")]
+    pub allow_unverified_clip: bool,
     /// A checkpoint written by `tclseg train`.
     #[arg(long, value_name = "FILE")]
     pub checkpoint: Option<PathBuf>,

@@ -158,6 +158,9 @@ fn export(args: ExportArgs) -> Result<ExitCode> {
             "--tcl".into(),
             path_arg(tcl),
         ]);
+        if args.allow_unverified_clip {
+            py.push("--allow-unverified-clip".into());
+        }
     }
     if let Some(ckpt) = &args.checkpoint {
         py.extend(["--checkpoint".into(), path_arg(ckpt)]);

@@ -1,156 +1,189 @@
 //! The control plane over HTTP/1.1 on localhost: `/livez`, `/readyz`, `/metrics` (Prometheus), `/status` (JSON)
-//! and `POST /reload`. A deliberately small server on tokio: one request per connection, bounded request size
-//! and read time, nothing but these five routes.
+//! and `POST /reload`. Routing is axum's, the connections are hyper's: one request per connection
+//! (keep-alive off), a bounded request head, a deadline on reading it, and nothing but these five routes.
 //!
 //! Access: the GET routes are read-only and stay open, so probes and Prometheus scrapes need no credentials
 //! (they show redacted sources only). `POST /reload` changes what runs: when `http.token_file` is set (which
 //! validation requires for any `listen` address off loopback) it needs `Authorization: Bearer <token>`,
 //! compared in constant time.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::{DefaultBodyLimit, State as Extract};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
 use super::State;
 
+/// The most a request head (request line and headers) may hold, and the most any handler may read of a body.
+/// The routes take no body at all; this bounds what a client can make the daemon buffer.
 const MAX_REQUEST: usize = 16 * 1024;
+/// How long a client has to send the whole request head, from the moment it connects. A client that stalls
+/// (slowloris) is disconnected then, without an answer.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long, once the daemon has stopped, answers still being written may take before the server is dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// A reload asked for over HTTP; the answer is the report or the config's errors.
 pub type ReloadRequest = oneshot::Sender<Result<serde_json::Value, serde_json::Value>>;
 
-pub async fn serve(listener: TcpListener, state: Arc<State>, reload: mpsc::Sender<ReloadRequest>) {
+/// What every handler sees.
+#[derive(Clone)]
+struct Ctx {
+    state: Arc<State>,
+    reload: mpsc::Sender<ReloadRequest>,
+}
+
+/// The routes, with the daemon's state. Separate from `serve` so the routing can be read in one place.
+fn router(state: Arc<State>, reload: mpsc::Sender<ReloadRequest>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { text(StatusCode::OK, "ok\n") }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/status", get(status))
+        .route("/reload", post(reload_handler))
+        .method_not_allowed_fallback(|| async {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        })
+        .fallback(|| async {
+            text(
+                StatusCode::NOT_FOUND,
+                "not found (try /livez, /readyz, /metrics, /status, POST /reload)\n",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_REQUEST))
+        .with_state(Ctx { state, reload })
+}
+
+/// Serves `listener` until `shutdown` completes; then stops accepting, lets answers in progress finish (at most
+/// `SHUTDOWN_GRACE`) and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    reload: mpsc::Sender<ReloadRequest>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let app = router(state, reload);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST)
+        .keep_alive(false);
+    let connections = GracefulShutdown::new();
+    tokio::pin!(shutdown);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a little instead of spinning on the error.
+                    tracing::debug!("http: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
         };
-        let (state, reload) = (Arc::clone(&state), reload.clone());
+        let connection =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let connection = connections.watch(connection);
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &state, &reload).await {
+            if let Err(e) = connection.await {
                 tracing::debug!("http: {e}");
             }
         });
     }
-}
-
-async fn handle(
-    mut stream: TcpStream,
-    state: &State,
-    reload: &mpsc::Sender<ReloadRequest>,
-) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let head_end = tokio::time::timeout(READ_TIMEOUT, async {
-        let mut chunk = [0u8; 2048];
-        loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                return Ok::<_, std::io::Error>(Some(i));
-            }
-            if buf.len() > MAX_REQUEST {
-                return Ok(None);
-            }
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok(None);
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-    })
-    .await
-    .unwrap_or(Ok(None))?;
-    let Some(_) = head_end else {
-        return respond(&mut stream, 400, "text/plain", "bad request\n").await;
-    };
-    let head = String::from_utf8_lossy(&buf);
-    let mut words = head.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    match (method, path) {
-        ("GET", "/livez") => respond(&mut stream, 200, "text/plain", "ok\n").await,
-        ("GET", "/readyz") => match state.not_ready() {
-            None => respond(&mut stream, 200, "text/plain", "ready\n").await,
-            Some(why) => {
-                respond(
-                    &mut stream,
-                    503,
-                    "text/plain",
-                    &format!("not ready: {why}\n"),
-                )
-                .await
-            }
-        },
-        ("GET", "/metrics") => {
-            let body = state.telemetry.render_prometheus();
-            respond(&mut stream, 200, "text/plain; version=0.0.4", &body).await
-        }
-        ("GET", "/status") => {
-            let body = serde_json::to_string_pretty(&state.status()).unwrap_or_default();
-            respond(&mut stream, 200, "application/json", &body).await
-        }
-        ("POST", "/reload") => {
-            if let Some(token) = &state.token {
-                match bearer(&head) {
-                    None => return respond(
-                        &mut stream,
-                        401,
-                        "text/plain",
-                        "unauthorized: send Authorization: Bearer <the token in http.token_file>\n",
-                    )
-                    .await,
-                    Some(given) if !same_token(given, token) => {
-                        tracing::warn!("POST /reload refused: wrong bearer token");
-                        return respond(&mut stream, 403, "text/plain", "forbidden: wrong token\n")
-                            .await;
-                    }
-                    Some(_) => {}
-                }
-            }
-            let (tx, rx) = oneshot::channel();
-            if reload.send(tx).await.is_err() {
-                return respond(&mut stream, 503, "text/plain", "shutting down\n").await;
-            }
-            match rx.await {
-                Ok(Ok(report)) => {
-                    respond(&mut stream, 200, "application/json", &report.to_string()).await
-                }
-                Ok(Err(errors)) => {
-                    respond(&mut stream, 400, "application/json", &errors.to_string()).await
-                }
-                Err(_) => respond(&mut stream, 503, "text/plain", "shutting down\n").await,
-            }
-        }
-        (_, "/livez" | "/readyz" | "/metrics" | "/status" | "/reload") => {
-            respond(&mut stream, 405, "text/plain", "method not allowed\n").await
-        }
-        _ => {
-            respond(
-                &mut stream,
-                404,
-                "text/plain",
-                "not found (try /livez, /readyz, /metrics, /status, POST /reload)\n",
-            )
-            .await
-        }
+    drop(listener);
+    if tokio::time::timeout(SHUTDOWN_GRACE, connections.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::debug!("http: connections still open at shutdown were dropped");
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` header, if the request has one.
-fn bearer(head: &str) -> Option<&str> {
-    head.split("\r\n").skip(1).find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        if !name.trim().eq_ignore_ascii_case("authorization") {
-            return None;
+async fn readyz(Extract(ctx): Extract<Ctx>) -> Response {
+    match ctx.state.not_ready() {
+        None => text(StatusCode::OK, "ready\n"),
+        Some(why) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn metrics(Extract(ctx): Extract<Ctx>) -> Response {
+    let body = ctx.state.telemetry.render_prometheus();
+    reply(
+        StatusCode::OK,
+        crate::telemetry::PROMETHEUS_CONTENT_TYPE,
+        body,
+    )
+}
+
+async fn status(Extract(ctx): Extract<Ctx>) -> Response {
+    let body = serde_json::to_string_pretty(&ctx.state.status()).unwrap_or_default();
+    reply(StatusCode::OK, "application/json", body)
+}
+
+async fn reload_handler(Extract(ctx): Extract<Ctx>, headers: HeaderMap) -> Response {
+    if let Some(token) = &ctx.state.token {
+        match bearer(&headers) {
+            None => {
+                let mut refused = text(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized: send Authorization: Bearer <the token in http.token_file>\n",
+                );
+                refused.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"tclseg\""),
+                );
+                return refused;
+            }
+            Some(given) if !same_token(given, token) => {
+                tracing::warn!("POST /reload refused: wrong bearer token");
+                return text(StatusCode::FORBIDDEN, "forbidden: wrong token\n");
+            }
+            Some(_) => {}
         }
-        let value = value.trim();
-        let (scheme, token) = value.split_once(' ')?;
-        scheme
-            .eq_ignore_ascii_case("bearer")
-            .then_some(token.trim())
-    })
+    }
+    let (tx, rx) = oneshot::channel();
+    if ctx.reload.send(tx).await.is_err() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match rx.await {
+        Ok(Ok(report)) => reply(StatusCode::OK, "application/json", report.to_string()),
+        Ok(Err(errors)) => reply(
+            StatusCode::BAD_REQUEST,
+            "application/json",
+            errors.to_string(),
+        ),
+        Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    }
+}
+
+/// The token of the first `Authorization: Bearer <token>` header, if the request has one.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .find_map(|value| {
+            let (scheme, token) = value.to_str().ok()?.trim().split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
 }
 
 /// Compares the SHA-256 digests in constant time: neither the contents nor the length of the token leak
@@ -163,35 +196,15 @@ fn same_token(given: &str, expected: &str) -> bool {
     bool::from(a.as_slice().ct_eq(b.as_slice()))
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+fn text(code: StatusCode, body: impl Into<String>) -> Response {
+    reply(code, "text/plain", body.into())
 }
 
-async fn respond(
-    stream: &mut TcpStream,
-    code: u16,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        _ => "Service Unavailable",
-    };
-    let challenge = if code == 401 {
-        "WWW-Authenticate: Bearer realm=\"tclseg\"\r\n"
-    } else {
-        ""
-    };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{challenge}Connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+fn reply(code: StatusCode, content_type: &'static str, body: String) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response()
 }

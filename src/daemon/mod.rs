@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::diff::{diff, PipelineChange};
 use crate::config::{self, PipelinePlan, ServeConfig};
@@ -143,6 +143,9 @@ async fn serve(
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
     let mut sighup = signal(SignalKind::hangup()).context("cannot watch SIGHUP")?;
     let (reload_tx, mut reload_rx) = mpsc::channel::<http::ReloadRequest>(4);
+    // The HTTP server stops when this is sent or dropped: on every way out of this function, after the drain.
+    let (http_stop, http_stopped) = oneshot::channel::<()>();
+    let mut http_server = None;
     if !config.http.listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&config.http.listen)
             .await
@@ -156,7 +159,14 @@ async fn serve(
                 ""
             }
         );
-        tokio::spawn(http::serve(listener, Arc::clone(&state), reload_tx.clone()));
+        http_server = Some(tokio::spawn(http::serve(
+            listener,
+            Arc::clone(&state),
+            reload_tx.clone(),
+            async move {
+                let _ = http_stopped.await;
+            },
+        )));
     }
     notify::notify("STATUS=loading the model");
     let starting = {
@@ -228,6 +238,12 @@ async fn serve(
     match stopped {
         Ok(result) => result?,
         Err(e) => return Err(anyhow!("shutdown panicked: {e}")),
+    }
+    // Closing the reload channel first answers a reload still waiting with 503, so no answer holds the server.
+    drop(reload_rx);
+    let _ = http_stop.send(());
+    if let Some(server) = http_server {
+        let _ = server.await;
     }
     tracing::info!("stopped cleanly");
     Ok(())

@@ -592,7 +592,8 @@ pub fn open_folder(root: &Path) -> Result<Dataset> {
     }
     let mut samples = Vec::new();
     for input in crate::source::inputs::expand(&[images.display().to_string()])? {
-        let id = input.relative.with_extension("").display().to_string();
+        // The file name less its last extension only: `img.2026.png` is labelled by `labels/img.2026.png`.
+        let id = input.name.with_extension("").display().to_string();
         samples.push(Sample {
             label: labels.join(format!("{id}.png")),
             image: input.path,
@@ -678,6 +679,47 @@ mod tests {
         assert!(
             found[0].starts_with("img_scale (2048, 336)") && found[0].contains("pascal_voc12.py"),
             "{found:?}"
+        );
+    }
+
+    #[test]
+    fn a_folder_dataset_keeps_dots_in_image_names() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("images/sub")).expect("mkdir");
+        std::fs::create_dir_all(root.join("labels/sub")).expect("mkdir");
+        std::fs::write(root.join("classes.txt"), "background\nred\n").expect("write");
+        for name in ["shot.2026.01.png", "shot.2026.02.png", "sub/x.png"] {
+            std::fs::write(root.join("images").join(name), b"png").expect("write");
+        }
+        let d = open_folder(root).expect("open");
+        let mut pairs: Vec<(String, PathBuf)> = d
+            .samples
+            .iter()
+            .map(|s| {
+                (
+                    s.id.clone(),
+                    s.label
+                        .strip_prefix(root)
+                        .expect("under root")
+                        .to_path_buf(),
+                )
+            })
+            .collect();
+        pairs.sort();
+        assert_eq!(
+            pairs,
+            [
+                (
+                    "shot.2026.01".to_string(),
+                    PathBuf::from("labels/shot.2026.01.png")
+                ),
+                (
+                    "shot.2026.02".to_string(),
+                    PathBuf::from("labels/shot.2026.02.png")
+                ),
+                ("sub/x".to_string(), PathBuf::from("labels/sub/x.png")),
+            ]
         );
     }
 

@@ -21,6 +21,8 @@ use crossbeam::channel::{bounded, Sender, TrySendError};
 use crate::config::{PipelinePlan, QueuePolicy};
 use crate::model::{Engine, SegmentSettings, Segmentation, SettingsOverrides, TextEmbeddings};
 use crate::queries::QuerySet;
+use crate::sink::frame_numbers;
+use crate::source::sequence::FrameSequence;
 use crate::source::stream::StreamSettings;
 use crate::source::supervisor::{self, SupervisorSettings};
 use crate::source::{Frame, FrameSink};
@@ -207,6 +209,12 @@ impl Pipeline {
                     out_dir.display()
                 )
             })?;
+        let numbers = frame_numbers::file_in(&out_dir);
+        let sequence = FrameSequence::reserving(
+            frame_numbers::read(&numbers),
+            Box::new(move |end| frame_numbers::write(&numbers, end)),
+        )
+        .with_context(|| format!("pipeline '{name}': cannot reserve frame numbers"))?;
         let metrics = telemetry.pipeline(&name);
         let (tx, rx) = bounded::<Segmented>(OUTPUT_DEPTH);
         let shared = Arc::new(Shared {
@@ -252,6 +260,7 @@ impl Pipeline {
                         &settings,
                         shared.as_ref(),
                         &shared.metrics,
+                        &sequence,
                     );
                     shared.source_done.store(true, Ordering::Relaxed);
                 })

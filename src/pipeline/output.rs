@@ -73,7 +73,12 @@ pub fn run(shared: &Shared, results: Receiver<Segmented>, engine: &Engine) {
         if (retention.max_age.is_some() || retention.max_bytes.is_some())
             && last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY)
         {
-            let mut keep = vec![PathBuf::from(jsonl_path.file_name().unwrap_or_default())];
+            // The frame-number reservation is the pipeline's memory, not an output: deleting it would let the
+            // next start number (and name) frames from 0 again.
+            let mut keep = vec![
+                PathBuf::from(jsonl_path.file_name().unwrap_or_default()),
+                PathBuf::from(crate::sink::frame_numbers::FILE_NAME),
+            ];
             if let Some(v) = &video {
                 keep.push(PathBuf::from(v.path().file_name().unwrap_or_default()));
             }

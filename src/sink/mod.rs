@@ -4,6 +4,7 @@
 
 pub mod atomic;
 pub mod files;
+pub mod frame_numbers;
 pub mod label_png;
 pub mod overlay;
 pub mod paths;

@@ -12,11 +12,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::decode::{decode, DEFAULT_MAX_PIXELS};
 use super::inputs;
+use super::sequence::FrameSequence;
 use super::stream::RunEnd;
 use super::{Frame, FrameSink};
 use crate::config::FolderMode;
@@ -72,7 +73,7 @@ pub fn run(
     state: &mut FolderState,
     sink: &dyn FrameSink,
     metrics: &PipelineMetrics,
-    sequence: &AtomicU64,
+    sequence: &FrameSequence,
 ) -> RunEnd {
     loop {
         if sink.stopping() {
@@ -109,7 +110,7 @@ pub fn run(
                         state.done.insert(image.path.clone());
                         let frame = Frame {
                             image: rgb,
-                            sequence: sequence.fetch_add(1, Ordering::Relaxed),
+                            sequence: sequence.next(),
                             pts_ns: None,
                             captured: received,
                             received,

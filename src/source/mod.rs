@@ -9,6 +9,7 @@ pub mod decode;
 pub mod folder;
 pub mod inputs;
 pub mod probe;
+pub mod sequence;
 pub mod stream;
 pub mod supervisor;
 

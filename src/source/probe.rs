@@ -34,7 +34,7 @@ struct TransportRefused(&'static str);
 pub fn probe(spec: &SourceSpec, timeout: Duration) -> Result<(Vec<StreamInfo>, Vec<DecoderInfo>)> {
     let refused = |e: &anyhow::Error| e.is::<TransportRefused>();
     match probe_over(spec, timeout, RtspTransport::Tcp) {
-        Err(e) if refused(&e) => match probe_over(spec, timeout, RtspTransport::Udp) {
+        Err(e) if refused(&e) => match probe_udp_after_refusal(spec, timeout) {
             Err(e) if refused(&e) => bail!(
                 "{spec}: the RTSP server refused RTP over both TCP and UDP (461 Unsupported transport); \
                  it may offer only multicast (rtsp_transport = \"udp-mcast\")"
@@ -42,6 +42,29 @@ pub fn probe(spec: &SourceSpec, timeout: Duration) -> Result<(Vec<StreamInfo>, V
             other => other,
         },
         other => other,
+    }
+}
+
+/// UDP right after the server refused TCP. A server may still be tearing down the session it just refused and
+/// answer the next one "503 Service Unavailable" (gst-rtsp-server does, for a fraction of a second, with shared
+/// media): that answer is retried a few times before it counts. The daemon's supervisor retries by itself.
+fn probe_udp_after_refusal(
+    spec: &SourceSpec,
+    timeout: Duration,
+) -> Result<(Vec<StreamInfo>, Vec<DecoderInfo>)> {
+    const TRIES: u32 = 4;
+    let mut tries = 1;
+    loop {
+        match probe_over(spec, timeout, RtspTransport::Udp) {
+            Err(e) if tries < TRIES && format!("{e:#}").contains("Service Unavailable (503)") => {
+                tracing::debug!(
+                    "{spec}: 503 right after the refused TCP session; trying UDP again"
+                );
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 use image::RgbImage;
 
+use super::sequence::FrameSequence;
 use super::{Frame, FrameSink, SourceKind, SourceSpec};
 use crate::telemetry::{DropReason, PipelineMetrics, Stage};
 
@@ -123,7 +124,7 @@ pub fn run_once(
     settings: &StreamSettings,
     sink: &dyn FrameSink,
     metrics: &PipelineMetrics,
-    sequence: &AtomicU64,
+    sequence: &FrameSequence,
     delivered: &mut bool,
 ) -> RunEnd {
     let built = match build(spec, settings) {
@@ -294,7 +295,7 @@ fn pull_loop(
     built: &Built,
     sink: &dyn FrameSink,
     metrics: &PipelineMetrics,
-    sequence: &AtomicU64,
+    sequence: &FrameSequence,
     delivered: &mut bool,
 ) -> RunEnd {
     if let Err(e) = built.pipeline.set_state(gst::State::Playing) {
@@ -366,7 +367,7 @@ fn pull_loop(
                 metrics.connected.store(true, Ordering::Relaxed);
                 let frame = Frame {
                     image,
-                    sequence: sequence.fetch_add(1, Ordering::Relaxed),
+                    sequence: sequence.next(),
                     pts_ns: pts.map(|p| p.nseconds()),
                     captured: received.checked_sub(latency).unwrap_or(received),
                     received,

@@ -3,10 +3,11 @@
 //! not reconnect in lockstep, and a backoff reset once frames flow again. Every restart is counted and logged
 //! with the reason; URIs are redacted.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::folder::{self, FolderState};
+use super::sequence::FrameSequence;
 use super::stream::{self, RtspTransport, RunEnd, StreamSettings};
 use super::{FrameSink, SourceKind, SourceSpec};
 use crate::telemetry::PipelineMetrics;
@@ -27,8 +28,8 @@ pub fn supervise(
     settings: &SupervisorSettings,
     sink: &dyn FrameSink,
     metrics: &PipelineMetrics,
+    sequence: &FrameSequence,
 ) {
-    let sequence = AtomicU64::new(0);
     let mut folder_state = FolderState::default();
     let mut backoff = settings.backoff_initial;
     let mut jitter = Jitter::new(pipeline);
@@ -56,7 +57,7 @@ pub fn supervise(
                     &mut folder_state,
                     sink,
                     metrics,
-                    &sequence,
+                    sequence,
                 );
                 delivered = !matches!(end, RunEnd::Failed(_));
                 end
@@ -76,7 +77,7 @@ pub fn supervise(
                     &stream_settings,
                     sink,
                     metrics,
-                    &sequence,
+                    sequence,
                     &mut delivered,
                 )
             }

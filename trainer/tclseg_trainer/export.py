@@ -14,7 +14,8 @@ directory is renamed into place, so a reader never sees half a bundle.
 
 Command line:
     python -m tclseg_trainer.export (--random {tiny,vit-b16} [--seed N] | --clip ViT-B-16.pt --tcl tcl.pth
-                                     | --checkpoint CKPT) --out DIR [--name NAME] [--precision fp32,fp16] [--force]
+                                     [--allow-unverified-clip] | --checkpoint CKPT) --out DIR [--name NAME]
+                                     [--precision fp32,fp16] [--force]
 Exit status: 0 written, 1 failed (one message naming the file and the problem), 2 usage error.
 """
 
@@ -975,6 +976,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--clip", type=Path, metavar="FILE", help="OpenAI CLIP ViT-B-16.pt (with --tcl)")
     src.add_argument("--checkpoint", type=Path, metavar="FILE", help="a trainer checkpoint")
     p.add_argument("--tcl", type=Path, metavar="FILE", help="the official TCL checkpoint tcl.pth (with --clip)")
+    p.add_argument(
+        "--allow-unverified-clip",
+        action="store_true",
+        help="accept a --clip file whose sha256 is not OpenAI's ViT-B/16 (a re-hosted copy, a fine-tuned CLIP): "
+        "its weights are then unchecked, and the bundle records that and the file's sha256",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for --random (default 0)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="bundle directory to create")
     p.add_argument("--name", help="bundle name (default: the output directory's name)")
@@ -996,6 +1003,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--clip needs --tcl")
     if args.tcl is not None and args.clip is None:
         p.error("--tcl needs --clip")
+    if args.allow_unverified_clip and args.clip is None:
+        p.error("--allow-unverified-clip only applies to --clip")
     if args.seed is not None and args.random is None:
         p.error("--seed only applies to --random")
     precisions = [s.strip() for s in args.precision.split(",") if s.strip()]
@@ -1054,15 +1063,21 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], st
         for path in (args.clip, args.tcl):
             if not path.is_file():
                 raise ExportError(f"{path}: no such file")
-        built = build_official(args.clip, args.tcl)
+        clip_sha256, verified = check_clip_hash(args.clip, allow_unverified=args.allow_unverified_clip)
+        # The hash was checked (or knowingly waived) above; build_official need not read the file twice for it.
+        built = build_official(args.clip, args.tcl, clip_sha256=None)
         model, hashes = _split_model_and_meta(built)
         provenance = {
             "source": "official",
-            "clip_sha256": hashes.get("clip_sha256") or sha256_file(args.clip),
+            "clip_sha256": hashes.get("clip_sha256") or clip_sha256,
+            "clip_verified": verified,
             "tcl_sha256": hashes.get("tcl_sha256") or sha256_file(args.tcl),
             "torch_version": torch_version,
         }
-        return model, provenance, "TCL (CVPR 2023), official checkpoint on OpenAI CLIP ViT-B/16"
+        description = "TCL (CVPR 2023), official checkpoint on OpenAI CLIP ViT-B/16"
+        if not verified:
+            description = f"TCL (CVPR 2023), official-format checkpoint on an unverified CLIP (sha256 {clip_sha256})"
+        return model, provenance, description
     from .checkpoints import load_checkpoint
 
     if not args.checkpoint.is_file():
@@ -1078,6 +1093,26 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], st
         "torch_version": torch_version,
     }
     return model, provenance, f"TCL trained by tclseg ({args.checkpoint.name})"
+
+
+def check_clip_hash(path: Path, *, allow_unverified: bool) -> tuple[str, bool]:
+    """(the file's sha256, whether it is OpenAI's ViT-B/16). A different file is refused unless `allow_unverified`:
+    the pinned hash is what vouches for the weights, so waiving it is the user's explicit, logged decision."""
+    from .checkpoints import OPENAI_VIT_B16_SHA256
+
+    found = sha256_file(path)
+    if found == OPENAI_VIT_B16_SHA256:
+        return found, True
+    if not allow_unverified:
+        raise ExportError(
+            f"{path}: sha256 {found} is not OpenAI's CLIP ViT-B/16 ({OPENAI_VIT_B16_SHA256}); if you trust this file "
+            "(a re-hosted copy, a fine-tuned CLIP), pass --allow-unverified-clip to use it anyway"
+        )
+    _log(
+        f"warning: {path}: sha256 {found} is not OpenAI's CLIP ViT-B/16 ({OPENAI_VIT_B16_SHA256}); using it "
+        "anyway (--allow-unverified-clip); the bundle records clip_verified = false and this sha256"
+    )
+    return found, False
 
 
 def _split_model_and_meta(built: Any) -> tuple[nn.Module, dict[str, Any]]:

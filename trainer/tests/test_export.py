@@ -275,3 +275,38 @@ def test_cli_checks_the_official_clip_hash(tmp_path):
     assert "ViT-B-16.pt" in run.stderr and "5806e77c" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_accepts_an_unverified_clip_only_when_told(tmp_path, monkeypatch, capsys):
+    """A CLIP whose sha256 is not OpenAI's is refused naming --allow-unverified-clip; with it the export succeeds and
+    the bundle records clip_verified = false and the file's sha256 (the log says so too)."""
+    from tclseg_trainer import checkpoints, export
+    from tclseg_trainer.bundle import sha256_file
+    from tclseg_trainer.clip import CLIP
+
+    tiny = SIZES["tiny"]
+    # The official path builds a ViT-B/16; a tiny stand-in of the same layout keeps this test fast.
+    monkeypatch.setitem(checkpoints.SIZES, "vit-b16", tiny)
+    torch.manual_seed(5)
+    clip = tmp_path / "ViT-B-16.pt"
+    torch.save(CLIP(tiny.vision, tiny.text).state_dict(), clip)
+    donor = TCL(tiny, seed=7)
+    tcl = tmp_path / "tcl.pth"
+    torch.save({"model": {k: v for k, v in donor.state_dict().items() if k.startswith("masker.")}}, tcl)
+    out = tmp_path / "bundle"
+    args = ["--clip", str(clip), "--tcl", str(tcl), "--precision", "fp32", "--out", str(out)]
+
+    assert export.main(args) == 1
+    err = capsys.readouterr().err
+    assert "--allow-unverified-clip" in err and sha256_file(clip) in err and str(clip) in err, err
+    assert not out.exists()
+
+    assert export.main([*args, "--allow-unverified-clip"]) == 0
+    err = capsys.readouterr().err
+    assert f"sha256 {sha256_file(clip)} is not OpenAI's" in err and "using it anyway" in err, err
+    provenance = tomllib.loads((out / "model.toml").read_text())["provenance"]
+    assert provenance["source"] == "official" and provenance["clip_verified"] is False
+    assert provenance["clip_sha256"] == sha256_file(clip) and provenance["tcl_sha256"] == sha256_file(tcl)
+
+    usage = run_cli("--random", "tiny", "--allow-unverified-clip", "--out", str(tmp_path / "u"))
+    assert usage.returncode == 2 and "--allow-unverified-clip only applies to --clip" in usage.stderr

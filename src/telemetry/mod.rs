@@ -1,14 +1,18 @@
 //! Metrics: per-pipeline counters and gauges, per-stage latency histograms and the inference worker's batch
 //! sizes, all lock-free atomics that sources, the scheduler and sinks record into, rendered in the Prometheus
-//! text format. The daemon only exposes them (`/metrics`, `/status`); it lives above this module, not inside it.
+//! text format (`prometheus.rs`). The daemon only exposes them (`/metrics`, `/status`); it lives above this
+//! module, not inside it.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+
+mod prometheus;
+
+pub use prometheus::PROMETHEUS_CONTENT_TYPE;
 
 /// Why a frame was not segmented. Each reason is its own series, so a stalled camera never looks like a slow model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,30 +156,6 @@ impl Histogram {
             }
         }
         None
-    }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (bound, c) in self.bounds.iter().zip(&self.counts) {
-            cumulative += c.load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let count = self.count();
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
-        let sum = self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6;
-        let braces = |s: &str| {
-            if s.is_empty() {
-                String::new()
-            } else {
-                format!("{{{s}}}")
-            }
-        };
-        let _ = writeln!(out, "{name}_sum{} {sum}", braces(labels));
-        let _ = writeln!(out, "{name}_count{} {count}", braces(labels));
     }
 }
 
@@ -376,141 +356,6 @@ impl Telemetry {
             })
             .collect()
     }
-
-    /// The Prometheus text exposition of every metric.
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
-        let map = self.pipelines.read().unwrap_or_else(|e| e.into_inner());
-        let counter =
-            |out: &mut String, name: &str, help: &str, get: &dyn Fn(&PipelineMetrics) -> u64| {
-                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-                for (p, m) in map.iter() {
-                    let _ = writeln!(out, "{name}{{pipeline=\"{}\"}} {}", escape(p), get(m));
-                }
-            };
-        counter(
-            &mut out,
-            "tclseg_frames_in_total",
-            "Decoded frames that reached tclseg, before the rate cap.",
-            &|m| m.frames_in.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "tclseg_frames_out_total",
-            "Frames whose outputs were all written.",
-            &|m| m.frames_out.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "tclseg_reconnects_total",
-            "Source restarts after the first start.",
-            &|m| m.reconnects.load(Ordering::Relaxed),
-        );
-        counter(
-            &mut out,
-            "tclseg_stalls_total",
-            "No-frame watchdog firings.",
-            &|m| m.stalls.load(Ordering::Relaxed),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tclseg_frames_dropped_total Frames not segmented, by reason.\n# TYPE tclseg_frames_dropped_total counter"
-        );
-        for (p, m) in map.iter() {
-            for r in DropReason::ALL {
-                let _ = writeln!(
-                    out,
-                    "tclseg_frames_dropped_total{{pipeline=\"{}\",reason=\"{}\"}} {}",
-                    escape(p),
-                    r.key(),
-                    m.drops(r)
-                );
-            }
-        }
-        let gauge = |out: &mut String,
-                     name: &str,
-                     help: &str,
-                     get: &dyn Fn(&PipelineMetrics) -> Option<f64>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-            for (p, m) in map.iter() {
-                if let Some(v) = get(m) {
-                    let _ = writeln!(out, "{name}{{pipeline=\"{}\"}} {v}", escape(p));
-                }
-            }
-        };
-        gauge(
-            &mut out,
-            "tclseg_queue_depth",
-            "Frames waiting for the inference worker.",
-            &|m| Some(m.queue_depth.load(Ordering::Relaxed) as f64),
-        );
-        gauge(
-            &mut out,
-            "tclseg_source_connected",
-            "1 while the source delivers frames.",
-            &|m| Some(f64::from(u8::from(m.connected.load(Ordering::Relaxed)))),
-        );
-        gauge(
-            &mut out,
-            "tclseg_pipeline_running",
-            "1 while the pipeline runs (its source may be retrying); 0 when it failed to start or a thread died.",
-            &|m| Some(f64::from(u8::from(m.failure().is_none()))),
-        );
-        gauge(
-            &mut out,
-            "tclseg_last_frame_age_seconds",
-            "Seconds since the source's last frame (absent before the first).",
-            &|m| m.last_frame_age(),
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tclseg_stage_latency_seconds Per-frame latency by stage (decode, queue, infer, write; total is capture to written).\n# TYPE tclseg_stage_latency_seconds histogram"
-        );
-        for (p, m) in map.iter() {
-            for stage in Stage::ALL {
-                let labels = format!("pipeline=\"{}\",stage=\"{}\"", escape(p), stage.key());
-                m.latency(stage)
-                    .render(&mut out, "tclseg_stage_latency_seconds", &labels);
-            }
-        }
-        drop(map);
-        let _ = writeln!(
-            out,
-            "# HELP tclseg_batch_size Frames per inference run.\n# TYPE tclseg_batch_size histogram"
-        );
-        self.batch_size.render(&mut out, "tclseg_batch_size", "");
-        for (name, help, v) in [
-            (
-                "tclseg_inference_errors_total",
-                "Failed inference runs.",
-                &self.inference_errors,
-            ),
-            (
-                "tclseg_reloads_total",
-                "Applied configuration reloads.",
-                &self.reloads,
-            ),
-            (
-                "tclseg_reload_failures_total",
-                "Rejected configuration reloads.",
-                &self.reload_failures,
-            ),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
-        }
-        out
-    }
-}
-
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 pub fn unix_ms() -> u64 {
@@ -518,55 +363,4 @@ pub fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative_and_quantiles_bound() {
-        let h = Histogram::new(&LATENCY_BUCKETS);
-        for v in [0.001, 0.02, 0.02, 0.3, 100.0] {
-            h.observe(v);
-        }
-        let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 1"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"0.025\"} 3"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"30\"} 4"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 5"), "{out}");
-        assert!(out.contains("x_count{a=\"b\"} 5"), "{out}");
-        assert_eq!(h.quantile_bound(0.5), Some(0.025));
-        assert_eq!(h.quantile_bound(0.8), Some(0.5));
-        assert_eq!(h.quantile_bound(1.0), None);
-    }
-
-    #[test]
-    fn prometheus_text_has_per_pipeline_series() {
-        let t = Telemetry::default();
-        let m = t.pipeline("door");
-        m.frame_in();
-        m.drop_frames(DropReason::Superseded, 3);
-        m.observe(Stage::Total, Duration::from_millis(40));
-        t.batch_size.observe(2.0);
-        let text = t.render_prometheus();
-        assert!(
-            text.contains("tclseg_frames_in_total{pipeline=\"door\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("tclseg_frames_dropped_total{pipeline=\"door\",reason=\"superseded\"} 3"),
-            "{text}"
-        );
-        assert!(text.contains(
-            "tclseg_stage_latency_seconds_bucket{pipeline=\"door\",stage=\"total\",le=\"0.05\"} 1"
-        ));
-        assert!(
-            text.contains("tclseg_batch_size_bucket{le=\"2\"} 1"),
-            "{text}"
-        );
-        t.retain(&[]);
-        assert!(!t.render_prometheus().contains("door"));
-    }
 }

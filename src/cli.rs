@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tclseg::model::{DeviceChoice, EngineOptions, Precision, Processing};
+use tclseg::sink::overlay::OverlayFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -112,12 +114,8 @@ pub struct EvalArgs {
     /// Save each prediction as `<DIR>/<id>.png` (class indices).
     #[arg(long, value_name = "DIR")]
     pub save_predictions: Option<PathBuf>,
-    /// Execution device.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
-    /// ONNX Runtime intra-op threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Decoder threads.
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
@@ -264,8 +262,8 @@ pub struct SegmentArgs {
     #[arg(long, default_value = "labels,overlay,json")]
     pub format: String,
     /// Overlay image format.
-    #[arg(long, value_enum, default_value_t = OverlayArg::Jpg)]
-    pub overlay_format: OverlayArg,
+    #[arg(long, value_enum, default_value_t = OverlayFormat::Jpeg)]
+    pub overlay_format: OverlayFormat,
     #[command(flatten)]
     pub engine: EngineArgs,
     #[command(flatten)]
@@ -290,16 +288,16 @@ pub struct SegmentArgs {
     pub max_pixels: u64,
 }
 
-/// Where and how the model runs, shared by `segment` and `models bench`.
+/// Where and how the model runs, shared by `segment`, `eval` and `models bench`.
 #[derive(Debug, Args)]
 pub struct EngineArgs {
     /// Execution device: auto tries CUDA and falls back to the CPU (logged); cuda and tensorrt refuse to run
     /// without it.
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
     /// Precision of the image graphs.
-    #[arg(long, value_enum, default_value_t = ImagePrecision::Fp32)]
-    pub precision: ImagePrecision,
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
     /// Crops per ONNX Runtime run, across images (0: 1 on the CPU, where bigger batches only cost memory; on a
     /// GPU all windows of a call's images, at most 32 under TensorRT).
     #[arg(long, default_value_t = 0)]
@@ -309,15 +307,22 @@ pub struct EngineArgs {
     pub threads: usize,
     /// Where resizing, windows, averaging and argmax run: on the host (native; the CPU default) or on the
     /// device beside the model, with tensors kept there (the GPU default). Both give the same labels.
-    #[arg(long, value_enum, default_value_t = ProcessingArg::Auto)]
-    pub processing: ProcessingArg,
+    #[arg(long, value_enum, default_value_t = Processing::Auto)]
+    pub processing: Processing,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ProcessingArg {
-    Auto,
-    Host,
-    Device,
+impl EngineArgs {
+    /// The engine's options; `spin`: idle threads busy-wait (right for a command that keeps the cores busy).
+    pub fn options(&self) -> EngineOptions {
+        EngineOptions {
+            device: self.device,
+            precision: self.precision,
+            threads: self.threads,
+            crop_batch: self.crop_batch,
+            spin: true,
+            processing: self.processing,
+        }
+    }
 }
 
 /// PAMR and the background threshold, shared by `segment` and `eval`.
@@ -332,27 +337,6 @@ pub struct RefineArgs {
     /// Background threshold (default: the bundle's, 0.4 with PAMR and 0.5 without).
     #[arg(long, value_name = "SCORE")]
     pub bg_thresh: Option<f32>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ImagePrecision {
-    Fp32,
-    Fp16,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum OverlayArg {
-    Jpg,
-    Png,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DeviceArg {
-    Auto,
-    Cpu,
-    Cuda,
-    /// TensorRT for the image graphs (engines built on first use and cached), CUDA for the rest.
-    Tensorrt,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

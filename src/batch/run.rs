@@ -13,23 +13,13 @@ use serde::Serialize;
 use crate::model::{Engine, SegmentSettings, Segmentation};
 use crate::queries::QuerySet;
 use crate::sink::atomic::temp_file_in;
-use crate::sink::files::{OutputFile, OutputWriter};
-use crate::sink::overlay::{self, OverlayFormat};
+pub use crate::sink::files::OutputKinds;
+use crate::sink::files::{ImagePaths, OutputWriter, SegmentedImage, SidecarInfo};
 use crate::sink::paths::{self, Overlap};
-use crate::sink::sidecar::{ModelInfo, SettingsInfo, Sidecar, Timings};
-use crate::sink::{label_png, write_atomic};
+use crate::sink::sidecar::ModelInfo;
+use crate::sink::write_atomic;
 use crate::source::decode::decode;
 use crate::source::inputs::{self, InputImage};
-
-/// Which files to write per image.
-#[derive(Debug, Clone, Copy)]
-pub struct OutputKinds {
-    pub labels: bool,
-    pub overlay: Option<OverlayFormat>,
-    pub json: bool,
-    /// One 16-bit PNG of soft scores per query (score × 65535).
-    pub scores: bool,
-}
 
 pub struct SegmentJob {
     pub inputs: Vec<String>,
@@ -331,35 +321,9 @@ fn writer(
     }
 }
 
-/// Output file paths of one image: `<out>/<relative>.<suffix>`.
-fn output_path(job: &SegmentJob, input: &InputImage, suffix: &str) -> PathBuf {
-    let mut name = input.relative.as_os_str().to_os_string();
-    name.push(".");
-    name.push(suffix);
-    job.out_dir.join(name)
-}
-
-fn output_paths(job: &SegmentJob, input: &InputImage) -> Vec<PathBuf> {
-    let mut paths = Vec::new();
-    if job.outputs.labels {
-        paths.push(output_path(job, input, "labels.png"));
-    }
-    if let Some(fmt) = job.outputs.overlay {
-        paths.push(output_path(
-            job,
-            input,
-            &format!("overlay.{}", fmt.extension()),
-        ));
-    }
-    if job.outputs.scores {
-        for q in 0..job.queries.specs.len() {
-            paths.push(output_path(job, input, &format!("score{}.png", q + 1)));
-        }
-    }
-    if job.outputs.json {
-        paths.push(output_path(job, input, "json"));
-    }
-    paths
+/// Where one image's outputs go: `<out>/<relative>.<suffix>`.
+fn image_paths(job: &SegmentJob, input: &InputImage) -> ImagePaths {
+    ImagePaths::new(job.out_dir.join(&input.relative))
 }
 
 /// `--out` inside (or equal to) a folder being segmented would have the next run read this run's outputs as
@@ -390,7 +354,7 @@ fn outputs_fresh(job: &SegmentJob, input: &InputImage) -> bool {
     let Some(source) = modified(&input.path) else {
         return false;
     };
-    let paths = output_paths(job, input);
+    let paths = image_paths(job, input).all(&job.outputs, job.queries.specs.len());
     !paths.is_empty()
         && paths
             .iter()
@@ -403,103 +367,28 @@ fn probe_writable(dir: &Path) -> Result<()> {
         .with_context(|| format!("the output folder {} is not writable", dir.display()))
 }
 
-/// Encodes every output of one image, then writes them as one unit (sidecar last).
+/// Writes every output of one image as one unit (sidecar last).
 fn write_outputs(
     item: &ToWrite,
     job: &SegmentJob,
     engine: &Engine,
     files: &OutputWriter,
 ) -> Result<()> {
-    let start = Instant::now();
-    let seg = &item.segmentation;
-    let (w, h) = (seg.width, seg.height);
-    let labels = job
-        .queries
-        .output_labels(seg, job.settings.background.is_some());
-    let palette = &job.queries.palette;
-    let mut unit = Vec::new();
-    if job.outputs.labels {
-        unit.push(OutputFile {
-            path: output_path(job, &item.input, "labels.png"),
-            bytes: label_png::encode(&labels, w, h, palette)?,
-        });
-    }
-    if let Some(fmt) = job.outputs.overlay {
-        let rendered = overlay::render(&item.image, &labels, palette, 0.5);
-        unit.push(OutputFile {
-            path: output_path(job, &item.input, &format!("overlay.{}", fmt.extension())),
-            bytes: overlay::encode(&rendered, fmt)?,
-        });
-    }
-    if job.outputs.scores {
-        if let Some(scores) = &seg.scores {
-            let offset = usize::from(job.settings.background.is_some());
-            for q in 0..job.queries.specs.len() {
-                let plane = &scores[(q + offset) * w * h..(q + offset + 1) * w * h];
-                unit.push(OutputFile {
-                    path: output_path(job, &item.input, &format!("score{}.png", q + 1)),
-                    bytes: encode_scores(plane, w, h)?,
-                });
-            }
-        }
-    }
-    if job.outputs.json {
-        let sidecar = build_sidecar(
-            item,
-            job,
-            engine,
-            &labels,
-            start.elapsed().as_secs_f64() * 1e3,
-        );
-        unit.push(OutputFile {
-            path: output_path(job, &item.input, "json"),
-            bytes: serde_json::to_vec_pretty(&sidecar)?,
-        });
-    }
-    files.write_unit(&item.input.path.display().to_string(), unit)
-}
-
-fn encode_scores(plane: &[f32], w: usize, h: usize) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, w as u32, h as u32);
-    encoder.set_color(png::ColorType::Grayscale);
-    encoder.set_depth(png::BitDepth::Sixteen);
-    let data: Vec<u8> = plane
-        .iter()
-        .flat_map(|v| ((v.clamp(0.0, 1.0) * 65535.0).round() as u16).to_be_bytes())
-        .collect();
-    let mut writer = encoder.write_header()?;
-    writer.write_image_data(&data)?;
-    writer.finish()?;
-    Ok(out)
-}
-
-fn build_sidecar(
-    item: &ToWrite,
-    job: &SegmentJob,
-    engine: &Engine,
-    labels: &[u16],
-    write_ms: f64,
-) -> Sidecar {
-    let seg = &item.segmentation;
-    let (w, h) = (seg.width, seg.height);
-    let classes = job.queries.class_results(labels, &seg.best, w, h);
-    Sidecar {
-        image: item.input.path.display().to_string(),
+    let image = item.input.path.display().to_string();
+    let info = SidecarInfo {
+        image: image.clone(),
         frame: None,
-        width: w,
-        height: h,
+        captured: None,
         model: ModelInfo::of(engine),
-        settings: SettingsInfo {
-            pamr: job.settings.pamr,
-            kp_weight: job.settings.kp_weight,
-            background: job.settings.background,
-        },
-        classes,
-        timings_ms: Timings {
-            decode: item.decode_ms,
-            inference: item.inference_ms,
-            write: write_ms,
-        },
-    }
+        decode_ms: item.decode_ms,
+        inference_ms: item.inference_ms,
+    };
+    let segmented = SegmentedImage {
+        image: &item.image,
+        segmentation: &item.segmentation,
+        queries: &job.queries,
+        settings: &job.settings,
+    };
+    let paths = image_paths(job, &item.input);
+    files.write_image(&image, &paths, &segmented, &job.outputs, info)
 }

@@ -4,7 +4,7 @@
 //! turn, cycling when there are fewer than b) goes through `warmup` untimed calls of `Engine::segment_batch`,
 //! then `iterations` timed ones. Each batch size prints one JSON object on stdout; progress goes to the log.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -16,7 +16,8 @@ use tclseg::model::bundle::InputSpec;
 use tclseg::model::preprocess;
 use tclseg::model::{Engine, SegmentSettings, TextEmbeddings};
 use tclseg::queries::QuerySet;
-use tclseg::sink::{label_png, write_atomic};
+use tclseg::sink::files::{ImagePaths, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo};
+use tclseg::sink::sidecar::ModelInfo;
 use tclseg::source::decode::decode;
 use tclseg::source::inputs::{self, InputImage};
 
@@ -169,15 +170,36 @@ fn save_labels(
     queries: &QuerySet,
     dir: &Path,
 ) -> Result<()> {
+    let files = OutputWriter::new(None);
+    let kinds = OutputKinds {
+        labels: true,
+        ..OutputKinds::default()
+    };
     for chunk in images.chunks(batch) {
         let refs: Vec<&RgbImage> = chunk.iter().map(|(_, img)| img).collect();
         let segs = engine.segment_batch(&refs, text, settings)?;
-        for ((input, _), seg) in chunk.iter().zip(&segs) {
-            let labels = queries.output_labels(seg, settings.background.is_some());
-            let bytes = label_png::encode(&labels, seg.width, seg.height, &queries.palette)?;
-            let mut path: PathBuf = dir.join(&input.relative);
-            path.as_mut_os_string().push(".png");
-            write_atomic(&path, &bytes)
+        for ((input, image), seg) in chunk.iter().zip(&segs) {
+            let paths = ImagePaths {
+                base: dir.join(&input.relative),
+                labels_suffix: "png",
+            };
+            let segmented = SegmentedImage {
+                image,
+                segmentation: seg,
+                queries,
+                settings,
+            };
+            let owner = input.path.display().to_string();
+            let info = SidecarInfo {
+                image: owner.clone(),
+                frame: None,
+                captured: None,
+                model: ModelInfo::of(engine),
+                decode_ms: 0.0,
+                inference_ms: 0.0,
+            };
+            files
+                .write_image(&owner, &paths, &segmented, &kinds, info)
                 .with_context(|| format!("--save-labels: {}", input.path.display()))?;
         }
     }
@@ -246,15 +268,7 @@ mod tests {
 
     #[test]
     fn crops_are_counted_after_the_rescale() {
-        let input = InputSpec {
-            crop_size: 448,
-            crop_stride: 224,
-            short_side: 448,
-            long_side_max: 2048,
-            pad_multiple: 16,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        };
+        let input = InputSpec::official();
         // 1920x1080 → 448x796: columns at 0, 224 and the last one pushed back to 348.
         assert_eq!(crop_count(&RgbImage::new(1920, 1080), &input), 3);
         assert_eq!(crop_count(&RgbImage::new(64, 64), &input), 1);

@@ -11,7 +11,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tclseg::eval::datasets::{self, Dataset, PAPER_SUITE};
 use tclseg::eval::report;
 use tclseg::eval::run::{evaluate, EvalJob, EvalProgress, EvalReport, Predictor};
-use tclseg::model::{Bundle, Engine, EngineOptions, Precision, Processing};
 
 use crate::cli::EvalArgs;
 
@@ -29,20 +28,10 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     }
     let engine = match &args.predictions {
         Some(_) => None,
-        None => {
-            let dir = super::segment::resolve_model(args.model.clone())?;
-            Some(Engine::new(
-                Bundle::open(&dir)?,
-                EngineOptions {
-                    device: super::device_choice(args.device),
-                    precision: Precision::Fp32,
-                    threads: args.threads,
-                    crop_batch: 0,
-                    spin: true,
-                    processing: Processing::Auto,
-                },
-            )?)
-        }
+        None => Some(super::segment::open_engine(
+            args.model.clone(),
+            &args.engine,
+        )?),
     };
     let mut reports: Vec<EvalReport> = Vec::new();
     for (key, ds) in keys.iter().zip(&sets) {

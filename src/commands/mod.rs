@@ -27,18 +27,6 @@ pub fn run(command: Command) -> Result<ExitCode> {
     }
 }
 
-/// The engine's device for a `--device` argument.
-fn device_choice(arg: crate::cli::DeviceArg) -> tclseg::model::DeviceChoice {
-    use crate::cli::DeviceArg;
-    use tclseg::model::DeviceChoice;
-    match arg {
-        DeviceArg::Auto => DeviceChoice::Auto,
-        DeviceArg::Cpu => DeviceChoice::Cpu,
-        DeviceArg::Cuda => DeviceChoice::Cuda,
-        DeviceArg::Tensorrt => DeviceChoice::TensorRt,
-    }
-}
-
 /// `tclseg probe URI`: one line per stream of the source, and one per decoder with its encoded caps.
 fn probe(uri: &str, timeout: f64) -> Result<ExitCode> {
     let spec = tclseg::source::SourceSpec::parse(uri, None)?;

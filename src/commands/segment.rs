@@ -10,11 +10,11 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use tclseg::batch::{self, Outcome, OutputKinds, Progress, SegmentJob};
-use tclseg::model::{Bundle, Engine, EngineOptions, Precision, Processing, SegmentSettings};
+use tclseg::model::{Engine, SegmentSettings, SettingsOverrides};
 use tclseg::queries::QuerySet;
 use tclseg::sink::overlay::OverlayFormat;
 
-use crate::cli::{EngineArgs, ImagePrecision, OverlayArg, ProcessingArg, RefineArgs, SegmentArgs};
+use crate::cli::{EngineArgs, RefineArgs, SegmentArgs};
 
 pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     let queries = match &args.queries {
@@ -71,36 +71,10 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
 
 /// Opens the bundle (`resolve_model`) and starts the engine on the device and precision asked for.
 pub(super) fn open_engine(model: Option<PathBuf>, args: &EngineArgs) -> Result<Engine> {
-    let model_dir = resolve_model(model)?;
-    let bundle = Bundle::open(&model_dir)?;
-    let precision = match args.precision {
-        ImagePrecision::Fp32 => Precision::Fp32,
-        ImagePrecision::Fp16 => Precision::Fp16,
-    };
-    if precision == Precision::Fp16 && bundle.graph("image_trunk", Precision::Fp16).is_none() {
-        bail!(
-            "bundle {} has no fp16 graphs; export it with --precision fp32,fp16",
-            model_dir.display()
-        );
-    }
-    Engine::new(
-        bundle,
-        EngineOptions {
-            device: super::device_choice(args.device),
-            precision,
-            threads: args.threads,
-            crop_batch: args.crop_batch,
-            spin: true,
-            processing: match args.processing {
-                ProcessingArg::Auto => Processing::Auto,
-                ProcessingArg::Host => Processing::Host,
-                ProcessingArg::Device => Processing::Device,
-            },
-        },
-    )
+    Engine::open(&resolve_model(model)?, args.options())
 }
 
-/// PAMR, background and kp weight from the command line, else the bundle's defaults.
+/// PAMR, background and kp weight from the command line, else the bundle's defaults (`SegmentSettings::resolve`).
 pub(super) fn segment_settings(
     engine: &Engine,
     queries: &QuerySet,
@@ -108,29 +82,25 @@ pub(super) fn segment_settings(
     kp_weight: Option<f32>,
     keep_scores: bool,
 ) -> Result<SegmentSettings> {
-    let mask = &engine.bundle().manifest().mask;
-    let pamr = !refine.no_pamr;
-    let background = if queries.has_background_prompts() {
-        if refine.bg_thresh.is_some() {
-            bail!("--bg-thresh and background prompts exclude each other: choose one way to find background");
-        }
-        None
-    } else {
-        Some(refine.bg_thresh.unwrap_or(if pamr {
-            mask.bg_thresh_pamr
-        } else {
-            mask.bg_thresh
-        }))
-    };
-    let kp_weight = kp_weight.unwrap_or(mask.kp_weight);
-    if !(0.0..=1.0).contains(&kp_weight) {
-        bail!("--kp-weight {kp_weight} is outside 0..1");
+    let background_prompts = queries.has_background_prompts();
+    if background_prompts && refine.bg_thresh.is_some() {
+        bail!("--bg-thresh and background prompts exclude each other: choose one way to find background");
     }
-    Ok(SegmentSettings {
-        pamr,
+    if let Some(k) = kp_weight.filter(|k| !(0.0..=1.0).contains(k)) {
+        bail!("--kp-weight {k} is outside 0..1");
+    }
+    let overrides = SettingsOverrides {
+        pamr: Some(!refine.no_pamr),
+        bg_thresh: refine.bg_thresh,
         kp_weight,
-        background,
+    };
+    Ok(SegmentSettings {
         keep_scores,
+        ..SegmentSettings::resolve(
+            &engine.bundle().manifest().mask,
+            overrides,
+            background_prompts,
+        )
     })
 }
 
@@ -150,7 +120,7 @@ pub(super) fn log_model(engine: &Engine, settings: &SegmentSettings) {
     );
 }
 
-fn parse_outputs(format: &str, overlay: OverlayArg) -> Result<OutputKinds> {
+fn parse_outputs(format: &str, overlay: OverlayFormat) -> Result<OutputKinds> {
     let mut kinds = OutputKinds {
         labels: false,
         overlay: None,
@@ -160,12 +130,7 @@ fn parse_outputs(format: &str, overlay: OverlayArg) -> Result<OutputKinds> {
     for part in format.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         match part {
             "labels" => kinds.labels = true,
-            "overlay" => {
-                kinds.overlay = Some(match overlay {
-                    OverlayArg::Jpg => OverlayFormat::Jpeg,
-                    OverlayArg::Png => OverlayFormat::Png,
-                })
-            }
+            "overlay" => kinds.overlay = Some(overlay),
             "json" => kinds.json = true,
             "scores" => kinds.scores = true,
             other => {

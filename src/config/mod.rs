@@ -36,9 +36,12 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+use crate::model::{DeviceChoice, Precision, Processing};
 use crate::queries::{QuerySet, QuerySpec};
+use crate::sink::overlay::OverlayFormat;
 use crate::sink::template::PathTemplate;
 use crate::source::{SourceKind, SourceSpec};
 
@@ -81,32 +84,83 @@ pub struct ServeConfig {
     pub pipelines: Vec<PipelineConfig>,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// A key with a fixed set of values (a serde enum). An unknown value is kept rather than failing the whole
+/// file at deserialisation, so `validate` lists it with every other problem, naming the key and the values
+/// allowed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Choice<T> {
+    Known(T),
+    /// The text given.
+    Unknown(String),
+}
+
+impl<T: DeserializeOwned + clap::ValueEnum + Copy> Choice<T> {
+    fn parse(text: &str) -> Choice<T> {
+        let de = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(text);
+        T::deserialize(de).map_or_else(|_| Choice::Unknown(text.to_string()), Choice::Known)
+    }
+
+    /// The value, or the error `validate` reports for `key`: the value given and the ones allowed.
+    pub fn get(&self, key: &str) -> Result<T, String> {
+        match self {
+            Choice::Known(v) => Ok(*v),
+            Choice::Unknown(text) => Err(format!(
+                "{key}: '{text}' is not one of {}",
+                T::value_variants()
+                    .iter()
+                    .filter_map(|v| v.to_possible_value())
+                    .map(|v| v.get_name().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+impl<T: DeserializeOwned + clap::ValueEnum + Copy> From<&str> for Choice<T> {
+    fn from(text: &str) -> Choice<T> {
+        Choice::parse(text)
+    }
+}
+
+impl<T: Default> Default for Choice<T> {
+    fn default() -> Self {
+        Choice::Known(T::default())
+    }
+}
+
+impl<'de, T: DeserializeOwned + clap::ValueEnum + Copy> Deserialize<'de> for Choice<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Ok(Choice::parse(&text))
+    }
+}
+
+impl<T: clap::ValueEnum> fmt::Display for Choice<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Choice::Known(v) => match v.to_possible_value() {
+                Some(p) => f.write_str(p.get_name()),
+                None => f.write_str("?"),
+            },
+            Choice::Unknown(text) => f.write_str(text),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// Bundle folder (None: $TCLSEG_MODEL, models/default, then the built-in model).
     pub path: Option<PathBuf>,
-    pub device: String,
-    pub precision: String,
+    pub device: Choice<DeviceChoice>,
+    pub precision: Choice<Precision>,
     /// ONNX Runtime intra-op threads (0: one per core).
     pub threads: usize,
     /// Crops per ONNX Runtime run (0: per device).
     pub crop_batch: usize,
     /// Where pre- and postprocessing run: `auto` (on the device on a GPU), `host` or `device`.
-    pub processing: String,
-}
-
-impl Default for ModelSection {
-    fn default() -> Self {
-        ModelSection {
-            path: None,
-            device: "auto".into(),
-            precision: "fp32".into(),
-            threads: 0,
-            crop_batch: 0,
-            processing: "auto".into(),
-        }
-    }
+    pub processing: Choice<Processing>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -267,7 +321,7 @@ pub struct OutputConfig {
     #[serde(default = "yes")]
     pub labels: bool,
     /// `jpg` or `png`; None: no overlay image.
-    pub overlay: Option<String>,
+    pub overlay: Option<Choice<OverlayFormat>>,
     #[serde(default = "yes")]
     pub json: bool,
     /// Append one JSON line per frame to `<dir>/<pipeline>.jsonl`.
@@ -358,24 +412,9 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
     errors.extend(validate::check_http(cfg));
     // What `*_file` keys held: scrubbed from every message below.
     let mut file_secrets: Vec<String> = Vec::new();
-    if !["auto", "cpu", "cuda", "tensorrt"].contains(&cfg.model.device.as_str()) {
-        errors.push(format!(
-            "model.device: '{}' is not one of auto, cpu, cuda, tensorrt",
-            cfg.model.device
-        ));
-    }
-    if !["auto", "host", "device"].contains(&cfg.model.processing.as_str()) {
-        errors.push(format!(
-            "model.processing: '{}' is not one of auto, host, device",
-            cfg.model.processing
-        ));
-    }
-    if !["fp32", "fp16"].contains(&cfg.model.precision.as_str()) {
-        errors.push(format!(
-            "model.precision: '{}' is not one of fp32, fp16",
-            cfg.model.precision
-        ));
-    }
+    errors.extend(cfg.model.device.get("model.device").err());
+    errors.extend(cfg.model.processing.get("model.processing").err());
+    errors.extend(cfg.model.precision.get("model.precision").err());
     if !cfg.http.listen.is_empty() && cfg.http.listen.parse::<std::net::SocketAddr>().is_err() {
         errors.push(format!(
             "http.listen: '{}' is not an address like 127.0.0.1:9480 (\"\" turns HTTP off)",
@@ -490,9 +529,7 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
             }
         };
         if let Some(fmt) = &out.overlay {
-            if !["jpg", "png"].contains(&fmt.as_str()) {
-                errors.push(format!("{at}.output.overlay: '{fmt}' is not jpg or png"));
-            }
+            errors.extend(fmt.get(&format!("{at}.output.overlay")).err());
         }
         if let Some(video) = &out.video {
             if !(video.ends_with(".mkv") || video.ends_with(".mp4"))
@@ -886,5 +923,20 @@ overlay = "gif"
         let (_, plans) = load_with_env(&path, std::iter::empty()).expect("valid");
         assert_eq!(plans[0].source.uri(), "rtsp://admin:hunter2@10.0.0.5/s1");
         assert!(!plans[0].source.redacted().contains("hunter2"));
+    }
+
+    #[test]
+    fn choices_parse_their_names_and_name_the_allowed_values() {
+        let device: Choice<DeviceChoice> = "tensorrt".into();
+        assert_eq!(device, Choice::Known(DeviceChoice::TensorRt));
+        assert_eq!(device.to_string(), "tensorrt");
+        let overlay: Choice<OverlayFormat> = "jpg".into();
+        assert_eq!(overlay.get("output.overlay"), Ok(OverlayFormat::Jpeg));
+        let bad: Choice<Precision> = "fp8".into();
+        assert_eq!(
+            bad.get("model.precision"),
+            Err("model.precision: 'fp8' is not one of fp32, fp16".to_string())
+        );
+        assert_eq!(bad.to_string(), "fp8");
     }
 }

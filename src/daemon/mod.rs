@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::diff::{diff, PipelineChange};
 use crate::config::{self, PipelinePlan, ServeConfig};
-use crate::model::{Bundle, DeviceChoice, Engine, EngineOptions, Precision, Processing};
+use crate::model::{Engine, EngineOptions};
 use crate::pipeline::scheduler::Scheduler;
 use crate::pipeline::{Pipeline, PipelineQueries};
 use crate::telemetry::Telemetry;
@@ -554,33 +554,23 @@ impl Daemon {
 }
 
 fn load_engine(config: &ServeConfig, model_dir: &Path) -> Result<Engine> {
-    let bundle = Bundle::open(model_dir)?;
-    let device = match config.model.device.as_str() {
-        "cpu" => DeviceChoice::Cpu,
-        "cuda" => DeviceChoice::Cuda,
-        "tensorrt" => DeviceChoice::TensorRt,
-        _ => DeviceChoice::Auto,
+    let model = &config.model;
+    // Validated with the rest of the config: these only fail on a config that skipped `config::validate`.
+    let options = EngineOptions {
+        device: model.device.get("model.device").map_err(|e| anyhow!(e))?,
+        precision: model
+            .precision
+            .get("model.precision")
+            .map_err(|e| anyhow!(e))?,
+        threads: model.threads,
+        crop_batch: model.crop_batch,
+        spin: false,
+        processing: model
+            .processing
+            .get("model.processing")
+            .map_err(|e| anyhow!(e))?,
     };
-    let precision = if config.model.precision == "fp16" {
-        Precision::Fp16
-    } else {
-        Precision::Fp32
-    };
-    Engine::new(
-        bundle,
-        EngineOptions {
-            device,
-            precision,
-            threads: config.model.threads,
-            crop_batch: config.model.crop_batch,
-            spin: false,
-            processing: match config.model.processing.as_str() {
-                "host" => Processing::Host,
-                "device" => Processing::Device,
-                _ => Processing::Auto,
-            },
-        },
-    )
+    Engine::open(model_dir, options)
 }
 
 /// One small image through every graph, so the first camera frame does not pay for session start-up.

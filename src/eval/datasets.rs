@@ -670,15 +670,7 @@ mod tests {
     #[test]
     fn a_bundle_off_the_official_pipeline_is_named() {
         let pipeline = spec("voc").expect("voc").pipeline;
-        let mut input = InputSpec {
-            crop_size: 448,
-            crop_stride: 224,
-            short_side: 448,
-            long_side_max: 2048,
-            pad_multiple: 16,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        };
+        let mut input = InputSpec::official();
         assert_eq!(pipeline.differences(&input), Vec::<String>::new());
         input.short_side = 336;
         input.crop_stride = 112;

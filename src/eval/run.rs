@@ -13,7 +13,9 @@ use serde::Serialize;
 
 use super::datasets::{Background, Dataset, Sample};
 use super::metrics::{IouAccumulator, IGNORE};
-use crate::model::{Engine, Query, SegmentSettings};
+use crate::model::{Engine, Query, SegmentSettings, SettingsOverrides};
+use crate::sink::files::{OutputFile, OutputWriter};
+use crate::sink::label_png::{self, Style};
 use crate::source::decode::{decode, DEFAULT_MAX_PIXELS};
 
 /// Where predictions come from.
@@ -120,17 +122,13 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
                 })
                 .collect();
             let text = engine.embed_queries(&queries)?;
-            let threshold = bg_thresh.unwrap_or(if *pamr {
-                mask.bg_thresh_pamr
-            } else {
-                mask.bg_thresh
-            });
-            let settings = SegmentSettings {
-                pamr: *pamr,
-                kp_weight: mask.kp_weight,
-                background: with_bg.then_some(threshold),
-                keep_scores: false,
+            // Datasets without a background class take no threshold: a --bg-thresh is not used there.
+            let overrides = SettingsOverrides {
+                pamr: Some(*pamr),
+                bg_thresh: *bg_thresh,
+                kp_weight: None,
             };
+            let settings = SegmentSettings::resolve(mask, overrides, !with_bg);
             let m = engine.bundle().manifest();
             let model = serde_json::json!({
                 "name": m.name, "version": m.version, "manifest_sha256": engine.manifest_sha256(),
@@ -139,6 +137,7 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
         }
         Predictor::Files(_) => (None, None, None),
     };
+    let files = OutputWriter::new(None);
     let needs_image = matches!(job.predictor, Predictor::Engine { .. });
     progress.start(samples.len());
     let (work_tx, work_rx) = bounded::<Sample>(samples.len().max(1));
@@ -230,7 +229,14 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
                 acc.add(&pred, &label)
                     .map_err(|e| anyhow!("{}: {e}", item.sample.label.display()))?;
                 if let Some(dir) = &job.save_predictions {
-                    save_prediction(&dir.join(format!("{}.png", item.sample.id)), &pred, lw, lh)?;
+                    save_prediction(
+                        &files,
+                        &item.sample.id,
+                        &dir.join(format!("{}.png", item.sample.id)),
+                        &pred,
+                        lw,
+                        lh,
+                    )?;
                 }
                 progress.image_done();
             }
@@ -307,18 +313,23 @@ pub fn read_label(path: &Path, reduce_zero_label: bool) -> Result<(Vec<u8>, u32,
     Ok((label, w, h))
 }
 
-fn save_prediction(path: &Path, pred: &[u16], w: u32, h: u32) -> Result<()> {
-    let data: Vec<u8> = pred.iter().map(|&p| p.min(255) as u8).collect();
-    let mut out = Vec::new();
-    {
-        let mut encoder = png::Encoder::new(&mut out, w, h);
-        encoder.set_color(png::ColorType::Grayscale);
-        encoder.set_depth(png::BitDepth::Eight);
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(&data)?;
-        writer.finish()?;
-    }
-    crate::sink::write_atomic(path, &out)
+/// One prediction as an 8-bit grey map of dataset class indices (`read_label` reads it back).
+fn save_prediction(
+    files: &OutputWriter,
+    id: &str,
+    path: &Path,
+    pred: &[u16],
+    w: u32,
+    h: u32,
+) -> Result<()> {
+    let bytes = label_png::encode(pred, w as usize, h as usize, Style::Grey8)?;
+    files.write_unit(
+        id,
+        vec![OutputFile {
+            path: path.to_path_buf(),
+            bytes,
+        }],
+    )
 }
 
 #[cfg(test)]
@@ -327,7 +338,7 @@ mod tests {
 
     fn write_png(path: &Path, data: &[u8], w: u32, h: u32) {
         let pred: Vec<u16> = data.iter().map(|&v| u16::from(v)).collect();
-        save_prediction(path, &pred, w, h).expect("write png");
+        save_prediction(&OutputWriter::new(None), "l", path, &pred, w, h).expect("write png");
     }
 
     #[test]

@@ -114,6 +114,22 @@ pub struct InputSpec {
     pub std: [f32; 3],
 }
 
+impl InputSpec {
+    /// The official TCL test pipeline's input (448 crops at stride 224 after a 448 short-side rescale, ImageNet
+    /// statistics), written once for the code that compares against it.
+    pub fn official() -> InputSpec {
+        InputSpec {
+            crop_size: 448,
+            crop_stride: 224,
+            short_side: 448,
+            long_side_max: 2048,
+            pad_multiple: 16,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct MaskSpec {
     pub w: f32,
@@ -143,9 +159,12 @@ pub struct FileEntry {
     pub bytes: u64,
 }
 
-/// Graph precision. fp16 graphs keep LayerNorm in fp32 and have fp32 inputs and outputs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Graph precision. fp16 graphs keep LayerNorm in fp32 and have fp32 inputs and outputs. One type for the
+/// daemon's `model.precision`, the `--precision` flag and the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
+    #[default]
     Fp32,
     Fp16,
 }

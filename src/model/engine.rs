@@ -10,13 +10,14 @@
 //! time per graph.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use ort::session::{Session, SessionOutputs};
 use ort::value::Tensor;
 
-use super::bundle::{Bundle, Precision};
+use super::bundle::{Bundle, MaskSpec, Precision};
 use super::device_path::{DevicePath, ModelSessions};
 use super::preprocess::{self, Prepared};
 use super::resample::{resize_planes, AxisWeights, Coordinates};
@@ -28,22 +29,28 @@ const NORMALIZE_EPS: f32 = 1e-6;
 /// Prompts per text-encoder run.
 const TEXT_CHUNK: usize = 256;
 
-/// Which execution device to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which execution device to use: one type for the daemon's `model.device`, the `--device` flag and the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// CUDA when it works, else the CPU, with the reason logged.
+    #[default]
     Auto,
     Cpu,
     /// CUDA or refuse to start.
     Cuda,
-    /// TensorRT for the image graphs (CUDA for the rest), or refuse to start.
+    /// TensorRT for the image graphs (engines built on first use and cached), CUDA for the rest, or refuse to
+    /// start.
+    #[value(name = "tensorrt")]
     TensorRt,
 }
 
-/// Where pre- and postprocessing run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where pre- and postprocessing run: `model.processing` and `--processing`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum Processing {
     /// The device path on a GPU, the host path on the CPU.
+    #[default]
     Auto,
     /// Native Rust on the host: resize, windows, upsampling, averaging, argmax (and native PAMR).
     Host,
@@ -113,6 +120,40 @@ pub struct SegmentSettings {
     pub keep_scores: bool,
 }
 
+/// What a command line or a pipeline's config sets of `SegmentSettings`; None takes the bundle's default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SettingsOverrides {
+    pub pamr: Option<bool>,
+    pub bg_thresh: Option<f32>,
+    pub kp_weight: Option<f32>,
+}
+
+impl SegmentSettings {
+    /// The one rule for settings against a bundle: PAMR on unless turned off; the background threshold given,
+    /// else the bundle's for PAMR on or off; no threshold class when the queries bring background prompts
+    /// (their label 0 is the background); the bundle's kp weight unless given. Scores are not kept.
+    pub fn resolve(
+        mask: &MaskSpec,
+        overrides: SettingsOverrides,
+        background_prompts: bool,
+    ) -> SegmentSettings {
+        let pamr = overrides.pamr.unwrap_or(true);
+        let background = (!background_prompts).then(|| {
+            overrides.bg_thresh.unwrap_or(if pamr {
+                mask.bg_thresh_pamr
+            } else {
+                mask.bg_thresh
+            })
+        });
+        SegmentSettings {
+            pamr,
+            kp_weight: overrides.kp_weight.unwrap_or(mask.kp_weight),
+            background,
+            keep_scores: false,
+        }
+    }
+}
+
 /// The result for one image.
 #[derive(Debug, Clone)]
 pub struct Segmentation {
@@ -155,6 +196,22 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Opens (and verifies) the bundle in `dir` and starts the engine on it: the one way `segment`, `serve`,
+    /// `eval` and `models bench` open a model. fp16 on a bundle without fp16 image graphs is refused here
+    /// (the engine would otherwise run the fp32 graphs while reporting fp16).
+    pub fn open(dir: &Path, options: EngineOptions) -> Result<Engine> {
+        let bundle = Bundle::open(dir)?;
+        if options.precision == Precision::Fp16
+            && bundle.graph("image_trunk", Precision::Fp16).is_none()
+        {
+            bail!(
+                "bundle {} has no fp16 graphs; export it with --precision fp32,fp16",
+                dir.display()
+            );
+        }
+        Engine::new(bundle, options)
+    }
+
     pub fn new(bundle: Bundle, options: EngineOptions) -> Result<Engine> {
         let runtime = Runtime::get()?;
         let tokenizer = Tokenizer::from_vocab_file(&bundle.vocabulary())?;
@@ -285,13 +342,11 @@ impl Engine {
 
     /// Default settings of the bundle: PAMR on, its kp weight and background threshold.
     pub fn default_settings(&self) -> SegmentSettings {
-        let mask = &self.bundle.manifest().mask;
-        SegmentSettings {
-            pamr: true,
-            kp_weight: mask.kp_weight,
-            background: Some(mask.bg_thresh_pamr),
-            keep_scores: false,
-        }
+        SegmentSettings::resolve(
+            &self.bundle.manifest().mask,
+            SettingsOverrides::default(),
+            false,
+        )
     }
 
     /// Embeddings of a query set, computed once and cached.
@@ -827,5 +882,47 @@ impl Accumulator {
             best: best_all,
             scores,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask() -> MaskSpec {
+        MaskSpec {
+            w: 1.0,
+            b: 0.0,
+            kp_weight: 0.3,
+            kp_shift: 0.0,
+            kp_scale: 1.0,
+            bg_thresh_pamr: 0.4,
+            bg_thresh: 0.5,
+            pamr_iterations: 10,
+            pamr_dilations: vec![1, 2],
+        }
+    }
+
+    #[test]
+    fn settings_take_the_bundle_defaults_unless_overridden() {
+        let d = SegmentSettings::resolve(&mask(), SettingsOverrides::default(), false);
+        assert_eq!((d.pamr, d.kp_weight, d.background), (true, 0.3, Some(0.4)));
+        let no_pamr = SettingsOverrides {
+            pamr: Some(false),
+            ..Default::default()
+        };
+        let s = SegmentSettings::resolve(&mask(), no_pamr, false);
+        assert_eq!((s.pamr, s.background), (false, Some(0.5)));
+        let given = SettingsOverrides {
+            pamr: None,
+            bg_thresh: Some(0.7),
+            kp_weight: Some(0.1),
+        };
+        let s = SegmentSettings::resolve(&mask(), given, false);
+        assert_eq!((s.kp_weight, s.background), (0.1, Some(0.7)));
+        // Background prompts bring their own background: no threshold class.
+        let s = SegmentSettings::resolve(&mask(), given, true);
+        assert_eq!(s.background, None);
+        assert!(!s.keep_scores);
     }
 }

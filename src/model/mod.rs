@@ -14,6 +14,6 @@ pub mod tokenizer;
 pub use bundle::{Bundle, BundleError, Manifest, Precision};
 pub use engine::{
     DeviceChoice, Engine, EngineOptions, Processing, Query, SegmentSettings, Segmentation,
-    TextEmbeddings,
+    SettingsOverrides, TextEmbeddings,
 };
 pub use runtime::{Device, Graph, Runtime, SessionSpec};

@@ -144,15 +144,7 @@ mod tests {
     /// The configs' float32 constants, exactly: `0.224f32 * 255.0` would be one ulp above `57.12f32`.
     #[test]
     fn statistics_are_the_official_configs_float32_values() {
-        let input = InputSpec {
-            crop_size: 448,
-            crop_stride: 224,
-            short_side: 448,
-            long_side_max: 2048,
-            pad_multiple: 16,
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
-        };
+        let input = InputSpec::official();
         let (mean, std) = pixel_statistics(&input);
         assert_eq!(mean, [123.675f32, 116.28, 103.53]);
         assert_eq!(std, [58.395f32, 57.12, 57.375]);

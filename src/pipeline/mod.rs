@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use crossbeam::channel::{bounded, Sender, TrySendError};
 
 use crate::config::{PipelinePlan, QueuePolicy};
-use crate::model::{Engine, SegmentSettings, Segmentation, TextEmbeddings};
+use crate::model::{Engine, SegmentSettings, Segmentation, SettingsOverrides, TextEmbeddings};
 use crate::queries::QuerySet;
 use crate::sink::frame_numbers;
 use crate::source::sequence::FrameSequence;
@@ -44,17 +44,6 @@ pub struct PipelineQueries {
 impl PipelineQueries {
     /// Embeds the queries (cached by the engine) and resolves thresholds against the bundle's defaults.
     pub fn prepare(engine: &Engine, plan: &PipelinePlan) -> Result<PipelineQueries> {
-        let mask = &engine.bundle().manifest().mask;
-        let pamr = plan.config.pamr.unwrap_or(true);
-        let background = if plan.queries.has_background_prompts() {
-            None
-        } else {
-            Some(plan.config.bg_thresh.unwrap_or(if pamr {
-                mask.bg_thresh_pamr
-            } else {
-                mask.bg_thresh
-            }))
-        };
         let text = engine
             .embed_queries(&plan.queries.engine_queries())
             .with_context(|| {
@@ -63,12 +52,15 @@ impl PipelineQueries {
         Ok(PipelineQueries {
             queries: plan.queries.clone(),
             text,
-            settings: SegmentSettings {
-                pamr,
-                kp_weight: plan.config.kp_weight.unwrap_or(mask.kp_weight),
-                background,
-                keep_scores: false,
-            },
+            settings: SegmentSettings::resolve(
+                &engine.bundle().manifest().mask,
+                SettingsOverrides {
+                    pamr: plan.config.pamr,
+                    bg_thresh: plan.config.bg_thresh,
+                    kp_weight: plan.config.kp_weight,
+                },
+                plan.queries.has_background_prompts(),
+            ),
         })
     }
 }

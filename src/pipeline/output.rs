@@ -15,11 +15,11 @@ use crossbeam::channel::Receiver;
 use super::{Segmented, Shared};
 use crate::model::Engine;
 use crate::sink::atomic::sweep_stale_temps;
-use crate::sink::files::{OutputFile, OutputWriter};
-use crate::sink::label_png;
-use crate::sink::overlay::{self, OverlayFormat};
+use crate::sink::files::{
+    encode_image, ImagePaths, Keep, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo,
+};
 use crate::sink::retention::{self, Retention};
-use crate::sink::sidecar::{FrameInfo, ModelInfo, SettingsInfo, Sidecar, Timings};
+use crate::sink::sidecar::{FrameInfo, ModelInfo};
 use crate::sink::template::{utc_date_time, TemplateValues};
 use crate::sink::video::VideoWriter;
 use crate::telemetry::{DropReason, Stage};
@@ -111,49 +111,59 @@ fn write_frame(
     video: &mut Option<VideoWriter>,
     video_failed: &mut bool,
 ) -> Result<()> {
-    let write_start = Instant::now();
     let out = &shared.plan.config.output;
-    let seg = &item.segmentation;
-    let (w, h) = (seg.width, seg.height);
     let q = &item.queries;
-    let labels = q
-        .queries
-        .output_labels(seg, q.settings.background.is_some());
-    let palette = &q.queries.palette;
     let relative = shared.plan.template.render(&TemplateValues {
         pipeline: shared.name(),
         wall_ms: item.frame.wall_ms,
         sequence: item.frame.sequence,
         name: item.frame.file.as_ref().map(|(rel, _)| rel.as_path()),
     });
-    let base = out.dir.join(relative);
-    let with_suffix = |suffix: &str| {
-        let mut name = base.as_os_str().to_os_string();
-        name.push(".");
-        name.push(suffix);
-        PathBuf::from(name)
+    let kinds = OutputKinds {
+        labels: out.labels,
+        // Validated with the config: an unknown format never gets here.
+        overlay: out
+            .overlay
+            .as_ref()
+            .and_then(|fmt| fmt.get("output.overlay").ok()),
+        json: out.json,
+        scores: false,
     };
-    let mut unit = Vec::new();
-    if out.labels {
-        unit.push(OutputFile {
-            path: with_suffix("labels.png"),
-            bytes: label_png::encode(&labels, w, h, palette)?,
-        });
-    }
-    let needs_overlay = out.overlay.is_some() || (out.video.is_some() && !*video_failed);
-    let rendered = needs_overlay.then(|| overlay::render(&item.frame.image, &labels, palette, 0.5));
-    if let (Some(fmt), Some(img)) = (&out.overlay, &rendered) {
-        let format = if fmt == "png" {
-            OverlayFormat::Png
-        } else {
-            OverlayFormat::Jpeg
-        };
-        unit.push(OutputFile {
-            path: with_suffix(&format!("overlay.{}", format.extension())),
-            bytes: overlay::encode(img, format)?,
-        });
-    }
-    if let (Some(name), Some(img)) = (&out.video, &rendered) {
+    let keep = Keep {
+        overlay: out.video.is_some() && !*video_failed,
+        sidecar: out.jsonl,
+    };
+    let info = SidecarInfo {
+        image: match &item.frame.file {
+            Some((_, path)) => path.display().to_string(),
+            None => shared.plan.source.redacted(),
+        },
+        frame: Some(FrameInfo {
+            pipeline: shared.name().to_string(),
+            source: shared.plan.source.redacted(),
+            sequence: item.frame.sequence,
+            pts_ns: item.frame.pts_ns,
+            wall_ms: item.frame.wall_ms,
+            latency_ms: 0.0,
+        }),
+        captured: Some(item.frame.captured),
+        model: ModelInfo::of(engine),
+        decode_ms: item.taken.duration_since(item.frame.captured).as_secs_f64() * 1e3,
+        inference_ms: item.infer.as_secs_f64() * 1e3,
+    };
+    let segmented = SegmentedImage {
+        image: &item.frame.image,
+        segmentation: &item.segmentation,
+        queries: &q.queries,
+        settings: &q.settings,
+    };
+    let owner = match &item.frame.file {
+        Some((_, path)) => path.display().to_string(),
+        None => format!("frame {}", item.frame.sequence),
+    };
+    let paths = ImagePaths::new(out.dir.join(relative));
+    let encoded = encode_image(&paths, &segmented, &kinds, keep, info)?;
+    if let (Some(name), Some(img)) = (&out.video, &encoded.overlay) {
         if !*video_failed {
             if video.is_none() {
                 let (date, time) = utc_date_time(item.frame.wall_ms);
@@ -177,45 +187,8 @@ fn write_frame(
             }
         }
     }
-    let sidecar = (out.json || out.jsonl).then(|| Sidecar {
-        image: match &item.frame.file {
-            Some((_, path)) => path.display().to_string(),
-            None => shared.plan.source.redacted(),
-        },
-        frame: Some(FrameInfo {
-            pipeline: shared.name().to_string(),
-            source: shared.plan.source.redacted(),
-            sequence: item.frame.sequence,
-            pts_ns: item.frame.pts_ns,
-            wall_ms: item.frame.wall_ms,
-            latency_ms: item.frame.captured.elapsed().as_secs_f64() * 1e3,
-        }),
-        width: w,
-        height: h,
-        model: ModelInfo::of(engine),
-        settings: SettingsInfo {
-            pamr: q.settings.pamr,
-            kp_weight: q.settings.kp_weight,
-            background: q.settings.background,
-        },
-        classes: q.queries.class_results(&labels, &seg.best, w, h),
-        timings_ms: Timings {
-            decode: item.taken.duration_since(item.frame.captured).as_secs_f64() * 1e3,
-            inference: item.infer.as_secs_f64() * 1e3,
-            write: write_start.elapsed().as_secs_f64() * 1e3,
-        },
-    });
-    if let (true, Some(sidecar)) = (out.json, &sidecar) {
-        unit.push(OutputFile {
-            path: with_suffix("json"),
-            bytes: serde_json::to_vec_pretty(sidecar)?,
-        });
-    }
-    let owner = match &item.frame.file {
-        Some((_, path)) => path.display().to_string(),
-        None => format!("frame {}", item.frame.sequence),
-    };
-    files.write_unit(&owner, unit)?;
+    files.write_unit(&owner, encoded.files)?;
+    let sidecar = encoded.sidecar;
     if let (true, Some(sidecar)) = (out.jsonl, &sidecar) {
         if jsonl.is_none() {
             *jsonl = Some(

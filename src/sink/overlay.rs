@@ -7,10 +7,15 @@ use image::{ImageFormat, RgbImage};
 
 use super::label_png::Rgb;
 
-/// Overlay image format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Overlay image format: one type for the daemon's `output.overlay` and `--overlay-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
 pub enum OverlayFormat {
+    #[default]
+    #[serde(rename = "jpg")]
+    #[value(name = "jpg")]
     Jpeg,
+    #[serde(rename = "png")]
+    #[value(name = "png")]
     Png,
 }
 

@@ -17,7 +17,7 @@ fn bench(images: &Path, extra: &[&str]) -> Output {
         "--model",
         arg(&bundle),
         "--images",
-        arg(&images),
+        arg(images),
         "--device",
         "cpu",
         "--threads",

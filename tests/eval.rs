@@ -133,6 +133,24 @@ fn expected_miou(pairs: &[(Vec<u8>, Vec<u8>)], classes: usize) -> f64 {
     100.0 * ious.iter().sum::<f64>() / ious.len() as f64
 }
 
+/// `tclseg eval --dataset DATASET --root ROOT` through the fixture model on the CPU, then `extra`.
+fn eval_with_model(dataset: &str, root: &Path, extra: &[&str]) -> std::process::Output {
+    let bundle = fixture_bundle();
+    let mut args = vec![
+        "eval",
+        "--dataset",
+        dataset,
+        "--root",
+        arg(root),
+        "--model",
+        arg(&bundle),
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    tclseg(&args)
+}
+
 fn report(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("report")).expect("json")
 }
@@ -241,24 +259,18 @@ fn the_model_scores_a_voc_layout_and_saves_its_predictions() {
     std::fs::write(&split, "a\nb\n").expect("split");
     let saved = dir.path().join("saved");
     let out_file = dir.path().join("voc.json");
-    let bundle = fixture_bundle();
-    let out = tclseg(&[
-        "eval",
-        "--dataset",
+    let out = eval_with_model(
         "voc",
-        "--root",
-        arg(&root),
-        "--model",
-        arg(&bundle),
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--save-predictions",
-        arg(&saved),
-        "--out",
-        arg(&out_file),
-    ]);
+        &root,
+        &[
+            "--threads",
+            "1",
+            "--save-predictions",
+            arg(&saved),
+            "--out",
+            arg(&out_file),
+        ],
+    );
     assert_ok(&out);
     let r = report(&out_file);
     assert_eq!(r["images"], 2);
@@ -329,7 +341,7 @@ fn broken_datasets_get_errors_naming_the_file() {
         write_label(&preds.join(format!("{id}.png")), raw, W, H);
     }
     let preds_s = arg(&preds).to_string();
-    let ok = tclseg(&[
+    let score_voc = [
         "eval",
         "--dataset",
         "voc",
@@ -337,49 +349,26 @@ fn broken_datasets_get_errors_naming_the_file() {
         &root_s,
         "--predictions",
         &preds_s,
-    ]);
+    ];
+    let ok = tclseg(&score_voc);
     assert_ok(&ok);
 
     // A label of the wrong size.
     let l = spec("voc").expect("voc").layout;
     let label_a: PathBuf = root.join(l.labels).join("img_a.png");
     write_label(&label_a, &[0; 12], 4, 3);
-    let err = eval_err(&[
-        "eval",
-        "--dataset",
-        "voc",
-        "--root",
-        &root_s,
-        "--predictions",
-        &preds_s,
-    ]);
+    let err = eval_err(&score_voc);
     assert!(err.contains("img_a.png") && err.contains("4x3"), "{err}");
     // An unknown class index (VOC has 21 classes).
     write_label(&label_a, &[30; (W * H) as usize], W, H);
-    let err = eval_err(&[
-        "eval",
-        "--dataset",
-        "voc",
-        "--root",
-        &root_s,
-        "--predictions",
-        &preds_s,
-    ]);
+    let err = eval_err(&score_voc);
     assert!(
         err.contains("img_a.png") && err.contains("class 30"),
         "{err}"
     );
     // A label that is not a PNG.
     std::fs::write(&label_a, b"garbage").expect("write");
-    let err = eval_err(&[
-        "eval",
-        "--dataset",
-        "voc",
-        "--root",
-        &root_s,
-        "--predictions",
-        &preds_s,
-    ]);
+    let err = eval_err(&score_voc);
     assert!(err.contains("img_a.png"), "{err}");
     // A folder dataset without its class list.
     let folder = dir.path().join("mine");
@@ -408,21 +397,7 @@ fn a_folder_dataset_with_prompts_runs_through_the_model() {
     )
     .expect("classes");
     let out_file = dir.path().join("r.json");
-    let bundle = fixture_bundle();
-    let out = tclseg(&[
-        "eval",
-        "--dataset",
-        "folder",
-        "--root",
-        arg(&root),
-        "--model",
-        arg(&bundle),
-        "--device",
-        "cpu",
-        "--no-pamr",
-        "--out",
-        arg(&out_file),
-    ]);
+    let out = eval_with_model("folder", &root, &["--no-pamr", "--out", arg(&out_file)]);
     assert_ok(&out);
     let r = report(&out_file);
     let names: Vec<&str> = r["classes"]

@@ -170,7 +170,7 @@ fn unusable_output_folder_and_bad_queries_are_refused() {
         "segment",
         arg(&input),
         "--out",
-        arg(&tmp.path()),
+        arg(tmp.path()),
         "--model",
         arg(&bundle),
     ];

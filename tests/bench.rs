@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Output;
 
-use common::{fixture_bundle, stderr, tclseg, write_png};
+use common::{arg, assert_ok, fixture_bundle, stderr, tclseg, write_png};
 
 fn bench(images: &Path, extra: &[&str]) -> Output {
     let bundle = fixture_bundle();
@@ -15,9 +15,9 @@ fn bench(images: &Path, extra: &[&str]) -> Output {
         "models",
         "bench",
         "--model",
-        bundle.to_str().expect("utf-8"),
+        arg(&bundle),
         "--images",
-        images.to_str().expect("utf-8"),
+        arg(images),
         "--device",
         "cpu",
         "--threads",
@@ -46,10 +46,10 @@ fn one_json_line_per_batch_size_and_labels_equal_segment() {
             "--warmup",
             "1",
             "--save-labels",
-            labels.to_str().expect("utf-8"),
+            arg(&labels),
         ],
     );
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_ok(&run);
     let stdout = String::from_utf8(run.stdout.clone()).expect("utf-8");
     let lines: Vec<serde_json::Value> = stdout
         .lines()
@@ -99,28 +99,13 @@ fn one_json_line_per_batch_size_and_labels_equal_segment() {
 
     // The saved label maps are the ones `segment` writes for the same images.
     let out = tmp.path().join("segment-out");
-    let bundle = fixture_bundle();
-    let seg = tclseg(&[
-        "segment",
-        images.to_str().expect("utf-8"),
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--model",
-        bundle.to_str().expect("utf-8"),
-        "-q",
-        "red square",
-        "-q",
-        "blue circle",
-        "-q",
-        "green triangle",
-        "--format",
-        "labels",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ]);
-    assert!(seg.status.success(), "{}", stderr(&seg));
+    let seg = common::segment(
+        &[&images],
+        &out,
+        &["red square", "blue circle", "green triangle"],
+        &["--format", "labels"],
+    );
+    assert_ok(&seg);
     for batch in ["b1", "b2"] {
         for (name, size) in [("a", (32, 32)), ("b", (61, 45))] {
             let saved_path = labels.join(batch).join(format!("{name}.png"));

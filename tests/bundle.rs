@@ -1,16 +1,15 @@
 //! Model bundles: the committed tiny fixture verifies and runs one crop through real ONNX Runtime; missing,
 //! truncated, corrupted and malformed bundles are refused with errors that name the file.
 
+mod common;
+
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
+use common::{arg, fixture_bundle as fixture, tclseg};
 use tclseg::model::bundle::{Bundle, BundleError, Precision};
 use tclseg::model::smoke;
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bundles/tiny-random")
-}
 
 /// A private copy of the fixture bundle that a test may damage.
 fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
@@ -24,14 +23,6 @@ fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
         fs::copy(entry.path(), dst.join(entry.file_name())).expect("copy fixture file");
     }
     (tmp, dst)
-}
-
-fn tclseg(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(args)
-        .env_remove("TCLSEG_LOG")
-        .output()
-        .expect("run tclseg")
 }
 
 #[test]
@@ -81,7 +72,7 @@ fn fixture_bundle_runs_one_crop_with_the_promised_shapes() {
 
 #[test]
 fn verify_command_succeeds_on_the_fixture() {
-    let out = tclseg(&["models", "verify", fixture().to_str().expect("utf-8 path")]);
+    let out = tclseg(&["models", "verify", arg(&fixture())]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -100,7 +91,7 @@ fn missing_file_is_named() {
         Err(BundleError::MissingFile { file, .. }) => assert_eq!(file, "pamr.onnx"),
         other => panic!("expected MissingFile, got {other:?}"),
     }
-    let out = tclseg(&["models", "verify", dir.to_str().expect("utf-8 path")]);
+    let out = tclseg(&["models", "verify", arg(&dir)]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -191,7 +182,7 @@ fn not_a_bundle_directory() {
 #[test]
 fn missing_onnx_runtime_is_an_error_not_a_panic() {
     let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(["models", "verify", fixture().to_str().expect("utf-8 path")])
+        .args(["models", "verify", arg(&fixture())])
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
         .output()
         .expect("run tclseg");

@@ -4,10 +4,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use common::serve::{folder_pipeline, free_port, globals, request, wait_until, Serve};
+use common::config::{Config, Pipeline};
+use common::daemon::Daemon;
+use common::{stderr, stdout};
 
 const SECRET: &str = "hunter2S3cret";
 
@@ -98,24 +99,17 @@ fn compose(globals: &str, pipeline: &str) -> String {
 }
 
 fn config_check(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(["config", "check", path.to_str().expect("utf-8")])
-        .output()
-        .expect("run");
+    let out = common::config_check(path);
     (
         out.status.code(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
+        format!("{}{}", stdout(&out), stderr(&out)),
     )
 }
 
 #[test]
 fn config_check_never_prints_the_password() {
     let dir = tempfile::tempdir().expect("tmp");
-    let globals = globals("127.0.0.1:1");
+    let globals = Config::new().http("listen = \"127.0.0.1:1\"").text();
     for (what, pipeline) in broken_pipelines(dir.path()) {
         let path = dir.path().join("serve.toml");
         std::fs::write(&path, compose(&globals, &pipeline)).expect("write");
@@ -142,9 +136,9 @@ fn serve_start_up_error_never_prints_the_password() {
     let pipelines = broken_pipelines(dir.path());
     // A syntax error (the parser quotes the line) and a validation error (tclseg quotes the value).
     for (what, pipeline) in [&pipelines[0], &pipelines[9]] {
-        let port = free_port();
-        let text = compose(&globals(&format!("127.0.0.1:{port}")), pipeline);
-        let mut serve = Serve::start(dir.path(), &text, port);
+        let config = Config::new();
+        let text = compose(&config.text(), pipeline);
+        let mut serve = Daemon::start_text(dir.path(), &text, config.port, &[]);
         let status = serve
             .wait_exit(Duration::from_secs(60))
             .expect("serve exits on a broken config");
@@ -158,17 +152,16 @@ fn serve_start_up_error_never_prints_the_password() {
 #[test]
 fn rejected_reload_never_shows_the_password_in_reply_or_log() {
     let dir = tempfile::tempdir().expect("tmp");
-    let port = free_port();
-    let globals = globals(&format!("127.0.0.1:{port}"));
-    let good = folder_pipeline("ok", &dir.path().join("in"), &dir.path().join("out-ok"), "");
-    let mut serve = Serve::start(dir.path(), &format!("{globals}{good}"), port);
-    wait_until("ready", Duration::from_secs(90), || {
-        serve.get("/readyz").code == 200
-    });
+    let config = Config::new();
+    let globals = config.text();
+    let good = Pipeline::folder("ok", &dir.path().join("in"), &dir.path().join("out-ok"))
+        .with("queries = [\"red square\"]");
+    let mut serve = Daemon::start(dir.path(), &config.pipeline(good));
+    serve.wait_ready();
     let broken = broken_pipelines(dir.path());
     for (what, pipeline) in &broken {
         std::fs::write(&serve.config, compose(&globals, pipeline)).expect("write");
-        let reply = request(port, "POST", "/reload", "");
+        let reply = serve.post("/reload", None);
         assert_eq!(reply.code, 400, "{what}: {}", reply.body);
         assert!(reply.body.contains("errors"), "{what}: {}", reply.body);
         assert!(

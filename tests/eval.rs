@@ -2,21 +2,15 @@
 //! scored from saved predictions against an independent count, through the model on the VOC layout, the paper
 //! suite's table, and every kind of broken dataset.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{arg, assert_ok, fixture_bundle, tclseg};
 use tclseg::eval::datasets::{spec, PAPER_SUITE};
 
 const W: u32 = 8;
 const H: u32 = 6;
-
-fn tclseg(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(args)
-        .env_remove("TCLSEG_LOG")
-        .output()
-        .expect("run tclseg")
-}
 
 fn write_label(path: &Path, data: &[u8], w: u32, h: u32) {
     std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
@@ -139,6 +133,24 @@ fn expected_miou(pairs: &[(Vec<u8>, Vec<u8>)], classes: usize) -> f64 {
     100.0 * ious.iter().sum::<f64>() / ious.len() as f64
 }
 
+/// `tclseg eval --dataset DATASET --root ROOT` through the fixture model on the CPU, then `extra`.
+fn eval_with_model(dataset: &str, root: &Path, extra: &[&str]) -> std::process::Output {
+    let bundle = fixture_bundle();
+    let mut args = vec![
+        "eval",
+        "--dataset",
+        dataset,
+        "--root",
+        arg(root),
+        "--model",
+        arg(&bundle),
+        "--device",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    tclseg(&args)
+}
+
 fn report(path: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).expect("report")).expect("json")
 }
@@ -167,11 +179,11 @@ fn every_layout_is_read_and_scored_like_an_independent_count() {
             "--dataset",
             key,
             "--root",
-            root.to_str().expect("utf-8"),
+            arg(&root),
             "--predictions",
-            preds.join(key).to_str().expect("utf-8"),
+            arg(&preds.join(key)),
             "--out",
-            out_file.to_str().expect("utf-8"),
+            arg(&out_file),
         ]);
         assert!(
             out.status.success(),
@@ -198,16 +210,12 @@ fn every_layout_is_read_and_scored_like_an_independent_count() {
         "--suite",
         "paper",
         "--root",
-        root.to_str().expect("utf-8"),
+        arg(&root),
         "--predictions",
-        preds.to_str().expect("utf-8"),
+        arg(&preds),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    assert_ok(&out);
+    let text = common::stdout(&out);
     for title in [
         "VOC",
         "Context",
@@ -251,29 +259,19 @@ fn the_model_scores_a_voc_layout_and_saves_its_predictions() {
     std::fs::write(&split, "a\nb\n").expect("split");
     let saved = dir.path().join("saved");
     let out_file = dir.path().join("voc.json");
-    let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bundles/tiny-random");
-    let out = tclseg(&[
-        "eval",
-        "--dataset",
+    let out = eval_with_model(
         "voc",
-        "--root",
-        root.to_str().expect("utf-8"),
-        "--model",
-        bundle.to_str().expect("utf-8"),
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-        "--save-predictions",
-        saved.to_str().expect("utf-8"),
-        "--out",
-        out_file.to_str().expect("utf-8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &root,
+        &[
+            "--threads",
+            "1",
+            "--save-predictions",
+            arg(&saved),
+            "--out",
+            arg(&out_file),
+        ],
     );
+    assert_ok(&out);
     let r = report(&out_file);
     assert_eq!(r["images"], 2);
     assert_eq!(r["pamr"], true);
@@ -293,19 +291,15 @@ fn the_model_scores_a_voc_layout_and_saves_its_predictions() {
         "--dataset",
         "voc",
         "--root",
-        root.to_str().expect("utf-8"),
+        arg(&root),
         "--predictions",
-        saved.to_str().expect("utf-8"),
+        arg(&saved),
         "--out",
-        rescored.to_str().expect("utf-8"),
+        arg(&rescored),
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(report(&rescored)["miou"].as_f64(), Some(miou));
-    let table = String::from_utf8_lossy(&out.stdout);
+    let table = common::stdout(&out);
     assert!(
         table.contains("aeroplane") && table.contains("mIoU"),
         "{table}"
@@ -315,14 +309,14 @@ fn the_model_scores_a_voc_layout_and_saves_its_predictions() {
 fn eval_err(args: &[&str]) -> String {
     let out = tclseg(args);
     assert_eq!(out.status.code(), Some(1), "expected failure for {args:?}");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    common::stderr(&out)
 }
 
 #[test]
 fn broken_datasets_get_errors_naming_the_file() {
     let dir = tempfile::tempdir().expect("tmp");
     let root = dir.path().join("data");
-    let root_s = root.to_str().expect("utf-8").to_string();
+    let root_s = arg(&root).to_string();
     // Missing folder: the message shows the expected layout.
     let err = eval_err(&[
         "eval",
@@ -346,8 +340,8 @@ fn broken_datasets_get_errors_naming_the_file() {
     for (id, raw) in &samples {
         write_label(&preds.join(format!("{id}.png")), raw, W, H);
     }
-    let preds_s = preds.to_str().expect("utf-8").to_string();
-    let ok = tclseg(&[
+    let preds_s = arg(&preds).to_string();
+    let score_voc = [
         "eval",
         "--dataset",
         "voc",
@@ -355,53 +349,26 @@ fn broken_datasets_get_errors_naming_the_file() {
         &root_s,
         "--predictions",
         &preds_s,
-    ]);
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    ];
+    let ok = tclseg(&score_voc);
+    assert_ok(&ok);
 
     // A label of the wrong size.
     let l = spec("voc").expect("voc").layout;
     let label_a: PathBuf = root.join(l.labels).join("img_a.png");
     write_label(&label_a, &[0; 12], 4, 3);
-    let err = eval_err(&[
-        "eval",
-        "--dataset",
-        "voc",
-        "--root",
-        &root_s,
-        "--predictions",
-        &preds_s,
-    ]);
+    let err = eval_err(&score_voc);
     assert!(err.contains("img_a.png") && err.contains("4x3"), "{err}");
     // An unknown class index (VOC has 21 classes).
     write_label(&label_a, &[30; (W * H) as usize], W, H);
-    let err = eval_err(&[
-        "eval",
-        "--dataset",
-        "voc",
-        "--root",
-        &root_s,
-        "--predictions",
-        &preds_s,
-    ]);
+    let err = eval_err(&score_voc);
     assert!(
         err.contains("img_a.png") && err.contains("class 30"),
         "{err}"
     );
     // A label that is not a PNG.
     std::fs::write(&label_a, b"garbage").expect("write");
-    let err = eval_err(&[
-        "eval",
-        "--dataset",
-        "voc",
-        "--root",
-        &root_s,
-        "--predictions",
-        &preds_s,
-    ]);
+    let err = eval_err(&score_voc);
     assert!(err.contains("img_a.png"), "{err}");
     // A folder dataset without its class list.
     let folder = dir.path().join("mine");
@@ -411,7 +378,7 @@ fn broken_datasets_get_errors_naming_the_file() {
         "--dataset",
         "folder",
         "--root",
-        folder.to_str().expect("utf-8"),
+        arg(&folder),
         "--predictions",
         "x",
     ]);
@@ -430,26 +397,8 @@ fn a_folder_dataset_with_prompts_runs_through_the_model() {
     )
     .expect("classes");
     let out_file = dir.path().join("r.json");
-    let bundle = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bundles/tiny-random");
-    let out = tclseg(&[
-        "eval",
-        "--dataset",
-        "folder",
-        "--root",
-        root.to_str().expect("utf-8"),
-        "--model",
-        bundle.to_str().expect("utf-8"),
-        "--device",
-        "cpu",
-        "--no-pamr",
-        "--out",
-        out_file.to_str().expect("utf-8"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = eval_with_model("folder", &root, &["--no-pamr", "--out", arg(&out_file)]);
+    assert_ok(&out);
     let r = report(&out_file);
     let names: Vec<&str> = r["classes"]
         .as_array()

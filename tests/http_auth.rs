@@ -5,22 +5,16 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use common::serve::{folder_pipeline, free_port, globals, request, wait_until, Serve};
+use common::config::{Config, Pipeline};
+use common::daemon::{find_metric, request, Daemon};
 
 const TOKEN: &str = "q6Yb1mZ0p3Hc9TfKx2Lw";
 
 fn config_check(path: &Path) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(["config", "check", path.to_str().expect("utf-8")])
-        .output()
-        .expect("run");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = common::config_check(path);
+    (out.status.code(), common::stderr(&out))
 }
 
 #[test]
@@ -79,17 +73,16 @@ fn reload_off_loopback_needs_the_bearer_token() {
     let token = dir.path().join("http.token");
     std::fs::write(&token, format!("{TOKEN}\n")).expect("write");
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    let port = free_port();
-    let text = format!(
-        "{}token_file = \"{}\"\n{}",
-        globals(&format!("0.0.0.0:{port}")),
-        token.display(),
-        folder_pipeline("p", &dir.path().join("in"), &dir.path().join("out"), "")
-    );
-    let mut serve = Serve::start(dir.path(), &text, port);
-    wait_until("ready", Duration::from_secs(90), || {
-        serve.get("/readyz").code == 200
-    });
+    let config = Config::new()
+        .listen_on("0.0.0.0")
+        .http(&format!("token_file = \"{}\"", token.display()))
+        .pipeline(
+            Pipeline::folder("p", &dir.path().join("in"), &dir.path().join("out"))
+                .with("queries = [\"red square\"]"),
+        );
+    let mut serve = Daemon::start(dir.path(), &config);
+    serve.wait_ready();
+    let port = serve.port;
     let log = serve.log_text();
     assert!(
         log.contains("WARN") && log.contains("other machines"),
@@ -100,17 +93,11 @@ fn reload_off_loopback_needs_the_bearer_token() {
     for path in ["/livez", "/readyz", "/metrics", "/status"] {
         assert_eq!(serve.get(path).code, 200, "{path}");
     }
-    let reloads = |serve: &Serve| {
-        serve
-            .get("/metrics")
-            .body
-            .lines()
-            .find_map(|l| l.strip_prefix("tclseg_reloads_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .expect("tclseg_reloads_total")
+    let reloads = |serve: &Daemon| {
+        find_metric(&serve.metrics(), "tclseg_reloads_total", "").expect("tclseg_reloads_total")
     };
 
-    let none = request(port, "POST", "/reload", "");
+    let none = serve.post("/reload", None);
     assert_eq!(none.code, 401, "{}", none.body);
     // Header names are case-insensitive (RFC 9110), and hyper writes them in lower case.
     assert!(
@@ -120,30 +107,17 @@ fn reload_off_loopback_needs_the_bearer_token() {
         "{}",
         none.head
     );
-    let wrong = request(
-        port,
-        "POST",
-        "/reload",
-        "Authorization: Bearer q6Yb1mZ0p3Hc9TfKx2LX\r\n",
-    );
+    let wrong = serve.post("/reload", Some("q6Yb1mZ0p3Hc9TfKx2LX"));
     assert_eq!(wrong.code, 403, "{}", wrong.body);
-    let other_scheme = request(
-        port,
-        "POST",
-        "/reload",
-        &format!("Authorization: Basic {TOKEN}\r\n"),
-    );
+    // Header names and the scheme are case-insensitive; another scheme is no token.
+    let reload_with = |header: &str| request(port, "POST", "/reload", &format!("{header}\r\n"));
+    let other_scheme = reload_with(&format!("Authorization: Basic {TOKEN}"));
     assert_eq!(other_scheme.code, 401, "{}", other_scheme.body);
-    assert_eq!(reloads(&serve), 0, "a refused request reloaded");
+    assert_eq!(reloads(&serve), 0.0, "a refused request reloaded");
 
-    let right = request(
-        port,
-        "POST",
-        "/reload",
-        &format!("authorization: bearer {TOKEN}\r\n"),
-    );
+    let right = reload_with(&format!("authorization: bearer {TOKEN}"));
     assert_eq!(right.code, 200, "{}", right.body);
-    assert_eq!(reloads(&serve), 1);
+    assert_eq!(reloads(&serve), 1.0);
     assert!(!serve.log_text().contains(TOKEN), "the token is in the log");
     assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
 }

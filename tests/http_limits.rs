@@ -6,48 +6,11 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The daemon under test; killed if the test fails before it stops it.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(dir: &std::path::Path, port: u16) -> Daemon {
-    let inbox = dir.join("in");
-    std::fs::create_dir_all(&inbox).expect("inbox");
-    let config = dir.join("serve.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[model]\npath = \"{}\"\ndevice = \"cpu\"\nthreads = 1\n[http]\nlisten = \"127.0.0.1:{port}\"\n\
-             [[pipeline]]\nname = \"p\"\nsource = \"folder://{}\"\nqueries = [\"red square\"]\n\
-             [pipeline.output]\ndir = \"{}\"\n",
-            common::fixture_bundle().display(),
-            inbox.display(),
-            dir.join("out").display()
-        ),
-    )
-    .expect("write config");
-    let log = std::fs::File::create(dir.join("serve.log")).expect("log");
-    Daemon(
-        Command::new(env!("CARGO_BIN_EXE_tclseg"))
-            .args(["serve", "--config", config.to_str().expect("utf-8")])
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .env("TCLSEG_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start tclseg serve"),
-    )
-}
+use common::config::{Config, Pipeline};
+use common::daemon::Daemon;
+use common::wait_until;
 
 /// Sends `raw` as the whole request and returns the status code of the answer (0: none, connection closed).
 fn exchange(port: u16, raw: &[u8]) -> u16 {
@@ -63,24 +26,6 @@ fn exchange(port: u16, raw: &[u8]) -> u16 {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
-}
-
-fn get(port: u16, path: &str) -> u16 {
-    exchange(
-        port,
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
-    )
-}
-
-fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// True while the server keeps `stream` open without answering.
@@ -109,13 +54,12 @@ fn closed_after(stream: &mut TcpStream, since: Instant) -> Duration {
 #[test]
 fn a_stalled_client_blocks_nobody_and_is_dropped_after_the_header_timeout() {
     let dir = tempfile::tempdir().expect("tmp");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let mut daemon = start(dir.path(), port);
-    wait_for("/readyz 200", Duration::from_secs(90), || {
-        get(port, "/readyz") == 200
+    let p = Pipeline::folder("p", &dir.path().join("in"), &dir.path().join("out"))
+        .with("queries = [\"red square\"]");
+    let mut daemon = Daemon::start(dir.path(), &Config::new().pipeline(p));
+    let port = daemon.port;
+    wait_until("/readyz 200", Duration::from_secs(90), || {
+        daemon.get("/readyz").code == 200
     });
 
     // One client sends half a request head, another nothing at all; both then stall.
@@ -129,7 +73,7 @@ fn a_stalled_client_blocks_nobody_and_is_dropped_after_the_header_timeout() {
     // Meanwhile every other request is answered at once.
     for path in ["/livez", "/readyz", "/metrics", "/status"] {
         let start = Instant::now();
-        assert_eq!(get(port, path), 200, "{path} while a client stalls");
+        assert_eq!(daemon.get(path).code, 200, "{path} while a client stalls");
         assert!(
             start.elapsed() < Duration::from_secs(3),
             "{path} took {:?} while a client stalls",
@@ -160,30 +104,15 @@ fn a_stalled_client_blocks_nobody_and_is_dropped_after_the_header_timeout() {
         code == 0 || (400..500).contains(&code),
         "oversized head: {code}"
     );
-    assert_eq!(get(port, "/livez"), 200);
+    assert_eq!(daemon.get("/livez").code, 200);
 
     // SIGTERM with a stalled client still connected: the daemon drains and exits cleanly, without waiting on it.
     let mut lingering = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     lingering
         .write_all(b"GET /livez HTTP/1.1\r\n")
         .expect("write");
-    let killed = Command::new("kill")
-        .args(["-TERM", &daemon.0.id().to_string()])
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = daemon.0.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "no exit within 60 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let log = std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default();
+    let status = daemon.terminate(Duration::from_secs(60));
+    let log = daemon.log_text();
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(log.contains("stopped cleanly"), "{log}");
 }

@@ -7,34 +7,15 @@ mod common;
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{fixture_bundle, stderr, stdout, tclseg, write_png};
+use common::config::{Config, Pipeline};
+use common::daemon::Daemon;
+use common::{assert_ok, fixture_bundle, image_size, stderr, stdout, wait_until, write_png};
 
 /// `tclseg segment INPUTS --out OUT` on the fixture bundle, CPU, one thread.
 fn segment(inputs: &[&Path], out: &Path, extra: &[&str]) -> Output {
-    let bundle = fixture_bundle();
-    let mut args: Vec<&str> = vec!["segment"];
-    args.extend(inputs.iter().map(|p| p.to_str().expect("utf-8")));
-    args.extend_from_slice(&[
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--model",
-        bundle.to_str().expect("utf-8"),
-        "-q",
-        "red square",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ]);
-    args.extend_from_slice(extra);
-    tclseg(&args)
-}
-
-fn size_of(png: &Path) -> (u32, u32) {
-    let img = image::open(png).unwrap_or_else(|e| panic!("{}: {e}", png.display()));
-    (img.width(), img.height())
+    common::segment(inputs, out, &["red square"], extra)
 }
 
 /// Every file under `dir`, relative, sorted.
@@ -70,10 +51,10 @@ fn same_named_images_from_different_folders_keep_their_own_outputs() {
     }
     let out = t.join("o");
     let run = segment(&[&t.join("c1/same.png"), &t.join("c2/same.png")], &out, &[]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_ok(&run);
     assert!(stdout(&run).contains("done 2"), "{}", stdout(&run));
-    assert_eq!(size_of(&out.join("c1/same.labels.png")), (30, 20));
-    assert_eq!(size_of(&out.join("c2/same.labels.png")), (40, 50));
+    assert_eq!(image_size(&out.join("c1/same.labels.png")), (30, 20));
+    assert_eq!(image_size(&out.join("c2/same.labels.png")), (40, 50));
 
     // Two folder roots holding the same names, two of them with the same folder name.
     for (dir, w) in [("a/imgs", 21), ("b/imgs", 22), ("c1", 23)] {
@@ -86,10 +67,10 @@ fn same_named_images_from_different_folders_keep_their_own_outputs() {
         &out,
         &[],
     );
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert_eq!(size_of(&out.join("imgs/same.labels.png")), (21, 17));
-    assert_eq!(size_of(&out.join("imgs-2/same.labels.png")), (22, 17));
-    assert_eq!(size_of(&out.join("c1/same.labels.png")), (23, 17));
+    assert_ok(&run);
+    assert_eq!(image_size(&out.join("imgs/same.labels.png")), (21, 17));
+    assert_eq!(image_size(&out.join("imgs-2/same.labels.png")), (22, 17));
+    assert_eq!(image_size(&out.join("c1/same.labels.png")), (23, 17));
 
     // A collision that is still possible (an image's sidecar on the run's report) is an error, not an overwrite.
     let inbox = t.join("inbox");
@@ -110,38 +91,15 @@ fn same_named_images_from_different_folders_keep_their_own_outputs() {
     assert!(!out.join("segment-report.labels.png").exists());
 }
 
-fn kill(pid: u32, sig: &str) {
-    let status = Command::new("kill")
-        .args([&format!("-{sig}"), &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -{sig} {pid}");
+/// A config on the tiny model, HTTP off, watching `pipelines`' folders once, names kept whole.
+fn serve_config() -> Config {
+    Config::new().no_http()
 }
 
-fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {timeout:?} waiting for: {what}");
-}
-
-fn serve_config(pipelines: &str) -> String {
-    format!(
-        "[model]\npath = \"{}\"\ndevice = \"cpu\"\nthreads = 1\n[http]\nlisten = \"\"\n{pipelines}",
-        fixture_bundle().display()
-    )
-}
-
-fn folder_pipeline(name: &str, inbox: &Path, out: &Path) -> String {
-    format!(
-        "[[pipeline]]\nname = \"{name}\"\nsource = \"folder://{}\"\nfolder_mode = \"once\"\nqueries = [\"red square\"]\n[pipeline.output]\ndir = \"{}\"\npath = \"{{name}}\"\n",
-        inbox.display(),
-        out.display()
-    )
+fn folder_pipeline(name: &str, inbox: &Path, out: &Path) -> Pipeline {
+    Pipeline::new(name, &format!("folder://{}", inbox.display()), out)
+        .with("folder_mode = \"once\"\nqueries = [\"red square\"]")
+        .output("path = \"{name}\"")
 }
 
 #[test]
@@ -167,20 +125,8 @@ fn serve_names_keep_the_whole_file_name() {
     let stale = out.join(format!("2026-01-01/.tclseg-{}-a1B2c3D4.tmp", dead_pid()));
     fs::write(&stale, b"half").expect("write");
     fs::write(out.join(".someone-else.tmp"), b"theirs").expect("write");
-    let config = tmp.path().join("serve.toml");
-    fs::write(
-        &config,
-        serve_config(&folder_pipeline("inbox", &inbox, &out)),
-    )
-    .expect("write");
-    let log = tmp.path().join("serve.log");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(["serve", "--config", config.to_str().expect("utf-8")])
-        .env("TCLSEG_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start serve");
+    let config = serve_config().pipeline(folder_pipeline("inbox", &inbox, &out));
+    let mut daemon = Daemon::start(tmp.path(), &config);
     let count = || {
         fs::read_dir(&out)
             .map(|d| {
@@ -193,16 +139,15 @@ fn serve_names_keep_the_whole_file_name() {
     wait_until("a sidecar per image", Duration::from_secs(90), || {
         count() >= names.len()
     });
-    kill(daemon.id(), "TERM");
-    let _ = daemon.wait();
-    let log = fs::read_to_string(&log).unwrap_or_default();
+    daemon.terminate(Duration::from_secs(60));
+    let log = daemon.log_text();
     assert_eq!(count(), names.len(), "{:?}\n{log}", tree(&out));
     assert!(!stale.exists(), "stale temporary swept");
     assert!(out.join(".someone-else.tmp").exists(), "not our pattern");
     for (i, name) in names.iter().enumerate() {
         let shown = name.replace(' ', "%20");
         let labels = out.join(format!("{shown}.labels.png"));
-        assert_eq!(size_of(&labels), (20 + i as u32, 16), "{name}");
+        assert_eq!(image_size(&labels), (20 + i as u32, 16), "{name}");
         let sidecar: serde_json::Value =
             serde_json::from_slice(&fs::read(out.join(format!("{shown}.json"))).expect("json"))
                 .expect("valid");
@@ -215,10 +160,10 @@ fn serve_names_keep_the_whole_file_name() {
     }
 }
 
-fn config_check(dir: &Path, pipelines: &str) -> Output {
-    let config = dir.join("check.toml");
-    fs::write(&config, serve_config(pipelines)).expect("write");
-    tclseg(&["config", "check", config.to_str().expect("utf-8")])
+fn config_check(dir: &Path, pipelines: &[Pipeline]) -> Output {
+    let path = dir.join("check.toml");
+    serve_config().with_pipelines(pipelines).write(&path);
+    common::config_check(&path)
 }
 
 #[test]
@@ -230,24 +175,22 @@ fn config_check_refuses_shared_nested_and_fed_back_output_folders() {
     fs::create_dir_all(&inbox).expect("mkdir");
     let other = t.join("other-in");
     fs::create_dir_all(&other).expect("mkdir");
-    let ok = format!(
-        "{}{}",
+    let ok = [
         folder_pipeline("a", &inbox, &t.join("same")),
-        folder_pipeline("b", &other, &t.join("same-2"))
-    );
+        folder_pipeline("b", &other, &t.join("same-2")),
+    ];
     let run = config_check(t, &ok);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_ok(&run);
 
     for (second_out, how) in [
         (t.join("x/../same"), "is the same folder as"),
         (t.join("same/sub"), "is inside"),
     ] {
-        let text = format!(
-            "{}{}",
+        let pipelines = [
             folder_pipeline("a", &inbox, &t.join("same")),
-            folder_pipeline("b", &other, &second_out)
-        );
-        let run = config_check(t, &text);
+            folder_pipeline("b", &other, &second_out),
+        ];
+        let run = config_check(t, &pipelines);
         assert_eq!(run.status.code(), Some(1), "{}", second_out.display());
         let err = stderr(&run);
         assert!(
@@ -257,7 +200,7 @@ fn config_check_refuses_shared_nested_and_fed_back_output_folders() {
     }
 
     let fed_back = folder_pipeline("a", &inbox, &inbox.join("masks"));
-    let run = config_check(t, &fed_back);
+    let run = config_check(t, &[fed_back]);
     assert_eq!(run.status.code(), Some(1));
     let err = stderr(&run);
     assert!(
@@ -285,7 +228,7 @@ fn segment_refuses_an_output_folder_inside_an_input_folder() {
     }
     // Beside the input folder is fine.
     let run = segment(&[&d], &tmp.path().join("D-masks"), &[]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_ok(&run);
 }
 
 /// A pid no process has: a child that has exited and been reaped.
@@ -314,7 +257,7 @@ fn the_next_run_sweeps_stale_temporaries_of_a_killed_one() {
         }
     }
     let run = segment(&[&input], &out, &[]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_ok(&run);
     for dir in [out.clone(), out.join("sub")] {
         assert!(!dir.join(&dead).exists(), "{} swept", dir.display());
         assert!(
@@ -334,8 +277,11 @@ fn a_240_character_file_name_is_segmented() {
     write_png(&input.join(format!("{stem}.png")), 20, 20);
     let out = tmp.path().join("out");
     let run = segment(&[&input], &out, &[]);
-    assert!(run.status.success(), "{}", stderr(&run));
-    assert_eq!(size_of(&out.join(format!("{stem}.labels.png"))), (20, 20));
+    assert_ok(&run);
+    assert_eq!(
+        image_size(&out.join(format!("{stem}.labels.png"))),
+        (20, 20)
+    );
     assert!(out.join(format!("{stem}.overlay.jpg")).is_file());
     assert!(out.join(format!("{stem}.json")).is_file());
 }
@@ -399,7 +345,7 @@ fn a_full_disk_leaves_no_part_of_the_failed_image_and_resume_completes_it() {
     // The sizes of big.png's outputs, written where there is room.
     let roomy = t.join("roomy");
     let run = segment(&[&input], &roomy, &format);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_ok(&run);
     let size = |name: &str| fs::metadata(roomy.join(name)).expect(name).len();
     let (labels, overlay) = (size("big.labels.png"), size("big.overlay.png"));
     let small: u64 = [
@@ -492,6 +438,6 @@ fn a_full_disk_leaves_no_part_of_the_failed_image_and_resume_completes_it() {
         "{}",
         read("run2.out")
     );
-    assert_eq!(size_of(&phase2.join("big.overlay.png")), (320, 320));
+    assert_eq!(image_size(&phase2.join("big.overlay.png")), (320, 320));
     assert!(phase2.join("big.json").is_file());
 }

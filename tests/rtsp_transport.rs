@@ -4,40 +4,41 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{pipeline_toml, wait_until, Daemon, RtspServer};
+use common::config::{Config, Pipeline};
+use common::daemon::{Daemon, RtspServer};
+use common::{config_check, lines_with, stderr, stdout, tclseg, wait_until};
 
-fn lines_with<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
-    log.lines()
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .collect()
+/// The test server at 160x120, accepting only `protocols` (`tcp` or `udp`).
+fn only(protocols: &'static str) -> RtspServer {
+    RtspServer::options()
+        .size("160x120")
+        .protocols(protocols)
+        .start()
 }
 
 #[test]
 fn auto_falls_back_and_a_refused_transport_names_the_key() {
     let dir = tempfile::tempdir().expect("tmp");
-    let udp_only = RtspServer::start("udp");
-    let tcp_only = RtspServer::start("tcp");
+    let udp_only = only("udp");
+    let tcp_only = only("tcp");
     let out = |name: &str| dir.path().join(name);
-    let pipelines = [
+    let config = [
         ("udp_auto", &udp_only, ""),
         ("udp_tcp", &udp_only, "rtsp_transport = \"tcp\""),
         ("tcp_auto", &tcp_only, "rtsp_transport = \"auto\""),
         ("tcp_udp", &tcp_only, "rtsp_transport = \"udp\""),
     ]
     .iter()
-    .map(|(name, server, extra)| {
-        pipeline_toml(
-            name,
-            &server.url(),
-            &out(name),
-            &format!("max_fps = 5\n{extra}"),
+    .fold(Config::new(), |config, (name, server, extra)| {
+        config.pipeline(
+            Pipeline::new(name, &server.url(0), &out(name))
+                .retrying(5.0)
+                .with(&format!("max_fps = 5\n{extra}")),
         )
-    })
-    .collect::<String>();
-    let daemon = Daemon::start(dir.path(), &pipelines);
+    });
+    let daemon = Daemon::start(dir.path(), &config);
     daemon.wait_ready();
     wait_until(
         "frames from both servers with rtsp_transport = auto",
@@ -74,27 +75,18 @@ fn auto_falls_back_and_a_refused_transport_names_the_key() {
 fn config_check_refuses_an_unknown_transport_and_an_unencoded_password() {
     let dir = tempfile::tempdir().expect("tmp");
     let config = dir.path().join("cams.toml");
-    let pipelines = format!(
-        "{}{}",
-        pipeline_toml(
-            "front",
-            "rtsp://127.0.0.1:8554/s",
-            &dir.path().join("a"),
-            "rtsp_transport = \"quic\""
-        ),
-        pipeline_toml(
-            "back",
-            "rtsp://admin:Sup3r@cret@127.0.0.1:8554/s",
-            &dir.path().join("b"),
-            ""
-        )
-    );
-    std::fs::write(&config, pipelines).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(["config", "check", config.to_str().expect("utf-8")])
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
+    let front = Pipeline::new("front", "rtsp://127.0.0.1:8554/s", &dir.path().join("a"))
+        .retrying(5.0)
+        .with("rtsp_transport = \"quic\"");
+    let back = Pipeline::new(
+        "back",
+        "rtsp://admin:Sup3r@cret@127.0.0.1:8554/s",
+        &dir.path().join("b"),
+    )
+    .retrying(5.0);
+    Config::bare().pipeline(front).pipeline(back).write(&config);
+    let out = config_check(&config);
+    let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("'front'.rtsp_transport: 'quic' is not one of auto, tcp, udp, udp-mcast"),
@@ -109,13 +101,10 @@ fn config_check_refuses_an_unknown_transport_and_an_unencoded_password() {
 
 #[test]
 fn probe_falls_back_to_udp_when_the_server_refuses_tcp() {
-    let udp_only = RtspServer::start("udp");
-    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(["probe", &udp_only.url()])
-        .output()
-        .expect("run probe");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let err = String::from_utf8_lossy(&out.stderr);
+    let udp_only = only("udp");
+    let out = tclseg(&["probe", &udp_only.url(0)]);
+    let text = stdout(&out);
+    let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(text.contains("video/x-h264"), "{text}");
     assert!(!text.contains("hunter2") && !err.contains("hunter2"));

@@ -6,28 +6,10 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{fixture_bundle, stderr, stdout, tclseg, write_png};
+use common::{arg, assert_ok, fixture_bundle, stderr, stdout, tclseg, write_png};
 
 fn segment(input: &Path, out: &Path, extra: &[&str]) -> Output {
-    let bundle = fixture_bundle();
-    let mut args = vec![
-        "segment",
-        input.to_str().expect("utf-8"),
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--model",
-        bundle.to_str().expect("utf-8"),
-        "-q",
-        "red square",
-        "-q",
-        "grey wall",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    tclseg(&args)
+    common::segment(&[input], out, &["red square", "grey wall"], extra)
 }
 
 #[test]
@@ -40,7 +22,7 @@ fn writes_labels_overlay_and_json_mirroring_the_tree_then_resumes() {
     let out = tmp.path().join("out");
 
     let run = segment(&input, &out, &[]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_ok(&run);
     assert!(stdout(&run).contains("done 2"), "{}", stdout(&run));
 
     let labels = image::open(out.join("sub/b.labels.png")).expect("label png");
@@ -67,7 +49,7 @@ fn writes_labels_overlay_and_json_mirroring_the_tree_then_resumes() {
 
     // Second run: everything is up to date.
     let again = segment(&input, &out, &[]);
-    assert!(again.status.success());
+    assert_ok(&again);
     assert!(
         stdout(&again).contains("done 0, skipped 2"),
         "{}",
@@ -142,7 +124,7 @@ fn a_failed_redo_leaves_earlier_outputs_intact() {
     let image = input.join("x.png");
     write_png(&image, 33, 20);
     let out = tmp.path().join("out");
-    assert!(segment(&input, &out, &[]).status.success());
+    assert_ok(&segment(&input, &out, &[]));
     let before = fs::read(out.join("x.labels.png")).expect("labels");
     fs::write(&image, b"now corrupt").expect("corrupt input");
     let run = segment(&input, &out, &["--force"]);
@@ -186,11 +168,11 @@ fn unusable_output_folder_and_bad_queries_are_refused() {
     let bundle = fixture_bundle();
     let base = [
         "segment",
-        input.to_str().expect("utf-8"),
+        arg(&input),
         "--out",
-        tmp.path().to_str().expect("utf-8"),
+        arg(tmp.path()),
         "--model",
-        bundle.to_str().expect("utf-8"),
+        arg(&bundle),
     ];
     let dup = tclseg(&[&base[..], &["-q", "cat", "-q", "Cat"]].concat());
     assert_eq!(dup.status.code(), Some(1));
@@ -210,15 +192,15 @@ fn over_long_prompts_are_cut_with_a_warning() {
     let out = tmp.path().join("out");
     let run = tclseg(&[
         "segment",
-        input.to_str().expect("utf-8"),
+        arg(&input),
         "--out",
-        out.to_str().expect("utf-8"),
+        arg(&out),
         "--model",
-        fixture_bundle().to_str().expect("utf-8"),
+        arg(&fixture_bundle()),
         "-q",
         &long,
     ]);
-    assert!(run.status.success(), "{}", stderr(&run));
+    assert_ok(&run);
     assert!(stderr(&run).contains("tokens"), "warned: {}", stderr(&run));
 }
 
@@ -354,7 +336,7 @@ fn device_processing_writes_the_host_paths_labels() {
                 "labels",
             ],
         );
-        assert!(run.status.success(), "{}", stderr(&run));
+        assert_ok(&run);
         assert!(
             stderr(&run).contains(&format!("{processing} processing")),
             "{}",

@@ -8,30 +8,33 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::serve::{folder_pipeline, free_port, globals, wait_until, Serve};
+use common::config::{Config, Pipeline};
+use common::daemon::Daemon;
+use common::wait_until;
 
-fn check(dir: &Path, text: &str) -> (Option<i32>, String) {
+fn check(dir: &Path, config: &Config) -> (Option<i32>, String) {
     let path = dir.join("check.toml");
-    std::fs::write(&path, text).expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
-        .args(["config", "check", path.to_str().expect("utf-8")])
-        .output()
-        .expect("run");
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    config.write(&path);
+    let out = common::config_check(&path);
+    (out.status.code(), common::stderr(&out))
 }
 
-/// A valid config with `model` / `inference` keys and pipeline keys replaced or added.
-fn with(dir: &Path, model: &str, inference: &str, pipeline: &str, output: &str) -> String {
-    let inbox = dir.join("inbox");
-    std::fs::create_dir_all(&inbox).expect("inbox");
-    format!(
-        "[model]\n{model}\n[inference]\n{inference}\n[[pipeline]]\nname = \"cam\"\nsource = \"folder://{}\"\nqueries = [\"x\"]\n{pipeline}\n[pipeline.output]\ndir = \"{}\"\n{output}\n",
-        inbox.display(),
-        dir.join("out").display()
-    )
+/// A valid config (no model path, folder pipeline "cam" writing into `out`) with `model` / `inference` keys,
+/// pipeline keys and output keys set.
+fn with_out(dir: &Path, out: &Path, [model, inference, pipeline, output]: [&str; 4]) -> Config {
+    let cam = Pipeline::folder("cam", &dir.join("inbox"), out)
+        .with("queries = [\"x\"]")
+        .with(pipeline)
+        .output(output);
+    Config::bare()
+        .model(model)
+        .inference(inference)
+        .pipeline(cam)
+}
+
+/// `with_out` into `dir/out`.
+fn with(dir: &Path, model: &str, inference: &str, pipeline: &str, output: &str) -> Config {
+    with_out(dir, &dir.join("out"), [model, inference, pipeline, output])
 }
 
 #[test]
@@ -40,7 +43,7 @@ fn out_of_range_and_missing_values_are_refused_naming_the_key() {
     let d = dir.path();
     let file = d.join("a-file");
     std::fs::write(&file, "x").expect("write");
-    let cases: Vec<(String, &[&str])> = vec![
+    let cases: Vec<(Config, &[&str])> = vec![
         (
             with(d, "threads = 1000000", "", "", ""),
             &["model.threads", "1000000", "[0, 256]"],
@@ -102,23 +105,17 @@ fn out_of_range_and_missing_values_are_refused_naming_the_key() {
             &["model.path", "no model.toml"],
         ),
         (
-            with(d, "", "", "", "").replace(
-                &d.join("out").display().to_string(),
-                &file.display().to_string(),
-            ),
+            with_out(d, &file, ["", "", "", ""]),
             &["pipeline[0] 'cam'.output.dir", "is not a folder"],
         ),
         (
-            with(d, "", "", "", "").replace(
-                &d.join("out").display().to_string(),
-                &file.join("sub").display().to_string(),
-            ),
+            with_out(d, &file.join("sub"), ["", "", "", ""]),
             &["pipeline[0] 'cam'.output.dir", "is not a folder"],
         ),
     ];
-    for (text, needles) in cases {
-        let (code, err) = check(d, &text);
-        assert_eq!(code, Some(1), "accepted:\n{text}\n{err}");
+    for (config, needles) in cases {
+        let (code, err) = check(d, &config);
+        assert_eq!(code, Some(1), "accepted:\n{}\n{err}", config.text());
         for needle in needles {
             assert!(err.contains(needle), "'{needle}' missing in:\n{err}");
         }
@@ -153,24 +150,17 @@ fn serve_on_the_edges_of_every_range_gets_ready_and_stops_cleanly() {
         let inbox = dir.path().join("inbox");
         std::fs::create_dir_all(&inbox).expect("inbox");
         common::write_png(&inbox.join("a.png"), 64, 48);
-        let port = free_port();
-        let mut text = globals(&format!("127.0.0.1:{port}")).replace(
-            "threads = 1\n",
-            &format!("{model}\n[inference]\n{inference}\n"),
-        );
-        text.push_str(&folder_pipeline(
-            "edge",
-            &inbox,
-            &dir.path().join("out"),
-            pipeline,
-        ));
-        text = text.replace(
-            "[pipeline.output]\n",
-            &format!("[pipeline.output]\n{output}\n"),
-        );
-        let mut serve = Serve::start(dir.path(), &text, port);
-        let mut notes = Vec::new();
-        serve.wait_started(&mut notes);
+        let edge = Pipeline::folder("edge", &inbox, &dir.path().join("out"))
+            .with("queries = [\"red square\"]")
+            .with(pipeline)
+            .output(output);
+        let config = Config::new()
+            .model_unset("threads")
+            .model(model)
+            .inference(inference)
+            .pipeline(edge);
+        let mut serve = Daemon::start(dir.path(), &config);
+        serve.wait_notified("READY=1");
         wait_until(
             &format!("{name}: /readyz 200"),
             Duration::from_secs(30),
@@ -199,24 +189,16 @@ fn serve_on_the_edges_of_every_range_gets_ready_and_stops_cleanly() {
 #[test]
 fn a_pipeline_that_cannot_start_keeps_the_daemon_not_ready_until_a_reload_fixes_it() {
     let dir = tempfile::tempdir().expect("tmp");
-    let port = free_port();
-    let good = folder_pipeline(
-        "good",
-        &dir.path().join("in-good"),
-        &dir.path().join("out-good"),
-        "",
-    );
+    let folder = |name: &str, out: &Path| {
+        Pipeline::folder(name, &dir.path().join(format!("in-{name}")), out)
+            .with("queries = [\"red square\"]")
+    };
+    let good = folder("good", &dir.path().join("out-good"));
     // Validation passes (the nearest existing part, /proc, is a folder), but nobody can create a folder there.
-    let broken_dir = Path::new("/proc/tclseg-cannot-create-this");
-    let broken = folder_pipeline("broken", &dir.path().join("in-broken"), broken_dir, "");
-    let text = format!("{}{good}{broken}", globals(&format!("127.0.0.1:{port}")));
-    let mut serve = Serve::start(dir.path(), &text, port);
-    let mut notes = Vec::new();
-    serve.wait_started(&mut notes);
-    let ready = notes
-        .iter()
-        .find(|n| n.contains("READY=1"))
-        .expect("READY=1");
+    let broken = folder("broken", Path::new("/proc/tclseg-cannot-create-this"));
+    let config = Config::new().pipeline(good.clone()).pipeline(broken);
+    let mut serve = Daemon::start(dir.path(), &config);
+    let ready = serve.wait_notified("READY=1");
     assert!(
         ready.contains("1 not running: broken"),
         "STATUS line: {ready}"
@@ -243,12 +225,9 @@ fn a_pipeline_that_cannot_start_keeps_the_daemon_not_ready_until_a_reload_fixes_
     );
 
     // Point it somewhere writable: the reload starts it, and the daemon is ready.
-    let fixed = text.replace(
-        &broken_dir.display().to_string(),
-        &dir.path().join("out-broken").display().to_string(),
-    );
-    std::fs::write(&serve.config, fixed).expect("write");
-    let reply = common::serve::request(port, "POST", "/reload", "");
+    let fixed = folder("broken", &dir.path().join("out-broken"));
+    serve.rewrite(&config.with_pipelines(&[good, fixed]));
+    let reply = serve.post("/reload", None);
     assert_eq!(reply.code, 200, "{}", reply.body);
     wait_until("ready after the reload", Duration::from_secs(30), || {
         serve.get("/readyz").code == 200
@@ -260,24 +239,20 @@ fn a_pipeline_that_cannot_start_keeps_the_daemon_not_ready_until_a_reload_fixes_
 fn a_source_being_retried_counts_as_ready_and_http_off_still_stops_cleanly() {
     // A camera that is down: its pipeline runs (retrying), so the daemon is ready.
     let dir = tempfile::tempdir().expect("tmp");
-    let port = free_port();
-    let dead = format!(
-        "[[pipeline]]\nname = \"dead\"\nsource = \"rtsp://viewer:pw@127.0.0.1:1/x\"\nqueries = [\"x\"]\nwatchdog_s = 0.1\nbackoff_initial_s = 0.01\nbackoff_max_s = 0.01\n[pipeline.output]\ndir = \"{}\"\n",
-        dir.path().join("out").display()
-    );
-    let text = format!("{}{dead}", globals(&format!("127.0.0.1:{port}")));
-    let mut serve = Serve::start(dir.path(), &text, port);
-    wait_until("ready while retrying", Duration::from_secs(90), || {
-        serve.get("/readyz").code == 200
-    });
+    let dead = Pipeline::new(
+        "dead",
+        "rtsp://viewer:pw@127.0.0.1:1/x",
+        &dir.path().join("out"),
+    )
+    .with("queries = [\"x\"]\nwatchdog_s = 0.1\nbackoff_initial_s = 0.01\nbackoff_max_s = 0.01");
+    let mut serve = Daemon::start(dir.path(), &Config::new().pipeline(dead));
+    serve.wait_ready();
     wait_until("retries", Duration::from_secs(30), || {
         serve
-            .get("/metrics")
-            .body
+            .metrics()
             .contains("tclseg_reconnects_total{pipeline=\"dead\"} ")
             && !serve
-                .get("/metrics")
-                .body
+                .metrics()
                 .contains("tclseg_reconnects_total{pipeline=\"dead\"} 0\n")
     });
     assert_eq!(serve.get("/readyz").code, 200);
@@ -285,14 +260,10 @@ fn a_source_being_retried_counts_as_ready_and_http_off_still_stops_cleanly() {
 
     // HTTP off: READY=1 still comes, and SIGTERM still stops it cleanly.
     let dir = tempfile::tempdir().expect("tmp");
-    let text = format!(
-        "{}{}",
-        globals(""),
-        folder_pipeline("p", &dir.path().join("in"), &dir.path().join("out"), "")
-    );
-    let mut serve = Serve::start(dir.path(), &text, 0);
-    let mut notes = Vec::new();
-    serve.wait_started(&mut notes);
+    let p = Pipeline::folder("p", &dir.path().join("in"), &dir.path().join("out"))
+        .with("queries = [\"red square\"]");
+    let mut serve = Daemon::start(dir.path(), &Config::new().no_http().pipeline(p));
+    serve.wait_notified("READY=1");
     assert_eq!(serve.terminate(Duration::from_secs(60)).code(), Some(0));
 }
 
@@ -307,12 +278,17 @@ fn sigterm_during_a_start_up_that_never_ends_stops_at_once() {
         .status()
         .expect("run mkfifo");
     assert!(made.success());
-    let port = free_port();
-    let text = format!(
-        "[model]\ndevice = \"cpu\"\n[http]\nlisten = \"127.0.0.1:{port}\"\n{}",
-        folder_pipeline("p", &dir.path().join("in"), &dir.path().join("out"), "")
+    let p = Pipeline::folder("p", &dir.path().join("in"), &dir.path().join("out"))
+        .with("queries = [\"red square\"]");
+    let config = Config::new()
+        .model_unset("path")
+        .model_unset("threads")
+        .pipeline(p);
+    let mut serve = Daemon::start_with_env(
+        dir.path(),
+        &config,
+        &[("TCLSEG_MODEL", common::arg(&model))],
     );
-    let mut serve = Serve::start_with_env(dir.path(), &text, port, &[("TCLSEG_MODEL", &model)]);
     wait_until("HTTP up", Duration::from_secs(30), || {
         serve.get("/livez").code == 200
     });

@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::{files_with_suffix, pipeline_toml, wait_until, Daemon, RtspServer};
+use common::config::{Config, Pipeline};
+use common::daemon::{Daemon, RtspServer};
+use common::{files_with_suffix, wait_until};
 
 /// The sidecars under `out`, as paths relative to it.
 fn sidecars(out: &Path) -> BTreeSet<String> {
@@ -28,13 +30,16 @@ fn sidecars(out: &Path) -> BTreeSet<String> {
 fn a_restart_after_sigkill_never_replaces_the_earlier_runs_outputs() {
     let dir = tempfile::tempdir().expect("tmp");
     let out = dir.path().join("out");
-    let server = RtspServer::start("all");
-    let pipeline = pipeline_toml("cam", &server.url(), &out, "max_fps = 5");
+    let server = RtspServer::options().size("160x120").start();
+    let cam = Pipeline::new("cam", &server.url(0), &out)
+        .retrying(5.0)
+        .with("max_fps = 5");
+    let config = Config::new().pipeline(cam);
 
     let first_run: BTreeSet<String>;
     let first_bytes: Vec<(String, Vec<u8>)>;
     {
-        let daemon = Daemon::start(dir.path(), &pipeline);
+        let daemon = Daemon::start(dir.path(), &config);
         daemon.wait_ready();
         wait_until(
             "the first run writes frames",
@@ -51,7 +56,7 @@ fn a_restart_after_sigkill_never_replaces_the_earlier_runs_outputs() {
     }
     assert!(first_run.len() >= 2, "{first_run:?}");
 
-    let daemon = Daemon::start(dir.path(), &pipeline);
+    let daemon = Daemon::start(dir.path(), &config);
     daemon.wait_ready();
     wait_until(
         "the second run writes frames",

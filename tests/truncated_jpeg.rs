@@ -4,7 +4,7 @@
 mod common;
 
 use common::staged::noisy_image_bytes;
-use common::{fixture_bundle, stderr, tclseg};
+use common::{files_with_suffix, segment, stderr};
 
 #[test]
 fn segment_refuses_a_truncated_jpeg_by_name() {
@@ -15,20 +15,7 @@ fn segment_refuses_a_truncated_jpeg_by_name() {
     std::fs::write(input.join("whole.jpg"), &jpeg).expect("write");
     std::fs::write(input.join("cut.jpg"), &jpeg[..jpeg.len() / 3]).expect("write");
     let out = tmp.path().join("out");
-    let run = tclseg(&[
-        "segment",
-        input.to_str().expect("utf-8"),
-        "--out",
-        out.to_str().expect("utf-8"),
-        "--model",
-        fixture_bundle().to_str().expect("utf-8"),
-        "-q",
-        "red square",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ]);
+    let run = segment(&[&input], &out, &["red square"], &[]);
     let err = stderr(&run);
     assert_eq!(
         run.status.code(),
@@ -44,7 +31,7 @@ fn segment_refuses_a_truncated_jpeg_by_name() {
         serde_json::from_slice(&std::fs::read(out.join("segment-report.json")).expect("report"))
             .expect("json");
     assert_eq!(report["failed"], 1, "{report}");
-    let labels = common::daemon::files_with_suffix(&out, ".labels.png");
+    let labels = files_with_suffix(&out, ".labels.png");
     assert_eq!(labels.len(), 1, "{labels:?}");
     assert!(labels[0].to_string_lossy().contains("whole"), "{labels:?}");
 }

@@ -1,26 +1,24 @@
-//! The watched-folder source of `tclseg serve` with files written the way real copies write them: in stages,
-//! with pauses, or created empty and filled later; and what it says about an empty folder and a symlink loop.
+//! The watched-folder source of `tclseg serve`: bad images are skipped with a reason and new ones taken (with
+//! `TCLSEG_LOG_FORMAT=json`, every log line one JSON object); files written the way real copies write them, in
+//! stages, with pauses, or created empty and filled later; and what it says about an empty folder and a
+//! symlink loop.
 
 mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::{files_with_suffix, pipeline_toml, wait_until, Daemon};
+use common::config::{Config, Pipeline};
+use common::daemon::Daemon;
 use common::staged::{noisy_image_bytes, write_in_stages};
+use common::{files_with_suffix, lines_with, wait_until};
 use image::ImageFormat;
 
-fn folder_pipeline(name: &str, inbox: &Path, out: &Path) -> String {
-    pipeline_toml(name, &format!("folder://{}", inbox.display()), out, "").replace(
-        "[pipeline.output]\n",
-        "[pipeline.output]\npath = \"{name}\"\n",
-    )
-}
-
-fn lines_with<'a>(log: &'a str, needles: &[&str]) -> Vec<&'a str> {
-    log.lines()
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .collect()
+/// A folder pipeline whose outputs keep the input's whole name.
+fn folder_pipeline(name: &str, inbox: &Path, out: &Path) -> Pipeline {
+    Pipeline::folder(name, inbox, out)
+        .retrying(5.0)
+        .output("path = \"{name}\"")
 }
 
 #[test]
@@ -29,7 +27,8 @@ fn files_written_in_stages_are_taken_once_whole() {
     let inbox = dir.path().join("inbox");
     std::fs::create_dir_all(&inbox).expect("mkdir");
     let out = dir.path().join("out");
-    let daemon = Daemon::start(dir.path(), &folder_pipeline("inbox", &inbox, &out));
+    let config = Config::new().pipeline(folder_pipeline("inbox", &inbox, &out));
+    let daemon = Daemon::start(dir.path(), &config);
     daemon.wait_ready();
 
     let png = noisy_image_bytes(120, 90, ImageFormat::Png);
@@ -103,12 +102,18 @@ fn an_empty_folder_and_a_symlink_loop_are_reported_once() {
     std::fs::create_dir_all(&empty).expect("mkdir");
     std::fs::create_dir_all(&loopy).expect("mkdir");
     std::os::unix::fs::symlink("loop.jpg", loopy.join("loop.jpg")).expect("symlink loop");
-    let pipelines = format!(
-        "{}{}",
-        folder_pipeline("empty", &empty, &dir.path().join("out-empty")),
-        folder_pipeline("loopy", &loopy, &dir.path().join("out-loopy"))
-    );
-    let daemon = Daemon::start(dir.path(), &pipelines);
+    let config = Config::new()
+        .pipeline(folder_pipeline(
+            "empty",
+            &empty,
+            &dir.path().join("out-empty"),
+        ))
+        .pipeline(folder_pipeline(
+            "loopy",
+            &loopy,
+            &dir.path().join("out-loopy"),
+        ));
+    let daemon = Daemon::start(dir.path(), &config);
     daemon.wait_ready();
     let png = noisy_image_bytes(64, 48, ImageFormat::Png);
     std::fs::write(loopy.join("a.png"), &png).expect("write");
@@ -147,4 +152,58 @@ fn an_empty_folder_and_a_symlink_loop_are_reported_once() {
     wait_until("empty again, said again", Duration::from_secs(30), || {
         lines_with(&daemon.log_text(), &["holds no images", &empty_name]).len() == 2
     });
+}
+
+#[test]
+fn watched_folder_skips_bad_images_and_takes_new_ones() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let inbox = dir.path().join("inbox");
+    std::fs::create_dir_all(inbox.join("sub")).expect("mkdir");
+    let good = |path: &Path| {
+        image::RgbImage::from_fn(96, 64, |x, _| image::Rgb([(x * 2) as u8, 40, 200]))
+            .save(path)
+            .expect("save");
+    };
+    good(&inbox.join("a.png"));
+    good(&inbox.join("sub/b.png"));
+    std::fs::write(inbox.join("corrupt.jpg"), b"this is not a jpeg").expect("write");
+    std::fs::write(inbox.join("empty.png"), b"").expect("write");
+    let mut truncated = std::fs::read(inbox.join("a.png")).expect("read");
+    truncated.truncate(truncated.len() / 2);
+    std::fs::write(inbox.join("truncated.png"), truncated).expect("write");
+    let out = dir.path().join("out");
+    let pipeline = folder_pipeline("inbox", &inbox, &out).retrying(3.0);
+    let config = Config::new()
+        .inference("max_batch = 4\nmax_wait_ms = 20")
+        .pipeline(pipeline);
+    let daemon = Daemon::start_with_env(dir.path(), &config, &[("TCLSEG_LOG_FORMAT", "json")]);
+    daemon.wait_ready();
+    let m = |name: &str, labels: &str| daemon.metric(name, labels);
+    wait_until(
+        "2 good images written, 3 bad ones skipped",
+        Duration::from_secs(60),
+        || {
+            m("tclseg_frames_out_total", "pipeline=\"inbox\"") >= 2.0
+                && m(
+                    "tclseg_frames_dropped_total",
+                    "pipeline=\"inbox\",reason=\"decode_error\"",
+                ) >= 3.0
+        },
+    );
+    assert!(out.join("a.png.labels.png").is_file() && out.join("sub/b.png.labels.png").is_file());
+    let log = daemon.log_text();
+    for name in ["corrupt.jpg", "empty.png", "truncated.png"] {
+        assert!(log.contains(name), "no reason logged for {name}:\n{log}");
+    }
+    good(&inbox.join("c.png"));
+    wait_until("a new image is picked up", Duration::from_secs(30), || {
+        out.join("c.png.labels.png").is_file()
+    });
+    assert_eq!(m("tclseg_frames_out_total", "pipeline=\"inbox\""), 3.0);
+    // --log-format json: every log line is one JSON object.
+    for line in daemon.log_text().lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
+    }
 }

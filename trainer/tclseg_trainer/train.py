@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from .bundle import BundleDefaults
 from .checkpoints import CheckpointError, apply_openai_clip, load_checkpoint, load_openai_clip, save_checkpoint
 from .data import AugmentConfig, DataError, ImageTextStream, SkipCounter, collate
-from .export import BundleDefaults
 from .losses import LossWeights, tcl_losses
 from .model import SIZES, TCL
 from .tokenizer import Tokenizer

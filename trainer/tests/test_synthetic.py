@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tclseg_trainer import synthetic as S
 from tclseg_trainer import train as T
+from tclseg_trainer.tools import synthetic as S
 
 # 1 torch thread for these tests (cores are shared), restored afterwards: other modules assume 2.
 pytestmark = pytest.mark.usefixtures("one_thread")

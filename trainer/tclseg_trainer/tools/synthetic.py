@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..checkpoints import save_checkpoint
-from ..data import collate, to_normalized_tensor
+from ..data import collate, load_eval_set, miou, to_normalized_tensor
 from ..losses import clip_image_embedding, info_nce
 from ..model import SIZES, TCL
 from ..tokenizer import Tokenizer
@@ -252,8 +252,6 @@ def pretrain_clip(
 def score(pred_dir: Path, eval_dir: Path, seed: int = 0) -> dict:
     """mIoU of `<stem>.labels.png` maps in pred_dir (as `tclseg segment --format labels` writes them) against
     eval_dir/labels, plus two baselines on the same pixels: uniform random labels and all-background."""
-    from ..train import load_eval_set, miou
-
     classes, pairs = load_eval_set(str(eval_dir))
     preds, gts, rand, bg = [], [], [], []
     rng = np.random.default_rng(seed)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import os
 import shutil
 import sys
@@ -35,6 +34,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import torch
 from torch import nn
 
@@ -235,79 +235,16 @@ def graph_op_types_of(proto: Any) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The manifest, written by hand as TOML (format 1).
-
-
-def _toml_string(s: str) -> str:
-    out = ['"']
-    for ch in s:
-        code = ord(ch)
-        if ch == '"':
-            out.append('\\"')
-        elif ch == "\\":
-            out.append("\\\\")
-        elif ch == "\n":
-            out.append("\\n")
-        elif ch == "\t":
-            out.append("\\t")
-        elif ch == "\r":
-            out.append("\\r")
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(ch)
-    out.append('"')
-    return "".join(out)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)  # always has '.' or 'e', a valid TOML float
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def _toml_key(key: str) -> str:
-    if key and all(c.isascii() and (c.isalnum() or c in "_-") for c in key):
-        return key
-    return _toml_string(key)
+# The manifest (format 1).
 
 
 def manifest_to_toml(manifest: dict[str, Any]) -> str:
-    """Renders a manifest dict in the layout of ARCHITECTURE.md: top-level keys, tables, then [[files]]."""
-    lines: list[str] = []
-    tables = []
-    for key, value in manifest.items():
-        if key == "files":
-            continue
-        if isinstance(value, dict):
-            tables.append((key, value))
-        else:
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for name, table in tables:
-        lines.append("")
-        lines.append(f"[{name}]")
-        for key, value in table.items():
-            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
-    for entry in manifest.get("files", []):
-        lines.append("")
-        lines.append("[[files]]")
-        for key in ("path", "sha256", "bytes"):
-            lines.append(f"{key} = {_toml_value(entry[key])}")
-    return "\n".join(lines) + "\n"
+    """Renders a manifest dict in the layout of ARCHITECTURE.md: top-level keys, the tables in order, then one
+    [[files]] entry per file (path, sha256, bytes). tomli-w writes the TOML; `open_bundle` reads it back."""
+    ordered = {k: v for k, v in manifest.items() if k != "files"}
+    if "files" in manifest:
+        ordered["files"] = [{key: entry[key] for key in ("path", "sha256", "bytes")} for entry in manifest["files"]]
+    return tomli_w.dumps(ordered)
 
 
 def build_manifest(

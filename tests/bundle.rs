@@ -17,7 +17,7 @@ fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
     let dst = tmp.path().join("bundle");
     fs::create_dir(&dst).expect("create bundle dir");
     for entry in fs::read_dir(fixture())
-        .expect("fixture bundle exists (see trainer/tclseg_trainer/fixtures.py)")
+        .expect("fixture bundle exists (see trainer/tclseg_trainer/tools/fixtures.py)")
     {
         let entry = entry.expect("dir entry");
         fs::copy(entry.path(), dst.join(entry.file_name())).expect("copy fixture file");

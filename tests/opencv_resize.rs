@@ -1,6 +1,6 @@
 //! The Rust port of the official test pipeline's image preprocessing against OpenCV itself: uint8 images and
 //! what `cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)` made of them, and mmcv's normalization of every
-//! grey level, written by opencv-python-headless (`python -m tclseg_trainer.fixtures`, tests/fixtures/opencv).
+//! grey level, written by opencv-python-headless (`python -m tclseg_trainer.tools.fixtures`, tests/fixtures/opencv).
 //! Bit for bit: the official pipeline rounds to whole grey levels before the model sees the image, so a resize
 //! that is merely close moves the model's input by up to a grey level on most pixels.
 

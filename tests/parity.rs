@@ -1,5 +1,5 @@
 //! The Rust engine against the PyTorch reference (`reference.segment`) on the same weights and images:
-//! golden outputs in tests/fixtures/golden, written by `python -m tclseg_trainer.fixtures`.
+//! golden outputs in tests/fixtures/golden, written by `python -m tclseg_trainer.tools.fixtures`.
 //!
 //! Tolerances: soft scores max |Δ| ≤ 1e-4 (fp32); label maps ≥ 99.9 % equal, for both paths. The image resize is
 //! the official pipeline's (OpenCV's uint8 arithmetic, `tests/opencv_resize.rs`) on both: the device path resizes

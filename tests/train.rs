@@ -51,7 +51,7 @@ fn generate_world(dir: &Path) {
     let world = dir.join("world");
     python(&[
         "-m",
-        "tclseg_trainer.synthetic",
+        "tclseg_trainer.tools.synthetic",
         "generate",
         "--out",
         world.to_str().unwrap(),

@@ -8,13 +8,65 @@ from __future__ import annotations
 
 import hashlib
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 FORMAT = "tclseg-bundle"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "model.toml"
+
+# Inference constants of the official evaluation (reference/tcl.md §4, §5): what model.toml carries by default.
+CROP_SIZE = 448
+CROP_STRIDE = 224
+SHORT_SIDE = 448
+LONG_SIDE_MAX = 2048
+PAD_MULTIPLE = 16
+MASK_STRIDE = 4
+KP_WEIGHT = 0.3
+KP_SHIFT = 0.25
+KP_SCALE = 10.0
+BG_THRESH_PAMR = 0.4
+BG_THRESH = 0.5
+PAMR_ITERATIONS = 10
+PAMR_DILATIONS = (1, 2, 4, 8, 12, 24)
+
+
+def _official_templates() -> list[str]:
+    from .model import TEMPLATES
+
+    return list(TEMPLATES)
+
+
+@dataclass
+class BundleDefaults:
+    """The inference defaults a bundle carries in model.toml, which `tclseg segment`/`serve`/`eval` use unless told
+    otherwise. The official TCL evaluation settings by default; a training recipe whose world differs (the synthetic
+    one: 224-pixel images, captions without photo templates) sets its own in the config's [bundle] table."""
+
+    short_side: int = SHORT_SIDE
+    kp_weight: float = KP_WEIGHT
+    bg_thresh_pamr: float = BG_THRESH_PAMR
+    bg_thresh: float = BG_THRESH
+    templates: list[str] = field(default_factory=_official_templates)
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, as `key: reason` lines (empty when they are usable)."""
+        out = []
+        if self.short_side < PAD_MULTIPLE:
+            out.append(f"short_side {self.short_side}: must be >= {PAD_MULTIPLE}")
+        if not 0.0 <= self.kp_weight <= 1.0:
+            out.append(f"kp_weight {self.kp_weight}: must be in [0, 1]")
+        for key in ("bg_thresh_pamr", "bg_thresh"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                out.append(f"{key} {getattr(self, key)}: must be in (0, 1)")
+        if not self.templates:
+            out.append('templates: give at least one, e.g. ["{}"]')
+        for t in self.templates:
+            if not isinstance(t, str) or t.count("{}") != 1:
+                out.append(f"templates: {t!r} must contain '{{}}' exactly once (where the query name goes)")
+        return out
+
 
 # Graph roles every bundle provides, in the order they run.
 REQUIRED_GRAPHS = ("text_encoder", "image_trunk", "tcl_head", "mask_head", "pamr")

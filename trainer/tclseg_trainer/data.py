@@ -14,6 +14,8 @@ Augmentation (tcl.md §3, timm's `create_transform(224, is_training=True)` rebui
 torchvision are not dependencies): RandomResizedCrop scale (0.08, 1) ratio (3/4, 4/3) bilinear; horizontal flip
 0.5; ColorJitter 0.4 (brightness, contrast, saturation); RandAugment with 2 ops at magnitude 9 (std 0.5, the
 "increasing" op set); RandomErasing p 0.25, one box, per-pixel normal noise; ImageNet normalisation.
+
+Labelled sets for evaluation (`load_eval_set`, `miou`): classes.txt (background first), images/, labels/.
 """
 
 from __future__ import annotations
@@ -397,3 +399,46 @@ def collate(batch: list) -> tuple[torch.Tensor, list[str], dict]:
         prev = skips.get(wid, {})
         skips[wid] = counts if sum(counts.values()) >= sum(prev.values()) else prev
     return images, captions, skips
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Labelled sets (the trainer's in-training evaluation, the synthetic world's score): one reader and one mIoU.
+# The layout is `tclseg eval --dataset folder`'s; src/eval/datasets.rs reads the same files on the Rust side.
+
+
+def load_eval_set(root: str, max_images: int = 0) -> tuple[list[str], list[tuple[Path, Path]]]:
+    """The labelled-folder layout of `tclseg eval --dataset folder`: classes.txt (one class per line in label order;
+    the first must be `background`, scored by threshold; `name: prompts` keeps the name), images/<stem>.*,
+    labels/<stem>.png (255 = ignore). Returns the class names after background, and the (image, label) pairs."""
+    r = Path(root)
+    classes_file = r / "classes.txt"
+    if not classes_file.is_file():
+        raise DataError(f"{classes_file}: an evaluation set needs classes.txt")
+    lines = [c.split(":")[0].strip() for c in classes_file.read_text(encoding="utf-8").splitlines() if c.strip()]
+    if not lines or lines[0] != "background":
+        found = repr(lines[0]) if lines else "nothing"
+        raise DataError(f"{classes_file}: the first class must be 'background' (label 0), found {found}")
+    classes = lines[1:]
+    pairs = []
+    for img in sorted((r / "images").glob("*")):
+        lab = r / "labels" / (img.stem + ".png")
+        if lab.is_file():
+            pairs.append((img, lab))
+    if not pairs:
+        raise DataError(f"{r}: no images/<stem> with labels/<stem>.png")
+    return classes, pairs[: max_images or None]
+
+
+def miou(preds: list[np.ndarray], labels: list[np.ndarray], n_classes: int) -> float:
+    """Mean over classes present (union > 0) of intersection / union, accumulated over the set; 255 ignored."""
+    inter = np.zeros(n_classes)
+    union = np.zeros(n_classes)
+    for p, g in zip(preds, labels, strict=True):
+        valid = g != 255
+        p, g = p[valid], g[valid]
+        for k in range(n_classes):
+            pk, gk = p == k, g == k
+            inter[k] += np.logical_and(pk, gk).sum()
+            union[k] += np.logical_or(pk, gk).sum()
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")

@@ -11,6 +11,9 @@ Inference path for one crop (`TCL.generate_masks`):
 Every grounder part starts as a copy of CLIP, and the decoder gates start at zero, so at initialisation the
 grounder is exactly MaskCLIP upsampled 4x (nearest).
 
+This is the model as trained and the reference for every parity test; `export_graphs.py` is the same function as it
+ships in a bundle (the graphs the Rust runtime runs).
+
 Module and parameter names mirror the official implementation (kakaobrain/tcl, models/tcl/*.py) so that the
 released grounder-only `tcl.pth` loads into this class unchanged:
 
@@ -298,6 +301,8 @@ class TCL(nn.Module):
         return self
 
     # --- the pieces the exported graphs are made of -------------------------------------------------------
+    # export_graphs.py wraps these into the head as it ships (one nn.Module per bundle graph; the decoder there
+    # runs as polyphase/Winograd convolutions that compute the same function with fewer multiplies).
 
     def resized_pos_embed(self, grid_hw: tuple[int, int]) -> torch.Tensor:
         """Positional table [1 + h*w, width] for a patch grid, bicubic-resized from the training grid."""

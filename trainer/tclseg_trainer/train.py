@@ -37,9 +37,9 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from .bundle import BundleDefaults
 from .checkpoints import CheckpointError, apply_openai_clip, load_checkpoint, load_openai_clip, save_checkpoint
-from .data import AugmentConfig, DataError, ImageTextStream, SkipCounter, collate
-from .export import BundleDefaults
+from .data import AugmentConfig, DataError, ImageTextStream, SkipCounter, collate, load_eval_set, miou
 from .losses import LossWeights, tcl_losses
 from .model import SIZES, TCL
 from .tokenizer import Tokenizer
@@ -399,44 +399,6 @@ def encode_captions(model: TCL, tokenizer: Tokenizer, captions: list[str], devic
 
 # ---------------------------------------------------------------------------------------------------------
 # Evaluation: mIoU on a labelled set
-
-
-def load_eval_set(root: str, max_images: int = 0) -> tuple[list[str], list[tuple[Path, Path]]]:
-    """The labelled-folder layout of `tclseg eval --dataset folder`: classes.txt (one class per line in label order;
-    the first must be `background`, scored by threshold; `name: prompts` keeps the name), images/<stem>.*,
-    labels/<stem>.png (255 = ignore). Returns the class names after background, and the (image, label) pairs."""
-    r = Path(root)
-    classes_file = r / "classes.txt"
-    if not classes_file.is_file():
-        raise ConfigError(f"{classes_file}: an evaluation set needs classes.txt")
-    lines = [c.split(":")[0].strip() for c in classes_file.read_text(encoding="utf-8").splitlines() if c.strip()]
-    if not lines or lines[0] != "background":
-        found = repr(lines[0]) if lines else "nothing"
-        raise ConfigError(f"{classes_file}: the first class must be 'background' (label 0), found {found}")
-    classes = lines[1:]
-    pairs = []
-    for img in sorted((r / "images").glob("*")):
-        lab = r / "labels" / (img.stem + ".png")
-        if lab.is_file():
-            pairs.append((img, lab))
-    if not pairs:
-        raise ConfigError(f"{r}: no images/<stem> with labels/<stem>.png")
-    return classes, pairs[: max_images or None]
-
-
-def miou(preds: list[np.ndarray], labels: list[np.ndarray], n_classes: int) -> float:
-    """Mean over classes present (union > 0) of intersection / union, accumulated over the set; 255 ignored."""
-    inter = np.zeros(n_classes)
-    union = np.zeros(n_classes)
-    for p, g in zip(preds, labels, strict=True):
-        valid = g != 255
-        p, g = p[valid], g[valid]
-        for k in range(n_classes):
-            pk, gk = p == k, g == k
-            inter[k] += np.logical_and(pk, gk).sum()
-            union[k] += np.logical_or(pk, gk).sum()
-    present = union > 0
-    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
 
 
 @torch.no_grad()

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tclseg_trainer import bench_gpu
-from tclseg_trainer.bench_gpu import Fp32Pamr, count_flops, derive, latency_stats, segment_batch
 from tclseg_trainer.model import SIZES, TCL, TCLConfig
 from tclseg_trainer.pamr import PAMR
 from tclseg_trainer.reference import segment
+from tclseg_trainer.tools import bench_gpu
+from tclseg_trainer.tools.bench_gpu import Fp32Pamr, count_flops, derive, latency_stats, segment_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -10,10 +10,10 @@ import torch
 
 from tclseg_trainer.bundle_infer import BundleRunner
 from tclseg_trainer.export import export_bundle
-from tclseg_trainer.fixtures import QUERIES, draw_image
 from tclseg_trainer.model import SIZES, TCL, TEMPLATES, randomize_gates
 from tclseg_trainer.reference import segment
 from tclseg_trainer.tokenizer import default_vocab_path, tokenize
+from tclseg_trainer.tools.fixtures import QUERIES, draw_image
 
 
 def build(size: str, seed: int, out, precisions=("fp32",)):

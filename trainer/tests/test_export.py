@@ -69,7 +69,7 @@ def test_image_graphs_match_the_model(tiny, precision):
 
 def test_polyphase_stage_equals_upsample_then_conv():
     """The export's low-resolution form of a decoder stage computes exactly what the model's stage does."""
-    from tclseg_trainer.export import PolyphaseUpConv
+    from tclseg_trainer.export_graphs import PolyphaseUpConv
 
     model = randomize_gates(TCL(SIZES["tiny"], seed=3), seed=4).eval()
     gen = torch.Generator().manual_seed(5)

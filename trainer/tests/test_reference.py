@@ -130,7 +130,7 @@ def test_committed_opencv_fixtures_are_opencvs_output(tmp_path):
 
     from PIL import Image
 
-    from tclseg_trainer.fixtures import write_opencv_cases
+    from tclseg_trainer.tools.fixtures import write_opencv_cases
 
     committed = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "opencv"
     (tmp_path / "images").symlink_to(committed.parent / "images")
@@ -142,7 +142,7 @@ def test_committed_opencv_fixtures_are_opencvs_output(tmp_path):
         for key in ("input", "output"):
             a = np.asarray(Image.open(committed / case[key]))
             b = np.asarray(Image.open(tmp_path / "opencv" / case[key]))
-            assert np.array_equal(a, b), f"{case[key]} is stale: run python -m tclseg_trainer.fixtures"
+            assert np.array_equal(a, b), f"{case[key]} is stale: run python -m tclseg_trainer.tools.fixtures"
 
 
 @pytest.mark.parametrize(

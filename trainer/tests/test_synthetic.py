@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tclseg_trainer import synthetic as S
+from tclseg_trainer import data as D
 from tclseg_trainer import train as T
+from tclseg_trainer.tools import synthetic as S
 
 # 1 torch thread for these tests (cores are shared), restored afterwards: other modules assume 2.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,9 +42,9 @@ def test_scene_labels_match_objects_and_captions_name_them():
 def test_generate_and_score(tmp_path: Path):
     S.generate(tmp_path, n_train=3, n_eval=2, seed=1)
     assert len(list((tmp_path / "train").glob("*.txt"))) == 3
-    classes, _ = T.load_eval_set(str(tmp_path / "eval-shapes"))
+    classes, _ = D.load_eval_set(str(tmp_path / "eval-shapes"))
     assert classes == list(S.SHAPES)
-    classes, pairs = T.load_eval_set(str(tmp_path / "eval"))
+    classes, pairs = D.load_eval_set(str(tmp_path / "eval"))
     assert classes == list(S.COLOURS) and len(pairs) == 2
     pred = tmp_path / "pred"
     pred.mkdir()
@@ -53,8 +54,8 @@ def test_generate_and_score(tmp_path: Path):
     assert r["miou"] == 1.0 and r["chance_uniform"] < 0.5 and r["all_background"] < 1.0
     # the layout is `tclseg eval --dataset folder`'s: background first, by threshold
     (tmp_path / "eval" / "classes.txt").write_text("red\ngreen\n")
-    with pytest.raises(T.ConfigError, match=r"classes.txt: the first class must be 'background'.*'red'"):
-        T.load_eval_set(str(tmp_path / "eval"))
+    with pytest.raises(D.DataError, match=r"classes.txt: the first class must be 'background'.*'red'"):
+        D.load_eval_set(str(tmp_path / "eval"))
 
 
 @pytest.mark.slow

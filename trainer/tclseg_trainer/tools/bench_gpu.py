@@ -1,6 +1,6 @@
 """Throughput benchmark on one device: the PyTorch reference and tclseg, fp32 and fp16, at several batch sizes.
 
-    python -m tclseg_trainer.bench_gpu --tclseg target/release/tclseg [--device cuda] [--size vit-b16]
+    python -m tclseg_trainer.tools.bench_gpu --tclseg target/release/tclseg [--device cuda] [--size vit-b16]
         [--batches 1,8,32] [--images 8] [--image-size 1920x1080] [--out results.json]
 
 In one run, on the same device, images and random weights:
@@ -21,7 +21,7 @@ Per child it measures latency per call (p50/p95), images/s, crops/s, peak RSS (o
 memory in use (nvidia-smi, sampled) and torch's own peak allocation. Then it prints one table, the ratios and
 label agreement against the goals, and writes everything to `--out` as JSON.
 
-The PyTorch side runs as `python -m tclseg_trainer.bench_gpu --reference ...` (an internal mode).
+The PyTorch side runs as `python -m tclseg_trainer.tools.bench_gpu --reference ...` (an internal mode).
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..model import SIZES, TCL, TEMPLATES, TCLConfig
+from ..reference import crop_boxes, prepare, rescale_size
 from .bench_segment import QUERIES, ensure_bundle, make_images, peak_rss_of
-from .model import SIZES, TCL, TEMPLATES, TCLConfig
-from .reference import crop_boxes, prepare, rescale_size
 
 # The bundle's input settings (export's defaults, the official ones): what tclseg and reference.segment use.
 CROP, STRIDE, SHORT_SIDE, LONG_SIDE_MAX = 448, 224, 448, 2048
@@ -230,7 +230,7 @@ class GpuMemorySampler:
 def run_child(cmd: list[str], sample_gpu: bool) -> tuple[str, dict]:
     """Runs one benchmark child (this package importable in it): (stdout, memory figures)."""
     env = dict(os.environ)
-    package_parent = str(Path(__file__).resolve().parents[1])
+    package_parent = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_parent, env.get("PYTHONPATH")) if p)
     sampler = GpuMemorySampler() if sample_gpu and GpuMemorySampler.available() else None
     try:
@@ -352,7 +352,7 @@ def matmul_ceiling(device: str, n: int | None = None, reps: int = 10) -> dict[st
 
 def reference_mode(args: argparse.Namespace) -> None:
     """One (precision, batch) of the PyTorch reference, in its own process; prints one JSON row."""
-    from .tokenizer import tokenize
+    from ..tokenizer import tokenize
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -593,7 +593,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             cmd = [
                 sys.executable,
                 "-m",
-                "tclseg_trainer.bench_gpu",
+                "tclseg_trainer.tools.bench_gpu",
                 "--reference",
                 "--size",
                 args.size,

@@ -1,4 +1,6 @@
-"""Training throughput of one process: `python -m tclseg_trainer.bench_train [--size tiny] [--batch 32] [--steps 20]`.
+"""Training throughput of one process.
+
+    python -m tclseg_trainer.tools.bench_train [--size tiny] [--batch 32] [--steps 20]
 
 Times `train.train_step` (forward with every loss, backward, clip, AdamW) on random batches, after 3 warm-up
 steps, so data loading is excluded. Prints samples/s and the process's peak resident memory (CPU) or peak
@@ -15,11 +17,11 @@ import time
 
 import torch
 
-from . import train as T
+from .. import train as T
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m tclseg_trainer.bench_train")
+    p = argparse.ArgumentParser(prog="python -m tclseg_trainer.tools.bench_train")
     p.add_argument("--size", default="tiny")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)

@@ -1,6 +1,6 @@
 """`tclseg segment` against the official TCL code (kakaobrain/tcl) itself, on the same weights and photos.
 
-    python -m tclseg_trainer.official_parity --official .official/tcl \
+    python -m tclseg_trainer.tools.official_parity --official .official/tcl \
         --python-official ~/.cache/tclseg/venv-official-*/bin/python --tclseg target/release/tclseg \
         --images .official/images --work target/official-parity
 
@@ -59,8 +59,8 @@ def write_official_weights(folder: Path, *, seed: int = SEED, size: str = "vit-b
     (sclip `build_model`) rounds CLIP's linear and conv weights to fp16 anyway, so fp32 values would make the two
     sides run different weights. The grounder keeps fp32 (the official code loads tcl.pth as it is).
     """
-    from .checkpoints import tcl_to_openai_key
-    from .model import SIZES, TCL, randomize_gates
+    from ..checkpoints import tcl_to_openai_key
+    from ..model import SIZES, TCL, randomize_gates
 
     model = randomize_gates(TCL(SIZES[size], seed=seed), seed=seed)
     with torch.no_grad():
@@ -164,7 +164,7 @@ def check_provenance(bundle: Path, clip: Path) -> None:
     """The bundle says that its CLIP was not OpenAI's, and which file it was (`--allow-unverified-clip`)."""
     import tomllib
 
-    from .bundle import sha256_file
+    from ..bundle import sha256_file
 
     provenance = tomllib.loads((bundle / "model.toml").read_text())["provenance"]
     want = {"source": "official", "clip_verified": False, "clip_sha256": sha256_file(clip)}
@@ -202,10 +202,10 @@ def main() -> None:
         "export the bundle",
     )
     check_provenance(bundle, clip)
-    trainer_dir = str(Path(__file__).resolve().parent.parent)
+    trainer_dir = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=trainer_dir)
     t_official, out = _run(
-        [args.python_official, "-m", "tclseg_trainer.official_side", "--official", str(args.official)]
+        [args.python_official, "-m", "tclseg_trainer.tools.official_side", "--official", str(args.official)]
         + ["--clip", str(clip), "--tcl", str(tcl), "--images", str(images), "--out", str(work / "official")]
         + ["--queries", json.dumps(QUERIES), "--settings", json.dumps(SETTINGS), "--threads", str(args.threads)],
         "the official code",

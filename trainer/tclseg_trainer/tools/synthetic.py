@@ -1,9 +1,9 @@
 """The synthetic world: image-caption pairs of coloured shapes, to show TCL works end to end on a CPU.
 
-    python -m tclseg_trainer.synthetic generate --out DIR [--train N] [--eval N] [--seed S]
-    python -m tclseg_trainer.synthetic pretrain --out clip.pt [--steps N]
-    python -m tclseg_trainer.synthetic samples --out samples/shapes [--n 4]
-    python -m tclseg_trainer.synthetic score --pred DIR --eval DIR/eval
+    python -m tclseg_trainer.tools.synthetic generate --out DIR [--train N] [--eval N] [--seed S]
+    python -m tclseg_trainer.tools.synthetic pretrain --out clip.pt [--steps N]
+    python -m tclseg_trainer.tools.synthetic samples --out samples/shapes [--n 4]
+    python -m tclseg_trainer.tools.synthetic score --pred DIR --eval DIR/eval
 
 `generate` writes
 - `DIR/train/<i>.png` + `<i>.txt`: 1-3 shapes (circle, square, triangle, cross), each in a different one of 6
@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .checkpoints import save_checkpoint
-from .data import collate, to_normalized_tensor
-from .losses import clip_image_embedding, info_nce
-from .model import SIZES, TCL
-from .tokenizer import Tokenizer
+from ..checkpoints import save_checkpoint
+from ..data import collate, load_eval_set, miou, to_normalized_tensor
+from ..losses import clip_image_embedding, info_nce
+from ..model import SIZES, TCL
+from ..tokenizer import Tokenizer
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
@@ -252,8 +252,6 @@ def pretrain_clip(
 def score(pred_dir: Path, eval_dir: Path, seed: int = 0) -> dict:
     """mIoU of `<stem>.labels.png` maps in pred_dir (as `tclseg segment --format labels` writes them) against
     eval_dir/labels, plus two baselines on the same pixels: uniform random labels and all-background."""
-    from .train import load_eval_set, miou
-
     classes, pairs = load_eval_set(str(eval_dir))
     preds, gts, rand, bg = [], [], [], []
     rng = np.random.default_rng(seed)
@@ -276,7 +274,7 @@ def score(pred_dir: Path, eval_dir: Path, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tclseg_trainer.synthetic", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m tclseg_trainer.tools.synthetic", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate")
     g.add_argument("--out", type=Path, required=True)

@@ -1,6 +1,6 @@
 """Regenerates the committed test fixtures, deterministically:
 
-    python -m tclseg_trainer.fixtures --out tests/fixtures
+    python -m tclseg_trainer.tools.fixtures --out tests/fixtures
 
 - `bundles/tiny-random/`: the tiny random TCL (seed 0, decoder gates randomized too) exported as a bundle
   (fp32 + fp16); the Rust tests and the binary's built-in model use it;
@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .export import export_bundle
-from .model import SIZES, TCL, TEMPLATES, randomize_gates
-from .reference import segment
-from .tokenizer import default_vocab_path, tokenize
+from ..export import export_bundle
+from ..model import SIZES, TCL, TEMPLATES, randomize_gates
+from ..reference import segment
+from ..tokenizer import default_vocab_path, tokenize
 
 SEED = 0
 QUERIES = ["red square", "blue circle", "green triangle"]
@@ -127,7 +127,7 @@ def write_opencv_cases(out: Path, seed: int = SEED) -> None:
     """OpenCV's resize and mmcv's normalization, computed by OpenCV itself, for the Rust tests."""
     import cv2
 
-    from .reference import rescale_size
+    from ..reference import rescale_size
 
     rng = np.random.default_rng(seed)
     shutil.rmtree(out, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Benchmark: `tclseg segment` against the PyTorch reference on the same images, weights and settings.
 
-    python -m tclseg_trainer.bench_segment --tclseg target/release/tclseg [--size vit-b16] [--images 6]
+    python -m tclseg_trainer.tools.bench_segment --tclseg target/release/tclseg [--size vit-b16] [--images 6]
 
 In one run it (1) exports the random bundle of `--size`/`--seed` if it is not there yet, (2) writes synthetic
 test images, (3) runs `tclseg segment` and (4) the PyTorch reference (`reference.segment`, the same random
@@ -8,7 +8,7 @@ weights rebuilt from the same seed) each in its own process with the same thread
 images/s, peak RSS, their ratios, and how many label pixels agree. Steady-state throughput is measured over
 the image loop only (model loading and text encoding excluded on both sides); total wall time is printed too.
 
-The reference side runs as `python -m tclseg_trainer.bench_segment --reference ...` (an internal mode).
+The reference side runs as `python -m tclseg_trainer.tools.bench_segment --reference ...` (an internal mode).
 """
 
 from __future__ import annotations
@@ -91,9 +91,9 @@ def reference_mode(args: argparse.Namespace) -> None:
     """The PyTorch side, in its own process: build the weights, then time the image loop."""
     import torch
 
-    from .model import SIZES, TCL, TEMPLATES
-    from .reference import segment
-    from .tokenizer import tokenize
+    from ..model import SIZES, TCL, TEMPLATES
+    from ..reference import segment
+    from ..tokenizer import tokenize
 
     torch.set_num_threads(args.threads)
     model = TCL(SIZES[args.size], seed=args.seed).eval()
@@ -181,7 +181,7 @@ def main() -> None:
     ref_cmd = [
         sys.executable,
         "-m",
-        "tclseg_trainer.bench_segment",
+        "tclseg_trainer.tools.bench_segment",
         "--reference",
         "--size",
         args.size,

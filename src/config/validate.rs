@@ -277,12 +277,7 @@ pub fn check_paths(cfg: &ServeConfig) -> Vec<String> {
         if dir.as_os_str().is_empty() {
             continue;
         }
-        // The folder itself, or the nearest part of its path that exists, must be a folder.
-        if let Some(blocker) = dir
-            .ancestors()
-            .find(|a| !a.as_os_str().is_empty() && a.exists())
-            .filter(|a| !a.is_dir())
-        {
+        if let Some(blocker) = crate::sink::paths::file_in_the_way(dir) {
             errors.push(format!(
                 "pipeline[{i}] '{}'.output.dir: {} is not a folder{}",
                 p.name,

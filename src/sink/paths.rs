@@ -71,15 +71,7 @@ pub fn overlap(a: &Path, b: &Path) -> Option<Overlap> {
 /// Creates the output folder `dir` (named by `what`, e.g. `--out`) if needed. A file in its place, or in place of
 /// a folder above it, is named as such with what to do, instead of the OS's "File exists".
 pub fn ensure_output_dir(dir: &Path, what: &str) -> Result<()> {
-    let mut blocker = None;
-    for ancestor in dir.ancestors().filter(|a| !a.as_os_str().is_empty()) {
-        match std::fs::metadata(ancestor) {
-            Ok(meta) if meta.is_dir() => break,
-            Ok(_) => blocker = Some(ancestor),
-            Err(_) => {}
-        }
-    }
-    if let Some(file) = blocker {
+    if let Some(file) = file_in_the_way(dir) {
         if file == dir {
             bail!(
                 "{what} {} is a file, not a folder; name a folder for the outputs (it is created if missing)",
@@ -94,6 +86,15 @@ pub fn ensure_output_dir(dir: &Path, what: &str) -> Result<()> {
     }
     std::fs::create_dir_all(dir)
         .with_context(|| format!("{what}: cannot create the output folder {}", dir.display()))
+}
+
+/// What keeps `dir` from being (or becoming) a folder: the nearest part of its path that exists, when that is not
+/// a folder (`dir` itself, or a file further up). None when `dir` is a folder or can be created.
+pub fn file_in_the_way(dir: &Path) -> Option<&Path> {
+    dir.ancestors()
+        .filter(|a| !a.as_os_str().is_empty())
+        .find(|a| a.exists())
+        .filter(|a| !a.is_dir())
 }
 
 #[cfg(test)]

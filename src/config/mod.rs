@@ -43,7 +43,7 @@ use crate::model::{DeviceChoice, Precision, Processing};
 use crate::queries::{QuerySet, QuerySpec};
 use crate::sink::overlay::OverlayFormat;
 use crate::sink::template::PathTemplate;
-use crate::source::{SourceKind, SourceSpec};
+use crate::source::{FolderMode, SourceKind, SourceSpec};
 
 /// Every problem found in a config file, each with where it is.
 #[derive(Debug)]
@@ -253,15 +253,6 @@ pub enum QueuePolicy {
     Latest,
     /// Never drop: the source waits for the worker (files and folders).
     Lossless,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FolderMode {
-    /// Process what is there, then keep watching for new images.
-    Watch,
-    /// Process what is there, then the pipeline is finished.
-    Once,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

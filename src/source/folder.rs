@@ -19,8 +19,7 @@ use super::decode::{decode, DEFAULT_MAX_PIXELS};
 use super::inputs;
 use super::sequence::FrameSequence;
 use super::stream::RunEnd;
-use super::{Frame, FrameSink};
-use crate::config::FolderMode;
+use super::{FolderMode, Frame, FrameSink};
 use crate::telemetry::{DropReason, PipelineMetrics};
 
 /// How often a watched folder is scanned.

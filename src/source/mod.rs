@@ -19,8 +19,17 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use image::RgbImage;
+use serde::Deserialize;
 
-use crate::config::FolderMode;
+/// What a `folder://` source does once it has taken what is there (the `folder_mode` key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FolderMode {
+    /// Process what is there, then keep watching for new images.
+    Watch,
+    /// Process what is there, then the pipeline is finished.
+    Once,
+}
 
 /// What kind of thing a source URI names.
 #[derive(Debug, Clone, PartialEq, Eq)]

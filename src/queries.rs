@@ -22,8 +22,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
 use crate::model::{Query, Segmentation};
-use crate::sink::label_png::{default_colour, Rgb};
-use crate::sink::sidecar::{self, ClassResult};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +41,22 @@ pub struct QuerySpec {
 #[serde(deny_unknown_fields)]
 struct QueryFile {
     query: Vec<QuerySpec>,
+}
+
+/// A palette colour. The palette belongs to the query set: label k is painted in query k's colour.
+pub type Rgb = [u8; 3];
+
+/// The PASCAL VOC colour map: distinct, stable colours for class indices (0 is black).
+pub fn default_colour(index: usize) -> Rgb {
+    let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
+    let mut c = index;
+    for j in 0..8 {
+        r |= ((c & 1) as u8) << (7 - j);
+        g |= (((c >> 1) & 1) as u8) << (7 - j);
+        b |= (((c >> 2) & 1) as u8) << (7 - j);
+        c >>= 3;
+    }
+    [r, g, b]
 }
 
 /// A checked query set: the engine's queries in order, and what each becomes in the label map.
@@ -165,51 +179,6 @@ impl QuerySet {
                 match self.specs[q].threshold {
                     Some(t) if score < t => 0,
                     _ => self.labels[q],
-                }
-            })
-            .collect()
-    }
-
-    /// Per output label: name, prompts, pixel fraction, mean winning score, bounding box and COCO RLE.
-    pub fn class_results(
-        &self,
-        labels: &[u16],
-        best: &[f32],
-        width: usize,
-        height: usize,
-    ) -> Vec<ClassResult> {
-        let label_count = self.label_count();
-        let mut sums = vec![(0f64, 0usize); label_count];
-        for (&l, &s) in labels.iter().zip(best) {
-            if let Some(e) = sums.get_mut(l as usize) {
-                e.0 += f64::from(s);
-                e.1 += 1;
-            }
-        }
-        (0..label_count as u16)
-            .map(|label| {
-                let (fraction, bbox, rle) = sidecar::class_stats(labels, width, height, label);
-                let specs: Vec<&QuerySpec> = self
-                    .specs
-                    .iter()
-                    .zip(&self.labels)
-                    .filter(|(_, &l)| l == label)
-                    .map(|(s, _)| s)
-                    .collect();
-                let name = match (label, specs.first()) {
-                    (0, _) => "background".to_string(),
-                    (_, Some(s)) => s.name.trim().to_string(),
-                    _ => String::new(),
-                };
-                let (sum, count) = sums[label as usize];
-                ClassResult {
-                    label,
-                    name,
-                    prompts: specs.iter().flat_map(|s| s.prompts.clone()).collect(),
-                    pixel_fraction: fraction,
-                    mean_score: (count > 0).then(|| sum / count as f64),
-                    bbox,
-                    rle,
                 }
             })
             .collect()

@@ -27,7 +27,7 @@ use image::RgbImage;
 use super::atomic::{sweep_stale_temps, temp_file_in};
 use super::label_png::{self, Style};
 use super::overlay::{self, OverlayFormat};
-use super::sidecar::{FrameInfo, ModelInfo, SettingsInfo, Sidecar, Timings};
+use super::sidecar::{self, FrameInfo, ModelInfo, SettingsInfo, Sidecar, Timings};
 use crate::model::{SegmentSettings, Segmentation};
 use crate::queries::QuerySet;
 
@@ -334,7 +334,7 @@ pub fn encode_image(
                 kp_weight: item.settings.kp_weight,
                 background: item.settings.background,
             },
-            classes: item.queries.class_results(&labels, &seg.best, w, h),
+            classes: sidecar::class_results(item.queries, &labels, &seg.best, w, h),
             timings_ms: Timings {
                 decode: info.decode_ms,
                 inference: info.inference_ms,

@@ -3,20 +3,7 @@
 
 use anyhow::{anyhow, Result};
 
-pub type Rgb = [u8; 3];
-
-/// The PASCAL VOC colour map: distinct, stable colours for class indices (0 is black).
-pub fn default_colour(index: usize) -> Rgb {
-    let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
-    let mut c = index;
-    for j in 0..8 {
-        r |= ((c & 1) as u8) << (7 - j);
-        g |= (((c >> 1) & 1) as u8) << (7 - j);
-        b |= (((c >> 2) & 1) as u8) << (7 - j);
-        c >>= 3;
-    }
-    [r, g, b]
-}
+use crate::queries::Rgb;
 
 /// How class indices become pixels.
 #[derive(Debug, Clone, Copy)]
@@ -113,6 +100,7 @@ fn write_png(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queries::default_colour;
 
     #[test]
     fn voc_colours() {

@@ -5,7 +5,7 @@ use std::io::Cursor;
 use anyhow::{anyhow, Result};
 use image::{ImageFormat, RgbImage};
 
-use super::label_png::Rgb;
+use crate::queries::Rgb;
 
 /// Overlay image format: one type for the daemon's `output.overlay` and `--overlay-format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]

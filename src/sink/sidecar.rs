@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::rle;
+use crate::queries::{QuerySet, QuerySpec};
 
 #[derive(Debug, Serialize)]
 pub struct Sidecar {
@@ -122,6 +123,51 @@ pub fn class_stats(
             counts: rle::compress(&counts),
         },
     )
+}
+
+/// Per output label of `queries`: name, prompts, pixel fraction, mean winning score, bounding box and COCO RLE.
+pub fn class_results(
+    queries: &QuerySet,
+    labels: &[u16],
+    best: &[f32],
+    width: usize,
+    height: usize,
+) -> Vec<ClassResult> {
+    let label_count = queries.label_count();
+    let mut sums = vec![(0f64, 0usize); label_count];
+    for (&l, &s) in labels.iter().zip(best) {
+        if let Some(e) = sums.get_mut(l as usize) {
+            e.0 += f64::from(s);
+            e.1 += 1;
+        }
+    }
+    (0..label_count as u16)
+        .map(|label| {
+            let (fraction, bbox, rle) = class_stats(labels, width, height, label);
+            let specs: Vec<&QuerySpec> = queries
+                .specs
+                .iter()
+                .zip(&queries.labels)
+                .filter(|(_, &l)| l == label)
+                .map(|(s, _)| s)
+                .collect();
+            let name = match (label, specs.first()) {
+                (0, _) => "background".to_string(),
+                (_, Some(s)) => s.name.trim().to_string(),
+                _ => String::new(),
+            };
+            let (sum, count) = sums[label as usize];
+            ClassResult {
+                label,
+                name,
+                prompts: specs.iter().flat_map(|s| s.prompts.clone()).collect(),
+                pixel_fraction: fraction,
+                mean_score: (count > 0).then(|| sum / count as f64),
+                bbox,
+                rle,
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ pub fn run(
     for warning in config::validate::warnings(&config) {
         tracing::warn!("{warning}");
     }
-    crate::source::stream::init()?;
+    crate::gst::init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

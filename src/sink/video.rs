@@ -25,7 +25,7 @@ pub struct VideoWriter {
 impl VideoWriter {
     /// Opens `path` (.mkv or .mp4) for frames of `width`×`height`.
     pub fn create(path: &Path, width: u32, height: u32) -> Result<VideoWriter> {
-        crate::source::stream::init()?;
+        crate::gst::init()?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;

@@ -73,7 +73,7 @@ fn probe_over(
     timeout: Duration,
     transport: RtspTransport,
 ) -> Result<(Vec<StreamInfo>, Vec<DecoderInfo>)> {
-    super::stream::init()?;
+    crate::gst::init()?;
     let pipeline = gst::Pipeline::new();
     if spec.is_folder() {
         bail!("{spec}: a folder has no streams to probe");

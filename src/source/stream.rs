@@ -110,13 +110,6 @@ const PULL_TIMEOUT: Duration = Duration::from_millis(200);
 /// RTSP jitter-buffer latency in ms: small, since a late frame is worth less than a fresh one here.
 const RTSP_LATENCY_MS: u32 = 200;
 
-/// Initializes GStreamer once; the error says what to install.
-pub fn init() -> Result<()> {
-    gst::init().map_err(|e| {
-        anyhow!("cannot initialize GStreamer ({e}); install it with scripts/setup (Debian: gstreamer1.0-plugins-*)")
-    })
-}
-
 /// Runs one attempt: builds the pipeline, plays it and pushes frames to `sink` until it ends.
 /// `delivered` is set once a frame got through (the supervisor then resets its backoff).
 pub fn run_once(
@@ -153,7 +146,7 @@ pub(super) fn make(factory: &str) -> Result<gst::Element> {
 }
 
 fn build(spec: &SourceSpec, settings: &StreamSettings) -> Result<Built> {
-    init()?;
+    crate::gst::init()?;
     let pipeline = gst::Pipeline::new();
     let decoder = decoder(&pipeline, spec, settings.rtsp_transport)?;
     let rate = match settings.max_fps {
@@ -481,7 +474,7 @@ mod tests {
     #[test]
     fn every_transport_is_a_valid_rtspsrc_protocols_value() {
         // set_property_from_str panics on a value the flags type does not know: check each one we set.
-        init().expect("gstreamer");
+        crate::gst::init().expect("gstreamer");
         let src = make("rtspsrc").expect("rtspsrc (gst-plugins-good)");
         for name in RtspTransport::NAMES {
             let transport = RtspTransport::parse(name).expect(name);

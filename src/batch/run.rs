@@ -16,7 +16,6 @@ use crate::sink::atomic::temp_file_in;
 pub use crate::sink::files::OutputKinds;
 use crate::sink::files::{ImagePaths, OutputWriter, SegmentedImage, SidecarInfo};
 use crate::sink::paths::{self, Overlap};
-use crate::sink::sidecar::ModelInfo;
 use crate::sink::write_atomic;
 use crate::source::decode::decode;
 use crate::source::inputs::{self, InputImage};
@@ -379,7 +378,7 @@ fn write_outputs(
         image: image.clone(),
         frame: None,
         captured: None,
-        model: ModelInfo::of(engine),
+        model: engine.model_info(),
         decode_ms: item.decode_ms,
         inference_ms: item.inference_ms,
     };

@@ -17,7 +17,6 @@ use tclseg::model::preprocess;
 use tclseg::model::{Engine, SegmentSettings, TextEmbeddings};
 use tclseg::queries::QuerySet;
 use tclseg::sink::files::{ImagePaths, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo};
-use tclseg::sink::sidecar::ModelInfo;
 use tclseg::source::decode::decode;
 use tclseg::source::inputs::{self, InputImage};
 
@@ -194,7 +193,7 @@ fn save_labels(
                 image: owner.clone(),
                 frame: None,
                 captured: None,
-                model: ModelInfo::of(engine),
+                model: engine.model_info(),
                 decode_ms: 0.0,
                 inference_ms: 0.0,
             };

@@ -19,7 +19,7 @@ use crate::sink::files::{
     encode_image, ImagePaths, Keep, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo,
 };
 use crate::sink::retention::{self, Retention};
-use crate::sink::sidecar::{FrameInfo, ModelInfo};
+use crate::sink::sidecar::FrameInfo;
 use crate::sink::template::{utc_date_time, TemplateValues};
 use crate::sink::video::VideoWriter;
 use crate::telemetry::{DropReason, Stage};
@@ -147,7 +147,7 @@ fn write_frame(
             latency_ms: 0.0,
         }),
         captured: Some(item.frame.captured),
-        model: ModelInfo::of(engine),
+        model: engine.model_info(),
         decode_ms: item.taken.duration_since(item.frame.captured).as_secs_f64() * 1e3,
         inference_ms: item.infer.as_secs_f64() * 1e3,
     };

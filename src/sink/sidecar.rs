@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::rle;
+pub use crate::model::info::ModelInfo;
 use crate::queries::{QuerySet, QuerySpec};
 
 #[derive(Debug, Serialize)]
@@ -32,30 +33,6 @@ pub struct FrameInfo {
     pub wall_ms: u64,
     /// Capture → written, ms (the sidecar itself is the last file written).
     pub latency_ms: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ModelInfo {
-    pub name: String,
-    pub version: String,
-    /// sha256 of the bundle's model.toml, which pins every graph's hash.
-    pub manifest_sha256: String,
-    pub device: String,
-    pub precision: String,
-}
-
-impl ModelInfo {
-    /// What identifies the model an engine runs: name, version, manifest hash, device and precision.
-    pub fn of(engine: &crate::model::Engine) -> ModelInfo {
-        let manifest = engine.bundle().manifest();
-        ModelInfo {
-            name: manifest.name.clone(),
-            version: manifest.version.clone(),
-            manifest_sha256: engine.manifest_sha256().to_string(),
-            device: format!("{:?}", engine.device()).to_lowercase(),
-            precision: engine.precision().key().to_string(),
-        }
-    }
 }
 
 #[derive(Debug, Serialize)]

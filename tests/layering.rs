@@ -11,7 +11,7 @@ const FLOORS: &[&[&str]] = &[
     &["queries", "source"],
     &["sink"],
     &["config"],
-    &["pipeline", "batch", "eval"],
+    &["pipeline", "segment", "eval"],
     &["daemon"],
 ];
 

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use tclseg::batch::{self, Outcome, OutputKinds, Progress, SegmentJob};
 use tclseg::model::{Engine, SegmentSettings, SettingsOverrides};
 use tclseg::queries::QuerySet;
+use tclseg::segment::{self, Outcome, OutputKinds, Progress, SegmentJob};
 use tclseg::sink::overlay::OverlayFormat;
 
 use crate::cli::{EngineArgs, RefineArgs, SegmentArgs};
@@ -44,7 +44,7 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         max_pixels: args.max_pixels,
     };
     let display = Display::new();
-    let summary = batch::run(&engine, &job, &display)?;
+    let summary = segment::run(&engine, &job, &display)?;
     display.finish();
     println!(
         "done {}, skipped {} (up to date), failed {}{}, {:.2} images/s in {:.1} s",

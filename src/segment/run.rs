@@ -1,4 +1,4 @@
-//! The batch runner behind `tclseg segment`.
+//! The runner behind `tclseg segment`.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::config::diff::{diff, PipelineChange};
 use crate::config::{self, PipelinePlan, ServeConfig};
 use crate::model::{Engine, EngineOptions};
-use crate::pipeline::scheduler::Scheduler;
+use crate::pipeline::worker::Scheduler;
 use crate::pipeline::{Pipeline, PipelineQueries};
 use crate::telemetry::Telemetry;
 

@@ -1,5 +1,5 @@
 //! A running pipeline: its source thread (supervised), its frame queue, its current queries and its output
-//! thread. The inference worker (`scheduler`) takes frames from every pipeline's queue and hands results to that
+//! thread. The inference worker (`worker`) takes frames from every pipeline's queue and hands results to that
 //! pipeline's output thread (`output`), so a slow disk never holds up inference and a slow camera never holds up
 //! another.
 //!
@@ -8,7 +8,7 @@
 
 pub mod output;
 pub mod queue;
-pub mod scheduler;
+pub mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,7 +77,7 @@ pub struct Segmented {
 }
 
 /// The state shared by a pipeline's source thread, the inference worker and its output thread.
-pub struct Shared {
+pub struct PipelineState {
     pub plan: PipelinePlan,
     pub queue: FrameQueue,
     pub metrics: Arc<PipelineMetrics>,
@@ -87,7 +87,7 @@ pub struct Shared {
     source_done: AtomicBool,
 }
 
-impl Shared {
+impl PipelineState {
     pub fn name(&self) -> &str {
         &self.plan.config.name
     }
@@ -141,7 +141,7 @@ impl Shared {
     }
 }
 
-impl FrameSink for Shared {
+impl FrameSink for PipelineState {
     fn push(&self, frame: Frame) -> bool {
         !self.stopping() && self.queue.push(frame)
     }
@@ -180,7 +180,7 @@ impl Drop for PanicWatch {
 
 /// The owner's handle on a running pipeline.
 pub struct Pipeline {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<PipelineState>,
     source: Option<JoinHandle<()>>,
     output: Option<JoinHandle<()>>,
 }
@@ -217,7 +217,7 @@ impl Pipeline {
         .with_context(|| format!("pipeline '{name}': cannot reserve frame numbers"))?;
         let metrics = telemetry.pipeline(&name);
         let (tx, rx) = bounded::<Segmented>(OUTPUT_DEPTH);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(PipelineState {
             queue: FrameQueue::new(plan.queue, doorbell, Arc::clone(&metrics)),
             metrics,
             queries: Mutex::new(Arc::new(queries)),

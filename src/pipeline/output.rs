@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use crossbeam::channel::Receiver;
 
-use super::{Segmented, Shared};
+use super::{PipelineState, Segmented};
 use crate::model::Engine;
 use crate::sink::atomic::sweep_stale_temps;
 use crate::sink::files::{
@@ -31,7 +31,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// an error instead of an overwrite.
 const REMEMBERED_OUTPUTS: usize = 300_000;
 
-pub fn run(shared: &Shared, results: Receiver<Segmented>, engine: &Engine) {
+pub fn run(shared: &PipelineState, results: Receiver<Segmented>, engine: &Engine) {
     let out = &shared.plan.config.output;
     // The folder is this pipeline's alone (config validation refuses overlaps): its whole tree is ours to sweep.
     sweep_stale_temps(&out.dir, true);
@@ -102,7 +102,7 @@ pub fn run(shared: &Shared, results: Receiver<Segmented>, engine: &Engine) {
 
 #[allow(clippy::too_many_arguments)]
 fn write_frame(
-    shared: &Shared,
+    shared: &PipelineState,
     item: &Segmented,
     engine: &Engine,
     files: &OutputWriter,

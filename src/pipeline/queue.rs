@@ -1,7 +1,7 @@
 //! A pipeline's frame queue between its source thread and the inference worker, with a named policy:
 //! `Latest` holds one frame and a newer one replaces it (counted as `superseded`), so latency stays bounded when
 //! inference is slower than the camera; `Lossless` holds a few and makes the source wait, so files and folders
-//! lose nothing. Pushing rings the scheduler's doorbell.
+//! lose nothing. Pushing rings the inference worker's doorbell.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

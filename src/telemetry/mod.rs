@@ -1,5 +1,5 @@
 //! Metrics: per-pipeline counters and gauges, per-stage latency histograms and the inference worker's batch
-//! sizes, all lock-free atomics that sources, the scheduler and sinks record into, rendered in the Prometheus
+//! sizes, all lock-free atomics that sources, the inference worker and sinks record into, rendered in the Prometheus
 //! text format (`prometheus.rs`). The daemon only exposes them (`/metrics`, `/status`); it lives above this
 //! module, not inside it.
 

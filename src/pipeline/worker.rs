@@ -11,19 +11,33 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::queue::Doorbell;
-use super::{Segmented, Shared};
+use super::{PipelineQueries, PipelineState, Segmented};
 use crate::model::Engine;
 use crate::source::Frame;
 use crate::telemetry::{unix_ms, DropReason, Stage, Telemetry};
 
-/// A frame taken for inference: its pipeline, when it was taken, and the queries it runs with.
-type Taken = (Arc<Shared>, Frame, Instant, Arc<super::PipelineQueries>);
+/// A frame the worker took from a pipeline's queue for inference.
+struct TakenFrame {
+    /// The pipeline it came from: its result goes back to that pipeline's output thread.
+    pipeline: Arc<PipelineState>,
+    frame: Frame,
+    /// When it left the queue (the end of its queue wait).
+    taken: Instant,
+}
 
+/// Frames of one round that share a query set (and so its text embeddings and settings): one engine run.
+struct QueryGroup {
+    queries: Arc<PipelineQueries>,
+    frames: Vec<TakenFrame>,
+}
+
+/// The inference worker's state: the pipelines it serves, its batching limits and its heartbeat. `run` is the
+/// worker's loop; the daemon adds and removes pipelines while it runs.
 pub struct Scheduler {
     engine: Arc<Engine>,
     telemetry: Arc<Telemetry>,
     pub doorbell: Arc<Doorbell>,
-    pipelines: Mutex<Vec<Arc<Shared>>>,
+    pipelines: Mutex<Vec<Arc<PipelineState>>>,
     max_batch: usize,
     max_wait: Duration,
     in_flight: AtomicUsize,
@@ -54,11 +68,11 @@ impl Scheduler {
         }
     }
 
-    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Shared>>> {
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<PipelineState>>> {
         self.pipelines.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn add(&self, pipeline: Arc<Shared>) {
+    pub fn add(&self, pipeline: Arc<PipelineState>) {
         self.list().push(pipeline);
         self.doorbell.ring();
     }
@@ -108,13 +122,13 @@ impl Scheduler {
     }
 
     /// Takes up to `batch_limit` frames, round robin across pipelines, waiting at most `max_wait` after the first.
-    fn gather(&self) -> Vec<(Arc<Shared>, Frame, Instant)> {
+    fn gather(&self) -> Vec<TakenFrame> {
         let limit = self.batch_limit();
         let mut batch = Vec::new();
         let mut deadline: Option<Instant> = None;
         loop {
             let seen = self.doorbell.count();
-            let pipelines: Vec<Arc<Shared>> = self.list().clone();
+            let pipelines: Vec<Arc<PipelineState>> = self.list().clone();
             let n = pipelines.len();
             let mut took_any = true;
             while batch.len() < limit && took_any {
@@ -130,7 +144,11 @@ impl Scheduler {
                     }
                     if let Some(frame) = p.queue.pop() {
                         self.in_flight.fetch_add(1, Ordering::AcqRel);
-                        batch.push((Arc::clone(p), frame, Instant::now()));
+                        batch.push(TakenFrame {
+                            pipeline: Arc::clone(p),
+                            frame,
+                            taken: Instant::now(),
+                        });
                         took_any = true;
                     }
                 }
@@ -156,39 +174,45 @@ impl Scheduler {
         }
     }
 
-    fn infer(&self, batch: Vec<(Arc<Shared>, Frame, Instant)>) {
+    fn infer(&self, batch: Vec<TakenFrame>) {
         self.telemetry.batch_size.observe(batch.len() as f64);
         // Frames that share queries and settings run together.
-        let mut groups: BTreeMap<usize, Vec<Taken>> = BTreeMap::new();
-        for (p, frame, taken) in batch {
-            let q = p.queries();
-            p.metrics
-                .observe(Stage::Queue, taken.duration_since(frame.received));
+        let mut groups: BTreeMap<usize, QueryGroup> = BTreeMap::new();
+        for taken in batch {
+            let queries = taken.pipeline.queries();
+            taken.pipeline.metrics.observe(
+                Stage::Queue,
+                taken.taken.duration_since(taken.frame.received),
+            );
             groups
-                .entry(Arc::as_ptr(&q) as usize)
-                .or_default()
-                .push((p, frame, taken, q));
+                .entry(Arc::as_ptr(&queries) as usize)
+                .or_insert_with(|| QueryGroup {
+                    queries,
+                    frames: Vec::new(),
+                })
+                .frames
+                .push(taken);
         }
         for (_, group) in groups {
             self.run_group(group);
         }
     }
 
-    fn run_group(&self, group: Vec<Taken>) {
-        let q = Arc::clone(&group[0].3);
-        let images: Vec<&image::RgbImage> = group.iter().map(|(_, f, _, _)| &f.image).collect();
+    fn run_group(&self, group: QueryGroup) {
+        let q = &group.queries;
+        let images: Vec<&image::RgbImage> = group.frames.iter().map(|t| &t.frame.image).collect();
         let start = Instant::now();
         let result = self.engine.segment_batch(&images, &q.text, &q.settings);
-        let infer = start.elapsed() / group.len() as u32;
+        let infer = start.elapsed() / group.frames.len() as u32;
         match result {
             Ok(segs) => {
-                for ((p, frame, taken, queries), segmentation) in group.into_iter().zip(segs) {
-                    p.metrics.observe(Stage::Infer, infer);
-                    p.deliver(Segmented {
-                        frame,
+                for (t, segmentation) in group.frames.into_iter().zip(segs) {
+                    t.pipeline.metrics.observe(Stage::Infer, infer);
+                    t.pipeline.deliver(Segmented {
+                        frame: t.frame,
                         segmentation,
-                        queries,
-                        taken,
+                        queries: Arc::clone(&group.queries),
+                        taken: t.taken,
                         infer,
                     });
                 }
@@ -197,9 +221,11 @@ impl Scheduler {
                 self.telemetry
                     .inference_errors
                     .fetch_add(1, Ordering::Relaxed);
-                for (p, frame, _, _) in &group {
-                    tracing::error!(pipeline = %p.name(), frame = frame.sequence, "inference failed: {e:#}");
-                    p.metrics.drop_frames(DropReason::InferenceError, 1);
+                for t in &group.frames {
+                    tracing::error!(pipeline = %t.pipeline.name(), frame = t.frame.sequence, "inference failed: {e:#}");
+                    t.pipeline
+                        .metrics
+                        .drop_frames(DropReason::InferenceError, 1);
                 }
             }
         }

@@ -25,7 +25,7 @@ use crate::sink::frame_numbers;
 use crate::source::sequence::FrameSequence;
 use crate::source::stream::StreamSettings;
 use crate::source::supervisor::{self, SupervisorSettings};
-use crate::source::{Frame, FrameSink};
+use crate::source::{Frame, FrameIntake};
 use crate::telemetry::{DropReason, PipelineMetrics, Telemetry};
 use queue::{Doorbell, FrameQueue};
 
@@ -141,7 +141,7 @@ impl PipelineState {
     }
 }
 
-impl FrameSink for PipelineState {
+impl FrameIntake for PipelineState {
     fn push(&self, frame: Frame) -> bool {
         !self.stopping() && self.queue.push(frame)
     }

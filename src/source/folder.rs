@@ -19,7 +19,7 @@ use super::decode::{decode, DEFAULT_MAX_PIXELS};
 use super::inputs;
 use super::sequence::FrameSequence;
 use super::stream::RunEnd;
-use super::{FolderMode, Frame, FrameSink};
+use super::{FolderMode, Frame, FrameIntake};
 use crate::telemetry::{DropReason, PipelineMetrics};
 
 /// How often a watched folder is scanned.
@@ -70,12 +70,12 @@ pub fn run(
     mode: FolderMode,
     settle: Duration,
     state: &mut FolderState,
-    sink: &dyn FrameSink,
+    intake: &dyn FrameIntake,
     metrics: &PipelineMetrics,
     sequence: &FrameSequence,
 ) -> RunEnd {
     loop {
-        if sink.stopping() {
+        if intake.stopping() {
             return RunEnd::Stopped;
         }
         if !dir.is_dir() {
@@ -98,7 +98,7 @@ pub fn run(
                 let Some(&stamp) = ready.get(&image.path) else {
                     continue;
                 };
-                if sink.stopping() {
+                if intake.stopping() {
                     return RunEnd::Stopped;
                 }
                 let received = Instant::now();
@@ -116,7 +116,7 @@ pub fn run(
                             wall_ms: crate::telemetry::unix_ms(),
                             file: Some((image.name.clone(), image.path.clone())),
                         };
-                        if !sink.push(frame) {
+                        if !intake.push(frame) {
                             return RunEnd::Stopped;
                         }
                     }
@@ -132,7 +132,7 @@ pub fn run(
         }
         let until = Instant::now() + POLL_INTERVAL;
         while Instant::now() < until {
-            if sink.stopping() {
+            if intake.stopping() {
                 return RunEnd::Stopped;
             }
             std::thread::sleep(Duration::from_millis(50));

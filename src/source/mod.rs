@@ -1,6 +1,6 @@
 //! Where frames come from. Every source, live or not, is a URI; `SourceSpec` parses and classifies it and is the
 //! only holder of the raw URI (everything that logs uses `redacted()`). The GStreamer sources (`stream`) and the
-//! image-folder source (`folder`) hand `Frame`s to a `FrameSink`; `supervisor` keeps a source running forever:
+//! image-folder source (`folder`) hand `Frame`s to a `FrameIntake`; `supervisor` keeps a source running forever:
 //! a fresh GStreamer pipeline per attempt, exponential backoff with jitter, and a no-frame watchdog.
 //!
 //! `inputs` (files, folders, globs → images) and `decode` (one image file → RGB, checked) serve `segment` too.
@@ -293,9 +293,10 @@ pub struct Frame {
     pub file: Option<(PathBuf, PathBuf)>,
 }
 
-/// Where a source delivers frames. `push` may block (lossless pipelines) and returns false when the pipeline is
+/// The pipeline's intake: where a source delivers its frames (called an intake, not a sink, because `sink` names
+/// the output writers). `push` may block (lossless pipelines) and returns false when the pipeline is
 /// stopping, so the source should end.
-pub trait FrameSink: Send + Sync {
+pub trait FrameIntake: Send + Sync {
     fn push(&self, frame: Frame) -> bool;
     /// True once the pipeline is being stopped.
     fn stopping(&self) -> bool;

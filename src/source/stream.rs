@@ -18,7 +18,7 @@ use gstreamer_video as gst_video;
 use image::RgbImage;
 
 use super::sequence::FrameSequence;
-use super::{Frame, FrameSink, SourceKind, SourceSpec};
+use super::{Frame, FrameIntake, SourceKind, SourceSpec};
 use crate::telemetry::{DropReason, PipelineMetrics, Stage};
 
 /// How one attempt ended.
@@ -110,12 +110,12 @@ const PULL_TIMEOUT: Duration = Duration::from_millis(200);
 /// RTSP jitter-buffer latency in ms: small, since a late frame is worth less than a fresh one here.
 const RTSP_LATENCY_MS: u32 = 200;
 
-/// Runs one attempt: builds the pipeline, plays it and pushes frames to `sink` until it ends.
+/// Runs one attempt: builds the pipeline, plays it and pushes frames to `intake` until it ends.
 /// `delivered` is set once a frame got through (the supervisor then resets its backoff).
 pub fn run_once(
     spec: &SourceSpec,
     settings: &StreamSettings,
-    sink: &dyn FrameSink,
+    intake: &dyn FrameIntake,
     metrics: &PipelineMetrics,
     sequence: &FrameSequence,
     delivered: &mut bool,
@@ -124,7 +124,7 @@ pub fn run_once(
         Ok(b) => b,
         Err(e) => return RunEnd::Failed(redact_text(&format!("{e:#}"))),
     };
-    let end = pull_loop(spec, settings, &built, sink, metrics, sequence, delivered);
+    let end = pull_loop(spec, settings, &built, intake, metrics, sequence, delivered);
     // Null always returns (a hung RTSP server's TEARDOWN times out inside GStreamer in about 100 ms).
     let _ = built.pipeline.set_state(gst::State::Null);
     end
@@ -286,7 +286,7 @@ fn pull_loop(
     spec: &SourceSpec,
     settings: &StreamSettings,
     built: &Built,
-    sink: &dyn FrameSink,
+    intake: &dyn FrameIntake,
     metrics: &PipelineMetrics,
     sequence: &FrameSequence,
     delivered: &mut bool,
@@ -301,7 +301,7 @@ fn pull_loop(
     let mut last_frame = Instant::now();
     let (mut arrived_seen, mut capped_seen) = (0u64, 0u64);
     loop {
-        if sink.stopping() {
+        if intake.stopping() {
             return RunEnd::Stopped;
         }
         while let Some(msg) = bus.pop_filtered(&[
@@ -368,7 +368,7 @@ fn pull_loop(
                     file: None,
                 };
                 *delivered = true;
-                if !sink.push(frame) {
+                if !intake.push(frame) {
                     return RunEnd::Stopped;
                 }
                 last_frame = Instant::now();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::folder::{self, FolderState};
 use super::sequence::FrameSequence;
 use super::stream::{self, RtspTransport, RunEnd, StreamSettings};
-use super::{FrameSink, SourceKind, SourceSpec};
+use super::{FrameIntake, SourceKind, SourceSpec};
 use crate::telemetry::PipelineMetrics;
 
 #[derive(Debug, Clone)]
@@ -21,12 +21,12 @@ pub struct SupervisorSettings {
     pub folder_settle: Duration,
 }
 
-/// Runs until the sink stops or the source finishes (a file's or one-shot folder's end).
+/// Runs until the intake stops or the source finishes (a file's or one-shot folder's end).
 pub fn supervise(
     pipeline: &str,
     spec: &SourceSpec,
     settings: &SupervisorSettings,
-    sink: &dyn FrameSink,
+    intake: &dyn FrameIntake,
     metrics: &PipelineMetrics,
     sequence: &FrameSequence,
 ) {
@@ -38,7 +38,7 @@ pub fn supervise(
     let mut auto_transport = RtspTransport::Tcp;
     let mut refusals_in_a_row = 0u32;
     loop {
-        if sink.stopping() {
+        if intake.stopping() {
             break;
         }
         if attempt > 0 {
@@ -55,7 +55,7 @@ pub fn supervise(
                     *mode,
                     settings.folder_settle,
                     &mut folder_state,
-                    sink,
+                    intake,
                     metrics,
                     sequence,
                 );
@@ -75,7 +75,7 @@ pub fn supervise(
                 stream::run_once(
                     spec,
                     &stream_settings,
-                    sink,
+                    intake,
                     metrics,
                     sequence,
                     &mut delivered,
@@ -143,7 +143,7 @@ pub fn supervise(
         let delay = jitter.apply(backoff);
         tracing::info!(pipeline, "retrying in {:.2} s", delay.as_secs_f64());
         let until = Instant::now() + delay;
-        while Instant::now() < until && !sink.stopping() {
+        while Instant::now() < until && !intake.stopping() {
             std::thread::sleep(Duration::from_millis(50).min(until - Instant::now()));
         }
         backoff = (backoff * 2).min(settings.backoff_max);

@@ -1,8 +1,9 @@
 //! Writers for segmentation results: label PNGs, colour overlays, JSON sidecars with COCO RLE. Every file is
 //! written to a temporary sibling and renamed into place, so a reader (or a crash) never sees half a file and
-//! an earlier result is never damaged; `files` writes one image's outputs as one unit.
+//! an earlier result is never damaged; `encode` encodes one image's outputs and `files` writes them as one unit.
 
 pub mod atomic;
+pub mod encode;
 pub mod files;
 pub mod frame_numbers;
 pub mod label_png;

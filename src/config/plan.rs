@@ -233,7 +233,7 @@ fn validate_source_options(
     source: Option<&SourceSpec>,
     errors: &mut Vec<String>,
 ) {
-    use crate::source::{stream::RtspTransport, SourceKind};
+    use crate::source::{rtsp::RtspTransport, SourceKind};
     if let Some(text) = &p.rtsp_transport {
         if RtspTransport::parse(text).is_none() {
             errors.push(format!(
@@ -263,11 +263,11 @@ fn validate_source_options(
 
 impl PipelinePlan {
     /// The RTSP transport this pipeline asked for (auto when unset).
-    pub fn rtsp_transport(&self) -> crate::source::stream::RtspTransport {
+    pub fn rtsp_transport(&self) -> crate::source::rtsp::RtspTransport {
         self.config
             .rtsp_transport
             .as_deref()
-            .and_then(crate::source::stream::RtspTransport::parse)
+            .and_then(crate::source::rtsp::RtspTransport::parse)
             .unwrap_or_default()
     }
 

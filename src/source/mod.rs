@@ -1,7 +1,8 @@
 //! Where frames come from. Every source, live or not, is a URI; `SourceSpec` parses and classifies it and is the
 //! only holder of the raw URI (everything that logs uses `redacted()`). The GStreamer sources (`stream`) and the
 //! image-folder source (`folder`) hand `Frame`s to a `FrameIntake`; `supervisor` keeps a source running forever:
-//! a fresh GStreamer pipeline per attempt, exponential backoff with jitter, and a no-frame watchdog.
+//! a fresh GStreamer pipeline per attempt, exponential backoff with jitter, a no-frame watchdog and, for RTSP, the
+//! TCP → UDP fall-back (`rtsp`: the transports and a server's refusal of one).
 //!
 //! `inputs` (files, folders, globs → images) and `decode` (one image file → RGB, checked) serve `segment` too.
 
@@ -9,6 +10,7 @@ pub mod decode;
 pub mod folder;
 pub mod inputs;
 pub mod probe;
+pub mod rtsp;
 pub mod sequence;
 pub mod stream;
 pub mod supervisor;

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 
-use super::stream::RtspTransport;
+use super::rtsp::RtspTransport;
 use super::{SourceKind, SourceSpec};
 
 /// One stream of the source: decoded caps, and the encoded caps of each decoder, as text.
@@ -163,7 +163,7 @@ fn run(
             &[gst::MessageType::Error],
         ) {
             if let gst::MessageView::Error(err) = msg.view() {
-                if *spec.kind() == SourceKind::Rtsp && super::stream::is_transport_refusal(err) {
+                if *spec.kind() == SourceKind::Rtsp && super::rtsp::is_transport_refusal(err) {
                     return Err(TransportRefused(transport.name()).into());
                 }
                 let debug = err

@@ -17,6 +17,7 @@ use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 use image::RgbImage;
 
+use super::rtsp::{is_transport_refusal, with_transport_hint, RtspTransport};
 use super::sequence::FrameSequence;
 use super::{Frame, FrameIntake, SourceKind, SourceSpec};
 use crate::telemetry::{DropReason, PipelineMetrics, Stage};
@@ -34,67 +35,6 @@ pub enum RunEnd {
     Failed(String),
     /// The RTSP server refused to send RTP over this transport (it answered 461 Unsupported transport).
     TransportRefused(RtspTransport),
-}
-
-/// How RTP travels from an RTSP server (per pipeline: `rtsp_transport`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum RtspTransport {
-    /// TCP first (no lost packets, passes NAT and firewalls); UDP when the server refuses TCP.
-    #[default]
-    Auto,
-    /// RTP interleaved in the RTSP TCP connection.
-    Tcp,
-    /// RTP over UDP unicast.
-    Udp,
-    /// RTP over UDP multicast.
-    UdpMcast,
-}
-
-impl RtspTransport {
-    /// The config values, in the order error messages list them.
-    pub const NAMES: [&'static str; 4] = ["auto", "tcp", "udp", "udp-mcast"];
-
-    pub fn parse(text: &str) -> Option<RtspTransport> {
-        match text {
-            "auto" => Some(RtspTransport::Auto),
-            "tcp" => Some(RtspTransport::Tcp),
-            "udp" => Some(RtspTransport::Udp),
-            "udp-mcast" => Some(RtspTransport::UdpMcast),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            RtspTransport::Auto => "auto",
-            RtspTransport::Tcp => "tcp",
-            RtspTransport::Udp => "udp",
-            RtspTransport::UdpMcast => "udp-mcast",
-        }
-    }
-
-    /// rtspsrc's `protocols` flags for one attempt. Auto is resolved by the supervisor before an attempt
-    /// (rtspsrc's own fall-back order is UDP first, the opposite of what auto promises); here it means TCP.
-    fn protocols(self) -> &'static str {
-        match self {
-            RtspTransport::Auto | RtspTransport::Tcp => "tcp",
-            RtspTransport::Udp => "udp",
-            RtspTransport::UdpMcast => "udp-mcast",
-        }
-    }
-
-    /// What to tell an operator whose server refused this transport: the cause and the key to set.
-    pub fn refusal_advice(self, pipeline: &str) -> String {
-        let (what, instead) = match self {
-            RtspTransport::Auto => ("both RTP over TCP and over UDP", "\"udp-mcast\""),
-            RtspTransport::Tcp => ("RTP over TCP", "\"auto\" or \"udp\""),
-            RtspTransport::Udp => ("RTP over UDP", "\"auto\" or \"tcp\""),
-            RtspTransport::UdpMcast => ("RTP over UDP multicast", "\"auto\""),
-        };
-        format!(
-            "the RTSP server refused {what} (461 Unsupported transport): set rtsp_transport = {instead} for pipeline '{pipeline}'"
-        )
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -389,33 +329,6 @@ fn pull_loop(
     }
 }
 
-/// Whether an error is rtspsrc saying that no stream could be set up over the transports it was allowed: what
-/// it reports when the server answers SETUP with 461 Unsupported transport. It words that as a missing plug-in
-/// (STREAM / CODEC_NOT_FOUND, "No supported stream was found. You might need to allow more transport
-/// protocols..."), and uridecodebin passes it on as "Your GStreamer installation is missing a plug-in" with
-/// rtspsrc's `gst_rtspsrc_setup_streams_start` in the debug text: the step that sends SETUP.
-pub(super) fn is_transport_refusal(err: &gst::message::Error) -> bool {
-    let debug = err.debug().map(|d| d.to_string()).unwrap_or_default();
-    let text = format!("{} {debug}", err.error());
-    let missing_plugin = err.error().matches(gst::CoreError::MissingPlugin)
-        || err.error().matches(gst::StreamError::CodecNotFound);
-    (missing_plugin && debug.contains("rtspsrc_setup_streams_start"))
-        || text.contains("allow more transport protocols")
-        || text.contains("Unsupported transport")
-}
-
-/// Adds the cause and the key to set to a transport error that does not name them: rtspsrc gives up on UDP
-/// when no packet arrives (a firewall or NAT in the way) with only a hint at the cause.
-fn with_transport_hint(text: &str) -> String {
-    if text.contains("Could not receive any UDP packets") {
-        format!(
-            "no RTP packets arrived over UDP (a firewall or NAT drops them): set rtsp_transport = \"tcp\" or \"auto\" for this pipeline ({text})"
-        )
-    } else {
-        text.to_string()
-    }
-}
-
 /// How long ago, on the pipeline clock, the buffer was captured (live sources only).
 fn pipeline_latency(pipeline: &gst::Pipeline, pts: Option<gst::ClockTime>) -> Option<Duration> {
     let clock = pipeline.clock()?;
@@ -470,26 +383,6 @@ pub fn redact_text(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_transport_is_a_valid_rtspsrc_protocols_value() {
-        // set_property_from_str panics on a value the flags type does not know: check each one we set.
-        crate::gst::init().expect("gstreamer");
-        let src = make("rtspsrc").expect("rtspsrc (gst-plugins-good)");
-        for name in RtspTransport::NAMES {
-            let transport = RtspTransport::parse(name).expect(name);
-            assert_eq!(transport.name(), name);
-            src.set_property_from_str("protocols", transport.protocols());
-        }
-        assert_eq!(RtspTransport::parse("TCP"), None);
-    }
-
-    #[test]
-    fn a_udp_timeout_names_the_key() {
-        let text = with_transport_hint("source: Could not read. (Could not receive any UDP packets for 5.0000 seconds, maybe your firewall is blocking it. No other protocols to try.)");
-        assert!(text.contains("rtsp_transport = \"tcp\""), "{text}");
-        assert_eq!(with_transport_hint("other"), "other");
-    }
 
     #[test]
     fn uris_inside_messages_are_redacted() {

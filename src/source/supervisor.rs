@@ -7,8 +7,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::folder::{self, FolderState};
+use super::rtsp::RtspTransport;
 use super::sequence::FrameSequence;
-use super::stream::{self, RtspTransport, RunEnd, StreamSettings};
+use super::stream::{self, RunEnd, StreamSettings};
 use super::{FrameIntake, SourceKind, SourceSpec};
 use crate::telemetry::PipelineMetrics;
 

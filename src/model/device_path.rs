@@ -27,10 +27,10 @@ use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
 use super::bundle::{Bundle, Manifest};
-use super::engine::{SegmentSettings, Segmentation, TextEmbeddings};
 use super::preprocess::{pixel_statistics, rescale, windows};
 use super::resample::{AxisWeights, Coordinates};
 use super::runtime::{Device, Graph, Runtime, SessionSpec};
+use super::types::{SegmentSettings, Segmentation, TextEmbeddings};
 
 /// uint8 frames → normalized windows [I·R·C, 3, S, S].
 pub const CROPS_GRAPH: &[u8] = include_bytes!("graphs/crops.onnx");

@@ -17,157 +17,21 @@ use anyhow::{anyhow, bail, Context, Result};
 use ort::session::{Session, SessionOutputs};
 use ort::value::Tensor;
 
-use super::bundle::{Bundle, MaskSpec, Precision};
+use super::bundle::{Bundle, Precision};
 use super::device_path::{DevicePath, ModelSessions};
 use super::preprocess::{self, Prepared};
 use super::resample::{resize_planes, AxisWeights, Coordinates};
 use super::runtime::{Device, Graph, Runtime, SessionSpec, TensorRtSpec};
 use super::tokenizer::Tokenizer;
+use super::types::{
+    DeviceChoice, EngineOptions, Processing, Query, SegmentSettings, Segmentation,
+    SettingsOverrides, TextEmbeddings,
+};
 
 /// L2 normalization eps of the official code (`us.normalize`).
 const NORMALIZE_EPS: f32 = 1e-6;
 /// Prompts per text-encoder run.
 const TEXT_CHUNK: usize = 256;
-
-/// Which execution device to use: one type for the daemon's `model.device`, the `--device` flag and the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    /// CUDA when it works, else the CPU, with the reason logged.
-    #[default]
-    Auto,
-    Cpu,
-    /// CUDA or refuse to start.
-    Cuda,
-    /// TensorRT for the image graphs (engines built on first use and cached), CUDA for the rest, or refuse to
-    /// start.
-    #[value(name = "tensorrt")]
-    TensorRt,
-}
-
-/// Where pre- and postprocessing run: `model.processing` and `--processing`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Processing {
-    /// The device path on a GPU, the host path on the CPU.
-    #[default]
-    Auto,
-    /// Native Rust on the host: resize, windows, upsampling, averaging, argmax (and native PAMR).
-    Host,
-    /// As graphs beside the model, tensors kept on the device (see `device_path`); on the CPU, for tests.
-    Device,
-}
-
-#[derive(Debug, Clone)]
-pub struct EngineOptions {
-    pub device: DeviceChoice,
-    pub precision: Precision,
-    /// Intra-op threads per session (0: ONNX Runtime's default).
-    pub threads: usize,
-    /// Crops per trunk/head run (crops are batched across images); 0 picks per device: 1 on the CPU (compute
-    /// bound: measured no faster batched, and each extra crop costs ~120 MB of activations), 8 on CUDA.
-    pub crop_batch: usize,
-    /// Idle ONNX Runtime threads busy-wait for work (see `SessionSpec::spin`).
-    pub spin: bool,
-    pub processing: Processing,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        EngineOptions {
-            device: DeviceChoice::Cpu,
-            precision: Precision::Fp32,
-            threads: 0,
-            crop_batch: 0,
-            spin: true,
-            processing: Processing::Auto,
-        }
-    }
-}
-
-/// One text query: a name, and the prompts to embed (empty: the bundle's templates around the name).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Query {
-    pub name: String,
-    pub prompts: Vec<String>,
-}
-
-impl Query {
-    pub fn named(name: impl Into<String>) -> Query {
-        Query {
-            name: name.into(),
-            prompts: Vec::new(),
-        }
-    }
-}
-
-/// Normalized text embeddings, one row per query, [N, E].
-#[derive(Debug, Clone)]
-pub struct TextEmbeddings {
-    pub rows: usize,
-    pub dim: usize,
-    pub data: Vec<f32>,
-}
-
-/// Per-call settings.
-#[derive(Debug, Clone, Copy)]
-pub struct SegmentSettings {
-    pub pamr: bool,
-    pub kp_weight: f32,
-    /// A constant background score prepended as class 0; None: no background class.
-    pub background: Option<f32>,
-    /// Keep the per-class soft scores at the original size (memory: classes × H × W floats).
-    pub keep_scores: bool,
-}
-
-/// What a command line or a pipeline's config sets of `SegmentSettings`; None takes the bundle's default.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SettingsOverrides {
-    pub pamr: Option<bool>,
-    pub bg_thresh: Option<f32>,
-    pub kp_weight: Option<f32>,
-}
-
-impl SegmentSettings {
-    /// The one rule for settings against a bundle: PAMR on unless turned off; the background threshold given,
-    /// else the bundle's for PAMR on or off; no threshold class when the queries bring background prompts
-    /// (their label 0 is the background); the bundle's kp weight unless given. Scores are not kept.
-    pub fn resolve(
-        mask: &MaskSpec,
-        overrides: SettingsOverrides,
-        background_prompts: bool,
-    ) -> SegmentSettings {
-        let pamr = overrides.pamr.unwrap_or(true);
-        let background = (!background_prompts).then(|| {
-            overrides.bg_thresh.unwrap_or(if pamr {
-                mask.bg_thresh_pamr
-            } else {
-                mask.bg_thresh
-            })
-        });
-        SegmentSettings {
-            pamr,
-            kp_weight: overrides.kp_weight.unwrap_or(mask.kp_weight),
-            background,
-            keep_scores: false,
-        }
-    }
-}
-
-/// The result for one image.
-#[derive(Debug, Clone)]
-pub struct Segmentation {
-    pub width: usize,
-    pub height: usize,
-    /// Number of classes, background included when it was asked for.
-    pub classes: usize,
-    /// Row-major class index per pixel.
-    pub labels: Vec<u16>,
-    /// The winning class's score per pixel.
-    pub best: Vec<f32>,
-    /// [classes, H, W] when `keep_scores`.
-    pub scores: Option<Vec<f32>>,
-}
 
 struct Sessions {
     trunk: Session,
@@ -882,47 +746,5 @@ impl Accumulator {
             best: best_all,
             scores,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn mask() -> MaskSpec {
-        MaskSpec {
-            w: 1.0,
-            b: 0.0,
-            kp_weight: 0.3,
-            kp_shift: 0.0,
-            kp_scale: 1.0,
-            bg_thresh_pamr: 0.4,
-            bg_thresh: 0.5,
-            pamr_iterations: 10,
-            pamr_dilations: vec![1, 2],
-        }
-    }
-
-    #[test]
-    fn settings_take_the_bundle_defaults_unless_overridden() {
-        let d = SegmentSettings::resolve(&mask(), SettingsOverrides::default(), false);
-        assert_eq!((d.pamr, d.kp_weight, d.background), (true, 0.3, Some(0.4)));
-        let no_pamr = SettingsOverrides {
-            pamr: Some(false),
-            ..Default::default()
-        };
-        let s = SegmentSettings::resolve(&mask(), no_pamr, false);
-        assert_eq!((s.pamr, s.background), (false, Some(0.5)));
-        let given = SettingsOverrides {
-            pamr: None,
-            bg_thresh: Some(0.7),
-            kp_weight: Some(0.1),
-        };
-        let s = SegmentSettings::resolve(&mask(), given, false);
-        assert_eq!((s.kp_weight, s.background), (0.1, Some(0.7)));
-        // Background prompts bring their own background: no threshold class.
-        let s = SegmentSettings::resolve(&mask(), given, true);
-        assert_eq!(s.background, None);
-        assert!(!s.keep_scores);
     }
 }

@@ -11,10 +11,12 @@ pub mod resample;
 pub mod runtime;
 pub mod smoke;
 pub mod tokenizer;
+pub mod types;
 
 pub use bundle::{Bundle, BundleError, Manifest, Precision};
-pub use engine::{
-    DeviceChoice, Engine, EngineOptions, Processing, Query, SegmentSettings, Segmentation,
+pub use engine::Engine;
+pub use runtime::{Device, Graph, Runtime, SessionSpec};
+pub use types::{
+    DeviceChoice, EngineOptions, Processing, Query, SegmentSettings, Segmentation,
     SettingsOverrides, TextEmbeddings,
 };
-pub use runtime::{Device, Graph, Runtime, SessionSpec};

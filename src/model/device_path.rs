@@ -30,7 +30,7 @@ use super::bundle::{Bundle, Manifest};
 use super::preprocess::{pixel_statistics, rescale, windows};
 use super::resample::{AxisWeights, Coordinates};
 use super::runtime::{Device, Graph, Runtime, SessionSpec};
-use super::types::{SegmentSettings, Segmentation, TextEmbeddings};
+use super::types::{ModelGraphs, SegmentSettings, Segmentation, TextEmbeddings};
 
 /// uint8 frames → normalized windows [I·R·C, 3, S, S].
 pub const CROPS_GRAPH: &[u8] = include_bytes!("graphs/crops.onnx");
@@ -40,13 +40,6 @@ pub const LABELS_GRAPH: &[u8] = include_bytes!("graphs/labels.onnx");
 /// Frame sizes whose matrices stay on the device. A daemon sees a handful; a folder of photos may see many,
 /// and rebuilding a size's matrices costs far less than the frame's inference.
 const GEOMETRY_CACHE: usize = 16;
-
-/// The model graphs the device path runs between its own two (owned by the engine).
-pub(crate) struct ModelSessions<'a> {
-    pub trunk: &'a mut Session,
-    pub head: &'a mut Session,
-    pub mask_head: &'a mut Session,
-}
 
 pub(crate) struct DevicePath {
     crops: Session,
@@ -124,7 +117,7 @@ impl DevicePath {
     /// Segments frames of one size: their windows run through the model as one batch.
     pub fn segment(
         &mut self,
-        model: ModelSessions<'_>,
+        model: &mut ModelGraphs,
         manifest: &Manifest,
         frames: &[&image::RgbImage],
         text: &TextEmbeddings,
@@ -187,20 +180,20 @@ impl DevicePath {
         let [crops] = outputs(crops)?;
         let t1 = Instant::now();
         let [tokens] = outputs(run(
-            model.trunk,
+            &mut model.trunk,
             "image trunk",
             &[("pixels", &crops)],
             &[("tokens", &*resident)],
         )?)?;
         let [dense, kp_feat] = outputs(run(
-            model.head,
+            &mut model.head,
             "TCL head",
             &[("tokens", &tokens)],
             &[("dense", &*resident), ("kp_feat", &*resident)],
         )?)?;
         drop(tokens);
         let [masks, kp_masks] = outputs(run(
-            model.mask_head,
+            &mut model.mask_head,
             "mask head",
             &[
                 ("dense", &dense),

@@ -4,6 +4,7 @@ pub mod bundle;
 pub mod cuda;
 pub mod device_path;
 pub mod engine;
+mod host_path;
 pub mod info;
 pub mod pamr;
 pub mod preprocess;

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, bail, Context, Result};
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::Session;
+use ort::session::{Session, SessionOutputs};
 
 /// Where `scripts/setup` puts the library in this source tree: the GPU build (`--gpu`) first, which runs on the
 /// CPU as well, then the CPU build.
@@ -227,6 +227,26 @@ impl Runtime {
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("cannot load ONNX graph {}", graph.describe()))
     }
+}
+
+/// A run's output `name` as a slice, after checking its shape.
+pub(crate) fn output<'a>(
+    out: &'a SessionOutputs<'_>,
+    name: &str,
+    expected: &[usize],
+) -> Result<&'a [f32]> {
+    let value = out
+        .get(name)
+        .ok_or_else(|| anyhow!("graph output '{name}' missing"))?;
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| anyhow!("graph output '{name}': {e}"))
+        .context("the bundle's graphs do not match this tclseg")?;
+    let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    if shape != expected {
+        bail!("graph output '{name}' has shape {shape:?}, expected {expected:?}");
+    }
+    Ok(data)
 }
 
 /// Library locations, in the order they are tried:

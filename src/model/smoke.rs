@@ -179,8 +179,8 @@ fn take(
     graph: &str,
     expected: &[usize],
 ) -> Result<HostTensor> {
-    let data =
-        super::engine::output(outputs, name, expected).with_context(|| format!("graph {graph}"))?;
+    let data = super::runtime::output(outputs, name, expected)
+        .with_context(|| format!("graph {graph}"))?;
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         bail!("graph {graph} output '{name}' holds a non-finite value at flat index {i}");
     }

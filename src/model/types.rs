@@ -3,6 +3,11 @@
 //! comes back (`Segmentation`). Kept apart from `engine.rs` so that `host_path.rs` and `device_path.rs` import these
 //! and not the engine that calls them.
 
+use std::sync::{Mutex, MutexGuard};
+
+use anyhow::{anyhow, Result};
+use ort::session::Session;
+
 use super::bundle::{MaskSpec, Precision};
 
 /// Which execution device to use: one type for the daemon's `model.device`, the `--device` flag and the engine.
@@ -143,6 +148,22 @@ pub struct Segmentation {
     pub best: Vec<f32>,
     /// [classes, H, W] when `keep_scores`.
     pub scores: Option<Vec<f32>>,
+}
+
+/// The model's three image graphs as sessions, run by both paths (the text encoder is opened per query set). The
+/// engine owns them behind a mutex: one run at a time per graph.
+pub(crate) struct ModelGraphs {
+    pub trunk: Session,
+    pub head: Session,
+    pub mask_head: Session,
+}
+
+/// Locks one of the engine's mutexes; a poisoned one means a run panicked half-way and left its sessions in an
+/// unknown state, so the engine is refused from then on.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
+    mutex
+        .lock()
+        .map_err(|_| anyhow!("an earlier inference panicked; the engine must be recreated"))
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@ use super::bundle::{Bundle, Precision};
 use super::device_path::DevicePath;
 use super::host_path;
 use super::preprocess;
-use super::runtime::{output, Device, Graph, Runtime, SessionSpec, TensorRtSpec};
+use super::runtime::{
+    output, tensorrt_cache_dir, Device, Graph, Progress, Runtime, SessionSpec, TensorRtSpec,
+};
 use super::tokenizer::Tokenizer;
 use super::types::{
     lock, DeviceChoice, EngineOptions, ModelGraphs, Processing, Query, SegmentSettings,
@@ -377,71 +379,6 @@ fn session_spec(
             fp16: options.precision == Precision::Fp16,
             profile: None,
         }),
-    }
-}
-
-/// `$XDG_CACHE_HOME/tclseg/tensorrt/<bundle>-<manifest hash>-<precision>-<GPU models>-<ONNX Runtime>`: an engine
-/// is only valid for the graph, the GPU model and the TensorRT/ONNX Runtime that built it, so each of them is in
-/// the key and a change builds afresh instead of loading a stale engine. (systemd: `CacheDirectory=tclseg` with
-/// `XDG_CACHE_HOME=%C`.)
-fn tensorrt_cache_dir(
-    bundle: &Bundle,
-    manifest_sha256: &str,
-    runtime: &Runtime,
-    precision: Precision,
-) -> std::path::PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    let ort = std::fs::canonicalize(runtime.library())
-        .ok()
-        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "onnxruntime".to_string());
-    let name = bundle
-        .dir()
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    base.join("tclseg").join("tensorrt").join(format!(
-        "{name}-{}-{}-{}-{ort}",
-        &manifest_sha256[..manifest_sha256.len().min(16)],
-        precision.key(),
-        super::cuda::gpu_models()
-    ))
-}
-
-/// Logs "still working" every 15 s while something slow and silent runs (a TensorRT engine build takes minutes).
-struct Progress {
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Progress {
-    fn start(what: String) -> Progress {
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let start = std::time::Instant::now();
-            tracing::info!("{what}");
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(std::time::Duration::from_secs(15))
-            {
-                tracing::info!("{what}: {} s so far", start.elapsed().as_secs());
-            }
-        });
-        Progress {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -144,27 +144,23 @@ impl Engine {
             }
             Err(err) => return Err(err),
         };
-        let device = spec.device;
-        tracing::debug!(
-            device = device.name(),
-            processing = if device_path.is_some() {
-                "device"
-            } else {
-                "host"
-            },
-            "engine ready"
-        );
-        Ok(Engine {
+        let engine = Engine {
             bundle,
             manifest_sha256,
             tokenizer,
-            device,
+            device: spec.device,
             spec,
             options,
             model: Mutex::new(model),
             device_path: device_path.map(Mutex::new),
             text_cache: Mutex::new(HashMap::new()),
-        })
+        };
+        tracing::debug!(
+            device = engine.device.name(),
+            processing = %engine.processing(),
+            "engine ready"
+        );
+        Ok(engine)
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -180,12 +176,13 @@ impl Engine {
         self.device
     }
 
-    /// "device" when pre- and postprocessing run beside the model on the device, "host" when natively.
-    pub fn processing(&self) -> &'static str {
+    /// `Device` when pre- and postprocessing run beside the model on the device, `Host` when natively (never
+    /// `Auto`: that is decided when the engine opens).
+    pub fn processing(&self) -> Processing {
         if self.device_path.is_some() {
-            "device"
+            Processing::Device
         } else {
-            "host"
+            Processing::Host
         }
     }
 

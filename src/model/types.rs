@@ -26,8 +26,19 @@ pub enum DeviceChoice {
     TensorRt,
 }
 
-/// Where pre- and postprocessing run: `model.processing` and `--processing`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
+/// Where pre- and postprocessing run: `model.processing` and `--processing`, and (`Host` or `Device`, never
+/// `Auto`) what `Engine::processing` says an engine does. Written out by its serde name, as it is read.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Deserialize,
+    serde::Serialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Processing {
     /// The device path on a GPU, the host path on the CPU.
@@ -37,6 +48,23 @@ pub enum Processing {
     Host,
     /// As graphs beside the model, tensors kept on the device (see `device_path`); on the CPU, for tests.
     Device,
+}
+
+impl Processing {
+    /// The name `model.processing` and `--processing` take.
+    pub fn key(self) -> &'static str {
+        match self {
+            Processing::Auto => "auto",
+            Processing::Host => "host",
+            Processing::Device => "device",
+        }
+    }
+}
+
+impl std::fmt::Display for Processing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +197,18 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> Result<MutexGuard<'_, T>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn processing_is_written_by_the_name_it_is_read_by() {
+        for p in [Processing::Auto, Processing::Host, Processing::Device] {
+            let written = serde_json::to_value(p).expect("serialises");
+            assert_eq!(written, serde_json::json!(p.to_string()));
+            let read: Processing = serde_json::from_value(written).expect("reads back");
+            assert_eq!(read, p);
+            let parsed = <Processing as clap::ValueEnum>::from_str(p.key(), false);
+            assert_eq!(parsed, Ok(p));
+        }
+    }
 
     fn mask() -> MaskSpec {
         MaskSpec {

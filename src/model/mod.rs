@@ -10,9 +10,9 @@ pub mod pamr;
 pub mod preprocess;
 pub mod resample;
 pub mod runtime;
-pub mod smoke;
 pub mod tokenizer;
 pub mod types;
+pub mod verify;
 
 pub use bundle::{Bundle, BundleError, Manifest, Precision};
 pub use engine::Engine;

@@ -15,7 +15,7 @@ use ort::value::Tensor;
 use super::bundle::{Bundle, Precision};
 use super::runtime::{Graph, Runtime, SessionSpec};
 
-/// What one graph did in the smoke run.
+/// What one graph did in the verify run.
 #[derive(Debug, Clone)]
 pub struct GraphRun {
     pub role: &'static str,
@@ -222,7 +222,7 @@ fn record(
     }
 }
 
-/// Loads every graph of every precision the bundle lists (catches a graph the smoke run would not touch).
+/// Loads every graph of every precision the bundle lists (catches a graph the verify run would not touch).
 pub fn load_all_graphs(bundle: &Bundle, threads: usize) -> Result<usize> {
     let runtime = Runtime::get()?;
     let mut count = 0;

@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::{arg, fixture_bundle as fixture, tclseg};
 use tclseg::model::bundle::{Bundle, BundleError, Precision};
-use tclseg::model::smoke;
+use tclseg::model::verify;
 
 /// A private copy of the fixture bundle that a test may damage.
 fn fixture_copy() -> (tempfile::TempDir, PathBuf) {
@@ -50,7 +50,7 @@ fn fixture_bundle_opens_and_lists_all_graphs() {
 fn fixture_bundle_runs_one_crop_with_the_promised_shapes() {
     let bundle = Bundle::open(&fixture()).expect("fixture bundle verifies");
     let m = bundle.manifest();
-    let runs = smoke::run_one_crop(&bundle, Precision::Fp32, 1).expect("one crop runs");
+    let runs = verify::run_one_crop(&bundle, Precision::Fp32, 1).expect("one crop runs");
     let roles: Vec<&str> = runs.iter().map(|r| r.role).collect();
     assert_eq!(
         roles,

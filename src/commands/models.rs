@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use tclseg::model::bundle::{Bundle, MANIFEST_FILE};
-use tclseg::model::smoke;
+use tclseg::model::verify;
 use tclseg::model::{Precision, Runtime};
 use tclseg::trainer;
 
@@ -103,7 +103,7 @@ pub(super) fn verify(dir: &Path, precision: PrecisionArg, threads: usize) -> Res
     );
     let runtime = Runtime::get()?;
     tracing::info!("ONNX Runtime from {}", runtime.library().display());
-    let loaded = smoke::load_all_graphs(&bundle, threads)?;
+    let loaded = verify::load_all_graphs(&bundle, threads)?;
     tracing::info!("all {loaded} graphs load");
 
     let has_fp16 = m.graphs.values().any(|p| p.contains_key("fp16"));
@@ -115,7 +115,7 @@ pub(super) fn verify(dir: &Path, precision: PrecisionArg, threads: usize) -> Res
         PrecisionArg::All => vec![Precision::Fp32],
     };
     for p in precisions {
-        for run in smoke::run_one_crop(&bundle, p, threads)? {
+        for run in verify::run_one_crop(&bundle, p, threads)? {
             let outputs: Vec<String> = run
                 .outputs
                 .iter()

@@ -26,11 +26,13 @@ use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor};
 
+mod matrices;
+
 use super::bundle::{Bundle, Manifest};
-use super::engine::{SegmentSettings, Segmentation, TextEmbeddings};
 use super::preprocess::{pixel_statistics, rescale, windows};
-use super::resample::{AxisWeights, Coordinates};
 use super::runtime::{Device, Graph, Runtime, SessionSpec};
+use super::types::{ModelGraphs, SegmentSettings, Segmentation, TextEmbeddings};
+use matrices::{crop_matrices, distinct, label_matrices};
 
 /// uint8 frames → normalized windows [I·R·C, 3, S, S].
 pub const CROPS_GRAPH: &[u8] = include_bytes!("graphs/crops.onnx");
@@ -40,13 +42,6 @@ pub const LABELS_GRAPH: &[u8] = include_bytes!("graphs/labels.onnx");
 /// Frame sizes whose matrices stay on the device. A daemon sees a handful; a folder of photos may see many,
 /// and rebuilding a size's matrices costs far less than the frame's inference.
 const GEOMETRY_CACHE: usize = 16;
-
-/// The model graphs the device path runs between its own two (owned by the engine).
-pub(crate) struct ModelSessions<'a> {
-    pub trunk: &'a mut Session,
-    pub head: &'a mut Session,
-    pub mask_head: &'a mut Session,
-}
 
 pub(crate) struct DevicePath {
     crops: Session,
@@ -121,49 +116,64 @@ impl DevicePath {
         })
     }
 
-    /// Segments frames of one size: their windows run through the model as one batch.
+    /// Segments frames of one size: their windows run through the model as one batch. Each step below is one
+    /// graph (or a few) with its inputs and outputs left on the device; only the uint8 frames go up and the
+    /// labels and best scores (and the scores, when kept) come down.
     pub fn segment(
         &mut self,
-        model: ModelSessions<'_>,
+        model: &mut ModelGraphs,
         manifest: &Manifest,
         frames: &[&image::RgbImage],
         text: &TextEmbeddings,
         settings: &SegmentSettings,
     ) -> Result<Vec<Segmentation>> {
-        let Some(first) = frames.first() else {
+        let Some((width, height)) = one_size(frames)? else {
             return Ok(Vec::new());
         };
-        let (width, height) = (first.width() as usize, first.height() as usize);
-        if let Some(other) = frames
-            .iter()
-            .find(|f| (f.width() as usize, f.height() as usize) != (width, height))
-        {
-            return Err(anyhow!(
-                "the device path needs frames of one size per batch: {}x{} and {}x{}",
-                width,
-                height,
-                other.width(),
-                other.height()
-            ));
-        }
         let t0 = Instant::now();
         let at = self.geometry(manifest, height, width)?;
         self.text_on_device(text)?;
-        let DevicePath {
-            crops: crops_session,
-            labels: labels_session,
-            pamr: pamr_session,
-            resident,
-            host,
-            mean,
-            std,
-            geometry,
-            text: resident_text,
-            ..
-        } = self;
-        let geometry = &geometry[at].1;
-        let text_value = &resident_text.as_ref().expect("uploaded above").1;
-        let windows = geometry.windows;
+        let crops = self.cut_crops(at, manifest, frames)?;
+        let t1 = Instant::now();
+        let (masks, kp_masks) = self.run_model(model, &crops)?;
+        let t2 = Instant::now();
+        let masks = if settings.pamr {
+            self.refine(&crops, &masks)?
+        } else {
+            masks
+        };
+        drop(crops);
+        let t3 = Instant::now();
+        let [labels, best, scores] = self.label(at, &masks, &kp_masks, settings)?;
+        let t4 = Instant::now();
+        tracing::trace!(
+            frames = frames.len(),
+            windows = self.geometry[at].1.windows * frames.len(),
+            "device path (ms): crops {:.1}, model {:.1}, PAMR {:.1}, labels {:.1}",
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+            (t3 - t2).as_secs_f64() * 1e3,
+            (t4 - t3).as_secs_f64() * 1e3
+        );
+        let shape = Shape {
+            frames: frames.len(),
+            width,
+            height,
+            queries: text.rows,
+        };
+        assemble(shape, settings, &labels, &best, &scores)
+    }
+
+    /// Frames → normalized windows [I·R·C, 3, S, S] on the device. The host only resizes to the evaluation scale
+    /// (OpenCV's uint8 resize, which no float graph reproduces bit for bit) and uploads uint8, a quarter of the
+    /// floats' bytes; windowing and normalization are the `crops` graph's matrix products.
+    fn cut_crops(
+        &mut self,
+        at: usize,
+        manifest: &Manifest,
+        frames: &[&image::RgbImage],
+    ) -> Result<DynValue> {
+        let geometry = &self.geometry[at].1;
         let (h, w) = geometry.resized;
         let mut pixels = Vec::with_capacity(frames.len() * h * w * 3);
         for frame in frames {
@@ -172,75 +182,96 @@ impl DevicePath {
         let image = Tensor::from_array((vec![frames.len(), h, w, 3], pixels))
             .map_err(|e| anyhow!("{e}"))?
             .into_dyn();
-        let crops = run(
-            crops_session,
+        let [crops] = outputs(run(
+            &mut self.crops,
             "crops",
             &[
                 ("image", &image),
                 ("rows", &geometry.crop_rows),
                 ("cols", &geometry.crop_cols),
-                ("mean", &*mean),
-                ("std", &*std),
+                ("mean", &self.mean),
+                ("std", &self.std),
             ],
-            &[("pixels", &*resident)],
-        )?;
-        let [crops] = outputs(crops)?;
-        let t1 = Instant::now();
+            &[("pixels", &self.resident)],
+        )?)?;
+        Ok(crops)
+    }
+
+    /// Trunk → TCL head → mask head over all windows at once: the stride-4 masks and kp masks, both left on the
+    /// device for PAMR and the labels graph. Intermediates are dropped as soon as the next graph has run, so a
+    /// large batch does not hold every stage's activations at once.
+    fn run_model(&self, model: &mut ModelGraphs, crops: &DynValue) -> Result<(DynValue, DynValue)> {
+        let resident = &self.resident;
+        let text = &self
+            .text
+            .as_ref()
+            .ok_or_else(|| anyhow!("the text embeddings are not on the device"))?
+            .1;
         let [tokens] = outputs(run(
-            model.trunk,
+            &mut model.trunk,
             "image trunk",
-            &[("pixels", &crops)],
-            &[("tokens", &*resident)],
+            &[("pixels", crops)],
+            &[("tokens", resident)],
         )?)?;
         let [dense, kp_feat] = outputs(run(
-            model.head,
+            &mut model.head,
             "TCL head",
             &[("tokens", &tokens)],
-            &[("dense", &*resident), ("kp_feat", &*resident)],
+            &[("dense", resident), ("kp_feat", resident)],
         )?)?;
         drop(tokens);
         let [masks, kp_masks] = outputs(run(
-            model.mask_head,
+            &mut model.mask_head,
             "mask head",
-            &[
-                ("dense", &dense),
-                ("kp_feat", &kp_feat),
-                ("text", text_value),
-            ],
-            &[("masks", &*resident), ("kp_masks", &*resident)],
+            &[("dense", &dense), ("kp_feat", &kp_feat), ("text", text)],
+            &[("masks", resident), ("kp_masks", resident)],
         )?)?;
-        drop((dense, kp_feat));
-        let t2 = Instant::now();
-        let masks = if settings.pamr {
-            let [refined] = outputs(run(
-                pamr_session,
-                "PAMR",
-                &[("pixels", &crops), ("masks", &masks)],
-                &[("refined", &*resident)],
-            )?)?;
-            refined
-        } else {
-            masks
-        };
-        let t3 = Instant::now();
+        Ok((masks, kp_masks))
+    }
+
+    /// PAMR as the bundle's graph: on the device, the native host PAMR would mean downloading every mask.
+    fn refine(&mut self, crops: &DynValue, masks: &DynValue) -> Result<DynValue> {
+        let [refined] = outputs(run(
+            &mut self.pamr,
+            "PAMR",
+            &[("pixels", crops), ("masks", masks)],
+            &[("refined", &self.resident)],
+        )?)?;
+        Ok(refined)
+    }
+
+    /// The `labels` graph: kp blend, upsampling, averaging of overlapping windows and the resize to the frame
+    /// (one matrix product per axis), the background, argmax. Labels and best scores come back to the host; the
+    /// full scores only when asked for (they are classes × H × W floats), else they stay on the device unread.
+    fn label(
+        &mut self,
+        at: usize,
+        masks: &DynValue,
+        kp_masks: &DynValue,
+        settings: &SegmentSettings,
+    ) -> Result<[DynValue; 3]> {
+        let geometry = &self.geometry[at].1;
         let scalar = |v: f32| -> Result<DynValue> { Ok(host_tensor(vec![1], vec![v])?.into_dyn()) };
         let offset = i64::from(settings.background.is_some());
         let label_offset = Tensor::from_array((vec![1usize], vec![offset]))
             .map_err(|e| anyhow!("{e}"))?
             .into_dyn();
-        let scores_memory: &MemoryInfo<'static> =
-            if settings.keep_scores { host } else { resident };
+        let scores_memory = if settings.keep_scores {
+            &self.host
+        } else {
+            &self.resident
+        };
         let wanted = [
-            ("labels", &*host),
-            ("best", &*host),
+            ("labels", &self.host),
+            ("best", &self.host),
             ("scores", scores_memory),
         ];
-        let out = run(
-            labels_session,
+        outputs(run(
+            &mut self.labels,
             "labels",
             &[
-                ("masks", &masks),
-                ("kp_masks", &kp_masks),
+                ("masks", masks),
+                ("kp_masks", kp_masks),
                 ("kp_weight", &scalar(settings.kp_weight)?),
                 ("rows", &geometry.label_rows),
                 ("cols", &geometry.label_cols),
@@ -251,59 +282,7 @@ impl DevicePath {
                 ("label_offset", &label_offset),
             ],
             &wanted,
-        )?;
-        let [labels, best, scores] = outputs(out)?;
-        let t4 = Instant::now();
-        tracing::trace!(
-            frames = frames.len(),
-            windows = windows * frames.len(),
-            "device path (ms): crops {:.1}, model {:.1}, PAMR {:.1}, labels {:.1}",
-            (t1 - t0).as_secs_f64() * 1e3,
-            (t2 - t1).as_secs_f64() * 1e3,
-            (t3 - t2).as_secs_f64() * 1e3,
-            (t4 - t3).as_secs_f64() * 1e3
-        );
-
-        let plane = height * width;
-        let (_, labels) = labels
-            .try_extract_tensor::<u16>()
-            .map_err(|e| anyhow!("labels graph output 'labels': {e}"))?;
-        let (_, best) = best
-            .try_extract_tensor::<f32>()
-            .map_err(|e| anyhow!("labels graph output 'best': {e}"))?;
-        let scores = if settings.keep_scores {
-            Some(
-                scores
-                    .try_extract_tensor::<f32>()
-                    .map_err(|e| anyhow!("labels graph output 'scores': {e}"))?
-                    .1,
-            )
-        } else {
-            None
-        };
-        let classes = text.rows + usize::from(settings.background.is_some());
-        let expected = frames.len() * plane;
-        if labels.len() != expected || best.len() != expected {
-            return Err(anyhow!(
-                "labels graph returned {} labels for {} frames of {width}x{height}",
-                labels.len(),
-                frames.len()
-            ));
-        }
-        (0..frames.len())
-            .map(|i| {
-                let scores =
-                    scores.map(|s| with_background(s, i, text.rows, plane, settings.background));
-                Ok(Segmentation {
-                    width,
-                    height,
-                    classes,
-                    labels: labels[i * plane..(i + 1) * plane].to_vec(),
-                    best: best[i * plane..(i + 1) * plane].to_vec(),
-                    scores,
-                })
-            })
-            .collect()
+        )?)
     }
 
     /// Puts the text embeddings on the device; uploaded again only when the query set changes.
@@ -355,6 +334,91 @@ impl DevicePath {
             label_cols: upload(label_matrices(width, w, &cols, crop, side))?,
         })
     }
+}
+
+/// The size all `frames` share (width, height), None when there are none: a batch's windows are cut with one
+/// frame size's matrices, so mixed sizes are the caller's mistake (the engine groups frames by size).
+fn one_size(frames: &[&image::RgbImage]) -> Result<Option<(usize, usize)>> {
+    let Some(first) = frames.first() else {
+        return Ok(None);
+    };
+    let (width, height) = (first.width() as usize, first.height() as usize);
+    if let Some(other) = frames
+        .iter()
+        .find(|f| (f.width() as usize, f.height() as usize) != (width, height))
+    {
+        return Err(anyhow!(
+            "the device path needs frames of one size per batch: {}x{} and {}x{}",
+            width,
+            height,
+            other.width(),
+            other.height()
+        ));
+    }
+    Ok(Some((width, height)))
+}
+
+/// What `assemble` needs to know of a batch to cut the labels graph's outputs into frames.
+struct Shape {
+    frames: usize,
+    width: usize,
+    height: usize,
+    queries: usize,
+}
+
+/// The labels graph's outputs ([I, H, W] labels and best scores, [I, N, H, W] scores) cut into one
+/// `Segmentation` per frame, in the form the host path returns (scores with the background plane in front).
+fn assemble(
+    shape: Shape,
+    settings: &SegmentSettings,
+    labels: &DynValue,
+    best: &DynValue,
+    scores: &DynValue,
+) -> Result<Vec<Segmentation>> {
+    let Shape {
+        frames,
+        width,
+        height,
+        queries,
+    } = shape;
+    let plane = height * width;
+    let (_, labels) = labels
+        .try_extract_tensor::<u16>()
+        .map_err(|e| anyhow!("labels graph output 'labels': {e}"))?;
+    let (_, best) = best
+        .try_extract_tensor::<f32>()
+        .map_err(|e| anyhow!("labels graph output 'best': {e}"))?;
+    let scores = if settings.keep_scores {
+        Some(
+            scores
+                .try_extract_tensor::<f32>()
+                .map_err(|e| anyhow!("labels graph output 'scores': {e}"))?
+                .1,
+        )
+    } else {
+        None
+    };
+    let classes = queries + usize::from(settings.background.is_some());
+    let expected = frames * plane;
+    if labels.len() != expected || best.len() != expected {
+        return Err(anyhow!(
+            "labels graph returned {} labels for {frames} frames of {width}x{height}",
+            labels.len(),
+        ));
+    }
+    (0..frames)
+        .map(|i| {
+            let scores = scores.map(|s| with_background(s, i, queries, plane, settings.background));
+            Ok(Segmentation {
+                width,
+                height,
+                classes,
+                labels: labels[i * plane..(i + 1) * plane].to_vec(),
+                best: best[i * plane..(i + 1) * plane].to_vec(),
+                scores,
+            })
+        })
+        .collect()
 }
 
 /// Runs one session through an I/O binding: inputs wherever they are, outputs allocated in the named memory.
@@ -417,118 +481,5 @@ fn with_background(scores: &[f32], i: usize, n: usize, plane: usize, bg: Option<
             out
         }
         None => own.to_vec(),
-    }
-}
-
-/// The distinct spans along one axis, in window order.
-fn distinct(spans: impl Iterator<Item = (usize, usize)>) -> Vec<(usize, usize)> {
-    let mut out: Vec<(usize, usize)> = Vec::new();
-    for span in spans {
-        if !out.contains(&span) {
-            out.push(span);
-        }
-    }
-    out
-}
-
-/// Dense [out, in] matrix of one axis' bilinear half-pixel resampling.
-fn resample_matrix(input: usize, output: usize) -> Vec<f32> {
-    let axis = AxisWeights::new(input, output, Coordinates::HalfPixel);
-    let mut m = vec![0f32; output * input];
-    for o in 0..output {
-        m[o * input + axis.lo[o]] += 1.0 - axis.frac[o];
-        m[o * input + axis.hi[o]] += axis.frac[o];
-    }
-    m
-}
-
-/// [windows, crop, resized] of 0/1: take the window's span of the resized frame, centre it in the crop (the
-/// graph zeroes the rows left empty, padding a short window with the normalized mean colour). Selecting whole
-/// grey levels is exact in any float arithmetic, TF32 included. Mirrors `device_graphs.crop_matrices`.
-fn crop_matrices(resized: usize, spans: &[(usize, usize)], crop: usize) -> (Vec<usize>, Vec<f32>) {
-    let mut out = vec![0f32; spans.len() * crop * resized];
-    for (k, &(a, b)) in spans.iter().enumerate() {
-        let top = (crop - (b - a)) / 2;
-        for y in a..b {
-            out[(k * crop + top + y - a) * resized + y] = 1.0;
-        }
-    }
-    (vec![spans.len(), crop, resized], out)
-}
-
-/// [windows, size, side]: upsample side→crop, place the window, divide by the number of windows covering each
-/// row, resize resized→size. Mirrors `device_graphs.label_matrices`.
-fn label_matrices(
-    size: usize,
-    resized: usize,
-    spans: &[(usize, usize)],
-    crop: usize,
-    side: usize,
-) -> (Vec<usize>, Vec<f32>) {
-    let up = resample_matrix(side, crop);
-    let final_axis = AxisWeights::new(resized, size, Coordinates::HalfPixel);
-    let mut count = vec![0f32; resized];
-    for &(a, b) in spans {
-        count[a..b].iter_mut().for_each(|c| *c += 1.0);
-    }
-    let mut out = vec![0f32; spans.len() * size * side];
-    for (k, &(a, b)) in spans.iter().enumerate() {
-        let top = (crop - (b - a)) / 2;
-        for o in 0..size {
-            let taps = [
-                (final_axis.lo[o], 1.0 - final_axis.frac[o]),
-                (final_axis.hi[o], final_axis.frac[o]),
-            ];
-            let row = &mut out[(k * size + o) * side..(k * size + o + 1) * side];
-            for (y, weight) in taps {
-                if y < a || y >= b || weight == 0.0 {
-                    continue;
-                }
-                let w = weight / count[y];
-                let i = y - a + top;
-                for (r, u) in row.iter_mut().zip(&up[i * side..(i + 1) * side]) {
-                    *r += w * u;
-                }
-            }
-        }
-    }
-    (vec![spans.len(), size, side], out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crop_rows_select_and_centre_the_window() {
-        // 4 resized rows, one window of 2 rows (2..4) centred in a crop of 4: rows 1..3.
-        let (shape, m) = crop_matrices(4, &[(2, 4)], 4);
-        assert_eq!(shape, vec![1, 4, 4]);
-        let row = |r: usize| &m[r * 4..(r + 1) * 4];
-        assert_eq!(row(0), &[0.0; 4]);
-        assert_eq!(row(1), &[0.0, 0.0, 1.0, 0.0]);
-        assert_eq!(row(2), &[0.0, 0.0, 0.0, 1.0]);
-        assert_eq!(row(3), &[0.0; 4]);
-    }
-
-    #[test]
-    fn label_rows_average_overlapping_windows() {
-        // Two windows of 4 over 6 rows overlapping on rows 2..4, no resizing anywhere (side = crop = 4).
-        let (shape, m) = label_matrices(6, 6, &[(0, 4), (2, 6)], 4, 4);
-        assert_eq!(shape, vec![2, 6, 4]);
-        let at = |k: usize, o: usize, j: usize| m[(k * 6 + o) * 4 + j];
-        assert_eq!(at(0, 0, 0), 1.0);
-        assert_eq!(at(0, 2, 2), 0.5);
-        assert_eq!(at(1, 2, 0), 0.5);
-        assert_eq!(at(1, 5, 3), 1.0);
-        assert_eq!(at(0, 5, 3), 0.0);
-        // Every output row's weights sum to 1 over both windows.
-        for o in 0..6 {
-            let total: f32 = (0..2)
-                .flat_map(|k| (0..4).map(move |j| (k, j)))
-                .map(|(k, j)| at(k, o, j))
-                .sum();
-            assert!((total - 1.0).abs() < 1e-6, "row {o}: {total}");
-        }
     }
 }

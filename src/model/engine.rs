@@ -1,9 +1,9 @@
 //! The inference engine: a verified bundle's graphs in ONNX Runtime, text queries → embeddings (cached), and
 //! images → per-pixel labels and soft scores, exactly as `trainer/tclseg_trainer/reference.py` computes them.
 //!
-//! Per image: resize (short side 448) and normalize, cut the sliding windows, run the crops in batches through
-//! trunk → TCL head → mask head → PAMR, blend the kp masks, upsample each crop's masks to the crop, average the
-//! overlapping crops, resize to the original size, prepend the background, argmax.
+//! The engine opens the sessions and hands each batch of images to one of two paths that compute the same
+//! thing: `host_path` (pre- and postprocessing in native Rust: the CPU) or `device_path` (as graphs beside the
+//! model, tensors kept on the device: the GPU). Both import their vocabulary from `types`, not from here.
 //!
 //! ONNX Runtime calls block; an `Engine` is meant to be owned by (or shared among) dedicated inference threads,
 //! never a tokio worker. Sessions sit behind mutexes, so `&Engine` is usable from several threads, one run at a
@@ -14,168 +14,26 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use ort::session::{Session, SessionOutputs};
+use ort::session::Session;
 use ort::value::Tensor;
 
-use super::bundle::{Bundle, MaskSpec, Precision};
-use super::device_path::{DevicePath, ModelSessions};
-use super::preprocess::{self, Prepared};
-use super::resample::{resize_planes, AxisWeights, Coordinates};
-use super::runtime::{Device, Graph, Runtime, SessionSpec, TensorRtSpec};
+use super::bundle::{Bundle, Precision};
+use super::device_path::DevicePath;
+use super::host_path;
+use super::preprocess;
+use super::runtime::{
+    output, tensorrt_cache_dir, Device, Graph, Progress, Runtime, SessionSpec, TensorRtSpec,
+};
 use super::tokenizer::Tokenizer;
+use super::types::{
+    lock, DeviceChoice, EngineOptions, ModelGraphs, Processing, Query, SegmentSettings,
+    Segmentation, SettingsOverrides, TextEmbeddings,
+};
 
 /// L2 normalization eps of the official code (`us.normalize`).
 const NORMALIZE_EPS: f32 = 1e-6;
 /// Prompts per text-encoder run.
 const TEXT_CHUNK: usize = 256;
-
-/// Which execution device to use: one type for the daemon's `model.device`, the `--device` flag and the engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceChoice {
-    /// CUDA when it works, else the CPU, with the reason logged.
-    #[default]
-    Auto,
-    Cpu,
-    /// CUDA or refuse to start.
-    Cuda,
-    /// TensorRT for the image graphs (engines built on first use and cached), CUDA for the rest, or refuse to
-    /// start.
-    #[value(name = "tensorrt")]
-    TensorRt,
-}
-
-/// Where pre- and postprocessing run: `model.processing` and `--processing`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Processing {
-    /// The device path on a GPU, the host path on the CPU.
-    #[default]
-    Auto,
-    /// Native Rust on the host: resize, windows, upsampling, averaging, argmax (and native PAMR).
-    Host,
-    /// As graphs beside the model, tensors kept on the device (see `device_path`); on the CPU, for tests.
-    Device,
-}
-
-#[derive(Debug, Clone)]
-pub struct EngineOptions {
-    pub device: DeviceChoice,
-    pub precision: Precision,
-    /// Intra-op threads per session (0: ONNX Runtime's default).
-    pub threads: usize,
-    /// Crops per trunk/head run (crops are batched across images); 0 picks per device: 1 on the CPU (compute
-    /// bound: measured no faster batched, and each extra crop costs ~120 MB of activations), 8 on CUDA.
-    pub crop_batch: usize,
-    /// Idle ONNX Runtime threads busy-wait for work (see `SessionSpec::spin`).
-    pub spin: bool,
-    pub processing: Processing,
-}
-
-impl Default for EngineOptions {
-    fn default() -> Self {
-        EngineOptions {
-            device: DeviceChoice::Cpu,
-            precision: Precision::Fp32,
-            threads: 0,
-            crop_batch: 0,
-            spin: true,
-            processing: Processing::Auto,
-        }
-    }
-}
-
-/// One text query: a name, and the prompts to embed (empty: the bundle's templates around the name).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Query {
-    pub name: String,
-    pub prompts: Vec<String>,
-}
-
-impl Query {
-    pub fn named(name: impl Into<String>) -> Query {
-        Query {
-            name: name.into(),
-            prompts: Vec::new(),
-        }
-    }
-}
-
-/// Normalized text embeddings, one row per query, [N, E].
-#[derive(Debug, Clone)]
-pub struct TextEmbeddings {
-    pub rows: usize,
-    pub dim: usize,
-    pub data: Vec<f32>,
-}
-
-/// Per-call settings.
-#[derive(Debug, Clone, Copy)]
-pub struct SegmentSettings {
-    pub pamr: bool,
-    pub kp_weight: f32,
-    /// A constant background score prepended as class 0; None: no background class.
-    pub background: Option<f32>,
-    /// Keep the per-class soft scores at the original size (memory: classes × H × W floats).
-    pub keep_scores: bool,
-}
-
-/// What a command line or a pipeline's config sets of `SegmentSettings`; None takes the bundle's default.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SettingsOverrides {
-    pub pamr: Option<bool>,
-    pub bg_thresh: Option<f32>,
-    pub kp_weight: Option<f32>,
-}
-
-impl SegmentSettings {
-    /// The one rule for settings against a bundle: PAMR on unless turned off; the background threshold given,
-    /// else the bundle's for PAMR on or off; no threshold class when the queries bring background prompts
-    /// (their label 0 is the background); the bundle's kp weight unless given. Scores are not kept.
-    pub fn resolve(
-        mask: &MaskSpec,
-        overrides: SettingsOverrides,
-        background_prompts: bool,
-    ) -> SegmentSettings {
-        let pamr = overrides.pamr.unwrap_or(true);
-        let background = (!background_prompts).then(|| {
-            overrides.bg_thresh.unwrap_or(if pamr {
-                mask.bg_thresh_pamr
-            } else {
-                mask.bg_thresh
-            })
-        });
-        SegmentSettings {
-            pamr,
-            kp_weight: overrides.kp_weight.unwrap_or(mask.kp_weight),
-            background,
-            keep_scores: false,
-        }
-    }
-}
-
-/// The result for one image.
-#[derive(Debug, Clone)]
-pub struct Segmentation {
-    pub width: usize,
-    pub height: usize,
-    /// Number of classes, background included when it was asked for.
-    pub classes: usize,
-    /// Row-major class index per pixel.
-    pub labels: Vec<u16>,
-    /// The winning class's score per pixel.
-    pub best: Vec<f32>,
-    /// [classes, H, W] when `keep_scores`.
-    pub scores: Option<Vec<f32>>,
-}
-
-struct Sessions {
-    trunk: Session,
-    head: Session,
-    mask_head: Session,
-    /// Present when pre- and postprocessing run on the device.
-    device_path: Option<DevicePath>,
-}
 
 /// Largest crop batch a TensorRT engine is built for (its optimisation profile); the device path splits bigger
 /// batches.
@@ -185,13 +43,13 @@ pub struct Engine {
     bundle: Bundle,
     tokenizer: Tokenizer,
     device: Device,
-    /// Pre- and postprocessing run on the device (`device_path`), not on the host.
-    on_device: bool,
     /// How the engine's sessions run on `device` (the text encoder's, opened per query set, derives from it).
     spec: SessionSpec,
     options: EngineOptions,
     manifest_sha256: String,
-    sessions: Mutex<Sessions>,
+    model: Mutex<ModelGraphs>,
+    /// Present when pre- and postprocessing run on the device, not on the host. Locked before `model`.
+    device_path: Option<Mutex<DevicePath>>,
     text_cache: Mutex<HashMap<Vec<Query>, Arc<TextEmbeddings>>>,
 }
 
@@ -223,7 +81,7 @@ impl Engine {
             DeviceChoice::Cuda | DeviceChoice::Auto => Device::Cuda,
             DeviceChoice::TensorRt => Device::TensorRt,
         };
-        let open = |device: Device| -> Result<(Sessions, SessionSpec)> {
+        let open = |device: Device| -> Result<(ModelGraphs, Option<DevicePath>, SessionSpec)> {
             if device.is_gpu() {
                 // Before anything is logged about building engines: a missing library is the likelier news.
                 super::cuda::prepare(runtime.library(), device == Device::TensorRt)?;
@@ -253,28 +111,24 @@ impl Engine {
             let (crop, grid) = (m.input.crop_size, m.crop_grid());
             let width = m.architecture.vision_width;
             // The text graph is not loaded here: it runs once per query set (see embed_queries).
-            let sessions = Sessions {
+            let model = ModelGraphs {
                 trunk: session("image_trunk", "pixels", vec![3, crop, crop])?,
                 head: session("tcl_head", "tokens", vec![1 + grid * grid, width])?,
                 // The mask head's inputs include the query count: TensorRT would need a profile per count.
                 mask_head: runtime
                     .session(Graph::File(&graph("mask_head")?), &spec.without_tensorrt())?,
-                device_path: None,
             };
             let on_device = match options.processing {
                 Processing::Auto => device.is_gpu(),
                 Processing::Host => false,
                 Processing::Device => true,
             };
-            let sessions = Sessions {
-                device_path: on_device
-                    .then(|| DevicePath::new(&bundle, &spec))
-                    .transpose()?,
-                ..sessions
-            };
-            Ok((sessions, spec))
+            let device_path = on_device
+                .then(|| DevicePath::new(&bundle, &spec))
+                .transpose()?;
+            Ok((model, device_path, spec))
         };
-        let (sessions, spec) = match open(device) {
+        let (model, device_path, spec) = match open(device) {
             Ok(opened) => opened,
             Err(err) if options.device == DeviceChoice::Auto => {
                 // No NVIDIA driver at all: the CPU is what `auto` is expected to pick. A driver that is there
@@ -290,27 +144,23 @@ impl Engine {
             }
             Err(err) => return Err(err),
         };
-        let device = spec.device;
-        tracing::debug!(
-            device = device.name(),
-            processing = if sessions.device_path.is_some() {
-                "device"
-            } else {
-                "host"
-            },
-            "engine ready"
-        );
-        Ok(Engine {
+        let engine = Engine {
             bundle,
             manifest_sha256,
             tokenizer,
-            device,
-            on_device: sessions.device_path.is_some(),
+            device: spec.device,
             spec,
             options,
-            sessions: Mutex::new(sessions),
+            model: Mutex::new(model),
+            device_path: device_path.map(Mutex::new),
             text_cache: Mutex::new(HashMap::new()),
-        })
+        };
+        tracing::debug!(
+            device = engine.device.name(),
+            processing = %engine.processing(),
+            "engine ready"
+        );
+        Ok(engine)
     }
 
     pub fn bundle(&self) -> &Bundle {
@@ -326,12 +176,13 @@ impl Engine {
         self.device
     }
 
-    /// "device" when pre- and postprocessing run beside the model on the device, "host" when natively.
-    pub fn processing(&self) -> &'static str {
-        if self.on_device {
-            "device"
+    /// `Device` when pre- and postprocessing run beside the model on the device, `Host` when natively (never
+    /// `Auto`: that is decided when the engine opens).
+    pub fn processing(&self) -> Processing {
+        if self.device_path.is_some() {
+            Processing::Device
         } else {
-            "host"
+            Processing::Host
         }
     }
 
@@ -354,7 +205,7 @@ impl Engine {
         if queries.is_empty() {
             bail!("no queries given: name at least one thing to segment");
         }
-        if let Some(hit) = self.lock_cache()?.get(queries) {
+        if let Some(hit) = lock(&self.text_cache)?.get(queries) {
             return Ok(Arc::clone(hit));
         }
         let m = self.bundle.manifest();
@@ -431,77 +282,42 @@ impl Engine {
             dim,
             data,
         });
-        self.lock_cache()?
-            .insert(queries.to_vec(), Arc::clone(&result));
+        lock(&self.text_cache)?.insert(queries.to_vec(), Arc::clone(&result));
         Ok(result)
     }
 
-    /// Segments several images, batching their crops together.
+    /// Segments several images, batching their crops together (on the device path: whole frames of one size).
     pub fn segment_batch(
         &self,
         images: &[&image::RgbImage],
         text: &TextEmbeddings,
         settings: &SegmentSettings,
     ) -> Result<Vec<Segmentation>> {
-        if self.on_device {
-            return self.segment_on_device(&mut *self.lock_sessions()?, images, text, settings);
+        if let Some(path) = &self.device_path {
+            return self.segment_on_device(&mut *lock(path)?, images, text, settings);
         }
-        let input = &self.bundle.manifest().input;
-        let prepared: Vec<Prepared> = images
-            .iter()
-            .map(|img| preprocess::prepare(img, input))
-            .collect();
-        let classes = text.rows;
-        let mut accumulators: Vec<Accumulator> = prepared
-            .iter()
-            .map(|p| Accumulator::new(classes, p.height, p.width))
-            .collect();
-        let crops: Vec<(usize, preprocess::CropBox)> = prepared
-            .iter()
-            .enumerate()
-            .flat_map(|(i, p)| {
-                preprocess::crop_boxes(p.height, p.width, input.crop_size, input.crop_stride)
-                    .into_iter()
-                    .map(move |b| (i, b))
-            })
-            .collect();
-        let batch = match (self.options.crop_batch, self.device) {
+        // Crops per run: compute bound on the CPU (measured no faster batched, and each extra crop costs ~120 MB
+        // of activations); a GPU wants several.
+        let crop_batch = match (self.options.crop_batch, self.device) {
             (0, Device::Cpu) => 1,
             (0, Device::Cuda | Device::TensorRt) => 8,
             (n, _) => n,
         };
-        for chunk in crops.chunks(batch) {
-            let pixels: Vec<f32> = chunk
-                .iter()
-                .flat_map(|(i, b)| preprocess::cut_crop(&prepared[*i], b, input.crop_size))
-                .collect();
-            let masks = self.crop_masks(pixels, chunk.len(), text, settings)?;
-            let side = self.bundle.manifest().mask_side();
-            let crop = input.crop_size;
-            for (k, (i, b)) in chunk.iter().enumerate() {
-                let m = &masks[k * classes * side * side..(k + 1) * classes * side * side];
-                let up = resize_planes(
-                    m,
-                    classes,
-                    (side, side),
-                    (crop, crop),
-                    Coordinates::HalfPixel,
-                );
-                accumulators[*i].add(&up, crop, b);
-            }
-        }
-        images
-            .iter()
-            .zip(accumulators)
-            .map(|(img, acc)| acc.finish(img.height() as usize, img.width() as usize, settings))
-            .collect()
+        host_path::segment(
+            &self.model,
+            self.bundle.manifest(),
+            crop_batch,
+            images,
+            text,
+            settings,
+        )
     }
 
     /// The device path: frames grouped by size (in order of first appearance), each group in runs of at most
     /// `crop_batch` crops (whole frames; TensorRT: at most its profile's batch).
     fn segment_on_device(
         &self,
-        sessions: &mut Sessions,
+        path: &mut DevicePath,
         images: &[&image::RgbImage],
         text: &TextEmbeddings,
         settings: &SegmentSettings,
@@ -522,27 +338,14 @@ impl Engine {
                 None => groups.push((size, vec![i])),
             }
         }
-        let Sessions {
-            trunk,
-            head,
-            mask_head,
-            device_path,
-        } = sessions;
-        let path = device_path
-            .as_mut()
-            .ok_or_else(|| anyhow!("the device path is not set up"))?;
+        let mut model = lock(&self.model)?;
         let mut results: Vec<Option<Segmentation>> = images.iter().map(|_| None).collect();
         for ((w, h), members) in groups {
             let windows = preprocess::windows(h as usize, w as usize, input).1.len();
             let per_run = (cap / windows).max(1);
             for chunk in members.chunks(per_run) {
                 let frames: Vec<&image::RgbImage> = chunk.iter().map(|&i| images[i]).collect();
-                let model = ModelSessions {
-                    trunk: &mut *trunk,
-                    head: &mut *head,
-                    mask_head: &mut *mask_head,
-                };
-                let segs = path.segment(model, manifest, &frames, text, settings)?;
+                let segs = path.segment(&mut model, manifest, &frames, text, settings)?;
                 for (&i, seg) in chunk.iter().zip(segs) {
                     results[i] = Some(seg);
                 }
@@ -552,110 +355,6 @@ impl Engine {
             .into_iter()
             .map(|r| r.ok_or_else(|| anyhow!("an image was left out of the device batches")))
             .collect()
-    }
-
-    /// Final stride-4 masks of a batch of crops, [B, N, side, side]: mask head, PAMR, kp blend.
-    fn crop_masks(
-        &self,
-        mut pixels: Vec<f32>,
-        crops: usize,
-        text: &TextEmbeddings,
-        settings: &SegmentSettings,
-    ) -> Result<Vec<f32>> {
-        let m = self.bundle.manifest();
-        let (crop, grid, side) = (m.input.crop_size, m.crop_grid(), m.mask_side());
-        let (width, dim) = (m.architecture.vision_width, m.architecture.embed_dim);
-        let n = text.rows;
-        let mut sessions = self.lock_sessions()?;
-        let pixel_shape = vec![crops, 3, crop, crop];
-
-        // PAMR needs the crops again after the trunk; copy them only then.
-        let trunk_pixels = if settings.pamr {
-            pixels.clone()
-        } else {
-            std::mem::take(&mut pixels)
-        };
-        let t0 = std::time::Instant::now();
-        let input =
-            Tensor::from_array((pixel_shape.clone(), trunk_pixels)).map_err(|e| anyhow!("{e}"))?;
-        let out = sessions
-            .trunk
-            .run(ort::inputs!["pixels" => input])
-            .map_err(|e| anyhow!("image trunk: {e}"))?;
-        let tokens = output(&out, "tokens", &[crops, 1 + grid * grid, width])?.to_vec();
-        drop(out);
-
-        let t1 = std::time::Instant::now();
-        let input = Tensor::from_array((vec![crops, 1 + grid * grid, width], tokens))
-            .map_err(|e| anyhow!("{e}"))?;
-        let out = sessions
-            .head
-            .run(ort::inputs!["tokens" => input])
-            .map_err(|e| anyhow!("TCL head: {e}"))?;
-        let dense = output(&out, "dense", &[crops, dim, side, side])?.to_vec();
-        let kp_feat = output(&out, "kp_feat", &[crops, dim, grid, grid])?.to_vec();
-        drop(out);
-        let t2 = std::time::Instant::now();
-
-        let out = sessions
-            .mask_head
-            .run(ort::inputs![
-                "dense" => Tensor::from_array((vec![crops, dim, side, side], dense)).map_err(|e| anyhow!("{e}"))?,
-                "kp_feat" => Tensor::from_array((vec![crops, dim, grid, grid], kp_feat)).map_err(|e| anyhow!("{e}"))?,
-                "text" => Tensor::from_array((vec![n, dim], text.data.clone())).map_err(|e| anyhow!("{e}"))?,
-            ])
-            .map_err(|e| anyhow!("mask head: {e}"))?;
-        let mut masks = output(&out, "masks", &[crops, n, side, side])?.to_vec();
-        let kp_masks = output(&out, "kp_masks", &[crops, n, side, side])?.to_vec();
-        drop(out);
-        let t3 = std::time::Instant::now();
-
-        drop(sessions);
-        if settings.pamr {
-            let plane = 3 * crop * crop;
-            let per_crop = n * side * side;
-            for (c, crop_masks) in masks.chunks_exact_mut(per_crop).enumerate() {
-                super::pamr::refine(
-                    &pixels[c * plane..(c + 1) * plane],
-                    crop,
-                    crop_masks,
-                    n,
-                    side,
-                    &m.mask.pamr_dilations,
-                    m.mask.pamr_iterations,
-                );
-            }
-        }
-        let t4 = std::time::Instant::now();
-        tracing::trace!(
-            crops,
-            "crop timings (ms): trunk {:.1}, head {:.1}, mask head {:.1}, PAMR {:.1}",
-            (t1 - t0).as_secs_f64() * 1e3,
-            (t2 - t1).as_secs_f64() * 1e3,
-            (t3 - t2).as_secs_f64() * 1e3,
-            (t4 - t3).as_secs_f64() * 1e3
-        );
-        let kp = settings.kp_weight;
-        if kp != 0.0 {
-            for (m, k) in masks.iter_mut().zip(&kp_masks) {
-                *m = kp * k + (1.0 - kp) * *m;
-            }
-        }
-        Ok(masks)
-    }
-
-    fn lock_sessions(&self) -> Result<std::sync::MutexGuard<'_, Sessions>> {
-        self.sessions
-            .lock()
-            .map_err(|_| anyhow!("an earlier inference panicked; the engine must be recreated"))
-    }
-
-    fn lock_cache(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, HashMap<Vec<Query>, Arc<TextEmbeddings>>>> {
-        self.text_cache
-            .lock()
-            .map_err(|_| anyhow!("an earlier inference panicked; the engine must be recreated"))
     }
 }
 
@@ -680,91 +379,6 @@ fn session_spec(
     }
 }
 
-/// `$XDG_CACHE_HOME/tclseg/tensorrt/<bundle>-<manifest hash>-<precision>-<GPU models>-<ONNX Runtime>`: an engine
-/// is only valid for the graph, the GPU model and the TensorRT/ONNX Runtime that built it, so each of them is in
-/// the key and a change builds afresh instead of loading a stale engine. (systemd: `CacheDirectory=tclseg` with
-/// `XDG_CACHE_HOME=%C`.)
-fn tensorrt_cache_dir(
-    bundle: &Bundle,
-    manifest_sha256: &str,
-    runtime: &Runtime,
-    precision: Precision,
-) -> std::path::PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    let ort = std::fs::canonicalize(runtime.library())
-        .ok()
-        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "onnxruntime".to_string());
-    let name = bundle
-        .dir()
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    base.join("tclseg").join("tensorrt").join(format!(
-        "{name}-{}-{}-{}-{ort}",
-        &manifest_sha256[..manifest_sha256.len().min(16)],
-        precision.key(),
-        super::cuda::gpu_models()
-    ))
-}
-
-/// Logs "still working" every 15 s while something slow and silent runs (a TensorRT engine build takes minutes).
-struct Progress {
-    stop: Option<std::sync::mpsc::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Progress {
-    fn start(what: String) -> Progress {
-        let (stop, stopped) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            let start = std::time::Instant::now();
-            tracing::info!("{what}");
-            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                stopped.recv_timeout(std::time::Duration::from_secs(15))
-            {
-                tracing::info!("{what}: {} s so far", start.elapsed().as_secs());
-            }
-        });
-        Progress {
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Progress {
-    fn drop(&mut self) {
-        drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// A run's output `name` as a slice, after checking its shape.
-pub(crate) fn output<'a>(
-    out: &'a SessionOutputs<'_>,
-    name: &str,
-    expected: &[usize],
-) -> Result<&'a [f32]> {
-    let value = out
-        .get(name)
-        .ok_or_else(|| anyhow!("graph output '{name}' missing"))?;
-    let (shape, data) = value
-        .try_extract_tensor::<f32>()
-        .map_err(|e| anyhow!("graph output '{name}': {e}"))
-        .context("the bundle's graphs do not match this tclseg")?;
-    let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
-    if shape != expected {
-        bail!("graph output '{name}' has shape {shape:?}, expected {expected:?}");
-    }
-    Ok(data)
-}
-
 /// L2-normalizes `v` in place with the official eps.
 pub(crate) fn normalize(v: &mut [f32]) {
     let norm = v
@@ -774,155 +388,4 @@ pub(crate) fn normalize(v: &mut [f32]) {
         .sqrt()
         .max(NORMALIZE_EPS);
     v.iter_mut().for_each(|x| *x /= norm);
-}
-
-/// Sum and count of crop scores over one prepared image, [N, h, w].
-struct Accumulator {
-    classes: usize,
-    height: usize,
-    width: usize,
-    total: Vec<f32>,
-    count: Vec<f32>,
-}
-
-impl Accumulator {
-    fn new(classes: usize, height: usize, width: usize) -> Accumulator {
-        Accumulator {
-            classes,
-            height,
-            width,
-            total: vec![0.0; classes * height * width],
-            count: vec![0.0; height * width],
-        }
-    }
-
-    /// Adds one crop's upsampled masks [N, crop, crop]; a box smaller than the crop sits centred in it.
-    fn add(&mut self, masks: &[f32], crop: usize, b: &preprocess::CropBox) {
-        let (bh, bw) = (b.y2 - b.y1, b.x2 - b.x1);
-        let (top, left) = ((crop - bh) / 2, (crop - bw) / 2);
-        for c in 0..self.classes {
-            let plane = &masks[c * crop * crop..(c + 1) * crop * crop];
-            for y in 0..bh {
-                let src = &plane[(top + y) * crop + left..(top + y) * crop + left + bw];
-                let row = (c * self.height + b.y1 + y) * self.width + b.x1;
-                for (t, s) in self.total[row..row + bw].iter_mut().zip(src) {
-                    *t += s;
-                }
-            }
-        }
-        for y in b.y1..b.y2 {
-            for v in &mut self.count[y * self.width + b.x1..y * self.width + b.x2] {
-                *v += 1.0;
-            }
-        }
-    }
-
-    /// Averages, resizes to the original size row by row, prepends the background and takes the argmax.
-    fn finish(
-        self,
-        out_h: usize,
-        out_w: usize,
-        settings: &SegmentSettings,
-    ) -> Result<Segmentation> {
-        let (h, w, n) = (self.height, self.width, self.classes);
-        let mut mean = self.total;
-        for c in 0..n {
-            for (v, k) in mean[c * h * w..(c + 1) * h * w].iter_mut().zip(&self.count) {
-                *v /= *k;
-            }
-        }
-        let bg = settings.background;
-        let offset = usize::from(bg.is_some());
-        let classes = n + offset;
-        let ys = AxisWeights::new(h, out_h, Coordinates::HalfPixel);
-        let xs = AxisWeights::new(w, out_w, Coordinates::HalfPixel);
-        let mut labels = vec![0u16; out_h * out_w];
-        let mut scores = settings
-            .keep_scores
-            .then(|| vec![0f32; classes * out_h * out_w]);
-        let mut best_all = vec![0f32; out_h * out_w];
-        let mut row = vec![0f32; out_w];
-        for oy in 0..out_h {
-            let best = &mut best_all[oy * out_w..(oy + 1) * out_w];
-            best.fill(bg.unwrap_or(f32::NEG_INFINITY));
-            let labels_row = &mut labels[oy * out_w..(oy + 1) * out_w];
-            labels_row.fill(0);
-            if let (Some(s), Some(v)) = (scores.as_mut(), bg) {
-                s[oy * out_w..(oy + 1) * out_w].fill(v);
-            }
-            for c in 0..n {
-                let plane = &mean[c * h * w..(c + 1) * h * w];
-                let (r0, r1) = (ys.lo[oy] * w, ys.hi[oy] * w);
-                super::resample::interpolate_row(
-                    &plane[r0..r0 + w],
-                    &plane[r1..r1 + w],
-                    ys.frac[oy],
-                    &xs,
-                    &mut row,
-                );
-                let label = (c + offset) as u16;
-                for ((b, l), v) in best.iter_mut().zip(labels_row.iter_mut()).zip(&row) {
-                    // Strictly greater: the first class wins ties, as torch.argmax does.
-                    if *v > *b || (c == 0 && bg.is_none()) {
-                        *b = *v;
-                        *l = label;
-                    }
-                }
-                if let Some(s) = scores.as_mut() {
-                    let at = ((c + offset) * out_h + oy) * out_w;
-                    s[at..at + out_w].copy_from_slice(&row);
-                }
-            }
-        }
-        Ok(Segmentation {
-            width: out_w,
-            height: out_h,
-            classes,
-            labels,
-            best: best_all,
-            scores,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn mask() -> MaskSpec {
-        MaskSpec {
-            w: 1.0,
-            b: 0.0,
-            kp_weight: 0.3,
-            kp_shift: 0.0,
-            kp_scale: 1.0,
-            bg_thresh_pamr: 0.4,
-            bg_thresh: 0.5,
-            pamr_iterations: 10,
-            pamr_dilations: vec![1, 2],
-        }
-    }
-
-    #[test]
-    fn settings_take_the_bundle_defaults_unless_overridden() {
-        let d = SegmentSettings::resolve(&mask(), SettingsOverrides::default(), false);
-        assert_eq!((d.pamr, d.kp_weight, d.background), (true, 0.3, Some(0.4)));
-        let no_pamr = SettingsOverrides {
-            pamr: Some(false),
-            ..Default::default()
-        };
-        let s = SegmentSettings::resolve(&mask(), no_pamr, false);
-        assert_eq!((s.pamr, s.background), (false, Some(0.5)));
-        let given = SettingsOverrides {
-            pamr: None,
-            bg_thresh: Some(0.7),
-            kp_weight: Some(0.1),
-        };
-        let s = SegmentSettings::resolve(&mask(), given, false);
-        assert_eq!((s.kp_weight, s.background), (0.1, Some(0.7)));
-        // Background prompts bring their own background: no threshold class.
-        let s = SegmentSettings::resolve(&mask(), given, true);
-        assert_eq!(s.background, None);
-        assert!(!s.keep_scores);
-    }
 }

@@ -4,17 +4,20 @@ pub mod bundle;
 pub mod cuda;
 pub mod device_path;
 pub mod engine;
+mod host_path;
 pub mod info;
 pub mod pamr;
 pub mod preprocess;
 pub mod resample;
 pub mod runtime;
-pub mod smoke;
 pub mod tokenizer;
+pub mod types;
+pub mod verify;
 
 pub use bundle::{Bundle, BundleError, Manifest, Precision};
-pub use engine::{
-    DeviceChoice, Engine, EngineOptions, Processing, Query, SegmentSettings, Segmentation,
+pub use engine::Engine;
+pub use runtime::{Device, Graph, Runtime, SessionSpec};
+pub use types::{
+    DeviceChoice, EngineOptions, Processing, Query, SegmentSettings, Segmentation,
     SettingsOverrides, TextEmbeddings,
 };
-pub use runtime::{Device, Graph, Runtime, SessionSpec};

@@ -3,6 +3,10 @@
 //! `ort` is built with `load-dynamic`: nothing links against ONNX Runtime at build time, and the library is
 //! opened here at run time. Any `ort` call before a successful load panics inside `ort`, so every path into ONNX
 //! Runtime goes through [`Runtime::get`], which loads the library first and turns failure into an error.
+//!
+//! Also here, for the sessions it builds: reading a run's output with its shape checked (`output`), the key of
+//! the TensorRT engine cache (`tensorrt_cache_dir`), and the thread that logs progress while TensorRT builds an
+//! engine for minutes without a word (`Progress`).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -10,7 +14,9 @@ use std::sync::OnceLock;
 use anyhow::{anyhow, bail, Context, Result};
 use ort::environment::Environment;
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::Session;
+use ort::session::{Session, SessionOutputs};
+
+use super::bundle::{Bundle, Precision};
 
 /// Where `scripts/setup` puts the library in this source tree: the GPU build (`--gpu`) first, which runs on the
 /// CPU as well, then the CPU build.
@@ -226,6 +232,91 @@ impl Runtime {
         committed
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("cannot load ONNX graph {}", graph.describe()))
+    }
+}
+
+/// A run's output `name` as a slice, after checking its shape.
+pub(crate) fn output<'a>(
+    out: &'a SessionOutputs<'_>,
+    name: &str,
+    expected: &[usize],
+) -> Result<&'a [f32]> {
+    let value = out
+        .get(name)
+        .ok_or_else(|| anyhow!("graph output '{name}' missing"))?;
+    let (shape, data) = value
+        .try_extract_tensor::<f32>()
+        .map_err(|e| anyhow!("graph output '{name}': {e}"))
+        .context("the bundle's graphs do not match this tclseg")?;
+    let shape: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    if shape != expected {
+        bail!("graph output '{name}' has shape {shape:?}, expected {expected:?}");
+    }
+    Ok(data)
+}
+
+/// `$XDG_CACHE_HOME/tclseg/tensorrt/<bundle>-<manifest hash>-<precision>-<GPU models>-<ONNX Runtime>`: an engine
+/// is only valid for the graph, the GPU model and the TensorRT/ONNX Runtime that built it, so each of them is in
+/// the key and a change builds afresh instead of loading a stale engine. (systemd: `CacheDirectory=tclseg` with
+/// `XDG_CACHE_HOME=%C`.)
+pub(crate) fn tensorrt_cache_dir(
+    bundle: &Bundle,
+    manifest_sha256: &str,
+    runtime: &Runtime,
+    precision: Precision,
+) -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    let ort = std::fs::canonicalize(runtime.library())
+        .ok()
+        .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "onnxruntime".to_string());
+    let name = bundle
+        .dir()
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    base.join("tclseg").join("tensorrt").join(format!(
+        "{name}-{}-{}-{}-{ort}",
+        &manifest_sha256[..manifest_sha256.len().min(16)],
+        precision.key(),
+        super::cuda::gpu_models()
+    ))
+}
+
+/// Logs "still working" every 15 s while something slow and silent runs (a TensorRT engine build takes minutes).
+pub(crate) struct Progress {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    pub fn start(what: String) -> Progress {
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            tracing::info!("{what}");
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(std::time::Duration::from_secs(15))
+            {
+                tracing::info!("{what}: {} s so far", start.elapsed().as_secs());
+            }
+        });
+        Progress {
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use ort::value::Tensor;
 use super::bundle::{Bundle, Precision};
 use super::runtime::{Graph, Runtime, SessionSpec};
 
-/// What one graph did in the smoke run.
+/// What one graph did in the verify run.
 #[derive(Debug, Clone)]
 pub struct GraphRun {
     pub role: &'static str,
@@ -179,8 +179,8 @@ fn take(
     graph: &str,
     expected: &[usize],
 ) -> Result<HostTensor> {
-    let data =
-        super::engine::output(outputs, name, expected).with_context(|| format!("graph {graph}"))?;
+    let data = super::runtime::output(outputs, name, expected)
+        .with_context(|| format!("graph {graph}"))?;
     if let Some(i) = data.iter().position(|v| !v.is_finite()) {
         bail!("graph {graph} output '{name}' holds a non-finite value at flat index {i}");
     }
@@ -222,7 +222,7 @@ fn record(
     }
 }
 
-/// Loads every graph of every precision the bundle lists (catches a graph the smoke run would not touch).
+/// Loads every graph of every precision the bundle lists (catches a graph the verify run would not touch).
 pub fn load_all_graphs(bundle: &Bundle, threads: usize) -> Result<usize> {
     let runtime = Runtime::get()?;
     let mut count = 0;

@@ -1,0 +1,273 @@
+//! The host path: images → labels with pre- and postprocessing in native Rust, the model graphs in ONNX Runtime.
+//!
+//! Per image: resize (short side 448) and normalize, cut the sliding windows, run the crops in batches through
+//! trunk → TCL head → mask head, refine with native PAMR, blend the kp masks, upsample each crop's masks to the
+//! crop, average the overlapping crops, resize to the original size, prepend the background, argmax. This is
+//! what the CPU runs (and the GPU with `--processing host`); `device_path.rs` does the same as graphs.
+
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Result};
+use ort::value::Tensor;
+
+use super::bundle::Manifest;
+use super::pamr;
+use super::preprocess::{self, Prepared};
+use super::resample::{self, resize_planes, AxisWeights, Coordinates};
+use super::runtime::output;
+use super::types::{lock, ModelGraphs, SegmentSettings, Segmentation, TextEmbeddings};
+
+/// Segments several images, their crops batched together `crop_batch` at a time. The model's sessions are
+/// locked per batch of crops only, not during PAMR and the averaging, so other threads' crops run meanwhile.
+pub(crate) fn segment(
+    model: &Mutex<ModelGraphs>,
+    manifest: &Manifest,
+    crop_batch: usize,
+    images: &[&image::RgbImage],
+    text: &TextEmbeddings,
+    settings: &SegmentSettings,
+) -> Result<Vec<Segmentation>> {
+    let input = &manifest.input;
+    let prepared: Vec<Prepared> = images
+        .iter()
+        .map(|img| preprocess::prepare(img, input))
+        .collect();
+    let classes = text.rows;
+    let mut accumulators: Vec<Accumulator> = prepared
+        .iter()
+        .map(|p| Accumulator::new(classes, p.height, p.width))
+        .collect();
+    let crops: Vec<(usize, preprocess::CropBox)> = prepared
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| {
+            preprocess::crop_boxes(p.height, p.width, input.crop_size, input.crop_stride)
+                .into_iter()
+                .map(move |b| (i, b))
+        })
+        .collect();
+    for chunk in crops.chunks(crop_batch.max(1)) {
+        let pixels: Vec<f32> = chunk
+            .iter()
+            .flat_map(|(i, b)| preprocess::cut_crop(&prepared[*i], b, input.crop_size))
+            .collect();
+        let masks = crop_masks(model, manifest, pixels, chunk.len(), text, settings)?;
+        let side = manifest.mask_side();
+        let crop = input.crop_size;
+        for (k, (i, b)) in chunk.iter().enumerate() {
+            let m = &masks[k * classes * side * side..(k + 1) * classes * side * side];
+            let up = resize_planes(
+                m,
+                classes,
+                (side, side),
+                (crop, crop),
+                Coordinates::HalfPixel,
+            );
+            accumulators[*i].add(&up, crop, b);
+        }
+    }
+    images
+        .iter()
+        .zip(accumulators)
+        .map(|(img, acc)| acc.finish(img.height() as usize, img.width() as usize, settings))
+        .collect()
+}
+
+/// Final stride-4 masks of a batch of crops, [B, N, side, side]: mask head, PAMR, kp blend.
+fn crop_masks(
+    model: &Mutex<ModelGraphs>,
+    m: &Manifest,
+    mut pixels: Vec<f32>,
+    crops: usize,
+    text: &TextEmbeddings,
+    settings: &SegmentSettings,
+) -> Result<Vec<f32>> {
+    let (crop, grid, side) = (m.input.crop_size, m.crop_grid(), m.mask_side());
+    let (width, dim) = (m.architecture.vision_width, m.architecture.embed_dim);
+    let n = text.rows;
+    let mut sessions = lock(model)?;
+    let pixel_shape = vec![crops, 3, crop, crop];
+
+    // PAMR needs the crops again after the trunk; copy them only then.
+    let trunk_pixels = if settings.pamr {
+        pixels.clone()
+    } else {
+        std::mem::take(&mut pixels)
+    };
+    let t0 = std::time::Instant::now();
+    let input =
+        Tensor::from_array((pixel_shape.clone(), trunk_pixels)).map_err(|e| anyhow!("{e}"))?;
+    let out = sessions
+        .trunk
+        .run(ort::inputs!["pixels" => input])
+        .map_err(|e| anyhow!("image trunk: {e}"))?;
+    let tokens = output(&out, "tokens", &[crops, 1 + grid * grid, width])?.to_vec();
+    drop(out);
+
+    let t1 = std::time::Instant::now();
+    let input = Tensor::from_array((vec![crops, 1 + grid * grid, width], tokens))
+        .map_err(|e| anyhow!("{e}"))?;
+    let out = sessions
+        .head
+        .run(ort::inputs!["tokens" => input])
+        .map_err(|e| anyhow!("TCL head: {e}"))?;
+    let dense = output(&out, "dense", &[crops, dim, side, side])?.to_vec();
+    let kp_feat = output(&out, "kp_feat", &[crops, dim, grid, grid])?.to_vec();
+    drop(out);
+    let t2 = std::time::Instant::now();
+
+    let out = sessions
+        .mask_head
+        .run(ort::inputs![
+            "dense" => Tensor::from_array((vec![crops, dim, side, side], dense)).map_err(|e| anyhow!("{e}"))?,
+            "kp_feat" => Tensor::from_array((vec![crops, dim, grid, grid], kp_feat)).map_err(|e| anyhow!("{e}"))?,
+            "text" => Tensor::from_array((vec![n, dim], text.data.clone())).map_err(|e| anyhow!("{e}"))?,
+        ])
+        .map_err(|e| anyhow!("mask head: {e}"))?;
+    let mut masks = output(&out, "masks", &[crops, n, side, side])?.to_vec();
+    let kp_masks = output(&out, "kp_masks", &[crops, n, side, side])?.to_vec();
+    drop(out);
+    let t3 = std::time::Instant::now();
+
+    drop(sessions);
+    if settings.pamr {
+        let plane = 3 * crop * crop;
+        let per_crop = n * side * side;
+        for (c, crop_masks) in masks.chunks_exact_mut(per_crop).enumerate() {
+            pamr::refine(
+                &pixels[c * plane..(c + 1) * plane],
+                crop,
+                crop_masks,
+                n,
+                side,
+                &m.mask.pamr_dilations,
+                m.mask.pamr_iterations,
+            );
+        }
+    }
+    let t4 = std::time::Instant::now();
+    tracing::trace!(
+        crops,
+        "crop timings (ms): trunk {:.1}, head {:.1}, mask head {:.1}, PAMR {:.1}",
+        (t1 - t0).as_secs_f64() * 1e3,
+        (t2 - t1).as_secs_f64() * 1e3,
+        (t3 - t2).as_secs_f64() * 1e3,
+        (t4 - t3).as_secs_f64() * 1e3
+    );
+    let kp = settings.kp_weight;
+    if kp != 0.0 {
+        for (m, k) in masks.iter_mut().zip(&kp_masks) {
+            *m = kp * k + (1.0 - kp) * *m;
+        }
+    }
+    Ok(masks)
+}
+
+/// Sum and count of crop scores over one prepared image, [N, h, w].
+struct Accumulator {
+    classes: usize,
+    height: usize,
+    width: usize,
+    total: Vec<f32>,
+    count: Vec<f32>,
+}
+
+impl Accumulator {
+    fn new(classes: usize, height: usize, width: usize) -> Accumulator {
+        Accumulator {
+            classes,
+            height,
+            width,
+            total: vec![0.0; classes * height * width],
+            count: vec![0.0; height * width],
+        }
+    }
+
+    /// Adds one crop's upsampled masks [N, crop, crop]; a box smaller than the crop sits centred in it.
+    fn add(&mut self, masks: &[f32], crop: usize, b: &preprocess::CropBox) {
+        let (bh, bw) = (b.y2 - b.y1, b.x2 - b.x1);
+        let (top, left) = ((crop - bh) / 2, (crop - bw) / 2);
+        for c in 0..self.classes {
+            let plane = &masks[c * crop * crop..(c + 1) * crop * crop];
+            for y in 0..bh {
+                let src = &plane[(top + y) * crop + left..(top + y) * crop + left + bw];
+                let row = (c * self.height + b.y1 + y) * self.width + b.x1;
+                for (t, s) in self.total[row..row + bw].iter_mut().zip(src) {
+                    *t += s;
+                }
+            }
+        }
+        for y in b.y1..b.y2 {
+            for v in &mut self.count[y * self.width + b.x1..y * self.width + b.x2] {
+                *v += 1.0;
+            }
+        }
+    }
+
+    /// Averages, resizes to the original size row by row, prepends the background and takes the argmax.
+    fn finish(
+        self,
+        out_h: usize,
+        out_w: usize,
+        settings: &SegmentSettings,
+    ) -> Result<Segmentation> {
+        let (h, w, n) = (self.height, self.width, self.classes);
+        let mut mean = self.total;
+        for c in 0..n {
+            for (v, k) in mean[c * h * w..(c + 1) * h * w].iter_mut().zip(&self.count) {
+                *v /= *k;
+            }
+        }
+        let bg = settings.background;
+        let offset = usize::from(bg.is_some());
+        let classes = n + offset;
+        let ys = AxisWeights::new(h, out_h, Coordinates::HalfPixel);
+        let xs = AxisWeights::new(w, out_w, Coordinates::HalfPixel);
+        let mut labels = vec![0u16; out_h * out_w];
+        let mut scores = settings
+            .keep_scores
+            .then(|| vec![0f32; classes * out_h * out_w]);
+        let mut best_all = vec![0f32; out_h * out_w];
+        let mut row = vec![0f32; out_w];
+        for oy in 0..out_h {
+            let best = &mut best_all[oy * out_w..(oy + 1) * out_w];
+            best.fill(bg.unwrap_or(f32::NEG_INFINITY));
+            let labels_row = &mut labels[oy * out_w..(oy + 1) * out_w];
+            labels_row.fill(0);
+            if let (Some(s), Some(v)) = (scores.as_mut(), bg) {
+                s[oy * out_w..(oy + 1) * out_w].fill(v);
+            }
+            for c in 0..n {
+                let plane = &mean[c * h * w..(c + 1) * h * w];
+                let (r0, r1) = (ys.lo[oy] * w, ys.hi[oy] * w);
+                resample::interpolate_row(
+                    &plane[r0..r0 + w],
+                    &plane[r1..r1 + w],
+                    ys.frac[oy],
+                    &xs,
+                    &mut row,
+                );
+                let label = (c + offset) as u16;
+                for ((b, l), v) in best.iter_mut().zip(labels_row.iter_mut()).zip(&row) {
+                    // Strictly greater: the first class wins ties, as torch.argmax does.
+                    if *v > *b || (c == 0 && bg.is_none()) {
+                        *b = *v;
+                        *l = label;
+                    }
+                }
+                if let Some(s) = scores.as_mut() {
+                    let at = ((c + offset) * out_h + oy) * out_w;
+                    s[at..at + out_w].copy_from_slice(&row);
+                }
+            }
+        }
+        Ok(Segmentation {
+            width: out_w,
+            height: out_h,
+            classes,
+            labels,
+            best: best_all,
+            scores,
+        })
+    }
+}

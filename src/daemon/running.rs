@@ -1,0 +1,342 @@
+//! The running set: the engine, the inference worker and the pipelines it serves. Start-up builds it, a reload
+//! applies the config diff to it (unchanged pipelines are not touched), and shutdown drains it. Its methods block
+//! (thread joins, text encoding, the model load): the control loop in `daemon/mod.rs` calls them off tokio's
+//! workers, which is why they live apart from it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::json;
+
+use crate::config::diff::{diff, PipelineChange};
+use crate::config::{self, PipelinePlan, ServeConfig};
+use crate::model::{Engine, EngineOptions};
+use crate::pipeline::worker::Scheduler;
+use crate::pipeline::{Pipeline, PipelineQueries};
+use crate::telemetry::Telemetry;
+
+use super::State;
+
+/// Everything the control side owns once the model is loaded. The control loop keeps it behind one lock, so a
+/// reload and the drain never overlap.
+pub(super) struct Running {
+    config_path: PathBuf,
+    /// The running config: pipelines as last applied, global sections as at start-up (they need a restart).
+    config: ServeConfig,
+    engine: Arc<Engine>,
+    scheduler: Arc<Scheduler>,
+    worker: Option<std::thread::JoinHandle<()>>,
+    pipelines: BTreeMap<String, Pipeline>,
+    state: Arc<State>,
+}
+
+impl Running {
+    /// Loads and warms the model, starts the inference worker, then every pipeline that can start (one that
+    /// cannot is logged and marked; the rest run).
+    pub(super) fn start(
+        config_path: PathBuf,
+        config: ServeConfig,
+        plans: Vec<PipelinePlan>,
+        model_dir: &Path,
+        state: Arc<State>,
+        telemetry: Arc<Telemetry>,
+    ) -> Result<Running> {
+        let engine = Arc::new(load_engine(&config, model_dir)?);
+        let manifest = engine.bundle().manifest();
+        tracing::info!(
+            "model {} v{} ({}) on {:?}",
+            manifest.name,
+            manifest.version,
+            model_dir.display(),
+            engine.device()
+        );
+        warm_up(&engine)?;
+        if let Ok(mut info) = state.info.lock() {
+            info["model"] = json!({
+                "name": manifest.name,
+                "version": manifest.version,
+                "dir": model_dir.display().to_string(),
+                "manifest_sha256": engine.manifest_sha256(),
+                "device": format!("{:?}", engine.device()).to_lowercase(),
+            });
+        }
+        let scheduler = Arc::new(Scheduler::new(
+            Arc::clone(&engine),
+            Arc::clone(&telemetry),
+            config.inference.max_batch,
+            config.inference.max_wait(),
+        ));
+        let worker = {
+            let scheduler = Arc::clone(&scheduler);
+            std::thread::Builder::new()
+                .name("inference".into())
+                .spawn(move || scheduler.run())
+                .context("cannot start the inference worker")?
+        };
+        let mut running = Running {
+            config_path,
+            config,
+            engine,
+            scheduler,
+            worker: Some(worker),
+            pipelines: BTreeMap::new(),
+            state,
+        };
+        for plan in plans {
+            let name = plan.config.name.clone();
+            if let Err(e) = running.start_pipeline(plan) {
+                tracing::error!(pipeline = %name, "not started: {e:#}");
+            }
+        }
+        running.publish();
+        Ok(running)
+    }
+
+    /// The inference worker's scheduler, for the watchdog: its heartbeat is read without the lock that a
+    /// reload holds for seconds.
+    pub(super) fn scheduler(&self) -> Arc<Scheduler> {
+        Arc::clone(&self.scheduler)
+    }
+
+    /// Starts a pipeline; one that cannot start is marked as not running (readiness, `/status`, STATUS) until
+    /// a reload starts it.
+    fn start_pipeline(&mut self, plan: PipelinePlan) -> Result<()> {
+        let name = plan.config.name.clone();
+        let telemetry = Arc::clone(&self.state.telemetry);
+        let started = PipelineQueries::prepare(&self.engine, &plan).and_then(|queries| {
+            Pipeline::start(
+                plan,
+                queries,
+                Arc::clone(&self.engine),
+                &telemetry,
+                Arc::clone(&self.scheduler.doorbell),
+            )
+        });
+        match started {
+            Ok(pipeline) => {
+                pipeline.shared.metrics.set_failure(None);
+                self.scheduler.add(Arc::clone(&pipeline.shared));
+                self.pipelines.insert(name, pipeline);
+                Ok(())
+            }
+            Err(e) => {
+                telemetry
+                    .pipeline(&name)
+                    .set_failure(Some(format!("it failed to start: {e:#}")));
+                Err(e)
+            }
+        }
+    }
+
+    fn stop_pipeline(&mut self, name: &str) {
+        self.scheduler.remove(name);
+        if let Some(p) = self.pipelines.remove(name) {
+            p.finish();
+        }
+    }
+
+    /// Applies the config file's changes; unchanged pipelines are not touched.
+    pub(super) fn reload(&mut self) -> Result<serde_json::Value, serde_json::Value> {
+        let telemetry = Arc::clone(&self.state.telemetry);
+        let (new_config, plans) = match config::load(&self.config_path) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                telemetry.reload_failures.fetch_add(1, Ordering::Relaxed);
+                for line in &e.errors {
+                    tracing::error!("reload rejected: {}: {line}", e.file.display());
+                }
+                tracing::error!("reload rejected; the running config stays in effect");
+                return Err(json!({ "file": e.file.display().to_string(), "errors": e.errors }));
+            }
+        };
+        let d = diff(&self.config, &new_config);
+        for section in &d.needs_restart {
+            tracing::warn!("reload: [{section}] changed; that takes effect only after a restart");
+        }
+        let mut applied = serde_json::Map::new();
+        let mut failed = Vec::new();
+        let plan_of = |name: &str| plans.iter().find(|p| p.config.name == name).cloned();
+        for name in &d.removed {
+            self.stop_pipeline(name);
+        }
+        let mut to_start: Vec<String> = d.added.clone();
+        for (name, change) in &d.changed {
+            let Some(plan) = plan_of(name) else { continue };
+            match (change, self.pipelines.get(name)) {
+                (PipelineChange::Queries, Some(running)) => {
+                    match PipelineQueries::prepare(&self.engine, &plan) {
+                        Ok(q) => {
+                            running.set_queries(q);
+                            tracing::info!(pipeline = %name, "queries updated in place");
+                        }
+                        Err(e) => failed.push(format!("{name}: {e:#}")),
+                    }
+                }
+                _ => {
+                    self.stop_pipeline(name);
+                    to_start.push(name.clone());
+                }
+            }
+        }
+        // Pipelines that failed to start before get another chance.
+        for plan in &plans {
+            if !self.pipelines.contains_key(&plan.config.name)
+                && !to_start.contains(&plan.config.name)
+            {
+                to_start.push(plan.config.name.clone());
+            }
+        }
+        for name in &to_start {
+            if let Some(plan) = plan_of(name) {
+                if let Err(e) = self.start_pipeline(plan) {
+                    tracing::error!(pipeline = %name, "not started: {e:#}");
+                    failed.push(format!("{name}: {e:#}"));
+                }
+            }
+        }
+        // Global sections keep their running values until a restart.
+        self.config = ServeConfig {
+            model: self.config.model.clone(),
+            inference: self.config.inference.clone(),
+            http: self.config.http.clone(),
+            pipelines: new_config.pipelines,
+        };
+        let names: Vec<String> = self
+            .config
+            .pipelines
+            .iter()
+            .map(|p| p.name.clone())
+            .collect();
+        telemetry.retain(&names);
+        telemetry.reloads.fetch_add(1, Ordering::Relaxed);
+        self.publish();
+        applied.insert("added".into(), json!(d.added));
+        applied.insert("removed".into(), json!(d.removed));
+        applied.insert(
+            "changed".into(),
+            json!(d
+                .changed
+                .iter()
+                .map(|(n, c)| json!({ "pipeline": n, "change": format!("{c:?}").to_lowercase() }))
+                .collect::<Vec<_>>()),
+        );
+        applied.insert("needs_restart".into(), json!(d.needs_restart));
+        applied.insert("failed".into(), json!(failed));
+        tracing::info!(
+            "reload applied: {} added, {} removed, {} changed{}",
+            d.added.len(),
+            d.removed.len(),
+            d.changed.len(),
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!(", {} failed", failed.len())
+            }
+        );
+        Ok(serde_json::Value::Object(applied))
+    }
+
+    /// Describes the running pipelines for `/status`.
+    fn publish(&self) {
+        let pipelines: serde_json::Map<String, serde_json::Value> = self
+            .pipelines
+            .iter()
+            .map(|(name, p)| {
+                let plan = &p.shared.plan;
+                (
+                    name.clone(),
+                    json!({
+                        "source": plan.source.redacted(),
+                        "queue": format!("{:?}", plan.queue).to_lowercase(),
+                        "max_fps": plan.config.max_fps,
+                        "output": plan.config.output.dir.display().to_string(),
+                        "queries": plan.queries.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                    }),
+                )
+            })
+            .collect();
+        if let Ok(mut info) = self.state.info.lock() {
+            info["pipelines"] = serde_json::Value::Object(pipelines);
+        }
+    }
+
+    /// Stops the sources, lets the worker finish what is queued (bounded), then closes every output. An error
+    /// when a thread had died (panicked) on the way: the stop was not clean, and the exit status says so.
+    pub(super) fn shutdown(&mut self) -> Result<()> {
+        let mut died: Vec<String> = self
+            .pipelines
+            .iter()
+            .filter(|(_, p)| p.shared.metrics.failure().is_some())
+            .map(|(name, _)| format!("pipeline '{name}'"))
+            .collect();
+        for p in self.pipelines.values_mut() {
+            p.stop_source();
+        }
+        let limit = self.config.inference.drain_timeout();
+        let start = Instant::now();
+        while !self.scheduler.idle() && start.elapsed() < limit {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !self.scheduler.idle() {
+            tracing::warn!(
+                "drain timeout ({:.0} s): queued frames are dropped",
+                limit.as_secs_f64()
+            );
+        }
+        self.scheduler.shutdown();
+        if let Some(worker) = self.worker.take() {
+            if worker.join().is_err() {
+                tracing::error!("the inference worker panicked");
+                died.push("the inference worker".into());
+            }
+        }
+        let names: Vec<String> = self.pipelines.keys().cloned().collect();
+        for name in names {
+            self.stop_pipeline(&name);
+        }
+        if died.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "stopped, but {} had died on the way (see the log)",
+                died.join(", ")
+            ))
+        }
+    }
+}
+
+fn load_engine(config: &ServeConfig, model_dir: &Path) -> Result<Engine> {
+    let model = &config.model;
+    // Validated with the rest of the config: these only fail on a config that skipped `config::validate`.
+    let options = EngineOptions {
+        device: model.device.get("model.device").map_err(|e| anyhow!(e))?,
+        precision: model
+            .precision
+            .get("model.precision")
+            .map_err(|e| anyhow!(e))?,
+        threads: model.threads,
+        crop_batch: model.crop_batch,
+        spin: false,
+        processing: model
+            .processing
+            .get("model.processing")
+            .map_err(|e| anyhow!(e))?,
+    };
+    Engine::open(model_dir, options)
+}
+
+/// One small image through every graph, so the first camera frame does not pay for session start-up.
+fn warm_up(engine: &Engine) -> Result<()> {
+    let start = Instant::now();
+    let text = engine.embed_queries(&[crate::model::Query::named("object")])?;
+    let image = image::RgbImage::from_pixel(64, 64, image::Rgb([127, 127, 127]));
+    engine
+        .segment_batch(&[&image], &text, &engine.default_settings())
+        .context("warm-up inference failed")?;
+    tracing::info!("model warm in {:.2} s", start.elapsed().as_secs_f64());
+    Ok(())
+}

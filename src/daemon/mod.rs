@@ -15,9 +15,10 @@
 pub mod http;
 pub mod notify;
 mod running;
+mod status;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,56 +31,10 @@ use crate::config::{self, PipelinePlan, ServeConfig};
 use crate::telemetry::Telemetry;
 
 use running::Running;
+pub use status::State;
 
 /// The worker may take this long over one batch before the systemd watchdog is starved on purpose.
 const WORKER_STALL_LIMIT_S: f64 = 120.0;
-
-/// What the HTTP endpoints read.
-pub struct State {
-    pub telemetry: Arc<Telemetry>,
-    /// The model is warm and the pipelines were started (false again while draining). Readiness also needs
-    /// every pipeline running: see `not_ready`.
-    pub ready: AtomicBool,
-    started: Instant,
-    info: Mutex<serde_json::Value>,
-    /// The bearer token mutating endpoints require (`http.token_file`); None: they are open (loopback only).
-    token: Option<String>,
-}
-
-impl State {
-    /// Why the daemon is not ready, or None when it is: started, and every configured pipeline running (a
-    /// source that is retrying counts as running; a pipeline that failed to start or lost a thread does not).
-    pub fn not_ready(&self) -> Option<String> {
-        if !self.ready.load(Ordering::Relaxed) {
-            return Some("starting or stopping".into());
-        }
-        let failed = self.telemetry.not_running();
-        if failed.is_empty() {
-            return None;
-        }
-        Some(
-            failed
-                .iter()
-                .map(|(name, why)| format!("pipeline '{name}' is not running: {why}"))
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    }
-
-    pub fn status(&self) -> serde_json::Value {
-        let info = self.info.lock().map(|i| i.clone()).unwrap_or_default();
-        let metrics = serde_json::to_value(self.telemetry.status()).unwrap_or_default();
-        let not_ready = self.not_ready();
-        json!({
-            "version": env!("CARGO_PKG_VERSION"),
-            "ready": not_ready.is_none(),
-            "not_ready": not_ready,
-            "uptime_s": self.started.elapsed().as_secs_f64(),
-            "daemon": info,
-            "pipelines": metrics,
-        })
-    }
-}
 
 /// Runs the daemon until SIGTERM/SIGINT. `resolve_model` turns `model.path` (maybe None) into a bundle folder.
 pub fn run(
@@ -110,20 +65,17 @@ async fn serve(
     plans: Vec<PipelinePlan>,
     model_dir: PathBuf,
 ) -> Result<()> {
-    let telemetry = Arc::new(Telemetry::default());
     // Read again here (validation read it too): the file may have changed since, and start-up must not go on
     // with mutating endpoints open when the token cannot be read.
     let token = match &config.http.token_file {
         Some(file) => Some(config::validate::read_token(file).map_err(|e| anyhow!("{e}"))?),
         None => None,
     };
-    let state = Arc::new(State {
-        telemetry: Arc::clone(&telemetry),
-        ready: AtomicBool::new(false),
-        started: Instant::now(),
-        info: Mutex::new(json!({ "config": config_path.display().to_string() })),
+    let state = Arc::new(State::new(
+        Arc::new(Telemetry::default()),
+        &config_path,
         token,
-    });
+    ));
     // Signals first, so a SIGTERM during the model load is not the default (immediate) death.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -159,7 +111,7 @@ async fn serve(
         let state = Arc::clone(&state);
         let config = config.clone();
         tokio::task::spawn_blocking(move || {
-            Running::start(config_path, config, plans, &model_dir, state, telemetry)
+            Running::start(config_path, config, plans, &model_dir, state)
         })
     };
     // A start-up can take minutes (a TensorRT engine build, a model on a slow disk): a stop request during it
@@ -179,7 +131,7 @@ async fn serve(
     let scheduler = running.scheduler();
     let running = Arc::new(Mutex::new(running));
     state.ready.store(true, Ordering::Relaxed);
-    let summary = status_line(&state);
+    let summary = state.line();
     notify::notify(&format!("READY=1\nSTATUS={summary}"));
     match state.not_ready() {
         None => tracing::info!("ready: {summary}"),
@@ -204,7 +156,7 @@ async fn serve(
             _ = tick.tick() => {
                 if let Some(interval) = watchdog {
                     if Instant::now() >= next_ping && scheduler.heartbeat_age() < WORKER_STALL_LIMIT_S {
-                        notify::notify(&format!("WATCHDOG=1\nSTATUS={}", status_line(&state)));
+                        notify::notify(&format!("WATCHDOG=1\nSTATUS={}", state.line()));
                         next_ping = Instant::now() + interval;
                     }
                 }
@@ -250,24 +202,4 @@ async fn blocking_reload(
     })
     .await
     .unwrap_or_else(|e| Err(json!({ "errors": [format!("reload panicked: {e}")] })))
-}
-
-fn status_line(state: &State) -> String {
-    let status = state.telemetry.status();
-    let connected = status.values().filter(|p| p.connected).count();
-    let out: u64 = status.values().map(|p| p.frames_out).sum();
-    let failed: Vec<&str> = status
-        .iter()
-        .filter(|(_, p)| !p.running)
-        .map(|(name, _)| name.as_str())
-        .collect();
-    let failed = if failed.is_empty() {
-        String::new()
-    } else {
-        format!(" ({} not running: {})", failed.len(), failed.join(", "))
-    };
-    format!(
-        "{} pipelines{failed}, {connected} sources delivering, {out} frames written",
-        status.len()
-    )
 }

@@ -17,7 +17,6 @@ use crate::config::{self, PipelinePlan, ServeConfig};
 use crate::model::{Engine, EngineOptions};
 use crate::pipeline::worker::Scheduler;
 use crate::pipeline::{Pipeline, PipelineQueries};
-use crate::telemetry::Telemetry;
 
 use super::State;
 
@@ -43,7 +42,6 @@ impl Running {
         plans: Vec<PipelinePlan>,
         model_dir: &Path,
         state: Arc<State>,
-        telemetry: Arc<Telemetry>,
     ) -> Result<Running> {
         let engine = Arc::new(load_engine(&config, model_dir)?);
         let manifest = engine.bundle().manifest();
@@ -55,18 +53,10 @@ impl Running {
             engine.device()
         );
         warm_up(&engine)?;
-        if let Ok(mut info) = state.info.lock() {
-            info["model"] = json!({
-                "name": manifest.name,
-                "version": manifest.version,
-                "dir": model_dir.display().to_string(),
-                "manifest_sha256": engine.manifest_sha256(),
-                "device": format!("{:?}", engine.device()).to_lowercase(),
-            });
-        }
+        state.set_model(&engine, model_dir);
         let scheduler = Arc::new(Scheduler::new(
             Arc::clone(&engine),
-            Arc::clone(&telemetry),
+            Arc::clone(&state.telemetry),
             config.inference.max_batch,
             config.inference.max_wait(),
         ));
@@ -92,7 +82,7 @@ impl Running {
                 tracing::error!(pipeline = %name, "not started: {e:#}");
             }
         }
-        running.publish();
+        running.state.publish(&running.pipelines);
         Ok(running)
     }
 
@@ -213,7 +203,7 @@ impl Running {
             .collect();
         telemetry.retain(&names);
         telemetry.reloads.fetch_add(1, Ordering::Relaxed);
-        self.publish();
+        self.state.publish(&self.pipelines);
         applied.insert("added".into(), json!(d.added));
         applied.insert("removed".into(), json!(d.removed));
         applied.insert(
@@ -238,30 +228,6 @@ impl Running {
             }
         );
         Ok(serde_json::Value::Object(applied))
-    }
-
-    /// Describes the running pipelines for `/status`.
-    fn publish(&self) {
-        let pipelines: serde_json::Map<String, serde_json::Value> = self
-            .pipelines
-            .iter()
-            .map(|(name, p)| {
-                let plan = &p.shared.plan;
-                (
-                    name.clone(),
-                    json!({
-                        "source": plan.source.redacted(),
-                        "queue": format!("{:?}", plan.queue).to_lowercase(),
-                        "max_fps": plan.config.max_fps,
-                        "output": plan.config.output.dir.display().to_string(),
-                        "queries": plan.queries.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
-                    }),
-                )
-            })
-            .collect();
-        if let Ok(mut info) = self.state.info.lock() {
-            info["pipelines"] = serde_json::Value::Object(pipelines);
-        }
     }
 
     /// Stops the sources, lets the worker finish what is queued (bounded), then closes every output. An error

@@ -1,0 +1,137 @@
+//! What the daemon says about itself: readiness (`/readyz`), the `/status` document and the one-line summary
+//! systemd shows (`STATUS=`). The HTTP handlers and the watchdog read it while the running set changes under a
+//! reload, so it holds its own copy of what it reports (`publish`) instead of borrowing the running set.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::model::Engine;
+use crate::pipeline::Pipeline;
+use crate::telemetry::Telemetry;
+
+/// What the HTTP endpoints read.
+pub struct State {
+    pub telemetry: Arc<Telemetry>,
+    /// The model is warm and the pipelines were started (false again while draining). Readiness also needs
+    /// every pipeline running: see `not_ready`.
+    pub ready: AtomicBool,
+    started: Instant,
+    /// `/status`'s `daemon` part: the config file, the model and the running pipelines as last published.
+    info: Mutex<serde_json::Value>,
+    /// The bearer token mutating endpoints require (`http.token_file`); None: they are open (loopback only).
+    pub(super) token: Option<String>,
+}
+
+impl State {
+    /// Not ready yet: nothing is loaded, and `/status` names only the config file.
+    pub(super) fn new(
+        telemetry: Arc<Telemetry>,
+        config_path: &Path,
+        token: Option<String>,
+    ) -> State {
+        State {
+            telemetry,
+            ready: AtomicBool::new(false),
+            started: Instant::now(),
+            info: Mutex::new(json!({ "config": config_path.display().to_string() })),
+            token,
+        }
+    }
+
+    /// Why the daemon is not ready, or None when it is: started, and every configured pipeline running (a
+    /// source that is retrying counts as running; a pipeline that failed to start or lost a thread does not).
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some("starting or stopping".into());
+        }
+        let failed = self.telemetry.not_running();
+        if failed.is_empty() {
+            return None;
+        }
+        Some(
+            failed
+                .iter()
+                .map(|(name, why)| format!("pipeline '{name}' is not running: {why}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    }
+
+    /// The `/status` document: readiness, uptime, what runs (`publish`) and every pipeline's counters.
+    pub fn status(&self) -> serde_json::Value {
+        let info = self.info.lock().map(|i| i.clone()).unwrap_or_default();
+        let metrics = serde_json::to_value(self.telemetry.status()).unwrap_or_default();
+        let not_ready = self.not_ready();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "ready": not_ready.is_none(),
+            "not_ready": not_ready,
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "daemon": info,
+            "pipelines": metrics,
+        })
+    }
+
+    /// Records the model once it is warm (it does not change until a restart).
+    pub(super) fn set_model(&self, engine: &Engine, model_dir: &Path) {
+        let manifest = engine.bundle().manifest();
+        if let Ok(mut info) = self.info.lock() {
+            info["model"] = json!({
+                "name": manifest.name,
+                "version": manifest.version,
+                "dir": model_dir.display().to_string(),
+                "manifest_sha256": engine.manifest_sha256(),
+                "device": format!("{:?}", engine.device()).to_lowercase(),
+            });
+        }
+    }
+
+    /// Describes the running pipelines for `/status` (sources redacted); called after start-up and each reload.
+    pub(super) fn publish(&self, pipelines: &BTreeMap<String, Pipeline>) {
+        let pipelines: serde_json::Map<String, serde_json::Value> = pipelines
+            .iter()
+            .map(|(name, p)| {
+                let plan = &p.shared.plan;
+                (
+                    name.clone(),
+                    json!({
+                        "source": plan.source.redacted(),
+                        "queue": format!("{:?}", plan.queue).to_lowercase(),
+                        "max_fps": plan.config.max_fps,
+                        "output": plan.config.output.dir.display().to_string(),
+                        "queries": plan.queries.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                    }),
+                )
+            })
+            .collect();
+        if let Ok(mut info) = self.info.lock() {
+            info["pipelines"] = serde_json::Value::Object(pipelines);
+        }
+    }
+
+    /// The one-line summary for systemd's STATUS= and the "ready" log line.
+    pub(super) fn line(&self) -> String {
+        let status = self.telemetry.status();
+        let connected = status.values().filter(|p| p.connected).count();
+        let out: u64 = status.values().map(|p| p.frames_out).sum();
+        let failed: Vec<&str> = status
+            .iter()
+            .filter(|(_, p)| !p.running)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let failed = if failed.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} not running: {})", failed.len(), failed.join(", "))
+        };
+        format!(
+            "{} pipelines{failed}, {connected} sources delivering, {out} frames written",
+            status.len()
+        )
+    }
+}

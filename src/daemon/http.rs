@@ -19,12 +19,15 @@ use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
+use serde_json::json;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
-use super::State;
+use crate::config::diff::PipelineChange;
+
+use super::{ReloadError, ReloadOutcome, State};
 
 /// The most a request head (request line and headers) may hold, and the most any handler may read of a body.
 /// The routes take no body at all; this bounds what a client can make the daemon buffer.
@@ -35,8 +38,8 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long, once the daemon has stopped, answers still being written may take before the server is dropped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
-/// A reload asked for over HTTP; the answer is the report or the config's errors.
-pub type ReloadRequest = oneshot::Sender<Result<serde_json::Value, serde_json::Value>>;
+/// A reload asked for over HTTP; the answer is what it did or why it did nothing.
+pub type ReloadRequest = oneshot::Sender<Result<ReloadOutcome, ReloadError>>;
 
 /// What every handler sees.
 #[derive(Clone)]
@@ -163,13 +166,52 @@ async fn reload_handler(Extract(ctx): Extract<Ctx>, headers: HeaderMap) -> Respo
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
     }
     match rx.await {
-        Ok(Ok(report)) => reply(StatusCode::OK, "application/json", report.to_string()),
-        Ok(Err(errors)) => reply(
+        Ok(Ok(outcome)) => reply(
+            StatusCode::OK,
+            "application/json",
+            outcome_json(&outcome).to_string(),
+        ),
+        Ok(Err(error)) => reply(
             StatusCode::BAD_REQUEST,
             "application/json",
-            errors.to_string(),
+            error_json(&error).to_string(),
         ),
         Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    }
+}
+
+/// The 200 reply to `POST /reload`: `added`, `removed`, `changed` (`pipeline` and `change`: `queries` or
+/// `restart`), `needs_restart` and `failed`.
+fn outcome_json(outcome: &ReloadOutcome) -> serde_json::Value {
+    let applied = &outcome.diff;
+    let changed: Vec<serde_json::Value> = applied
+        .changed
+        .iter()
+        .map(|(name, change)| {
+            let change = match change {
+                PipelineChange::Queries => "queries",
+                PipelineChange::Restart => "restart",
+            };
+            json!({ "pipeline": name, "change": change })
+        })
+        .collect();
+    json!({
+        "added": applied.added,
+        "removed": applied.removed,
+        "changed": changed,
+        "needs_restart": applied.needs_restart,
+        "failed": outcome.failed,
+    })
+}
+
+/// The 400 reply to `POST /reload`: the config file and its errors, or only `errors` when the reload could
+/// not run at all.
+fn error_json(error: &ReloadError) -> serde_json::Value {
+    match error {
+        ReloadError::Invalid(e) => {
+            json!({ "file": e.file.display().to_string(), "errors": e.errors })
+        }
+        ReloadError::Failed(why) => json!({ "errors": [why] }),
     }
 }
 
@@ -207,4 +249,62 @@ fn reply(code: StatusCode, content_type: &'static str, body: String) -> Response
         body,
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::diff::ConfigDiff;
+    use crate::config::ConfigErrors;
+
+    #[test]
+    fn a_reload_outcome_replies_with_every_list_and_each_change_by_name() {
+        let outcome = ReloadOutcome {
+            diff: ConfigDiff {
+                added: vec!["new".into()],
+                removed: vec!["old".into()],
+                changed: vec![
+                    ("cam".into(), PipelineChange::Queries),
+                    ("door".into(), PipelineChange::Restart),
+                ],
+                needs_restart: vec!["model".into()],
+            },
+            failed: vec!["door: no such folder".into()],
+        };
+        assert_eq!(
+            outcome_json(&outcome),
+            json!({
+                "added": ["new"],
+                "removed": ["old"],
+                "changed": [
+                    { "pipeline": "cam", "change": "queries" },
+                    { "pipeline": "door", "change": "restart" },
+                ],
+                "needs_restart": ["model"],
+                "failed": ["door: no such folder"],
+            })
+        );
+    }
+
+    #[test]
+    fn a_rejected_reload_names_the_file_and_one_that_could_not_run_only_why() {
+        let invalid = ReloadError::Invalid(ConfigErrors {
+            file: PathBuf::from("/etc/tclseg.toml"),
+            errors: vec!["pipelines[0].max_fps: expected a number".into()],
+        });
+        assert_eq!(
+            error_json(&invalid),
+            json!({
+                "file": "/etc/tclseg.toml",
+                "errors": ["pipelines[0].max_fps: expected a number"],
+            })
+        );
+        let failed = ReloadError::Failed("daemon state poisoned".into());
+        assert_eq!(
+            error_json(&failed),
+            json!({ "errors": ["daemon state poisoned"] })
+        );
+    }
 }

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use serde_json::json;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,6 +30,7 @@ use crate::config::{self, PipelinePlan, ServeConfig};
 use crate::telemetry::Telemetry;
 
 use running::Running;
+pub use running::{ReloadError, ReloadOutcome};
 pub use status::State;
 
 /// The worker may take this long over one batch before the systemd watchdog is starved on purpose.
@@ -192,14 +192,12 @@ fn stopped_during_start_up(why: &str) {
     notify::notify("STOPPING=1\nSTATUS=stopped during start-up");
 }
 
-async fn blocking_reload(
-    running: &Arc<Mutex<Running>>,
-) -> Result<serde_json::Value, serde_json::Value> {
+async fn blocking_reload(running: &Arc<Mutex<Running>>) -> Result<ReloadOutcome, ReloadError> {
     let running = Arc::clone(running);
     tokio::task::spawn_blocking(move || match running.lock() {
         Ok(mut d) => d.reload(),
-        Err(_) => Err(json!({ "errors": ["daemon state poisoned"] })),
+        Err(_) => Err(ReloadError::Failed("daemon state poisoned".into())),
     })
     .await
-    .unwrap_or_else(|e| Err(json!({ "errors": [format!("reload panicked: {e}")] })))
+    .unwrap_or_else(|e| Err(ReloadError::Failed(format!("reload panicked: {e}"))))
 }

@@ -10,15 +10,34 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use serde_json::json;
 
-use crate::config::diff::{diff, PipelineChange};
-use crate::config::{self, PipelinePlan, ServeConfig};
+use crate::config::diff::{diff, ConfigDiff, PipelineChange};
+use crate::config::{self, ConfigErrors, PipelinePlan, ServeConfig};
 use crate::model::{Engine, EngineOptions};
 use crate::pipeline::worker::Scheduler;
 use crate::pipeline::{Pipeline, PipelineQueries};
 
 use super::State;
+
+/// What a reload did. The control loop logs it and hands it to whoever asked; only the HTTP layer
+/// (`daemon/http.rs`) turns it into a reply, so the reply's shape is written in one place.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// The diff that was applied: pipelines added, removed and changed (and how), and the global sections that
+    /// changed but take effect only after the daemon restarts.
+    pub diff: ConfigDiff,
+    /// `name: why` for each pipeline that did not start or whose new queries could not be prepared.
+    pub failed: Vec<String>,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug)]
+pub enum ReloadError {
+    /// The new config is invalid (every error, already redacted); the running one stays in effect.
+    Invalid(ConfigErrors),
+    /// The reload could not run: the running set's lock was poisoned, or the reload panicked.
+    Failed(String),
+}
 
 /// Everything the control side owns once the model is loaded. The control loop keeps it behind one lock, so a
 /// reload and the drain never overlap.
@@ -129,25 +148,32 @@ impl Running {
         }
     }
 
-    /// Applies the config file's changes; unchanged pipelines are not touched.
-    pub(super) fn reload(&mut self) -> Result<serde_json::Value, serde_json::Value> {
-        let telemetry = Arc::clone(&self.state.telemetry);
-        let (new_config, plans) = match config::load(&self.config_path) {
-            Ok(loaded) => loaded,
+    /// Reads the config file again and applies what changed; unchanged pipelines are not touched. An invalid
+    /// file changes nothing: its errors are logged and returned, and the running config stays in effect.
+    pub(super) fn reload(&mut self) -> Result<ReloadOutcome, ReloadError> {
+        match config::load(&self.config_path) {
+            Ok((new_config, plans)) => Ok(self.apply(new_config, plans)),
             Err(e) => {
-                telemetry.reload_failures.fetch_add(1, Ordering::Relaxed);
+                self.state
+                    .telemetry
+                    .reload_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 for line in &e.errors {
                     tracing::error!("reload rejected: {}: {line}", e.file.display());
                 }
                 tracing::error!("reload rejected; the running config stays in effect");
-                return Err(json!({ "file": e.file.display().to_string(), "errors": e.errors }));
+                Err(ReloadError::Invalid(e))
             }
-        };
+        }
+    }
+
+    /// Applies the diff from the running config to a valid new one: removed pipelines stop, added ones start,
+    /// changed ones get new queries in place or restart, and any that failed to start before are tried again.
+    fn apply(&mut self, new_config: ServeConfig, plans: Vec<PipelinePlan>) -> ReloadOutcome {
         let d = diff(&self.config, &new_config);
         for section in &d.needs_restart {
             tracing::warn!("reload: [{section}] changed; that takes effect only after a restart");
         }
-        let mut applied = serde_json::Map::new();
         let mut failed = Vec::new();
         let plan_of = |name: &str| plans.iter().find(|p| p.config.name == name).cloned();
         for name in &d.removed {
@@ -201,21 +227,10 @@ impl Running {
             .iter()
             .map(|p| p.name.clone())
             .collect();
+        let telemetry = &self.state.telemetry;
         telemetry.retain(&names);
         telemetry.reloads.fetch_add(1, Ordering::Relaxed);
         self.state.publish(&self.pipelines);
-        applied.insert("added".into(), json!(d.added));
-        applied.insert("removed".into(), json!(d.removed));
-        applied.insert(
-            "changed".into(),
-            json!(d
-                .changed
-                .iter()
-                .map(|(n, c)| json!({ "pipeline": n, "change": format!("{c:?}").to_lowercase() }))
-                .collect::<Vec<_>>()),
-        );
-        applied.insert("needs_restart".into(), json!(d.needs_restart));
-        applied.insert("failed".into(), json!(failed));
         tracing::info!(
             "reload applied: {} added, {} removed, {} changed{}",
             d.added.len(),
@@ -227,7 +242,7 @@ impl Running {
                 format!(", {} failed", failed.len())
             }
         );
-        Ok(serde_json::Value::Object(applied))
+        ReloadOutcome { diff: d, failed }
     }
 
     /// Stops the sources, lets the worker finish what is queued (bounded), then closes every output. An error

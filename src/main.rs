@@ -1,6 +1,5 @@
 //! The `tclseg` binary: parses the command line and hands each subcommand to a thin function over the library.
 
-mod builtin_model;
 mod cli;
 mod commands;
 

@@ -41,7 +41,7 @@ fn module_of(src: &Path, file: &Path) -> Option<String> {
         .into_owned();
     let name = first.trim_end_matches(".rs").to_string();
     match name.as_str() {
-        "main" | "lib" | "cli" | "commands" | "builtin_model" => None,
+        "main" | "lib" | "cli" | "commands" => None,
         _ => Some(name),
     }
 }

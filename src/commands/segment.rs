@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use tclseg::model::{Engine, SegmentSettings, SettingsOverrides};
+use tclseg::model::{resolve_bundle_dir, Engine, SegmentSettings, SettingsOverrides};
 use tclseg::queries::QuerySet;
 use tclseg::segment::{self, Outcome, OutputKinds, Progress, SegmentJob};
 use tclseg::sink::overlay::OverlayFormat;
@@ -69,9 +69,10 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
     })
 }
 
-/// Opens the bundle (`resolve_model`) and starts the engine on the device and precision asked for.
+/// Opens the bundle (`--model`, else the default: `model::resolve_bundle_dir`) and starts the engine on the
+/// device and precision asked for.
 pub(super) fn open_engine(model: Option<PathBuf>, args: &EngineArgs) -> Result<Engine> {
-    Engine::open(&resolve_model(model)?, args.options())
+    Engine::open(&resolve_bundle_dir(model)?, args.options())
 }
 
 /// PAMR, background and kp weight from the command line, else the bundle's defaults (`SegmentSettings::resolve`).
@@ -142,18 +143,6 @@ fn parse_outputs(format: &str, overlay: OverlayFormat) -> Result<OutputKinds> {
         bail!("--format names no output");
     }
     Ok(kinds)
-}
-
-/// `--model`, else `$TCLSEG_MODEL`, else `models/default`, else the tiny model built into this binary.
-pub fn resolve_model(arg: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(dir) = arg.or_else(|| std::env::var_os("TCLSEG_MODEL").map(PathBuf::from)) {
-        return Ok(dir);
-    }
-    let default = PathBuf::from("models/default");
-    if default.join("model.toml").is_file() {
-        return Ok(default);
-    }
-    crate::builtin_model::extract().context("cannot unpack the built-in model")
 }
 
 /// Progress: an indicatif bar on a terminal, else a log line at most every 10 s.

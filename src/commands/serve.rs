@@ -1,4 +1,5 @@
-//! `tclseg serve`: hands the config file to the daemon, with the same model lookup as `segment`.
+//! `tclseg serve`: hands the config file to the daemon (which finds the model as `segment` does:
+//! `model::resolve_bundle_dir`).
 
 use std::process::ExitCode;
 
@@ -7,6 +8,6 @@ use anyhow::Result;
 use crate::cli::ServeArgs;
 
 pub fn run(args: ServeArgs) -> Result<ExitCode> {
-    tclseg::daemon::run(&args.config, super::segment::resolve_model)?;
+    tclseg::daemon::run(&args.config)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -36,11 +36,9 @@ pub use status::State;
 /// The worker may take this long over one batch before the systemd watchdog is starved on purpose.
 const WORKER_STALL_LIMIT_S: f64 = 120.0;
 
-/// Runs the daemon until SIGTERM/SIGINT. `resolve_model` turns `model.path` (maybe None) into a bundle folder.
-pub fn run(
-    config_path: &Path,
-    resolve_model: impl Fn(Option<PathBuf>) -> Result<PathBuf>,
-) -> Result<()> {
+/// Runs the daemon until SIGTERM/SIGINT. The model is `model.path`, else the default bundle
+/// (`model::resolve_bundle_dir`, as for `segment`).
+pub fn run(config_path: &Path) -> Result<()> {
     let (config, plans) = config::load(config_path).map_err(|e| anyhow!("{e}"))?;
     for warning in config::validate::warnings(&config) {
         tracing::warn!("{warning}");
@@ -52,7 +50,7 @@ pub fn run(
         .thread_name("tclseg-ctl")
         .build()
         .context("cannot start the tokio runtime")?;
-    let model_dir = resolve_model(config.model.path.clone())?;
+    let model_dir = crate::model::resolve_bundle_dir(config.model.path.clone())?;
     let result = runtime.block_on(serve(config_path.to_path_buf(), config, plans, model_dir));
     // Only a start-up abandoned by SIGTERM leaves a blocking task behind; do not wait for it.
     runtime.shutdown_timeout(Duration::from_secs(1));

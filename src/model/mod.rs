@@ -2,6 +2,7 @@
 
 pub mod bundle;
 pub mod cuda;
+pub mod default;
 pub mod device_path;
 pub mod engine;
 mod host_path;
@@ -15,6 +16,7 @@ pub mod types;
 pub mod verify;
 
 pub use bundle::{Bundle, BundleError, Manifest, Precision};
+pub use default::resolve_bundle_dir;
 pub use engine::Engine;
 pub use runtime::{Device, Graph, Runtime, SessionSpec};
 pub use types::{

@@ -1,5 +1,10 @@
-//! The default model bundle built into the binary (models/synthetic-shapes, see build.rs): unpacked on first use into the user's cache folder,
-//! keyed by the manifest's hash, written to a temporary folder and renamed so a crash never leaves half of it.
+//! Which bundle runs when none is named: `--model` (or `model.path`), else `$TCLSEG_MODEL`, else
+//! `models/default`, else the tiny bundle built into tclseg (models/synthetic-shapes, embedded by build.rs).
+//! `segment`, `serve`, `eval` and `models bench` all call `resolve_bundle_dir`, so the rule is written once, in
+//! the library, and the daemon needs no callback from the binary to follow it.
+//!
+//! The built-in bundle is unpacked on first use into the user's cache folder, keyed by the manifest's hash,
+//! written to a temporary folder and renamed so a crash never leaves half of it.
 
 use std::path::PathBuf;
 
@@ -10,8 +15,21 @@ mod files {
     include!(concat!(env!("OUT_DIR"), "/builtin_model.rs"));
 }
 
+/// `dir` (the `--model` flag or the config's `model.path`), else `$TCLSEG_MODEL`, else `models/default` when it
+/// holds a bundle, else the built-in bundle (unpacked if it is not yet).
+pub fn resolve_bundle_dir(dir: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(dir) = dir.or_else(|| std::env::var_os("TCLSEG_MODEL").map(PathBuf::from)) {
+        return Ok(dir);
+    }
+    let default = PathBuf::from("models/default");
+    if default.join("model.toml").is_file() {
+        return Ok(default);
+    }
+    extract_builtin().context("cannot unpack the built-in model")
+}
+
 /// Unpacks the built-in bundle (if not already there) and returns its folder.
-pub fn extract() -> Result<PathBuf> {
+fn extract_builtin() -> Result<PathBuf> {
     let Some((_, manifest)) = files::FILES.iter().find(|(name, _)| *name == "model.toml") else {
         bail!("this build has no built-in model; pass --model DIR (create one with `tclseg models export`)");
     };
@@ -48,6 +66,7 @@ pub fn extract() -> Result<PathBuf> {
     Ok(cache)
 }
 
+/// `$XDG_CACHE_HOME/tclseg`, else `~/.cache/tclseg`, else a folder in the system's temporary directory.
 fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("tclseg");

@@ -11,6 +11,10 @@
 //! rejected with its errors and the old one keeps running. SIGTERM/SIGINT drain: sources stop, queued frames are
 //! finished within `inference.drain_timeout_s`, outputs close and videos are finalized. The systemd watchdog is
 //! fed only while the inference worker's loop is turning.
+//!
+//! Laid out after Vector's topology: this file is the control loop only (runtime, signals, triggers, systemd);
+//! the running set it starts, reloads and drains is `running.rs`, what it reports is `status.rs`, and the HTTP
+//! routes (the one place a reload's outcome becomes JSON) are `http.rs`. Each can then change without the others.
 
 pub mod http;
 pub mod notify;

@@ -1,8 +1,11 @@
 //! tclseg: open-vocabulary segmentation with TCL (CVPR 2023).
 //!
-//! The library holds everything the `tclseg` binary's subcommands are thin wrappers over. Imports run downward:
-//! commands → `trainer`, `model`. See ARCHITECTURE.md for the data flow and where each concern lives.
+//! The library holds everything the `tclseg` binary's subcommands are thin wrappers over. Imports run downward
+//! through floors (lowest first): `telemetry`, `gst`, `trainer` → `model` → `queries`, `source` → `sink` →
+//! `config` → `pipeline`, `segment`, `eval`, `bench` → `daemon`; `tests/layering.rs` checks them. See
+//! ARCHITECTURE.md for the data flow and a table of where each concern lives.
 
+pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod eval;

@@ -11,7 +11,7 @@ const FLOORS: &[&[&str]] = &[
     &["queries", "source"],
     &["sink"],
     &["config"],
-    &["pipeline", "segment", "eval"],
+    &["pipeline", "segment", "eval", "bench"],
     &["daemon"],
 ];
 

@@ -7,6 +7,7 @@ pub mod batch;
 pub mod config;
 pub mod daemon;
 pub mod eval;
+pub mod events;
 pub mod gst;
 pub mod model;
 pub mod pipeline;

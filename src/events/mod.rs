@@ -6,6 +6,7 @@
 //! This module sits beside `sink` (floor 3): it consumes a segmented frame and imports only the floors below.
 
 pub mod event;
+pub mod outbox;
 pub mod state;
 pub mod zones;
 
@@ -14,6 +15,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 pub use event::{Event, EventKind, FrameStats, QueryStats};
+pub use outbox::{Outbox, OutboxConfig, OutboxCounters, OutboxError};
 pub use state::{boot_id, PipelineState};
 
 /// When a query counts as present. The defaults suit a camera nobody tuned: 1% of the frame, seen for 1 s to
@@ -53,6 +55,7 @@ pub struct EventsConfig {
     pub update_s: f64,
     /// Zones per pipeline: pipeline → zone name → polygon (`[[x, y], ...]` in image pixels).
     pub zones: BTreeMap<String, BTreeMap<String, Vec<[f64; 2]>>>,
+    pub outbox: OutboxConfig,
 }
 
 impl Default for EventsConfig {
@@ -64,6 +67,7 @@ impl Default for EventsConfig {
             off_s: s.off_s,
             update_s: s.update_s,
             zones: BTreeMap::new(),
+            outbox: OutboxConfig::default(),
         }
     }
 }

@@ -33,7 +33,7 @@ fn events_wait_in_order_until_acked_and_survive_a_reopen() -> Result<(), OutboxE
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("events.redb");
     let pushed: Vec<Event> = (0..6)
-        .map(|n| event(if n % 2 == 0 { "a" } else { "b" }, n))
+        .map(|n: u64| event(if n.is_multiple_of(2) { "a" } else { "b" }, n))
         .collect();
     {
         let outbox = Outbox::open(&path, 100, &["mqtt"])?;

@@ -6,8 +6,10 @@
 //! This module sits beside `sink` (floor 3): it consumes a segmented frame and imports only the floors below.
 
 pub mod event;
+pub mod mqtt;
 pub mod outbox;
 pub mod state;
+pub mod topics;
 pub mod zones;
 
 use std::collections::BTreeMap;
@@ -15,6 +17,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 pub use event::{Event, EventKind, FrameStats, QueryStats};
+pub use mqtt::{Catalog, MqttConfig, MqttSink};
 pub use outbox::{Outbox, OutboxConfig, OutboxCounters, OutboxError};
 pub use state::{boot_id, PipelineState};
 
@@ -56,6 +59,8 @@ pub struct EventsConfig {
     /// Zones per pipeline: pipeline → zone name → polygon (`[[x, y], ...]` in image pixels).
     pub zones: BTreeMap<String, BTreeMap<String, Vec<[f64; 2]>>>,
     pub outbox: OutboxConfig,
+    /// MQTT delivery; None publishes nothing.
+    pub mqtt: Option<MqttConfig>,
 }
 
 impl Default for EventsConfig {
@@ -68,6 +73,7 @@ impl Default for EventsConfig {
             update_s: s.update_s,
             zones: BTreeMap::new(),
             outbox: OutboxConfig::default(),
+            mqtt: None,
         }
     }
 }

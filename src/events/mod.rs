@@ -10,6 +10,7 @@ pub mod mqtt;
 pub mod outbox;
 pub mod state;
 pub mod topics;
+pub mod webhook;
 pub mod zones;
 
 use std::collections::BTreeMap;
@@ -20,6 +21,7 @@ pub use event::{Event, EventKind, FrameStats, QueryStats};
 pub use mqtt::{Catalog, MqttConfig, MqttSink};
 pub use outbox::{Outbox, OutboxConfig, OutboxCounters, OutboxError};
 pub use state::{boot_id, PipelineState};
+pub use webhook::{WebhookConfig, WebhookSink};
 
 /// When a query counts as present. The defaults suit a camera nobody tuned: 1% of the frame, seen for 1 s to
 /// start, unseen for 5 s to end, an update every 10 s while present.
@@ -61,6 +63,8 @@ pub struct EventsConfig {
     pub outbox: OutboxConfig,
     /// MQTT delivery; None publishes nothing.
     pub mqtt: Option<MqttConfig>,
+    /// Webhooks, each with its own outbox queue.
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 impl Default for EventsConfig {
@@ -74,6 +78,7 @@ impl Default for EventsConfig {
             zones: BTreeMap::new(),
             outbox: OutboxConfig::default(),
             mqtt: None,
+            webhooks: Vec::new(),
         }
     }
 }

@@ -12,6 +12,9 @@ use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use tclseg::events::{Catalog, Event, EventKind, MqttConfig, MqttSink, Outbox};
 use tokio::sync::watch;
 
+mod events_common;
+use events_common::event;
+
 /// A mosquitto on a loopback port, with its config and persistence in a temp dir.
 struct Broker {
     dir: PathBuf,
@@ -124,26 +127,6 @@ fn subscribe(port: u16, filter: &str, login: Option<(&str, &str)>) -> Received {
         }
     });
     got
-}
-
-fn event(pipeline: &str, n: u64, kind: EventKind) -> Event {
-    Event {
-        id: format!("{pipeline}:t:{n}#0"),
-        event: format!("{pipeline}:t:{n}"),
-        kind,
-        pipeline: pipeline.into(),
-        query: "person".into(),
-        zone: None,
-        start_ms: n,
-        end_ms: None,
-        at_ms: n,
-        area: 0.25,
-        max_area: 0.25,
-        bbox: None,
-        mean_score: None,
-        model: "hash".into(),
-        outputs: None,
-    }
 }
 
 fn received_events(got: &Received) -> Vec<Event> {

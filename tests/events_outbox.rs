@@ -2,27 +2,10 @@
 
 use std::sync::atomic::Ordering;
 
-use tclseg::events::{Event, EventKind, Outbox, OutboxError};
+mod events_common;
 
-fn event(pipeline: &str, n: u64) -> Event {
-    Event {
-        id: format!("{pipeline}:b:{n}#0"),
-        event: format!("{pipeline}:b:{n}"),
-        kind: EventKind::Start,
-        pipeline: pipeline.into(),
-        query: "person".into(),
-        zone: None,
-        start_ms: n,
-        end_ms: None,
-        at_ms: n,
-        area: 0.5,
-        max_area: 0.5,
-        bbox: Some([1, 2, 3, 4]),
-        mean_score: Some(0.9),
-        model: "hash".into(),
-        outputs: None,
-    }
-}
+use events_common::event;
+use tclseg::events::{Event, EventKind, Outbox, OutboxError};
 
 fn ids(v: &[(u64, Event)]) -> Vec<String> {
     v.iter().map(|(_, e)| e.id.clone()).collect()
@@ -33,7 +16,13 @@ fn events_wait_in_order_until_acked_and_survive_a_reopen() -> Result<(), OutboxE
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("events.redb");
     let pushed: Vec<Event> = (0..6)
-        .map(|n: u64| event(if n.is_multiple_of(2) { "a" } else { "b" }, n))
+        .map(|n: u64| {
+            event(
+                if n.is_multiple_of(2) { "a" } else { "b" },
+                n,
+                EventKind::Start,
+            )
+        })
         .collect();
     {
         let outbox = Outbox::open(&path, 100, &["mqtt"])?;
@@ -48,7 +37,7 @@ fn events_wait_in_order_until_acked_and_survive_a_reopen() -> Result<(), OutboxE
         // A window: the first two, then the next two after the second.
         let first = outbox.pending("mqtt", None, 2)?;
         let next = outbox.pending("mqtt", Some(first[1].0), 2)?;
-        assert_eq!(ids(&next), ["a:b:2#0", "b:b:3#0"]);
+        assert_eq!(ids(&next), ["a:t:2#0", "b:t:3#0"]);
         outbox.ack("mqtt", &[first[0].0, first[1].0])?;
         let c = outbox.counters("mqtt")?;
         assert_eq!(c.delivered.load(Ordering::Relaxed), 2);
@@ -61,11 +50,11 @@ fn events_wait_in_order_until_acked_and_survive_a_reopen() -> Result<(), OutboxE
     // A restart: what was not acked is still there, in order, and new pushes go after it.
     let outbox = Outbox::open(&path, 100, &["mqtt"])?;
     assert_eq!(outbox.counters("mqtt")?.depth.load(Ordering::Relaxed), 4);
-    outbox.push(&[event("a", 6)])?;
+    outbox.push(&[event("a", 6, EventKind::Start)])?;
     let left = outbox.pending("mqtt", None, 100)?;
     assert_eq!(
         ids(&left),
-        ["a:b:2#0", "b:b:3#0", "a:b:4#0", "b:b:5#0", "a:b:6#0"]
+        ["a:t:2#0", "b:t:3#0", "a:t:4#0", "b:t:5#0", "a:t:6#0"]
     );
     assert!(
         left.windows(2).all(|w| w[0].0 < w[1].0),
@@ -79,14 +68,14 @@ fn a_full_outbox_drops_the_oldest_and_counts_them() -> Result<(), OutboxError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let outbox = Outbox::open(&dir.path().join("o.redb"), 3, &["mqtt"])?;
     for n in 0..5 {
-        outbox.push(&[event("a", n)])?;
+        outbox.push(&[event("a", n, EventKind::Start)])?;
     }
     let c = outbox.counters("mqtt")?;
     assert_eq!(c.dropped.load(Ordering::Relaxed), 2);
     assert_eq!(c.depth.load(Ordering::Relaxed), 3);
     assert_eq!(
         ids(&outbox.pending("mqtt", None, 10)?),
-        ["a:b:2#0", "a:b:3#0", "a:b:4#0"]
+        ["a:t:2#0", "a:t:3#0", "a:t:4#0"]
     );
     Ok(())
 }
@@ -95,7 +84,10 @@ fn a_full_outbox_drops_the_oldest_and_counts_them() -> Result<(), OutboxError> {
 fn each_destination_acknowledges_on_its_own() -> Result<(), OutboxError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let outbox = Outbox::open(&dir.path().join("o.redb"), 10, &["mqtt", "webhook:alerts"])?;
-    outbox.push(&[event("a", 0), event("a", 1)])?;
+    outbox.push(&[
+        event("a", 0, EventKind::Start),
+        event("a", 1, EventKind::Start),
+    ])?;
     let m = outbox.pending("mqtt", None, 10)?;
     outbox.ack("mqtt", &m.iter().map(|(s, _)| *s).collect::<Vec<_>>())?;
     assert!(outbox.pending("mqtt", None, 10)?.is_empty());

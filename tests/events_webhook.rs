@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use events_common::event;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -15,6 +16,8 @@ use sha2::Sha256;
 use tclseg::events::webhook::WebhookError;
 use tclseg::events::{Event, EventKind, Outbox, WebhookConfig, WebhookSink};
 use tokio::sync::watch;
+
+mod events_common;
 
 const SECRET: &str = "hush";
 
@@ -89,26 +92,6 @@ async fn serve(r: Arc<Receiver>) -> u16 {
     port
 }
 
-fn event(pipeline: &str, n: u64) -> Event {
-    Event {
-        id: format!("{pipeline}:w:{n}#0"),
-        event: format!("{pipeline}:w:{n}"),
-        kind: EventKind::Start,
-        pipeline: pipeline.into(),
-        query: "person".into(),
-        zone: None,
-        start_ms: n,
-        end_ms: None,
-        at_ms: n,
-        area: 0.1,
-        max_area: 0.1,
-        bbox: None,
-        mean_score: None,
-        model: "hash".into(),
-        outputs: None,
-    }
-}
-
 fn config(dir: &std::path::Path, port: u16) -> WebhookConfig {
     std::fs::write(dir.join("secret"), format!("{SECRET}\n")).expect("secret");
     WebhookConfig {
@@ -136,7 +119,13 @@ async fn a_failing_receiver_gets_every_event_signed_and_in_order() {
     )
     .expect("outbox");
     let pushed: Vec<Event> = (0..6u64)
-        .map(|n| event(if n.is_multiple_of(2) { "a" } else { "b" }, n))
+        .map(|n| {
+            event(
+                if n.is_multiple_of(2) { "a" } else { "b" },
+                n,
+                EventKind::Start,
+            )
+        })
         .collect();
     outbox.push(&pushed).expect("push");
     let (stop, stop_rx) = watch::channel(false);
@@ -182,13 +171,13 @@ async fn a_slow_receiver_times_out_and_https_is_refused() {
     cfg.timeout_s = 0.3;
     let sink = WebhookSink::new(cfg.clone(), outbox.clone());
     assert!(matches!(
-        sink.post(&event("a", 0)).await,
+        sink.post(&event("a", 0, EventKind::Start)).await,
         Err(WebhookError::Timeout)
     ));
     cfg.url = "https://example.invalid/hook".into();
     let sink = WebhookSink::new(cfg, outbox);
     assert!(matches!(
-        sink.post(&event("a", 0)).await,
+        sink.post(&event("a", 0, EventKind::Start)).await,
         Err(WebhookError::Url(_))
     ));
 }

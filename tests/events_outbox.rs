@@ -96,3 +96,50 @@ fn each_destination_acknowledges_on_its_own() -> Result<(), OutboxError> {
     assert!(Outbox::open(&dir.path().join("o.redb"), 10, &["mqtt"]).is_err());
     Ok(())
 }
+
+/// Run in a child process by the test below: push, say so, then wait to be killed.
+#[test]
+fn child_pushes_then_waits_to_be_killed() {
+    let Some(path) = std::env::var_os("TCLSEG_OUTBOX_CHILD") else {
+        return;
+    };
+    let outbox = Outbox::open(std::path::Path::new(&path), 100, &["mqtt"]).expect("open");
+    for n in 0..20 {
+        outbox
+            .push(&[event("a", n, EventKind::Start)])
+            .expect("push");
+    }
+    println!("PUSHED");
+    std::thread::sleep(std::time::Duration::from_secs(60));
+}
+
+#[test]
+fn a_returned_push_survives_a_killed_process() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("events.redb");
+    let mut child = std::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "child_pushes_then_waits_to_be_killed",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TCLSEG_OUTBOX_CHILD", &path)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn child");
+    let stdout = child.stdout.take().expect("stdout");
+    let pushed = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l.contains("PUSHED"));
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    assert!(pushed, "the child did not push");
+    let outbox = Outbox::open(&path, 100, &["mqtt"]).expect("reopen after a kill");
+    assert_eq!(
+        outbox.pending("mqtt", None, 100).expect("pending").len(),
+        20
+    );
+}

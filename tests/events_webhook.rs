@@ -196,3 +196,55 @@ fn webhooks_parse_with_defaults_and_refuse_unknown_keys() {
     )
     .is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_become_delivered_events_through_the_entry_point() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = Arc::new(Receiver::default());
+    let port = serve(receiver.clone()).await;
+    let config = tclseg::events::EventsConfig {
+        on_s: 0.0,
+        off_s: 0.0,
+        webhooks: vec![config(dir.path(), port)],
+        ..Default::default()
+    };
+    let events = tclseg::events::Events::open(config, dir.path()).expect("open");
+    let frame = |at_ms: u64, fraction: f64| tclseg::events::FrameStats {
+        pipeline: "door".into(),
+        at_ms,
+        queries: vec![tclseg::events::QueryStats {
+            label: 1,
+            name: "person".into(),
+            fraction,
+            bbox: None,
+            mean_score: None,
+        }],
+        model: "hash".into(),
+        ..Default::default()
+    };
+    assert_eq!(events.observe(&frame(0, 0.5)).expect("observe").len(), 1);
+    assert!(events
+        .observe(&frame(100, 0.5))
+        .expect("observe")
+        .is_empty());
+    assert_eq!(events.observe(&frame(200, 0.0)).expect("observe").len(), 1);
+    let (stop, stop_rx) = watch::channel(false);
+    let (_catalog, catalog_rx) = watch::channel(Vec::new());
+    let tasks = events.spawn(catalog_rx, stop_rx);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while receiver.accepted.lock().expect("lock").len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        receiver.accepted.lock().expect("lock").len(),
+        2,
+        "start and end delivered"
+    );
+    let counters = events.counters();
+    assert_eq!(counters.len(), 1);
+    assert_eq!(counters[0].0, "webhook:alerts");
+    stop.send(true).expect("stop");
+    for t in tasks {
+        t.await.expect("task ends");
+    }
+}

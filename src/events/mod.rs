@@ -1,11 +1,12 @@
 //! Events: what the segmented frames mean for the people watching them.
 //!
 //! Each pipeline keeps a presence state per query (and per zone) in [`state`]; its changes become [`Event`]s that go
-//! through a durable [`outbox`] to MQTT ([`mqtt`]). The output path calls [`PipelineState::observe`] with one
-//! segmented frame's per-query statistics ([`FrameStats`]) and pushes what it returns into the [`Outbox`].
+//! through a durable [`outbox`] to MQTT ([`mqtt`]) and webhooks ([`webhook`]). The daemon opens one [`Events`];
+//! its output path calls [`Events::observe`] with each segmented frame's per-query statistics ([`FrameStats`]).
 //! This module sits beside `sink` (floor 3): it consumes a segmented frame and imports only the floors below.
 
 pub mod event;
+pub mod hub;
 pub mod mqtt;
 pub mod outbox;
 pub mod state;
@@ -18,6 +19,7 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 pub use event::{Event, EventKind, FrameStats, QueryStats};
+pub use hub::{Events, MQTT_DESTINATION};
 pub use mqtt::{Catalog, MqttConfig, MqttSink};
 pub use outbox::{Outbox, OutboxConfig, OutboxCounters, OutboxError};
 pub use state::{boot_id, PipelineState};
@@ -92,6 +94,51 @@ impl EventsConfig {
             off_s: self.off_s,
             update_s: self.update_s,
         }
+    }
+
+    /// Every problem in the section, as (key path below `events`, message), so config validation can report them
+    /// all at once.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut errors = Vec::new();
+        let mut bad = |path: String, msg: &str| errors.push((path, msg.to_string()));
+        if !(0.0..=1.0).contains(&self.min_area) {
+            bad("min_area".into(), "must be a fraction between 0 and 1");
+        }
+        for (key, v) in [
+            ("on_s", self.on_s),
+            ("off_s", self.off_s),
+            ("update_s", self.update_s),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                bad(key.into(), "must be a number of seconds, 0 or more");
+            }
+        }
+        for (pipeline, zones) in &self.zones {
+            for (zone, polygon) in zones {
+                if polygon.len() < 3 || polygon.iter().flatten().any(|c| !c.is_finite()) {
+                    bad(
+                        format!("zones.{pipeline}.{zone}"),
+                        "needs at least 3 finite [x, y] points",
+                    );
+                }
+            }
+        }
+        if self.outbox.capacity == 0 {
+            bad("outbox.capacity".into(), "must be at least 1");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if w.name.is_empty() || !names.insert(w.name.clone()) {
+                bad(format!("webhooks[{i}].name"), "must be present and unique");
+            }
+            if !w.url.starts_with("http://") {
+                bad(
+                    format!("webhooks[{i}].url"),
+                    "must be an http:// URL (TLS is not built in)",
+                );
+            }
+        }
+        errors
     }
 
     /// A fresh presence state for `pipeline` with its zones.

@@ -99,7 +99,8 @@ impl Drop for Broker {
 type Received = Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>;
 
 /// A persistent-session subscriber (QoS 1) that keeps reconnecting, so the broker queues for it while it is away.
-fn subscribe(port: u16, filter: &str, login: Option<(&str, &str)>) -> Received {
+/// Returns once the broker has acknowledged the first subscription, so nothing published after is missed.
+async fn subscribe(port: u16, filter: &str, login: Option<(&str, &str)>) -> Received {
     let got: Received = Arc::default();
     let mut o = MqttOptions::new("test-subscriber", "127.0.0.1", port);
     o.set_clean_session(false);
@@ -108,11 +109,15 @@ fn subscribe(port: u16, filter: &str, login: Option<(&str, &str)>) -> Received {
     }
     let (client, mut events) = AsyncClient::new(o, 64);
     let (filter, sink) = (filter.to_string(), got.clone());
+    let (subscribed, mut suback) = watch::channel(false);
     tokio::spawn(async move {
         loop {
             match events.poll().await {
                 Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
                     let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    let _ = subscribed.send(true);
                 }
                 Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                     sink.lock().expect("lock").push((
@@ -126,6 +131,11 @@ fn subscribe(port: u16, filter: &str, login: Option<(&str, &str)>) -> Received {
             }
         }
     });
+    let acked = tokio::time::timeout(Duration::from_secs(10), suback.wait_for(|s| *s)).await;
+    assert!(
+        matches!(acked, Ok(Ok(_))),
+        "the test subscriber could not subscribe"
+    );
     got
 }
 
@@ -196,7 +206,7 @@ fn assert_in_order_per_pipeline(events: &[Event]) {
 async fn every_event_survives_a_broker_outage_in_order() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut broker = Broker::start(dir.path(), None);
-    let got = subscribe(broker.port, "cam/#", None);
+    let got = subscribe(broker.port, "cam/#", None).await;
     let outbox = Outbox::open(&dir.path().join("events.redb"), 1000, &["mqtt"]).expect("outbox");
     let (stop, task) = start(config(broker.port), &outbox, Vec::new());
     let pipeline = |n: u64| if n.is_multiple_of(3) { "b" } else { "a" };
@@ -229,7 +239,10 @@ async fn every_event_survives_a_broker_outage_in_order() {
     assert_eq!(
         events.len(),
         25,
-        "every event arrives after the broker returns"
+        "every event arrives after the broker returns; outbox depth {}, got {:?}, broker log {}",
+        counters.depth.load(std::sync::atomic::Ordering::Relaxed),
+        events.iter().map(|e| e.at_ms).collect::<Vec<_>>(),
+        std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default()
     );
     assert_in_order_per_pipeline(&events);
     // Retained state: the availability and the query's state topic.
@@ -278,8 +291,7 @@ async fn events_left_in_the_outbox_are_delivered_after_a_restart() {
         task.await.expect("sink ends");
     }
     broker.restart();
-    let got = subscribe(broker.port, "cam/events", None);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = subscribe(broker.port, "cam/events", None).await;
     // The second life: the store is reopened and its events go out.
     let outbox = Outbox::open(&path, 1000, &["mqtt"]).expect("reopen");
     let (stop, task) = start(config(broker.port), &outbox, Vec::new());
@@ -295,8 +307,7 @@ async fn home_assistant_discovery_with_credentials_and_a_last_will() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(dir.path(), Some(("tclseg", "s3cret")));
     std::fs::write(dir.path().join("password"), "s3cret\n").expect("password file");
-    let got = subscribe(broker.port, "#", Some(("tclseg", "s3cret")));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = subscribe(broker.port, "#", Some(("tclseg", "s3cret"))).await;
     let outbox = Outbox::open(&dir.path().join("events.redb"), 10, &["mqtt"]).expect("outbox");
     let cfg = MqttConfig {
         username: Some("tclseg".into()),

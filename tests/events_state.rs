@@ -214,3 +214,25 @@ fn validation_reports_every_bad_key_with_its_path() {
     );
     assert!(EventsConfig::default().validate().is_empty());
 }
+
+#[test]
+fn a_query_removed_on_reload_ends_after_off_s() {
+    let mut s = state();
+    let mut events = Vec::new();
+    for t in (0..=2000).step_by(500) {
+        events.extend(s.observe(&frame(t, 0.3)));
+    }
+    assert_eq!(events.len(), 1);
+    // The query set changed: "person" is no longer in the frames.
+    for t in (2500..=8000).step_by(500) {
+        let mut f = frame(t, 0.0);
+        f.queries[0].name = "dog".into();
+        events.extend(s.observe(&f));
+    }
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert_eq!(
+        (events[1].query.as_str(), events[1].kind, events[1].end_ms),
+        ("person", EventKind::End, Some(2500))
+    );
+    assert!(!EventsConfig::default().needs_labels("door"));
+}

@@ -141,6 +141,12 @@ impl EventsConfig {
         errors
     }
 
+    /// Whether `pipeline` has zones, i.e. whether its [`FrameStats`] must carry the label map (copying it for
+    /// every frame is wasted otherwise).
+    pub fn needs_labels(&self, pipeline: &str) -> bool {
+        self.zones.get(pipeline).is_some_and(|z| !z.is_empty())
+    }
+
     /// A fresh presence state for `pipeline` with its zones.
     pub fn pipeline_state(&self, pipeline: &str, boot: &str) -> PipelineState {
         let zones = self.zones.get(pipeline).cloned().unwrap_or_default();

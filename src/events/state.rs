@@ -96,8 +96,28 @@ impl PipelineState {
                 }
             }
         }
+        // A query (or zone) that left the pipeline on a reload counts as unseen, so its presence ends after
+        // `off_s` like any other instead of staying on forever; absent ones are forgotten.
+        let current: std::collections::BTreeSet<_> =
+            measured.iter().map(|(k, _)| k.clone()).collect();
+        self.states
+            .retain(|k, p| current.contains(k) || matches!(p, Presence::Present { .. }));
+        let gone: Vec<_> = self
+            .states
+            .keys()
+            .filter(|k| !current.contains(*k))
+            .cloned()
+            .collect();
+        let unseen = gone.into_iter().map(|k| {
+            let s = Sighting {
+                area: 0.0,
+                bbox: None,
+                mean_score: None,
+            };
+            (k, s)
+        });
         let mut events = Vec::new();
-        for (key, sighting) in measured {
+        for (key, sighting) in measured.into_iter().chain(unseen) {
             if let Some(e) = self.step(key, &sighting, frame) {
                 events.push(e);
             }

@@ -2,142 +2,14 @@
 //! outage and a restart of the outbox, arrive in order per pipeline, and Home Assistant discovery follows the
 //! documented schema.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use tclseg::events::{Catalog, Event, EventKind, MqttConfig, MqttSink, Outbox};
 use tokio::sync::watch;
 
 mod events_common;
+use events_common::broker::{subscribe, Broker, Received};
 use events_common::event;
-
-/// A mosquitto on a loopback port, with its config and persistence in a temp dir.
-struct Broker {
-    dir: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn start(dir: &Path, users: Option<(&str, &str)>) -> Broker {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut conf = format!(
-            "listener {port} 127.0.0.1\npersistence true\npersistence_location {}/\nlog_dest stderr\n",
-            dir.display()
-        );
-        match users {
-            Some((u, p)) => {
-                let file = dir.join("passwd");
-                let ok = Command::new("mosquitto_passwd")
-                    .args(["-b", "-c"])
-                    .arg(&file)
-                    .args([u, p])
-                    .status()
-                    .expect("mosquitto_passwd (scripts/setup installs mosquitto)");
-                assert!(ok.success());
-                conf += &format!("allow_anonymous false\npassword_file {}\n", file.display());
-            }
-            None => conf += "allow_anonymous true\n",
-        }
-        std::fs::write(dir.join("mosquitto.conf"), conf).expect("write conf");
-        let mut b = Broker {
-            dir: dir.to_path_buf(),
-            port,
-            child: None,
-        };
-        b.restart();
-        b
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(self.dir.join("mosquitto.conf"))
-            .stderr(std::fs::File::create(self.dir.join("mosquitto.log")).expect("log"))
-            .spawn()
-            .expect("mosquitto (scripts/setup installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen on {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGTERM, so mosquitto saves its persistent sessions (the subscriber's queue) as a real restart would.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(c.id().to_string())
-                .status();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-type Received = Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>;
-
-/// A persistent-session subscriber (QoS 1) that keeps reconnecting, so the broker queues for it while it is away.
-/// Returns once the broker has acknowledged the first subscription, so nothing published after is missed.
-async fn subscribe(port: u16, filter: &str, login: Option<(&str, &str)>) -> Received {
-    let got: Received = Arc::default();
-    let mut o = MqttOptions::new("test-subscriber", "127.0.0.1", port);
-    o.set_clean_session(false);
-    if let Some((u, p)) = login {
-        o.set_credentials(u, p);
-    }
-    let (client, mut events) = AsyncClient::new(o, 64);
-    let (filter, sink) = (filter.to_string(), got.clone());
-    let (subscribed, mut suback) = watch::channel(false);
-    tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
-                }
-                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
-                    let _ = subscribed.send(true);
-                }
-                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                    sink.lock().expect("lock").push((
-                        p.topic.clone(),
-                        p.payload.to_vec(),
-                        p.retain,
-                    ));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    let acked = tokio::time::timeout(Duration::from_secs(10), suback.wait_for(|s| *s)).await;
-    assert!(
-        matches!(acked, Ok(Ok(_))),
-        "the test subscriber could not subscribe"
-    );
-    got
-}
 
 fn received_events(got: &Received) -> Vec<Event> {
     got.lock()
@@ -399,4 +271,62 @@ async fn home_assistant_discovery_with_credentials_and_a_last_will() {
         assert!(Instant::now() < deadline, "no last will: {last:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A tracing writer into a shared buffer, to read what the sink logged.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_delivers_nothing_and_is_never_logged() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), Some(("tclseg", "right-one")));
+    std::fs::write(dir.path().join("password"), "Wr0ng-Secret\n").expect("password file");
+    let outbox = Outbox::open(&dir.path().join("events.redb"), 10, &["mqtt"]).expect("outbox");
+    outbox
+        .push(&[event("a", 0, EventKind::Start)])
+        .expect("push");
+    let cfg = MqttConfig {
+        username: Some("tclseg".into()),
+        password_file: Some(dir.path().join("password")),
+        ..config(broker.port)
+    };
+    // The sink runs on this thread's runtime so the thread-local log subscriber sees it.
+    let (stop, stop_rx) = watch::channel(false);
+    let (_cat, cat_rx) = watch::channel(Vec::new());
+    let run = MqttSink::new(cfg, outbox.clone(), "mqtt").run(cat_rx, stop_rx);
+    let stopper = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stop.send(true).expect("stop");
+    };
+    tokio::join!(run, stopper);
+    let counters = outbox.counters("mqtt").expect("counters");
+    assert_eq!(
+        counters.depth.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "refused: the event waits"
+    );
+    let text = String::from_utf8_lossy(&logs.0.lock().expect("lock")).to_string();
+    assert!(text.contains("MQTT connection failed"), "{text}");
+    assert!(
+        !text.contains("Wr0ng-Secret"),
+        "the password leaked into the logs: {text}"
+    );
 }

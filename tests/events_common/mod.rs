@@ -1,6 +1,8 @@
-//! A test event shared by the events tests (outbox, MQTT, webhooks).
+//! A test event shared by the events tests (outbox, MQTT, webhooks), and the MQTT broker harness.
 // Each test crate compiles its own copy.
 #![allow(dead_code)]
+
+pub mod broker;
 
 use tclseg::events::{Event, EventKind};
 

@@ -243,8 +243,12 @@ async fn frames_become_delivered_events_through_the_entry_point() {
     let counters = events.counters();
     assert_eq!(counters.len(), 1);
     assert_eq!(counters[0].0, "webhook:alerts");
-    stop.send(true).expect("stop");
+    // Dropping the shutdown sender (the daemon going away) ends the deliveries too.
+    drop(stop);
     for t in tasks {
-        t.await.expect("task ends");
+        tokio::time::timeout(Duration::from_secs(5), t)
+            .await
+            .expect("ends when the shutdown sender is gone")
+            .expect("task ends");
     }
 }

@@ -17,6 +17,7 @@ pub mod zones;
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
+use tokio::sync::watch;
 
 pub use event::{Event, EventKind, FrameStats, QueryStats};
 pub use hub::{Events, MQTT_DESTINATION};
@@ -152,4 +153,15 @@ impl EventsConfig {
         let zones = self.zones.get(pipeline).cloned().unwrap_or_default();
         PipelineState::new(pipeline, self.state(), zones, boot)
     }
+}
+
+/// Resolves once `shutdown` is true or its sender is gone: either way the daemon is going away. (A bare
+/// `changed()` resolves at once, forever, after the sender is dropped, and would spin the delivery loops.)
+async fn stopping(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// Whether the delivery tasks should end now.
+fn stopped(shutdown: &watch::Receiver<bool>) -> bool {
+    *shutdown.borrow() || shutdown.has_changed().is_err()
 }

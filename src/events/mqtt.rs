@@ -116,6 +116,8 @@ struct Session {
     connected: bool,
     /// Discovery configs published in this connection, to clear those that left the catalog.
     discovered: BTreeSet<String>,
+    /// The catalog's sender is gone.
+    catalog_closed: bool,
 }
 
 impl MqttSink {
@@ -162,7 +164,7 @@ impl MqttSink {
         let mut backoff = Duration::from_millis(200);
         let counters = self.outbox.counters(&self.destination).ok();
         loop {
-            if *shutdown.borrow() {
+            if super::stopped(&shutdown) {
                 return;
             }
             let mut s = Session::default();
@@ -184,7 +186,7 @@ impl MqttSink {
             }
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.changed() => {}
+                _ = super::stopping(&mut shutdown) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -204,15 +206,15 @@ impl MqttSink {
                     self.handle(ev?, &client, s, catalog)?;
                 }
                 _ = notify.notified(), if s.connected => self.fill(&client, s)?,
-                changed = catalog.changed(), if s.connected => {
-                    if changed.is_ok() {
-                        self.discover(&client, s, catalog)?;
+                changed = catalog.changed(), if s.connected && !s.catalog_closed => {
+                    match changed {
+                        Ok(()) => self.discover(&client, s, catalog)?,
+                        // No more reloads: keep what was discovered, stop watching.
+                        Err(_) => s.catalog_closed = true,
                     }
                 }
-                _ = shutdown.changed() => {
-                    if *shutdown.borrow() {
-                        return self.say_goodbye(&client, &mut events).await;
-                    }
+                _ = super::stopping(shutdown) => {
+                    return self.say_goodbye(&client, &mut events).await;
                 }
             }
         }

@@ -97,7 +97,7 @@ impl WebhookSink {
         WebhookSink { config, outbox }
     }
 
-    /// Deliver until `shutdown` turns true.
+    /// Deliver until `shutdown` turns true (or its sender is dropped).
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let dest = self.config.destination();
         let (Ok(notify), Ok(counters)) = (self.outbox.notifier(&dest), self.outbox.counters(&dest))
@@ -108,7 +108,7 @@ impl WebhookSink {
         let first = Duration::from_millis(250);
         let max = Duration::from_secs_f64(self.config.max_backoff_s.clamp(0.25, 3600.0));
         let mut backoff = first;
-        while !*shutdown.borrow() {
+        while !super::stopped(&shutdown) {
             let next = match self.outbox.pending(&dest, None, 1) {
                 Ok(mut v) => v.pop(),
                 Err(error) => {
@@ -119,7 +119,7 @@ impl WebhookSink {
             let Some((seq, event)) = next else {
                 tokio::select! {
                     _ = notify.notified() => {}
-                    _ = shutdown.changed() => {}
+                    _ = super::stopping(&mut shutdown) => {}
                     // A store error above is retried rather than waited out forever.
                     _ = tokio::time::sleep(max) => {}
                 }
@@ -140,7 +140,7 @@ impl WebhookSink {
                     );
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
+                        _ = super::stopping(&mut shutdown) => {}
                     }
                     backoff = (backoff * 2).min(max);
                 }

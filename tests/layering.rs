@@ -9,7 +9,7 @@ const FLOORS: &[&[&str]] = &[
     &["telemetry", "gst", "trainer"],
     &["model"],
     &["queries", "source"],
-    &["sink"],
+    &["sink", "events"],
     &["config"],
     &["pipeline", "segment", "eval", "bench"],
     &["daemon"],

@@ -1,0 +1,135 @@
+//! A real MQTT broker for the tests: Debian's mosquitto (scripts/setup installs it) on a free loopback port, and a
+//! persistent-session subscriber.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use tokio::sync::watch;
+
+/// A mosquitto on a loopback port, with its config and persistence in a temp dir.
+pub struct Broker {
+    dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    pub fn start(dir: &Path, users: Option<(&str, &str)>) -> Broker {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let mut conf = format!(
+            "listener {port} 127.0.0.1\npersistence true\npersistence_location {}/\nlog_dest stderr\n",
+            dir.display()
+        );
+        match users {
+            Some((u, p)) => {
+                let file = dir.join("passwd");
+                let ok = Command::new("mosquitto_passwd")
+                    .args(["-b", "-c"])
+                    .arg(&file)
+                    .args([u, p])
+                    .status()
+                    .expect("mosquitto_passwd (scripts/setup installs mosquitto)");
+                assert!(ok.success());
+                conf += &format!("allow_anonymous false\npassword_file {}\n", file.display());
+            }
+            None => conf += "allow_anonymous true\n",
+        }
+        std::fs::write(dir.join("mosquitto.conf"), conf).expect("write conf");
+        let mut b = Broker {
+            dir: dir.to_path_buf(),
+            port,
+            child: None,
+        };
+        b.restart();
+        b
+    }
+
+    pub fn restart(&mut self) {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stderr(std::fs::File::create(self.dir.join("mosquitto.log")).expect("log"))
+            .spawn()
+            .expect("mosquitto (scripts/setup installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, so mosquitto saves its persistent sessions (the subscriber's queue) as a real restart would.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub type Received = Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>;
+
+/// A persistent-session subscriber (QoS 1) that keeps reconnecting, so the broker queues for it while it is away.
+/// Returns once the broker has acknowledged the first subscription, so nothing published after is missed.
+pub async fn subscribe(port: u16, filter: &str, login: Option<(&str, &str)>) -> Received {
+    let got: Received = Arc::default();
+    let mut o = MqttOptions::new("test-subscriber", "127.0.0.1", port);
+    o.set_clean_session(false);
+    if let Some((u, p)) = login {
+        o.set_credentials(u, p);
+    }
+    let (client, mut events) = AsyncClient::new(o, 64);
+    let (filter, sink) = (filter.to_string(), got.clone());
+    let (subscribed, mut suback) = watch::channel(false);
+    tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.subscribe(filter.clone(), QoS::AtLeastOnce).await;
+                }
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    let _ = subscribed.send(true);
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                    sink.lock().expect("lock").push((
+                        p.topic.clone(),
+                        p.payload.to_vec(),
+                        p.retain,
+                    ));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    let acked = tokio::time::timeout(Duration::from_secs(10), suback.wait_for(|s| *s)).await;
+    assert!(
+        matches!(acked, Ok(Ok(_))),
+        "the test subscriber could not subscribe"
+    );
+    got
+}

@@ -17,43 +17,28 @@ Command line:
                                      [--allow-unverified-clip] | --checkpoint CKPT) --out DIR [--name NAME]
                                      [--precision fp32,fp16] [--force]
 Exit status: 0 written, 1 failed (one message naming the file and the problem), 2 usage error.
+
+This module writes the whole bundle and holds the command line; one graph's export and the op allow-list are in
+`export_onnx.py`, the manifest and the atomic install in `export_manifest.py`, and where the command line's model
+comes from in `export_sources.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import tomli_w
 import torch
 from torch import nn
 
-from .bundle import (
-    CROP_SIZE,
-    FORMAT,
-    FORMAT_VERSION,
-    KP_SCALE,
-    KP_SHIFT,
-    LONG_SIDE_MAX,
-    MANIFEST_FILE,
-    MASK_STRIDE,
-    PAD_MULTIPLE,
-    PAMR_DILATIONS,
-    PAMR_ITERATIONS,
-    BundleDefaults,
-    open_bundle,
-    sha256_file,
-)
+from .bundle import CROP_SIZE, MANIFEST_FILE, MASK_STRIDE, BundleDefaults, open_bundle, sha256_file
 from .export_graphs import (
     ImageTrunkGraph,
     MaskHeadGraph,
@@ -62,10 +47,22 @@ from .export_graphs import (
     TextEncoderGraph,
     half_with_fp32_layernorms,
 )
+from .export_manifest import (
+    build_manifest,
+    fsync_dir,
+    fsync_file,
+    install,
+    manifest_to_toml,
+    pamr_module,
+    sim2mask_params,
+)
+from .export_onnx import CUDA_SAFE_OPS, ExportError, export_graph, graph_op_types, graph_op_types_of
+from .export_sources import defaults_from_config_file, load_model, log
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, default_vocab_path
 from .tokenizer import VOCAB_FILENAME as VOCAB_FILE
 
-OPSET = 18
+# The names other modules and the tests import from here.
+__all__ = ["CUDA_SAFE_OPS", "ExportError", "export_bundle", "graph_op_types", "graph_op_types_of", "main"]
 
 # role -> precision -> file name in the bundle.
 GRAPH_FILES = {
@@ -77,314 +74,6 @@ GRAPH_FILES = {
 }
 # Roles that get an fp16 variant; the others are small or precision-sensitive and stay fp32.
 FP16_ROLES = ("image_trunk", "tcl_head")
-
-# Standard ONNX ops that ONNX Runtime's CPU and CUDA execution providers both implement (for float, float16 and,
-# where relevant, int64). An exported graph with any other op type fails the export: no Einsum, no control flow,
-# no custom domains.
-CUDA_SAFE_OPS = frozenset(
-    {
-        "Abs",
-        "Add",
-        "ArgMax",
-        "Cast",
-        "Clip",
-        "Concat",
-        "Constant",
-        "ConstantOfShape",
-        "Conv",
-        "Div",
-        "Equal",
-        "Erf",
-        "Exp",
-        "Expand",
-        "Flatten",
-        "Gather",
-        "GatherND",
-        "Gemm",
-        "Greater",
-        "Identity",
-        "LayerNormalization",
-        "MatMul",
-        "Max",
-        "Min",
-        "Mul",
-        "Neg",
-        "Pad",
-        "Pow",
-        "Range",
-        "Reciprocal",
-        "ReduceL2",
-        "ReduceMax",
-        "ReduceMean",
-        "ReduceProd",
-        "ReduceSum",
-        "Reshape",
-        "Resize",
-        "Shape",
-        "Sigmoid",
-        "Slice",
-        "Softmax",
-        "Split",
-        "Sqrt",
-        "Squeeze",
-        "Sub",
-        "Tanh",
-        "Transpose",
-        "Trilu",
-        "Unsqueeze",
-        "Where",
-    }
-)
-
-
-class ExportError(Exception):
-    """An export that cannot be done; the message names the file or the problem."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading what the export needs from the model.
-
-
-def sim2mask_params(model: nn.Module) -> tuple[float, float]:
-    """The learned Sim2Mask scale w and bias b (read from the model, never assumed)."""
-    s2m = model.masker.sim2mask
-    return float(s2m.w.detach().float().item()), float(s2m.b.detach().float().item())
-
-
-def _pamr_module(model: nn.Module) -> nn.Module:
-    """The model's PAMR module if it holds one, else a fresh one with the official settings."""
-    for attr in ("pamr",):
-        module = getattr(model, attr, None)
-        if isinstance(module, nn.Module):
-            return module
-    from .pamr import PAMR
-
-    return PAMR(num_iter=PAMR_ITERATIONS, dilations=PAMR_DILATIONS)
-
-
-def _pamr_settings(pamr: nn.Module) -> tuple[int, list[int]]:
-    iterations = getattr(pamr, "num_iter", PAMR_ITERATIONS)
-    dilations = getattr(pamr, "dilations", PAMR_DILATIONS)
-    return int(iterations), [int(d) for d in dilations]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# ONNX export of one graph.
-
-
-def graph_op_types(path: Path | str) -> set[str]:
-    """The op types a graph file uses (including subgraphs); ops of custom domains read 'domain::Op'."""
-    import onnx
-
-    return graph_op_types_of(onnx.load(str(path), load_external_data=False))
-
-
-def _export_graph(
-    module: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    path: Path,
-    input_names: Sequence[str],
-    output_names: Sequence[str],
-    dynamic_axes: dict[str, dict[int, str]],
-) -> None:
-    """Traces `module` with the TorchScript-based exporter (predictable Resize modes) into one .onnx file."""
-    import onnx
-
-    module.eval()
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        # The TorchScript exporter is chosen on purpose (predictable Resize modes); its deprecation notice and
-        # the advanced-indexing note (the EOT gather's indices are never negative) are noise here.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*advanced indexing.*")
-        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1.*")
-        torch.onnx.export(
-            module,
-            args,
-            buffer,
-            input_names=list(input_names),
-            output_names=list(output_names),
-            dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
-            do_constant_folding=True,
-            dynamo=False,
-            external_data=False,
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
-    onnx.checker.check_model(proto)
-    unsupported = sorted(graph_op_types_of(proto) - CUDA_SAFE_OPS)
-    if unsupported:
-        raise ExportError(f"{path.name}: the graph uses op types outside the CUDA-safe list: {', '.join(unsupported)}")
-    path.write_bytes(buffer.getvalue())
-
-
-def graph_op_types_of(proto: Any) -> set[str]:
-    found: set[str] = set()
-
-    def walk(graph: Any) -> None:
-        for node in graph.node:
-            found.add(node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}")
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    walk(attr.g)
-                for sub in attr.graphs:
-                    walk(sub)
-
-    walk(proto.graph)
-    return found
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The manifest (format 1).
-
-
-def manifest_to_toml(manifest: dict[str, Any]) -> str:
-    """Renders a manifest dict in the layout of ARCHITECTURE.md: top-level keys, the tables in order, then one
-    [[files]] entry per file (path, sha256, bytes). tomli-w writes the TOML; `open_bundle` reads it back."""
-    ordered = {k: v for k, v in manifest.items() if k != "files"}
-    if "files" in manifest:
-        ordered["files"] = [{key: entry[key] for key in ("path", "sha256", "bytes")} for entry in manifest["files"]]
-    return tomli_w.dumps(ordered)
-
-
-def build_manifest(
-    model: nn.Module,
-    *,
-    name: str,
-    version: str,
-    description: str,
-    provenance: dict[str, Any],
-    graphs: dict[str, dict[str, str]],
-    crop_size: int,
-    pamr: nn.Module,
-    files: list[dict[str, Any]],
-    defaults: BundleDefaults | None = None,
-) -> dict[str, Any]:
-    cfg = model.config
-    defaults = defaults or BundleDefaults()
-    vision, text = cfg.vision, cfg.text
-    w, b = sim2mask_params(model)
-    iterations, dilations = _pamr_settings(pamr)
-    from .model import MEAN, STD
-
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "version": version,
-        "description": description,
-        "architecture": {
-            "kind": "tcl",
-            "vision_width": int(vision.width),
-            "vision_layers": int(vision.layers),
-            "vision_heads": int(vision.heads),
-            "patch_size": int(vision.patch_size),
-            "train_image_size": int(vision.image_size),
-            "text_width": int(text.width),
-            "text_layers": int(text.layers),
-            "text_heads": int(text.heads),
-            "context_length": int(text.context_length),
-            "vocab_size": int(text.vocab_size),
-            "embed_dim": int(vision.embed_dim),
-            "mask_stride": MASK_STRIDE,
-        },
-        "input": {
-            "crop_size": int(crop_size),
-            "crop_stride": int(crop_size) // 2,
-            "short_side": int(defaults.short_side),
-            "long_side_max": LONG_SIDE_MAX,
-            "pad_multiple": PAD_MULTIPLE,
-            "mean": [float(v) for v in MEAN],
-            "std": [float(v) for v in STD],
-        },
-        "mask": {
-            "w": w,
-            "b": b,
-            "kp_weight": float(defaults.kp_weight),
-            "kp_shift": KP_SHIFT,
-            "kp_scale": KP_SCALE,
-            "bg_thresh_pamr": float(defaults.bg_thresh_pamr),
-            "bg_thresh": float(defaults.bg_thresh),
-            "pamr_iterations": iterations,
-            "pamr_dilations": dilations,
-        },
-        "text": {
-            "vocabulary": VOCAB_FILE,
-            "sot_token": SOT_TOKEN,
-            "eot_token": EOT_TOKEN,
-            "templates": list(defaults.templates),
-        },
-        "provenance": _provenance_table(provenance),
-        "graphs": graphs,
-        "files": files,
-    }
-
-
-def _provenance_table(provenance: dict[str, Any]) -> dict[str, Any]:
-    """The [provenance] table: source, seed (random only), the three hashes (empty when not applicable), torch."""
-    source = provenance.get("source")
-    if source not in ("random", "official", "checkpoint"):
-        raise ExportError(f"provenance source must be random, official or checkpoint, not {source!r}")
-    table: dict[str, Any] = {"source": source}
-    if source == "random":
-        table["seed"] = int(provenance.get("seed", 0))
-    for key in ("clip_sha256", "tcl_sha256", "checkpoint_sha256"):
-        table[key] = str(provenance.get(key, "") or "")
-    table["torch_version"] = str(provenance.get("torch_version") or torch.__version__.split("+")[0])
-    for key, value in provenance.items():  # anything else the caller records (e.g. the checkpoint's step)
-        if key not in table and isinstance(value, str | int | float | bool):
-            table[key] = value
-    return table
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Writing the bundle directory atomically.
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _install(tmp_dir: Path, out_dir: Path, force: bool) -> None:
-    """Renames the finished `tmp_dir` to `out_dir`; with force, replaces an existing out_dir atomically enough:
-    the old one is renamed away first, the new one renamed in, then the old one deleted."""
-    if not out_dir.exists() and not out_dir.is_symlink():
-        os.rename(tmp_dir, out_dir)
-        _fsync_dir(out_dir.parent)
-        return
-    if not force:
-        raise ExportError(f"{out_dir} already exists; pass --force to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    old.rmdir()
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp_dir, out_dir)
-    except OSError:
-        os.rename(old, out_dir)  # put the previous bundle back
-        raise
-    _fsync_dir(out_dir.parent)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
-
-
-def _log(message: str) -> None:
-    print(f"export: {message}", file=sys.stderr, flush=True)
 
 
 def export_bundle(
@@ -399,7 +88,7 @@ def export_bundle(
     crop_size: int = CROP_SIZE,
     vocab_path: Path | str,
     force: bool = False,
-    log: Callable[[str], None] | None = _log,
+    log: Callable[[str], None] | None = log,
     defaults: BundleDefaults | None = None,
 ) -> dict[str, Any]:
     """Exports `model` into a bundle at `out_dir` and returns the manifest (as written to model.toml).
@@ -429,7 +118,7 @@ def export_bundle(
         raise ExportError(f"{out_dir.parent}: the output's parent directory does not exist")
     name = name or out_dir.name
     grid = crop_size // patch
-    pamr = _pamr_module(model)
+    pamr = pamr_module(model)
 
     model = model.eval()
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -439,7 +128,7 @@ def export_bundle(
 
         files = []
         for path in sorted(tmp_dir.iterdir()):
-            _fsync_file(path)
+            fsync_file(path)
             files.append({"path": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size})
         manifest = build_manifest(
             model,
@@ -455,13 +144,13 @@ def export_bundle(
         )
         manifest_path = tmp_dir / MANIFEST_FILE
         manifest_path.write_text(manifest_to_toml(manifest), encoding="utf-8")
-        _fsync_file(manifest_path)
+        fsync_file(manifest_path)
         open_bundle(tmp_dir, verify=False)  # the manifest reads back and passes the loader's checks
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp made it private; a bundle is an ordinary directory
-        _fsync_dir(tmp_dir)
-        _install(tmp_dir, out_dir, force)
+        fsync_dir(tmp_dir)
+        install(tmp_dir, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -511,7 +200,7 @@ def _write_graphs(
     timed(
         "text_encoder",
         "fp32",
-        lambda p: _export_graph(
+        lambda p: export_graph(
             TextEncoderGraph(model),
             (tokens,),
             p,
@@ -530,7 +219,7 @@ def _write_graphs(
         timed(
             "image_trunk",
             precision,
-            lambda p, v=variant, d=dtype: _export_graph(
+            lambda p, v=variant, d=dtype: export_graph(
                 ImageTrunkGraph(v, grid, d, pos_embed_model=model),
                 (pixels,),
                 p,
@@ -542,7 +231,7 @@ def _write_graphs(
         timed(
             "tcl_head",
             precision,
-            lambda p, v=variant, d=dtype: _export_graph(
+            lambda p, v=variant, d=dtype: export_graph(
                 TclHeadGraph(v, grid, d),
                 (trunk_tokens,),
                 p,
@@ -557,7 +246,7 @@ def _write_graphs(
     timed(
         "mask_head",
         "fp32",
-        lambda p: _export_graph(
+        lambda p: export_graph(
             MaskHeadGraph(w, b),
             (unit(2, embed, side, side, dim=1), unit(2, embed, grid, grid, dim=1), unit(3, embed, dim=1)),
             p,
@@ -575,7 +264,7 @@ def _write_graphs(
     timed(
         "pamr",
         "fp32",
-        lambda p: _export_graph(
+        lambda p: export_graph(
             PamrGraph(pamr, crop_size, side),
             (pixels, torch.sigmoid(rand(2, 3, side, side))),
             p,
@@ -648,114 +337,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def bundle_defaults_from(table: Any, where: str) -> BundleDefaults:
-    """BundleDefaults from a [bundle] table (a dict); unknown keys and wrong values are errors naming `where`."""
-    if not isinstance(table, dict):
-        raise ExportError(f"{where}: [bundle] must be a table")
-    known = {f.name for f in fields(BundleDefaults)}
-    if unknown := sorted(set(table) - known):
-        raise ExportError(
-            f"{where}: unknown key(s) bundle.{', bundle.'.join(unknown)} (known: {', '.join(sorted(known))})"
-        )
-    try:
-        defaults = BundleDefaults(**table)
-    except TypeError as e:
-        raise ExportError(f"{where}: [bundle]: {e}") from None
-    if bad := defaults.problems():
-        raise ExportError(f"{where}: bundle." + "; bundle.".join(bad))
-    return defaults
-
-
-def _defaults_from_config_file(path: Path) -> BundleDefaults:
-    import tomllib
-
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8")).get("bundle", {})
-    except FileNotFoundError:
-        raise ExportError(f"{path}: no such file (--defaults-from takes a training config)") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ExportError(f"{path}: invalid TOML: {e}") from None
-    return bundle_defaults_from(table, str(path))
-
-
-def _load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], str]:
-    """The model, its provenance and a default description, from the command line's source. For a trainer
-    checkpoint, `args.defaults` becomes its training config's [bundle] table unless --defaults-from set it."""
-    torch_version = torch.__version__.split("+")[0]
-    if args.random is not None:
-        from .model import SIZES, TCL
-
-        seed = 0 if args.seed is None else args.seed
-        model = TCL(SIZES[args.random], seed=seed)
-        provenance = {"source": "random", "seed": seed, "torch_version": torch_version}
-        return model, provenance, f"random {args.random} TCL (seed {seed}); for tests, not for use"
-    if args.clip is not None:
-        from .checkpoints import build_official
-
-        for path in (args.clip, args.tcl):
-            if not path.is_file():
-                raise ExportError(f"{path}: no such file")
-        clip_sha256, verified = check_clip_hash(args.clip, allow_unverified=args.allow_unverified_clip)
-        # The hash was checked (or knowingly waived) above; build_official need not read the file twice for it.
-        built = build_official(args.clip, args.tcl, clip_sha256=None)
-        model, hashes = _split_model_and_meta(built)
-        provenance = {
-            "source": "official",
-            "clip_sha256": hashes.get("clip_sha256") or clip_sha256,
-            "clip_verified": verified,
-            "tcl_sha256": hashes.get("tcl_sha256") or sha256_file(args.tcl),
-            "torch_version": torch_version,
-        }
-        description = "TCL (CVPR 2023), official checkpoint on OpenAI CLIP ViT-B/16"
-        if not verified:
-            description = f"TCL (CVPR 2023), official-format checkpoint on an unverified CLIP (sha256 {clip_sha256})"
-        return model, provenance, description
-    from .checkpoints import load_checkpoint
-
-    if not args.checkpoint.is_file():
-        raise ExportError(f"{args.checkpoint}: no such file")
-    model, meta = load_checkpoint(args.checkpoint)
-    meta = meta if isinstance(meta, dict) else {}
-    train_config = meta.get("train_config")
-    if args.defaults is None and isinstance(train_config, dict) and "bundle" in train_config:
-        args.defaults = bundle_defaults_from(train_config["bundle"], f"{args.checkpoint} (its training config)")
-    provenance = {
-        "source": "checkpoint",
-        "checkpoint_sha256": meta.get("sha256") or meta.get("checkpoint_sha256") or sha256_file(args.checkpoint),
-        "torch_version": torch_version,
-    }
-    return model, provenance, f"TCL trained by tclseg ({args.checkpoint.name})"
-
-
-def check_clip_hash(path: Path, *, allow_unverified: bool) -> tuple[str, bool]:
-    """(the file's sha256, whether it is OpenAI's ViT-B/16). A different file is refused unless `allow_unverified`:
-    the pinned hash is what vouches for the weights, so waiving it is the user's explicit, logged decision."""
-    from .checkpoints import OPENAI_VIT_B16_SHA256
-
-    found = sha256_file(path)
-    if found == OPENAI_VIT_B16_SHA256:
-        return found, True
-    if not allow_unverified:
-        raise ExportError(
-            f"{path}: sha256 {found} is not OpenAI's CLIP ViT-B/16 ({OPENAI_VIT_B16_SHA256}); if you trust this file "
-            "(a re-hosted copy, a fine-tuned CLIP), pass --allow-unverified-clip to use it anyway"
-        )
-    _log(
-        f"warning: {path}: sha256 {found} is not OpenAI's CLIP ViT-B/16 ({OPENAI_VIT_B16_SHA256}); using it "
-        "anyway (--allow-unverified-clip); the bundle records clip_verified = false and this sha256"
-    )
-    return found, False
-
-
-def _split_model_and_meta(built: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """build_official may return the model alone or (model, info); take the hashes from wherever they are."""
-    if isinstance(built, tuple):
-        model, info = built[0], built[1] if len(built) > 1 else {}
-    else:
-        model, info = built, getattr(built, "provenance", {})
-    return model, dict(info) if isinstance(info, dict) else {}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     from .checkpoints import CheckpointError
@@ -764,12 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.out.exists() and not args.force:
             raise ExportError(f"{args.out} already exists; pass --force to replace it")
-        args.defaults = _defaults_from_config_file(args.defaults_from) if args.defaults_from else None
+        args.defaults = defaults_from_config_file(args.defaults_from) if args.defaults_from else None
         vocab = args.vocab or default_vocab_path()
         if not vocab.is_file():
             raise ExportError(f"{vocab}: the BPE vocabulary file does not exist (run scripts/setup)")
-        model, provenance, description = _load_model(args)
-        _log(f"model ready in {time.perf_counter() - start:.1f} s; exporting to {args.out}")
+        model, provenance, description = load_model(args)
+        log(f"model ready in {time.perf_counter() - start:.1f} s; exporting to {args.out}")
         export_bundle(
             model,
             args.out,
@@ -793,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("export: interrupted; nothing was written", file=sys.stderr)
         return 1
-    _log(f"done in {time.perf_counter() - start:.1f} s")
+    log(f"done in {time.perf_counter() - start:.1f} s")
     return 0
 
 

@@ -15,7 +15,16 @@ from tclseg_trainer.model import SIZES, TCL, TCLConfig
 from tclseg_trainer.pamr import PAMR
 from tclseg_trainer.reference import segment
 from tclseg_trainer.tools import bench_gpu
-from tclseg_trainer.tools.bench_gpu import Fp32Pamr, count_flops, derive, latency_stats, segment_batch
+from tclseg_trainer.tools.bench_gpu import derive
+from tclseg_trainer.tools.bench_gpu_measure import (
+    count_flops,
+    crops_of,
+    latency_stats,
+    matmul_ceiling,
+    parse_batches,
+    parse_image_size,
+)
+from tclseg_trainer.tools.bench_gpu_reference import Fp32Pamr, segment_batch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,19 +139,19 @@ def test_latency_stats_interpolate_like_the_rust_bench():
 
 
 def test_crop_count_follows_the_rescale():
-    assert bench_gpu.crops_of(1080, 1920) == 3  # 448x796
-    assert bench_gpu.crops_of(48, 64) == 2  # 448x597
-    assert bench_gpu.crops_of(500, 500) == 1
+    assert crops_of(1080, 1920) == 3  # 448x796
+    assert crops_of(48, 64) == 2  # 448x597
+    assert crops_of(500, 500) == 1
 
 
 def test_bad_arguments_name_the_option():
     with pytest.raises(SystemExit, match="--batches"):
-        bench_gpu.parse_batches("1,0")
+        parse_batches("1,0")
     with pytest.raises(SystemExit, match="--batches"):
-        bench_gpu.parse_batches("x")
+        parse_batches("x")
     with pytest.raises(SystemExit, match="--image-size"):
-        bench_gpu.parse_image_size("1920")
-    assert bench_gpu.parse_image_size("1920x1080") == (1920, 1080)
+        parse_image_size("1920")
+    assert parse_image_size("1920x1080") == (1920, 1080)
 
 
 def row(impl: str, precision: str, batch: int, images_per_s: float, crops_per_call: int) -> dict:
@@ -197,7 +206,7 @@ def test_derived_figures_and_goals():
 
 
 def test_matmul_ceiling_on_the_cpu_is_labelled_fp32():
-    c = bench_gpu.matmul_ceiling("cpu", n=128, reps=2)
+    c = matmul_ceiling("cpu", n=128, reps=2)
     assert c["dtype"] == "float32" and "cpu" in c["what"]
     assert c["tflops"] == pytest.approx(2 * 128**3 / c["seconds_per_matmul"] / 1e12)
     assert c["tflops"] > 0

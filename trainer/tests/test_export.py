@@ -141,24 +141,18 @@ def test_manifest_records_weights_and_hashes(tiny):
     assert listed == on_disk
 
 
-def test_bundle_defaults_reach_the_manifest(tmp_path):
+def test_bundle_defaults_reach_the_manifest(tiny, tmp_path):
     """A recipe's [bundle] table (from --defaults-from, or the checkpoint's own training config) sets the inference
     defaults in model.toml; bad values are refused naming the key, and nothing is written."""
     from tclseg_trainer.checkpoints import save_checkpoint
 
-    model = TCL(SIZES["tiny"], seed=3)
-    manifest = export_bundle(
-        model,
-        tmp_path / "official",
-        provenance={"source": "random", "seed": 3},
-        precisions=("fp32",),
-        vocab_path=default_vocab_path(),
-        log=None,
-    )
+    # Exported without defaults (the module's bundle): the official settings.
+    manifest = tomllib.loads((tiny[1].dir / "model.toml").read_text())
     assert manifest["input"]["short_side"] == 448 and manifest["mask"]["kp_weight"] == 0.3
     assert len(manifest["text"]["templates"]) == 9
 
     table = {"short_side": 224, "kp_weight": 0.0, "bg_thresh": 0.45, "templates": ["{}", "a {}"]}
+    model = TCL(SIZES["tiny"], seed=3)
     ckpt = tmp_path / "ckpt.pt"
     save_checkpoint(ckpt, model, model.config, train_config={"bundle": table})
     run = run_cli("--checkpoint", str(ckpt), "--precision", "fp32", "--out", str(tmp_path / "trained"))

@@ -69,10 +69,12 @@ def test_short_recipe_beats_step0(tmp_path: Path):
     cfg.data.workers = 0
     cfg.eval.data = str(tmp_path / "world/val")
     cfg.checkpoint.dir = str(tmp_path / "run")
-    cfg.optim.steps = 300
-    cfg.optim.warmup_steps = 50
-    cfg.optim.unfreeze_step = 200
-    cfg.eval.every = 100
+    # 120 steps (unfreezing at 80) clear the bar by far: step 0 scores 0.129 and the best of the three evaluations
+    # 0.360 (300 steps reached 0.396 for twice the time); the step-0 CLIP is the same 300-step pretraining.
+    cfg.optim.steps = 120
+    cfg.optim.warmup_steps = 20
+    cfg.optim.unfreeze_step = 80
+    cfg.eval.every = 40
     step0 = T.evaluate(T.build_model(cfg), cfg.eval, T.Tokenizer(), cfg.bundle.templates)
     summary = T.train(cfg)
     assert summary["best_miou"] > step0 + 0.02, (step0, summary)

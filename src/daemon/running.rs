@@ -219,6 +219,7 @@ impl Running {
             model: self.config.model.clone(),
             inference: self.config.inference.clone(),
             http: self.config.http.clone(),
+            events: self.config.events.clone(),
             pipelines: new_config.pipelines,
         };
         let names: Vec<String> = self

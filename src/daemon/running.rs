@@ -123,6 +123,7 @@ impl Running {
                 Arc::clone(&self.engine),
                 &telemetry,
                 Arc::clone(&self.scheduler.doorbell),
+                None,
             )
         });
         match started {

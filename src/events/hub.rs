@@ -49,6 +49,11 @@ impl Events {
         })
     }
 
+    /// Whether `pipeline`'s frames must carry their label map (it has zones): see `EventsConfig::needs_labels`.
+    pub fn needs_labels(&self, pipeline: &str) -> bool {
+        self.config.needs_labels(pipeline)
+    }
+
     /// Feed one segmented frame; returns the events it made (already stored durably).
     pub fn observe(&self, frame: &FrameStats) -> Result<Vec<Event>, OutboxError> {
         let events = {

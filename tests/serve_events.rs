@@ -1,6 +1,6 @@
 //! `tclseg serve` with an `[events]` table, against a real broker (Debian's mosquitto, installed by
 //! scripts/setup): images dropped in a watched folder make a `start` event on `<prefix>/events`, a retained `ON`
-//! on the query's state topic and Home Assistant discovery configs; availability is `online` while the daemon
+//! on the query's state topic, a start in a zone and Home Assistant discovery configs; availability is `online` while the daemon
 //! runs and `offline` after SIGTERM; `/metrics` and `/status` count the deliveries.
 
 mod common;
@@ -59,7 +59,7 @@ fn folder_images_become_mqtt_events_with_discovery_and_availability() {
     // No background (bg_thresh 0) and no hysteresis: the first frame with any pixel of a query starts it.
     let cam = Pipeline::folder("cam", &inbox, &out).with("bg_thresh = 0.0\nfolder_settle_s = 0.2");
     let config = Config::new().pipeline(cam).tables(&format!(
-        "[events]\nmin_area = 0.0\non_s = 0\n[events.outbox]\npath = \"{}\"\n[events.mqtt]\nport = {}\nprefix = \"{PREFIX}\"\nclient_id = \"tclseg-serve-test\"\ndiscovery = true\n",
+        "[events]\nmin_area = 0.0\non_s = 0\n[events.zones.cam]\nwhole = [[0, 0], [96, 0], [96, 64], [0, 64]]\n[events.outbox]\npath = \"{}\"\n[events.mqtt]\nport = {}\nprefix = \"{PREFIX}\"\nclient_id = \"tclseg-serve-test\"\ndiscovery = true\n",
         dir.path().join("state/events.redb").display(),
         broker.port
     ));
@@ -96,6 +96,12 @@ fn folder_images_become_mqtt_events_with_discovery_and_availability() {
     assert!(start.area > 0.0 && start.bbox.is_some(), "{start:?}");
     assert!(!start.model.is_empty());
     let sidecar = start.outputs.clone().expect("the sidecar's path");
+    // The zone (the whole image) is measured on the label map, which the output thread passes only for it.
+    wait_until("a start event in the zone", WAIT, || {
+        events(&all)
+            .iter()
+            .any(|e| e.kind == EventKind::Start && e.zone.as_deref() == Some("whole"))
+    });
     assert!(
         sidecar.ends_with(".json") && Path::new(&sidecar).is_file(),
         "{sidecar}"

@@ -125,6 +125,41 @@ fn out_of_range_and_missing_values_are_refused_naming_the_key() {
     assert_eq!(code, Some(0), "{err}");
 }
 
+#[test]
+fn events_mistakes_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let events = |tables: &str| with(d, "", "", "", "").tables(tables);
+    let cases: [(&str, &[&str]); 4] = [
+        ("[events.mqtt]\nhots = \"broker\"\n", &["hots"]),
+        (
+            "[events.zones.back]\nyard = [[0, 0], [10, 0], [10, 10]]\n",
+            &["events.zones.back", "no [[pipeline]] is named 'back'"],
+        ),
+        (
+            "[[events.webhooks]]\nname = \"ops\"\nurl = \"https://example.com/hook\"\n",
+            &["events.webhooks[0].url", "http://"],
+        ),
+        (
+            "[events.zones.cam]\nline = [[0, 0], [10, 0]]\n",
+            &["events.zones.cam.line", "at least 3"],
+        ),
+    ];
+    for (tables, needles) in cases {
+        let config = events(tables);
+        let (code, err) = check(d, &config);
+        assert_eq!(code, Some(1), "accepted:\n{}\n{err}", config.text());
+        for needle in needles {
+            assert!(err.contains(needle), "'{needle}' missing in:\n{err}");
+        }
+    }
+    let good = events(
+        "[events]\non_s = 0\n[events.zones.cam]\ndoor = [[0, 0], [10, 0], [10, 10]]\n[events.mqtt]\nport = 1883\n[[events.webhooks]]\nname = \"ops\"\nurl = \"http://127.0.0.1:9/hook\"\n",
+    );
+    let (code, err) = check(d, &good);
+    assert_eq!(code, Some(0), "{err}");
+}
+
 /// The accepted extremes of every range, for `serve`: (name, model, inference, pipeline, output keys).
 const EDGES: [(&str, &str, &str, &str, &str); 2] = [
     (

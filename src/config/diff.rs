@@ -41,6 +41,11 @@ pub fn diff(old: &ServeConfig, new: &ServeConfig) -> ConfigDiff {
     if old.inference != new.inference {
         d.needs_restart.push("inference".into());
     }
+    // The outbox, the MQTT session and the webhooks are opened once; reopening them under running deliveries
+    // is not worth the risk of losing queued events.
+    if old.events != new.events {
+        d.needs_restart.push("events".into());
+    }
     let find = |list: &[PipelineConfig], name: &str| list.iter().find(|p| p.name == name).cloned();
     for p in &new.pipelines {
         match find(&old.pipelines, &p.name) {
@@ -115,6 +120,7 @@ mod tests {
             model: Default::default(),
             inference: Default::default(),
             http: Default::default(),
+            events: None,
             pipelines: vec![
                 pipeline("keep", "rtsp://a", "cat"),
                 pipeline("gone", "rtsp://b", "cat"),
@@ -128,6 +134,7 @@ mod tests {
         new.pipelines[2].source = Some("rtsp://e".into());
         new.pipelines.push(pipeline("fresh", "rtsp://f", "cat"));
         new.model.device = "cpu".into();
+        new.events = Some(Default::default());
         let d = diff(&old, &new);
         assert_eq!(d.added, ["fresh"]);
         assert_eq!(d.removed, ["gone"]);
@@ -138,7 +145,7 @@ mod tests {
                 ("move".to_string(), PipelineChange::Restart)
             ]
         );
-        assert_eq!(d.needs_restart, ["model"]);
+        assert_eq!(d.needs_restart, ["model", "events"]);
         assert!(diff(&old, &old).is_empty());
     }
 
@@ -148,6 +155,7 @@ mod tests {
             model: Default::default(),
             inference: Default::default(),
             http: Default::default(),
+            events: None,
             pipelines: vec![pipeline("cam", "rtsp://a", "cat")],
         };
         let mut new = old.clone();

@@ -17,6 +17,9 @@
 //! listen = "127.0.0.1:9480"    # "" turns the HTTP endpoints off
 //! token_file = "/etc/tclseg/http.token"   # bearer token for POST /reload; required off loopback
 //!
+//! [events.mqtt]               # optional: presence events (see pipelines/README.md)
+//! host = "127.0.0.1"
+//!
 //! [[pipeline]]
 //! name = "front-door"
 //! source = "rtsp://cam.local/stream1"     # or source_file = "/run/secrets/front-door.uri"
@@ -28,11 +31,12 @@
 //!
 //! The parts: `sections` (the typed structs serde reads), `choice` (keys with a fixed set of values), `plan`
 //! (checking each pipeline into a `PipelinePlan`), `validate` (per-key checks), `paths` (output and watched
-//! folders that must not overlap), `redact` and `diff`; this file loads a file through them. Every public item
+//! folders that must not overlap), `events` (the `[events]` table), `redact` and `diff`; this file loads a file through them. Every public item
 //! is re-exported here, so callers name `config::…` whatever file it lives in.
 
 mod choice;
 pub mod diff;
+mod events;
 mod paths;
 mod plan;
 pub mod redact;
@@ -43,6 +47,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use choice::Choice;
+pub use events::state_dir as events_state_dir;
 pub use plan::{validate, PipelinePlan};
 pub use sections::{
     HttpSection, InferenceSection, ModelSection, OutputConfig, PipelineConfig, QueryEntry,

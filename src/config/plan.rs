@@ -26,6 +26,7 @@ pub fn validate(cfg: &ServeConfig) -> Result<Vec<PipelinePlan>, Vec<String>> {
     let mut errors = super::validate::check_ranges(cfg);
     errors.extend(super::validate::check_paths(cfg));
     errors.extend(super::validate::check_http(cfg));
+    errors.extend(super::events::check_events(cfg));
     // What `*_file` keys held: scrubbed from every message below.
     let mut file_secrets: Vec<String> = Vec::new();
     errors.extend(cfg.model.device.get("model.device").err());

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::validate;
 use super::Choice;
+use crate::events::EventsConfig;
 use crate::model::{DeviceChoice, Precision, Processing};
 use crate::queries::QuerySpec;
 use crate::sink::overlay::OverlayFormat;
@@ -25,6 +26,9 @@ pub struct ServeConfig {
     pub http: HttpSection,
     #[serde(default, rename = "pipeline")]
     pub pipelines: Vec<PipelineConfig>,
+    /// Presence events to MQTT and webhooks; absent: none.
+    #[serde(default)]
+    pub events: Option<EventsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Default)]

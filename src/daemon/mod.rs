@@ -28,9 +28,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, PipelinePlan, ServeConfig};
+use crate::events::{Catalog, Events};
 use crate::telemetry::Telemetry;
 
 use running::Running;
@@ -39,6 +40,9 @@ pub use status::State;
 
 /// The worker may take this long over one batch before the systemd watchdog is starved on purpose.
 const WORKER_STALL_LIMIT_S: f64 = 120.0;
+
+/// How long the event deliveries get to finish (MQTT's `offline`, a webhook POST in flight) at shutdown.
+const EVENTS_STOP_LIMIT: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until SIGTERM/SIGINT. The model is `model.path`, else the default bundle
 /// (`model::resolve_bundle_dir`, as for `segment`).
@@ -108,12 +112,28 @@ async fn serve(
             },
         )));
     }
+    // Events start before the model: what an earlier run left in the outbox goes out meanwhile.
+    let events = open_events(&config, &config_path, &state)?;
+    let (catalog_tx, catalog_rx) = watch::channel(Catalog::new());
+    let (events_stop, events_stopped) = watch::channel(false);
+    let event_tasks = match &events {
+        Some(e) => e.spawn(catalog_rx, events_stopped),
+        None => Vec::new(),
+    };
     notify::notify("STATUS=loading the model");
     let starting = {
         let state = Arc::clone(&state);
         let config = config.clone();
+        let events = events.clone();
         tokio::task::spawn_blocking(move || {
-            Running::start(config_path, config, plans, &model_dir, state)
+            Running::start(
+                config_path,
+                config,
+                plans,
+                &model_dir,
+                state,
+                (events, catalog_tx),
+            )
         })
     };
     // A start-up can take minutes (a TensorRT engine build, a model on a slow disk): a stop request during it
@@ -175,6 +195,14 @@ async fn serve(
         guard.shutdown()
     })
     .await;
+    // Every output thread has ended, so every frame's events are in the outbox: the deliveries may go (MQTT
+    // says `offline` on its way out). What they could not deliver stays in the outbox for the next start.
+    let _ = events_stop.send(true);
+    for task in event_tasks {
+        if tokio::time::timeout(EVENTS_STOP_LIMIT, task).await.is_err() {
+            tracing::warn!("an event delivery did not stop in time; its events stay in the outbox");
+        }
+    }
     match stopped {
         Ok(result) => result?,
         Err(e) => return Err(anyhow!("shutdown panicked: {e}")),
@@ -187,6 +215,23 @@ async fn serve(
     }
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Opens the events outbox when `[events]` is configured (at `events.outbox.path`, else in
+/// `config::events_state_dir`) and registers its figures for `/metrics` and `/status`.
+fn open_events(
+    config: &ServeConfig,
+    config_path: &Path,
+    state: &State,
+) -> Result<Option<Arc<Events>>> {
+    let Some(cfg) = &config.events else {
+        return Ok(None);
+    };
+    let dir = config::events_state_dir(config_path);
+    let events =
+        Arc::new(Events::open(cfg.clone(), &dir).context("cannot open the events outbox")?);
+    state.telemetry.deliveries.register(events.clone());
+    Ok(Some(events))
 }
 
 fn stopped_during_start_up(why: &str) {

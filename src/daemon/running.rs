@@ -13,9 +13,14 @@ use anyhow::{anyhow, Context, Result};
 
 use crate::config::diff::{diff, ConfigDiff, PipelineChange};
 use crate::config::{self, ConfigErrors, PipelinePlan, ServeConfig};
+use crate::events::Catalog;
 use crate::model::{Engine, EngineOptions};
+use crate::pipeline::output::EventsHub;
 use crate::pipeline::worker::Scheduler;
 use crate::pipeline::{Pipeline, PipelineQueries};
+use crate::queries::QuerySet;
+use crate::telemetry::unix_ms;
+use tokio::sync::watch;
 
 use super::State;
 
@@ -50,6 +55,9 @@ pub(super) struct Running {
     worker: Option<std::thread::JoinHandle<()>>,
     pipelines: BTreeMap<String, Pipeline>,
     state: Arc<State>,
+    /// The events hub (None without `[events]`), and the pipelines and queries MQTT discovery announces.
+    events: EventsHub,
+    catalog: watch::Sender<Catalog>,
 }
 
 impl Running {
@@ -61,6 +69,7 @@ impl Running {
         plans: Vec<PipelinePlan>,
         model_dir: &Path,
         state: Arc<State>,
+        (events, catalog): (EventsHub, watch::Sender<Catalog>),
     ) -> Result<Running> {
         let engine = Arc::new(load_engine(&config, model_dir)?);
         let manifest = engine.bundle().manifest();
@@ -94,6 +103,8 @@ impl Running {
             worker: Some(worker),
             pipelines: BTreeMap::new(),
             state,
+            events,
+            catalog,
         };
         for plan in plans {
             let name = plan.config.name.clone();
@@ -101,7 +112,7 @@ impl Running {
                 tracing::error!(pipeline = %name, "not started: {e:#}");
             }
         }
-        running.state.publish(&running.pipelines);
+        running.publish();
         Ok(running)
     }
 
@@ -123,6 +134,7 @@ impl Running {
                 Arc::clone(&self.engine),
                 &telemetry,
                 Arc::clone(&self.scheduler.doorbell),
+                self.events.clone(),
             )
         });
         match started {
@@ -145,6 +157,26 @@ impl Running {
         self.scheduler.remove(name);
         if let Some(p) = self.pipelines.remove(name) {
             p.finish();
+        }
+    }
+
+    /// Tells `/status` and the events catalog (MQTT discovery) what runs now.
+    fn publish(&self) {
+        self.state.publish(&self.pipelines);
+        let catalog: Catalog = self
+            .pipelines
+            .iter()
+            .map(|(name, p)| (name.clone(), query_names(&p.shared.plan.queries)))
+            .collect();
+        self.catalog.send_replace(catalog);
+    }
+
+    /// A removed pipeline's presences end now (its output thread has stopped).
+    fn close_events(&self, name: &str) {
+        if let Some(events) = &self.events {
+            if let Err(e) = events.close_pipeline(name, unix_ms(), self.engine.manifest_sha256()) {
+                tracing::warn!(pipeline = %name, "cannot record the end of its events: {e}");
+            }
         }
     }
 
@@ -178,6 +210,7 @@ impl Running {
         let plan_of = |name: &str| plans.iter().find(|p| p.config.name == name).cloned();
         for name in &d.removed {
             self.stop_pipeline(name);
+            self.close_events(name);
         }
         let mut to_start: Vec<String> = d.added.clone();
         for (name, change) in &d.changed {
@@ -219,6 +252,7 @@ impl Running {
             model: self.config.model.clone(),
             inference: self.config.inference.clone(),
             http: self.config.http.clone(),
+            events: self.config.events.clone(),
             pipelines: new_config.pipelines,
         };
         let names: Vec<String> = self
@@ -230,7 +264,7 @@ impl Running {
         let telemetry = &self.state.telemetry;
         telemetry.retain(&names);
         telemetry.reloads.fetch_add(1, Ordering::Relaxed);
-        self.state.publish(&self.pipelines);
+        self.publish();
         tracing::info!(
             "reload applied: {} added, {} removed, {} changed{}",
             d.added.len(),
@@ -288,6 +322,18 @@ impl Running {
             ))
         }
     }
+}
+
+/// The queries a pipeline reports, by the names its frames' statistics carry (background prompts are none).
+fn query_names(queries: &QuerySet) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for spec in queries.specs.iter().filter(|s| !s.background) {
+        let name = spec.name.trim().to_string();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
 }
 
 fn load_engine(config: &ServeConfig, model_dir: &Path) -> Result<Engine> {

@@ -74,6 +74,7 @@ impl State {
             "uptime_s": self.started.elapsed().as_secs_f64(),
             "daemon": info,
             "pipelines": metrics,
+            "events": self.telemetry.deliveries.figures(),
         })
     }
 

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -17,6 +18,7 @@ use super::outbox::{Outbox, OutboxCounters, OutboxError};
 use super::state::{boot_id, PipelineState};
 use super::webhook::WebhookSink;
 use super::{Event, EventsConfig, FrameStats};
+use crate::telemetry::{Delivery, DeliverySource};
 
 /// The outbox destination MQTT reads.
 pub const MQTT_DESTINATION: &str = "mqtt";
@@ -47,6 +49,11 @@ impl Events {
             states: Mutex::new(HashMap::new()),
             outbox,
         })
+    }
+
+    /// Whether `pipeline`'s frames must carry their label map (it has zones): see `EventsConfig::needs_labels`.
+    pub fn needs_labels(&self, pipeline: &str) -> bool {
+        self.config.needs_labels(pipeline)
     }
 
     /// Feed one segmented frame; returns the events it made (already stored durably).
@@ -104,6 +111,21 @@ impl Events {
         destinations(&self.config)
             .into_iter()
             .filter_map(|d| self.outbox.counters(&d).ok().map(|c| (d, c)))
+            .collect()
+    }
+}
+
+impl DeliverySource for Events {
+    fn deliveries(&self) -> Vec<Delivery> {
+        self.counters()
+            .into_iter()
+            .map(|(destination, c)| Delivery {
+                destination,
+                depth: c.depth.load(Ordering::Relaxed),
+                delivered: c.delivered.load(Ordering::Relaxed),
+                retried: c.retried.load(Ordering::Relaxed),
+                dropped: c.dropped.load(Ordering::Relaxed),
+            })
             .collect()
     }
 }

@@ -192,6 +192,7 @@ impl Pipeline {
         engine: Arc<Engine>,
         telemetry: &Telemetry,
         doorbell: Arc<Doorbell>,
+        events: output::EventsHub,
     ) -> Result<Pipeline> {
         let name = plan.config.name.clone();
         let out_dir = plan.config.output.dir.clone();
@@ -232,7 +233,7 @@ impl Pipeline {
                 .name(format!("out-{name}"))
                 .spawn(move || {
                     let _watch = PanicWatch::new(&shared.metrics, "output");
-                    output::run(&shared, rx, &engine)
+                    output::run(&shared, rx, &engine, &events)
                 })
                 .context("cannot start an output thread")?
         };

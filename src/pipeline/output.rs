@@ -1,6 +1,7 @@
 //! A pipeline's output thread: per frame, the label PNG, the overlay image and the JSON sidecar (one unit:
 //! `sink::files`, sidecar last), a JSON line appended to `<pipeline>.jsonl`, and a frame of the overlay video;
-//! then the retention sweep every `SWEEP_EVERY`. It runs off the inference path: a slow disk delays only this
+//! then the per-query statistics of the frame to the daemon's `events::Events` (from the sidecar's class
+//! results: computed once, for both), then the retention sweep every `SWEEP_EVERY`. It runs off the inference path: a slow disk delays only this
 //! pipeline's outputs.
 
 use std::fs::File;
@@ -13,13 +14,14 @@ use anyhow::{Context, Result};
 use crossbeam::channel::Receiver;
 
 use super::{PipelineState, Segmented};
+use crate::events::{Events, FrameStats, QueryStats};
 use crate::model::Engine;
 use crate::sink::atomic::sweep_stale_temps;
 use crate::sink::files::{
     encode_image, ImagePaths, Keep, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo,
 };
 use crate::sink::retention::{self, Retention};
-use crate::sink::sidecar::FrameInfo;
+use crate::sink::sidecar::{FrameInfo, Sidecar};
 use crate::sink::template::{utc_date_time, TemplateValues};
 use crate::sink::video::VideoWriter;
 use crate::telemetry::{DropReason, Stage};
@@ -31,7 +33,15 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 /// an error instead of an overwrite.
 const REMEMBERED_OUTPUTS: usize = 300_000;
 
-pub fn run(shared: &PipelineState, results: Receiver<Segmented>, engine: &Engine) {
+/// The events hub when `[events]` is configured; the output thread feeds it each written frame.
+pub type EventsHub = Option<std::sync::Arc<Events>>;
+
+pub fn run(
+    shared: &PipelineState,
+    results: Receiver<Segmented>,
+    engine: &Engine,
+    events: &EventsHub,
+) {
     let out = &shared.plan.config.output;
     // The folder is this pipeline's alone (config validation refuses overlaps): its whole tree is ours to sweep.
     sweep_stale_temps(&out.dir, true);
@@ -56,6 +66,7 @@ pub fn run(shared: &PipelineState, results: Receiver<Segmented>, engine: &Engine
             &mut jsonl,
             &mut video,
             &mut video_failed,
+            events,
         );
         match written {
             Ok(()) => {
@@ -110,6 +121,7 @@ fn write_frame(
     jsonl: &mut Option<File>,
     video: &mut Option<VideoWriter>,
     video_failed: &mut bool,
+    events: &EventsHub,
 ) -> Result<()> {
     let out = &shared.plan.config.output;
     let q = &item.queries;
@@ -131,8 +143,13 @@ fn write_frame(
     };
     let keep = Keep {
         overlay: out.video.is_some() && !*video_failed,
-        sidecar: out.jsonl,
+        sidecar: out.jsonl || events.is_some(),
+        labels: events
+            .as_ref()
+            .is_some_and(|e| e.needs_labels(shared.name())),
     };
+    let model = engine.model_info();
+    let model_hash = model.manifest_sha256.clone();
     let info = SidecarInfo {
         image: match &item.frame.file {
             Some((_, path)) => path.display().to_string(),
@@ -147,7 +164,7 @@ fn write_frame(
             latency_ms: 0.0,
         }),
         captured: Some(item.frame.captured),
-        model: engine.model_info(),
+        model,
         decode_ms: item.taken.duration_since(item.frame.captured).as_secs_f64() * 1e3,
         inference_ms: item.infer.as_secs_f64() * 1e3,
     };
@@ -163,6 +180,7 @@ fn write_frame(
     };
     let paths = ImagePaths::new(out.dir.join(relative));
     let encoded = encode_image(&paths, &segmented, &kinds, keep, info)?;
+    let sidecar_path = kinds.json.then(|| paths.with_suffix("json"));
     if let (Some(name), Some(img)) = (&out.video, &encoded.overlay) {
         if !*video_failed {
             if video.is_none() {
@@ -207,5 +225,52 @@ fn write_frame(
                 .with_context(|| format!("cannot append to {}", jsonl_path.display()))?;
         }
     }
+    if let (Some(events), Some(sidecar)) = (events, &sidecar) {
+        let stats = frame_stats(
+            shared.name(),
+            item.frame.wall_ms,
+            sidecar,
+            encoded.labels,
+            model_hash,
+            sidecar_path.map(|p| p.display().to_string()),
+        );
+        // A full disk or a broken outbox must not stop the files: the frame's outputs are written already.
+        if let Err(e) = events.observe(&stats) {
+            tracing::warn!(pipeline = %shared.name(), frame = item.frame.sequence, "events not recorded: {e}");
+        }
+    }
     Ok(())
+}
+
+/// The frame as the events layer sees it: the sidecar's class results of every query (label 0, the background,
+/// is no query), and the label map when the pipeline has zones.
+fn frame_stats(
+    pipeline: &str,
+    wall_ms: u64,
+    sidecar: &Sidecar,
+    labels: Option<Vec<u16>>,
+    model: String,
+    outputs: Option<String>,
+) -> FrameStats {
+    FrameStats {
+        pipeline: pipeline.to_string(),
+        at_ms: wall_ms,
+        width: sidecar.width,
+        height: sidecar.height,
+        labels: labels.unwrap_or_default(),
+        queries: sidecar
+            .classes
+            .iter()
+            .filter(|c| c.label != 0)
+            .map(|c| QueryStats {
+                label: c.label,
+                name: c.name.clone(),
+                fraction: c.pixel_fraction,
+                bbox: c.bbox,
+                mean_score: c.mean_score,
+            })
+            .collect(),
+        model,
+        outputs,
+    }
 }

@@ -48,7 +48,7 @@ impl ImagePaths {
         }
     }
 
-    fn with_suffix(&self, suffix: &str) -> PathBuf {
+    pub fn with_suffix(&self, suffix: &str) -> PathBuf {
         let mut name = self.base.as_os_str().to_os_string();
         name.push(".");
         name.push(suffix);
@@ -102,15 +102,19 @@ pub struct SidecarInfo {
 pub struct Keep {
     /// The rendered overlay (the daemon's video).
     pub overlay: bool,
-    /// The sidecar (the daemon's JSON lines).
+    /// The sidecar (the daemon's JSON lines, and its class results for events).
     pub sidecar: bool,
+    /// The output label map (events with zones measure it).
+    pub labels: bool,
 }
 
-/// One image's outputs, encoded: the unit's files, and the overlay and sidecar when written or kept.
+/// One image's outputs, encoded: the unit's files, and the overlay, sidecar and label map when written or kept.
 pub struct Encoded {
     pub files: Vec<OutputFile>,
     pub overlay: Option<RgbImage>,
     pub sidecar: Option<Sidecar>,
+    /// The output labels (row-major), when `Keep::labels` asked for them.
+    pub labels: Option<Vec<u16>>,
 }
 
 /// One file of a unit.
@@ -193,6 +197,7 @@ pub fn encode_image(
         files: unit,
         overlay,
         sidecar,
+        labels: keep.labels.then_some(labels),
     })
 }
 

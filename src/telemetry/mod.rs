@@ -10,8 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+mod deliveries;
 mod prometheus;
 
+pub use deliveries::{Deliveries, Delivery, DeliverySource};
 pub use prometheus::PROMETHEUS_CONTENT_TYPE;
 
 /// Why a frame was not segmented. Each reason is its own series, so a stalled camera never looks like a slow model.
@@ -265,6 +267,8 @@ pub struct Telemetry {
     pub inference_errors: AtomicU64,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
+    /// The event deliveries, when `[events]` is configured.
+    pub deliveries: Deliveries,
 }
 
 impl Default for Telemetry {
@@ -275,6 +279,7 @@ impl Default for Telemetry {
             inference_errors: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            deliveries: Deliveries::default(),
         }
     }
 }

@@ -13,7 +13,7 @@ use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::{DropReason, Histogram, PipelineMetrics, Stage, Telemetry};
+use super::{Delivery, DropReason, Histogram, PipelineMetrics, Stage, Telemetry};
 
 /// The `Content-Type` of `Telemetry::render_prometheus`'s text (Prometheus text format 0.0.4).
 pub const PROMETHEUS_CONTENT_TYPE: &str =
@@ -32,6 +32,7 @@ impl Telemetry {
         let scrape = Scrape {
             pipelines,
             batch_size: self.batch_size.snapshot(),
+            deliveries: self.deliveries.figures(),
             totals: [
                 (
                     "tclseg_inference_errors",
@@ -97,6 +98,8 @@ impl Snapshot {
 struct Scrape {
     pipelines: Vec<(String, Arc<PipelineMetrics>)>,
     batch_size: Snapshot,
+    /// The event deliveries, one series per destination (none without `[events]`).
+    deliveries: Vec<Delivery>,
     /// Process-wide counters: name (the encoder adds `_total`), help, value.
     totals: [(&'static str, &'static str, u64); 3],
 }
@@ -135,6 +138,55 @@ impl Scrape {
                 family
                     .encode_family(&[("pipeline", p.as_str())])?
                     .encode_gauge(&v)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Scrape {
+    /// The events outbox's depth and its deliveries, per destination.
+    fn deliveries(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        if self.deliveries.is_empty() {
+            return Ok(());
+        }
+        type Pick = fn(&Delivery) -> u64;
+        let families: [(&str, &str, MetricType, Pick); 4] = [
+            (
+                "tclseg_events_outbox_depth",
+                "Events waiting in the outbox, per destination.",
+                MetricType::Gauge,
+                |d| d.depth,
+            ),
+            (
+                "tclseg_events_delivered",
+                "Events the destination acknowledged.",
+                MetricType::Counter,
+                |d| d.delivered,
+            ),
+            (
+                "tclseg_events_retried",
+                "Delivery attempts after a failure.",
+                MetricType::Counter,
+                |d| d.retried,
+            ),
+            (
+                "tclseg_events_dropped",
+                "Events dropped because the outbox was full.",
+                MetricType::Counter,
+                |d| d.dropped,
+            ),
+        ];
+        for (name, help, kind, pick) in families {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for d in &self.deliveries {
+                let labels = [("destination", d.destination.as_str())];
+                let mut series = family.encode_family(&labels)?;
+                if kind == MetricType::Gauge {
+                    series.encode_gauge(&pick(d))?;
+                } else {
+                    series.encode_counter::<NoLabelSet, _, u64>(&pick(d), None)?;
+                }
             }
         }
         Ok(())
@@ -222,6 +274,7 @@ impl Collector for Scrape {
             None,
             MetricType::Histogram,
         )?)?;
+        self.deliveries(e)?;
         for (name, help, v) in self.totals {
             e.encode_descriptor(name, help, None, MetricType::Counter)?
                 .encode_counter::<NoLabelSet, _, u64>(&v, None)?;

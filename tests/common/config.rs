@@ -113,6 +113,8 @@ pub struct Config {
     inference: Table,
     http: Table,
     pipelines: Vec<Pipeline>,
+    /// TOML written after the pipelines as it is (the `[events]` tables).
+    tail: String,
 }
 
 impl Default for Config {
@@ -142,6 +144,7 @@ impl Config {
             inference: Table::default(),
             http: Table::default(),
             pipelines: Vec::new(),
+            tail: String::new(),
         }
     }
 
@@ -185,6 +188,15 @@ impl Config {
         self
     }
 
+    /// Appends TOML tables as written (`[events]`, `[events.mqtt]`, ...) after the pipelines.
+    pub fn tables(mut self, toml: &str) -> Config {
+        self.tail.push_str(toml);
+        if !self.tail.ends_with('\n') {
+            self.tail.push('\n');
+        }
+        self
+    }
+
     /// The same config with `pipelines` in place of its own (for a reload).
     pub fn with_pipelines(mut self, pipelines: &[Pipeline]) -> Config {
         self.pipelines = pipelines.to_vec();
@@ -206,6 +218,7 @@ impl Config {
         for pipeline in &self.pipelines {
             out.push_str(&pipeline.text());
         }
+        out.push_str(&self.tail);
         out
     }
 

@@ -96,9 +96,20 @@ pub type Received = Arc<Mutex<Vec<(String, Vec<u8>, bool)>>>;
 /// A persistent-session subscriber (QoS 1) that keeps reconnecting, so the broker queues for it while it is away.
 /// Returns once the broker has acknowledged the first subscription, so nothing published after is missed.
 pub async fn subscribe(port: u16, filter: &str, login: Option<(&str, &str)>) -> Received {
+    subscribe_as("test-subscriber", false, port, filter, login).await
+}
+
+/// `subscribe` with its own client id; `clean`: a fresh session (it sees retained messages with their flag).
+pub async fn subscribe_as(
+    client_id: &str,
+    clean: bool,
+    port: u16,
+    filter: &str,
+    login: Option<(&str, &str)>,
+) -> Received {
     let got: Received = Arc::default();
-    let mut o = MqttOptions::new("test-subscriber", "127.0.0.1", port);
-    o.set_clean_session(false);
+    let mut o = MqttOptions::new(client_id, "127.0.0.1", port);
+    o.set_clean_session(clean);
     if let Some((u, p)) = login {
         o.set_credentials(u, p);
     }

@@ -196,8 +196,11 @@ fn watched_folder_skips_bad_images_and_takes_new_ones() {
         assert!(log.contains(name), "no reason logged for {name}:\n{log}");
     }
     good(&inbox.join("c.png"));
+    // The label PNG is renamed into place before the unit's last file and before the frame is counted, so wait
+    // for both; then exactly 3: no image was segmented twice.
     wait_until("a new image is picked up", Duration::from_secs(30), || {
         out.join("c.png.labels.png").is_file()
+            && m("tclseg_frames_out_total", "pipeline=\"inbox\"") >= 3.0
     });
     assert_eq!(m("tclseg_frames_out_total", "pipeline=\"inbox\""), 3.0);
     // --log-format json: every log line is one JSON object.

@@ -144,6 +144,37 @@ async fn every_event_survives_a_broker_outage_in_order() {
     task.await.expect("sink ends");
 }
 
+/// The outage test's subscriber keeps its session across the broker's restart only if the broker saved it: a
+/// persistent client that is away while the broker restarts still gets what was published meanwhile. (Run as root,
+/// mosquitto used to drop to a user that could not write the temp dir, and lost the session.)
+#[test]
+fn the_test_broker_keeps_an_absent_subscribers_queue_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut broker = Broker::start(dir.path(), None);
+    let port = broker.port.to_string();
+    let client = |tool: &str, args: &[&str]| {
+        let out = std::process::Command::new(tool)
+            .args(["-p", &port, "-q", "1", "-t", "probe/t"])
+            .args(args)
+            .output()
+            .expect("mosquitto clients (scripts/setup installs them)");
+        assert!(out.status.success(), "{tool} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    // Subscribe with a persistent session, then leave.
+    client("mosquitto_sub", &["-c", "-i", "probe", "-E"]);
+    broker.stop();
+    broker.restart();
+    client("mosquitto_pub", &["-m", "queued"]);
+    assert_eq!(
+        client(
+            "mosquitto_sub",
+            &["-c", "-i", "probe", "-C", "1", "-W", "10"]
+        ),
+        "queued"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_left_in_the_outbox_are_delivered_after_a_restart() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -201,21 +201,30 @@ impl MqttSink {
         let (client, mut events) = AsyncClient::new(self.options()?, REQUESTS);
         let notify = self.outbox.notifier(&self.destination)?;
         loop {
-            tokio::select! {
-                ev = events.poll() => {
-                    self.handle(ev?, &client, s, catalog)?;
-                }
-                _ = notify.notified(), if s.connected => self.fill(&client, s)?,
-                changed = catalog.changed(), if s.connected && !s.catalog_closed => {
-                    match changed {
-                        Ok(()) => self.discover(&client, s, catalog)?,
-                        // No more reloads: keep what was discovered, stop watching.
-                        Err(_) => s.catalog_closed = true,
+            // Each poll runs to its end while pushes and reloads are served beside it, never dropped halfway:
+            // rumqttc does not promise that poll is cancel-safe, and it is not quite: a poll dropped while writing
+            // a publish into a full socket has already given it a packet id, so the broker never sees it, its
+            // PUBACK never comes and its event waits for the next reconnect.
+            let polled = {
+                let mut poll = std::pin::pin!(events.poll());
+                loop {
+                    tokio::select! {
+                        ev = &mut poll => break Some(ev),
+                        _ = notify.notified(), if s.connected => self.fill(&client, s)?,
+                        changed = catalog.changed(), if s.connected && !s.catalog_closed => {
+                            match changed {
+                                Ok(()) => self.discover(&client, s, catalog)?,
+                                // No more reloads: keep what was discovered, stop watching.
+                                Err(_) => s.catalog_closed = true,
+                            }
+                        }
+                        _ = super::stopping(shutdown) => break None,
                     }
                 }
-                _ = super::stopping(shutdown) => {
-                    return self.say_goodbye(&client, &mut events).await;
-                }
+            };
+            match polled {
+                Some(ev) => self.handle(ev?, &client, s, catalog)?,
+                None => return self.say_goodbye(&client, &mut events).await,
             }
         }
     }

@@ -2,6 +2,7 @@
 //! persistent-session subscriber.
 
 use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
@@ -41,6 +42,14 @@ impl Broker {
             }
             None => conf += "allow_anonymous true\n",
         }
+        // Started as root (CI's container), mosquitto drops to the `mosquitto` user, which cannot write the test's
+        // private temp dir: saving the sessions at `stop` then fails (only the broker's log says so), the restarted
+        // broker has forgotten the subscriber, and whatever is published before it subscribes again is lost: the
+        // outage test's rare 30 s timeout whenever the sink reconnected first. Run as the dir's owner; as any user
+        // but root, mosquitto ignores `user`.
+        if std::fs::metadata(dir).is_ok_and(|m| m.uid() == 0) {
+            conf += "user root\n";
+        }
         std::fs::write(dir.join("mosquitto.conf"), conf).expect("write conf");
         let mut b = Broker {
             dir: dir.to_path_buf(),
@@ -78,6 +87,13 @@ impl Broker {
                 .arg(c.id().to_string())
                 .status();
             let _ = c.wait();
+            // The subscriber counts on its session surviving a restart: fail here rather than as a missing message
+            // later.
+            let log = std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default();
+            assert!(
+                self.dir.join("mosquitto.db").exists() && !log.contains("Error saving"),
+                "mosquitto did not save its persistent sessions: {log}"
+            );
         }
     }
 }

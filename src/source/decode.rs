@@ -5,7 +5,7 @@
 //! refuses, all of them refuse.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Cursor, Seek};
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
@@ -57,21 +57,48 @@ pub fn decode(path: &Path, max_pixels: u64) -> Result<RgbImage, DecodeError> {
     };
     let file = File::open(path).map_err(unreadable)?;
     let len = file.metadata().map_err(unreadable)?.len();
+    decode_from(name, len, BufReader::new(file), max_pixels)
+}
+
+/// Decodes an image held in memory (an upload to `POST /v1/segment`) by the same rules as a file; `name` says
+/// what the errors call it.
+pub fn decode_bytes(name: &str, bytes: &[u8], max_pixels: u64) -> Result<RgbImage, DecodeError> {
+    decode_from(
+        name.to_string(),
+        bytes.len() as u64,
+        Cursor::new(bytes),
+        max_pixels,
+    )
+}
+
+/// The one decoder behind `decode` and `decode_bytes`: `len` bytes readable (and rewindable) from `source`.
+fn decode_from<R: BufRead + Seek>(
+    name: String,
+    len: u64,
+    source: R,
+    max_pixels: u64,
+) -> Result<RgbImage, DecodeError> {
+    let unreadable = |error| DecodeError::Unreadable {
+        path: name.clone(),
+        error,
+    };
     if len == 0 {
         return Err(DecodeError::Empty { path: name });
     }
-    let mut reader = ImageReader::new(BufReader::new(file))
+    let mut reader = ImageReader::new(source)
         .with_guessed_format()
         .map_err(unreadable)?;
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(DecodeError::UnknownFormat { path: name });
-    }
+    };
     // The JPEG decoder pads missing data with grey instead of failing, so a cut file would come out as a
     // plausible image. Walk the markers first: a whole JPEG reaches its end-of-image marker.
-    if reader.format() == Some(image::ImageFormat::Jpeg)
-        && !jpeg_reaches_end_marker(File::open(path).map_err(unreadable)?).map_err(unreadable)?
-    {
-        return Err(DecodeError::Truncated { path: name });
+    if format == image::ImageFormat::Jpeg {
+        let mut source = reader.into_inner();
+        if !jpeg_reaches_end_marker(&mut source).map_err(unreadable)? {
+            return Err(DecodeError::Truncated { path: name });
+        }
+        reader = ImageReader::with_format(source, format);
     }
     // Cap allocations too: a decoder must not be talked into more than the pixels we accept need.
     let mut limits = image::Limits::default();
@@ -111,21 +138,28 @@ pub fn decode(path: &Path, max_pixels: u64) -> Result<RgbImage, DecodeError> {
 /// is scanned for the next marker (a 0xFF there is followed by a stuffed 0x00 or a restart marker), and
 /// progressive files' many scans are followed one after another. Bytes after EOI are allowed (some cameras append
 /// data). Where the structure is not what the standard says, it settles for any EOI in the rest of the file.
-fn jpeg_reaches_end_marker(file: File) -> std::io::Result<bool> {
-    let mut reader = BufReader::with_capacity(1 << 16, file);
-    if next_byte(&mut reader)? != Some(0xFF) || next_byte(&mut reader)? != Some(0xD8) {
+/// The stream is read from its start and rewound to it afterwards.
+fn jpeg_reaches_end_marker<R: BufRead + Seek>(source: &mut R) -> std::io::Result<bool> {
+    source.rewind()?;
+    let whole = jpeg_markers_reach_end(source);
+    source.rewind()?;
+    whole
+}
+
+fn jpeg_markers_reach_end(reader: &mut (impl BufRead + Seek)) -> std::io::Result<bool> {
+    if next_byte(reader)? != Some(0xFF) || next_byte(reader)? != Some(0xD8) {
         return Ok(false);
     }
     let mut read_marker: Option<u8> = None;
     loop {
         let marker = match read_marker.take() {
             Some(marker) => marker,
-            None => match next_byte(&mut reader)? {
-                Some(0xFF) => match marker_after_fill(&mut reader)? {
+            None => match next_byte(reader)? {
+                Some(0xFF) => match marker_after_fill(reader)? {
                     Some(marker) => marker,
                     None => return Ok(false),
                 },
-                Some(_) => return any_end_marker(&mut reader),
+                Some(_) => return any_end_marker(reader),
                 None => return Ok(false),
             },
         };
@@ -133,17 +167,16 @@ fn jpeg_reaches_end_marker(file: File) -> std::io::Result<bool> {
             0xD9 => return Ok(true),
             0x01 | 0xD0..=0xD7 => {}
             _ => {
-                let (Some(high), Some(low)) = (next_byte(&mut reader)?, next_byte(&mut reader)?)
-                else {
+                let (Some(high), Some(low)) = (next_byte(reader)?, next_byte(reader)?) else {
                     return Ok(false);
                 };
                 let length = u16::from_be_bytes([high, low]);
                 if length < 2 {
-                    return any_end_marker(&mut reader);
+                    return any_end_marker(reader);
                 }
                 reader.seek_relative(i64::from(length) - 2)?;
                 if marker == 0xDA {
-                    match marker_after_entropy_data(&mut reader)? {
+                    match marker_after_entropy_data(reader)? {
                         Some(next) => read_marker = Some(next),
                         None => return Ok(false),
                     }
@@ -310,6 +343,27 @@ mod tests {
             .encode_image(&img)
             .expect("encode");
         jpeg.into_inner()
+    }
+
+    #[test]
+    fn bytes_in_memory_decode_by_the_same_rules_as_a_file() {
+        let img = decode_bytes("upload", &png_bytes(5, 3), DEFAULT_MAX_PIXELS).expect("png");
+        assert_eq!(img.dimensions(), (5, 3));
+        let whole = noisy_jpeg(96, 64);
+        let img = decode_bytes("upload", &whole, DEFAULT_MAX_PIXELS).expect("jpeg");
+        assert_eq!(img.dimensions(), (96, 64));
+        let e =
+            decode_bytes("upload", &whole[..whole.len() / 3], DEFAULT_MAX_PIXELS).expect_err("cut");
+        assert!(matches!(e, DecodeError::Truncated { .. }), "{e}");
+        let e = decode_bytes("upload", b"", DEFAULT_MAX_PIXELS).expect_err("empty");
+        assert!(matches!(e, DecodeError::Empty { .. }), "{e}");
+        let e = decode_bytes("upload", b"not an image", DEFAULT_MAX_PIXELS).expect_err("text");
+        assert!(
+            matches!(e, DecodeError::UnknownFormat { .. }) && e.to_string().starts_with("upload:"),
+            "{e}"
+        );
+        let e = decode_bytes("upload", &png_bytes(20, 20), 100).expect_err("too large");
+        assert!(matches!(e, DecodeError::TooLarge { .. }), "{e}");
     }
 
     #[test]

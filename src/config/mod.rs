@@ -15,7 +15,10 @@
 //!
 //! [http]
 //! listen = "127.0.0.1:9480"    # "" turns the HTTP endpoints off
-//! token_file = "/etc/tclseg/http.token"   # bearer token for POST /reload; required off loopback
+//! token_file = "/etc/tclseg/http.token"   # bearer token for POST /reload and /v1/segment; required off loopback
+//! segment_max_mb = 32          # POST /v1/segment: largest upload (413 above)
+//! segment_max_pixels = 40000000  # POST /v1/segment: largest image (413 above)
+//! segment_queue = 4            # POST /v1/segment: images waiting for the worker (429 above)
 //!
 //! [events.mqtt]               # optional: presence events (see pipelines/README.md)
 //! host = "127.0.0.1"

@@ -72,6 +72,12 @@ pub struct HttpSection {
     /// A file holding the bearer token that `POST /reload` must carry. Required when `listen` is reachable
     /// from other machines; when set, it is required on loopback too.
     pub token_file: Option<PathBuf>,
+    /// `POST /v1/segment`: the largest request body, in MiB (larger: 413 before the image is read).
+    pub segment_max_mb: u64,
+    /// `POST /v1/segment`: the largest image, in pixels (the header is checked before any pixel is decoded).
+    pub segment_max_pixels: u64,
+    /// `POST /v1/segment`: images waiting for the inference worker; more are refused (429) rather than queued.
+    pub segment_queue: usize,
 }
 
 impl Default for HttpSection {
@@ -79,6 +85,9 @@ impl Default for HttpSection {
         HttpSection {
             listen: "127.0.0.1:9480".into(),
             token_file: None,
+            segment_max_mb: 32,
+            segment_max_pixels: 40_000_000,
+            segment_queue: 4,
         }
     }
 }

@@ -67,6 +67,13 @@ pub mod ranges {
     pub const MAX_BATCH: Range = Range::closed(1.0, 64.0);
     /// `inference.max_wait_ms`: a partial batch waiting longer than 10 s is a mistake, not a tuning.
     pub const MAX_WAIT_MS: Range = Range::closed(0.0, 10_000.0);
+    /// `http.segment_max_mb`: an upload is held in memory whole.
+    pub const SEGMENT_MAX_MB: Range = Range::closed(1.0, 1024.0);
+    /// `http.segment_max_pixels`: at most what any decoder here accepts.
+    pub const SEGMENT_MAX_PIXELS: Range =
+        Range::closed(1.0, crate::source::decode::DEFAULT_MAX_PIXELS as f64);
+    /// `http.segment_queue`: each waiting image is held decoded in memory.
+    pub const SEGMENT_QUEUE: Range = Range::closed(1.0, 256.0);
     /// `inference.drain_timeout_s`: systemd's own stop timeout is far shorter than an hour.
     pub const DRAIN_TIMEOUT_S: Range = Range::above(0.0, 3600.0);
     /// `bg_thresh`, `kp_weight`.
@@ -140,6 +147,26 @@ pub fn check_ranges(cfg: &ServeConfig) -> Vec<String> {
         inf.drain_timeout_s,
         ranges::DRAIN_TIMEOUT_S,
     );
+    let http = &cfg.http;
+    for (key, value, range) in [
+        (
+            "http.segment_max_mb",
+            http.segment_max_mb as f64,
+            ranges::SEGMENT_MAX_MB,
+        ),
+        (
+            "http.segment_max_pixels",
+            http.segment_max_pixels as f64,
+            ranges::SEGMENT_MAX_PIXELS,
+        ),
+        (
+            "http.segment_queue",
+            http.segment_queue as f64,
+            ranges::SEGMENT_QUEUE,
+        ),
+    ] {
+        check(&mut errors, key, value, range);
+    }
     for (i, p) in cfg.pipelines.iter().enumerate() {
         let at = format!("pipeline[{i}] '{}'", p.name);
         let optional = [
@@ -195,6 +222,9 @@ fn range_of(key: &str) -> Option<Range> {
         "retention_hours" => ranges::RETENTION_HOURS,
         "retention_mb" => ranges::RETENTION_MB,
         "folder_settle_s" => ranges::FOLDER_SETTLE_S,
+        "segment_max_mb" => ranges::SEGMENT_MAX_MB,
+        "segment_max_pixels" => ranges::SEGMENT_MAX_PIXELS,
+        "segment_queue" => ranges::SEGMENT_QUEUE,
         _ => return None,
     })
 }

@@ -87,6 +87,7 @@ impl Running {
             Arc::clone(&state.telemetry),
             config.inference.max_batch,
             config.inference.max_wait(),
+            config.http.segment_queue,
         ));
         let worker = {
             let scheduler = Arc::clone(&scheduler);

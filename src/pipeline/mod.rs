@@ -8,6 +8,7 @@
 
 pub mod output;
 pub mod queue;
+pub mod requests;
 pub mod worker;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,22 +45,31 @@ pub struct PipelineQueries {
 impl PipelineQueries {
     /// Embeds the queries (cached by the engine) and resolves thresholds against the bundle's defaults.
     pub fn prepare(engine: &Engine, plan: &PipelinePlan) -> Result<PipelineQueries> {
-        let text = engine
-            .embed_queries(&plan.queries.engine_queries())
-            .with_context(|| {
-                format!("pipeline '{}': cannot embed its queries", plan.config.name)
-            })?;
+        PipelineQueries::embed(
+            engine,
+            &plan.queries,
+            SettingsOverrides {
+                pamr: plan.config.pamr,
+                bg_thresh: plan.config.bg_thresh,
+                kp_weight: plan.config.kp_weight,
+            },
+        )
+        .with_context(|| format!("pipeline '{}': cannot embed its queries", plan.config.name))
+    }
+
+    /// `prepare` for queries outside any pipeline (a `POST /v1/segment` request's).
+    pub fn embed(
+        engine: &Engine,
+        queries: &QuerySet,
+        overrides: SettingsOverrides,
+    ) -> Result<PipelineQueries> {
         Ok(PipelineQueries {
-            queries: plan.queries.clone(),
-            text,
+            queries: queries.clone(),
+            text: engine.embed_queries(&queries.engine_queries())?,
             settings: SegmentSettings::resolve(
                 &engine.bundle().manifest().mask,
-                SettingsOverrides {
-                    pamr: plan.config.pamr,
-                    bg_thresh: plan.config.bg_thresh,
-                    kp_weight: plan.config.kp_weight,
-                },
-                plan.queries.has_background_prompts(),
+                overrides,
+                queries.has_background_prompts(),
             ),
         })
     }

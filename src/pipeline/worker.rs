@@ -1,6 +1,7 @@
 //! The inference worker: one OS thread per device (ONNX Runtime calls block), batching frames across pipelines.
 //!
-//! Each round takes at most one frame per pipeline in turn (fairness: a busy file never starves a camera) until
+//! Each round takes at most one frame per pipeline in turn (fairness: a busy file never starves a camera; the
+//! queue of `POST /v1/segment` requests is one more participant, not a priority lane) until
 //! the batch is full (`max_batch` on CUDA, 1 on the CPU) or `max_wait` has passed since the first; frames that
 //! share a query set and settings run through the engine together. A lossless pipeline whose output is full is skipped until it has
 //! room, so one slow disk never blocks the worker.
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::queue::Doorbell;
+use super::requests::{RequestQueue, SegmentReply, SegmentRequest};
 use super::{PipelineQueries, PipelineState, Segmented};
 use crate::model::Engine;
 use crate::source::Frame;
@@ -25,10 +27,17 @@ struct TakenFrame {
     taken: Instant,
 }
 
+/// What one round took: a pipeline's frame or a request's image.
+enum Taken {
+    Frame(TakenFrame),
+    Request(SegmentRequest, Instant),
+}
+
 /// Frames of one round that share a query set (and so its text embeddings and settings): one engine run.
 struct QueryGroup {
     queries: Arc<PipelineQueries>,
     frames: Vec<TakenFrame>,
+    requests: Vec<(SegmentRequest, Instant)>,
 }
 
 /// The inference worker's state: the pipelines it serves, its batching limits and its heartbeat. `run` is the
@@ -38,6 +47,8 @@ pub struct Scheduler {
     telemetry: Arc<Telemetry>,
     pub doorbell: Arc<Doorbell>,
     pipelines: Mutex<Vec<Arc<PipelineState>>>,
+    /// `POST /v1/segment`'s images, served in turn with the pipelines.
+    pub requests: RequestQueue,
     max_batch: usize,
     max_wait: Duration,
     in_flight: AtomicUsize,
@@ -53,11 +64,14 @@ impl Scheduler {
         telemetry: Arc<Telemetry>,
         max_batch: usize,
         max_wait: Duration,
+        request_queue: usize,
     ) -> Scheduler {
+        let doorbell = Arc::new(Doorbell::default());
         Scheduler {
             engine,
             telemetry,
-            doorbell: Arc::new(Doorbell::default()),
+            requests: RequestQueue::new(request_queue, Arc::clone(&doorbell)),
+            doorbell,
             pipelines: Mutex::new(Vec::new()),
             max_batch: max_batch.max(1),
             max_wait,
@@ -77,6 +91,14 @@ impl Scheduler {
         self.doorbell.ring();
     }
 
+    /// The queries the running pipeline `name` segments with now.
+    pub fn pipeline_queries(&self, name: &str) -> Option<Arc<PipelineQueries>> {
+        self.list()
+            .iter()
+            .find(|p| p.name() == name)
+            .map(|p| p.queries())
+    }
+
     pub fn remove(&self, name: &str) {
         self.list().retain(|p| p.name() != name);
     }
@@ -84,6 +106,7 @@ impl Scheduler {
     /// Nothing queued anywhere and no batch running.
     pub fn idle(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
+            && self.requests.is_empty()
             && self.list().iter().all(|p| p.queue.is_empty())
     }
 
@@ -94,6 +117,7 @@ impl Scheduler {
 
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::Relaxed);
+        self.requests.discard();
         self.doorbell.ring();
     }
 
@@ -121,34 +145,43 @@ impl Scheduler {
         }
     }
 
-    /// Takes up to `batch_limit` frames, round robin across pipelines, waiting at most `max_wait` after the first.
-    fn gather(&self) -> Vec<TakenFrame> {
+    /// Takes up to `batch_limit` frames, round robin across pipelines and the request queue (the last turn of
+    /// each round), waiting at most `max_wait` after the first.
+    fn gather(&self) -> Vec<Taken> {
         let limit = self.batch_limit();
         let mut batch = Vec::new();
         let mut deadline: Option<Instant> = None;
         loop {
             let seen = self.doorbell.count();
             let pipelines: Vec<Arc<PipelineState>> = self.list().clone();
+            // One turn per pipeline, and one (index n) for the request queue.
             let n = pipelines.len();
             let mut took_any = true;
             while batch.len() < limit && took_any {
                 took_any = false;
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                for i in 0..n {
+                for i in 0..=n {
                     if batch.len() >= limit {
                         break;
                     }
-                    let p = &pipelines[(start + i) % n];
+                    let Some(p) = pipelines.get((start + i) % (n + 1)) else {
+                        if let Some(request) = self.requests.pop() {
+                            self.in_flight.fetch_add(1, Ordering::AcqRel);
+                            batch.push(Taken::Request(request, Instant::now()));
+                            took_any = true;
+                        }
+                        continue;
+                    };
                     if p.lossless() && p.output_full() {
                         continue;
                     }
                     if let Some(frame) = p.queue.pop() {
                         self.in_flight.fetch_add(1, Ordering::AcqRel);
-                        batch.push(TakenFrame {
+                        batch.push(Taken::Frame(TakenFrame {
                             pipeline: Arc::clone(p),
                             frame,
                             taken: Instant::now(),
-                        });
+                        }));
                         took_any = true;
                     }
                 }
@@ -174,24 +207,43 @@ impl Scheduler {
         }
     }
 
-    fn infer(&self, batch: Vec<TakenFrame>) {
+    fn infer(&self, batch: Vec<Taken>) {
         self.telemetry.batch_size.observe(batch.len() as f64);
         // Frames that share queries and settings run together.
         let mut groups: BTreeMap<usize, QueryGroup> = BTreeMap::new();
-        for taken in batch {
-            let queries = taken.pipeline.queries();
-            taken.pipeline.metrics.observe(
-                Stage::Queue,
-                taken.taken.duration_since(taken.frame.received),
-            );
+        fn group_of(
+            groups: &mut BTreeMap<usize, QueryGroup>,
+            queries: Arc<PipelineQueries>,
+        ) -> &mut QueryGroup {
             groups
                 .entry(Arc::as_ptr(&queries) as usize)
                 .or_insert_with(|| QueryGroup {
                     queries,
                     frames: Vec::new(),
+                    requests: Vec::new(),
                 })
-                .frames
-                .push(taken);
+        }
+        for taken in batch {
+            match taken {
+                Taken::Frame(taken) => {
+                    let queries = taken.pipeline.queries();
+                    taken.pipeline.metrics.observe(
+                        Stage::Queue,
+                        taken.taken.duration_since(taken.frame.received),
+                    );
+                    group_of(&mut groups, queries).frames.push(taken);
+                }
+                Taken::Request(request, taken) => match request.queries.prepare(&self.engine) {
+                    Ok(queries) => group_of(&mut groups, queries)
+                        .requests
+                        .push((request, taken)),
+                    Err(e) => {
+                        let _ = request
+                            .reply
+                            .send(Err(format!("cannot embed the queries: {e:#}")));
+                    }
+                },
+            }
         }
         for (_, group) in groups {
             self.run_group(group);
@@ -200,12 +252,18 @@ impl Scheduler {
 
     fn run_group(&self, group: QueryGroup) {
         let q = &group.queries;
-        let images: Vec<&image::RgbImage> = group.frames.iter().map(|t| &t.frame.image).collect();
+        let images: Vec<&image::RgbImage> = group
+            .frames
+            .iter()
+            .map(|t| &t.frame.image)
+            .chain(group.requests.iter().map(|(r, _)| &r.image))
+            .collect();
         let start = Instant::now();
         let result = self.engine.segment_batch(&images, &q.text, &q.settings);
-        let infer = start.elapsed() / group.frames.len() as u32;
+        let infer = start.elapsed() / images.len().max(1) as u32;
         match result {
-            Ok(segs) => {
+            Ok(mut segs) => {
+                let answers = segs.split_off(group.frames.len().min(segs.len()));
                 for (t, segmentation) in group.frames.into_iter().zip(segs) {
                     t.pipeline.metrics.observe(Stage::Infer, infer);
                     t.pipeline.deliver(Segmented {
@@ -215,6 +273,15 @@ impl Scheduler {
                         taken: t.taken,
                         infer,
                     });
+                }
+                for ((request, taken), segmentation) in group.requests.into_iter().zip(answers) {
+                    let _ = request.reply.send(Ok(SegmentReply {
+                        image: request.image,
+                        segmentation,
+                        queries: Arc::clone(&group.queries),
+                        queued: taken.duration_since(request.received),
+                        infer,
+                    }));
                 }
             }
             Err(e) => {
@@ -226,6 +293,10 @@ impl Scheduler {
                     t.pipeline
                         .metrics
                         .drop_frames(DropReason::InferenceError, 1);
+                }
+                for (request, _) in group.requests {
+                    tracing::error!("inference failed for a POST /v1/segment image: {e:#}");
+                    let _ = request.reply.send(Err(format!("inference failed: {e:#}")));
                 }
             }
         }

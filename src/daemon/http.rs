@@ -1,11 +1,12 @@
-//! The control plane over HTTP/1.1 on localhost: `/livez`, `/readyz`, `/metrics` (Prometheus), `/status` (JSON)
-//! and `POST /reload`. Routing is axum's, the connections are hyper's: one request per connection
-//! (keep-alive off), a bounded request head, a deadline on reading it, and nothing but these five routes.
+//! The control plane over HTTP/1.1 on localhost: `/livez`, `/readyz`, `/metrics` (Prometheus), `/status` (JSON),
+//! `POST /reload`, and `POST /v1/segment` (an image segmented on request: `segment.rs`). Routing is axum's, the
+//! connections are hyper's: one request per connection (keep-alive off), a bounded request head, a deadline on
+//! reading it, and nothing but these six routes.
 //!
 //! Access: the GET routes are read-only and stay open, so probes and Prometheus scrapes need no credentials
-//! (they show redacted sources only). `POST /reload` changes what runs: when `http.token_file` is set (which
-//! validation requires for any `listen` address off loopback) it needs `Authorization: Bearer <token>`,
-//! compared in constant time.
+//! (they show redacted sources only). `POST /reload` changes what runs and `POST /v1/segment` spends inference
+//! time: when `http.token_file` is set (which validation requires for any `listen` address off loopback) both
+//! need `Authorization: Bearer <token>`, compared in constant time (`authorize`).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use crate::config::diff::PipelineChange;
 use super::{ReloadError, ReloadOutcome, State};
 
 /// The most a request head (request line and headers) may hold, and the most any handler may read of a body.
-/// The routes take no body at all; this bounds what a client can make the daemon buffer.
+/// Only `POST /v1/segment` takes a body, read under its own limit (`http.segment_max_mb`).
 const MAX_REQUEST: usize = 16 * 1024;
 /// How long a client has to send the whole request head, from the moment it connects. A client that stalls
 /// (slowloris) is disconnected then, without an answer.
@@ -43,8 +44,8 @@ pub type ReloadRequest = oneshot::Sender<Result<ReloadOutcome, ReloadError>>;
 
 /// What every handler sees.
 #[derive(Clone)]
-struct Ctx {
-    state: Arc<State>,
+pub(super) struct Ctx {
+    pub(super) state: Arc<State>,
     reload: mpsc::Sender<ReloadRequest>,
 }
 
@@ -56,13 +57,14 @@ fn router(state: Arc<State>, reload: mpsc::Sender<ReloadRequest>) -> Router {
         .route("/metrics", get(metrics))
         .route("/status", get(status))
         .route("/reload", post(reload_handler))
+        .route("/v1/segment", post(super::segment::handler))
         .method_not_allowed_fallback(|| async {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         })
         .fallback(|| async {
             text(
                 StatusCode::NOT_FOUND,
-                "not found (try /livez, /readyz, /metrics, /status, POST /reload)\n",
+                "not found (try /livez, /readyz, /metrics, /status, POST /reload, POST /v1/segment)\n",
             )
         })
         .layer(DefaultBodyLimit::max(MAX_REQUEST))
@@ -141,25 +143,8 @@ async fn status(Extract(ctx): Extract<Ctx>) -> Response {
 }
 
 async fn reload_handler(Extract(ctx): Extract<Ctx>, headers: HeaderMap) -> Response {
-    if let Some(token) = &ctx.state.token {
-        match bearer(&headers) {
-            None => {
-                let mut refused = text(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized: send Authorization: Bearer <the token in http.token_file>\n",
-                );
-                refused.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"tclseg\""),
-                );
-                return refused;
-            }
-            Some(given) if !same_token(given, token) => {
-                tracing::warn!("POST /reload refused: wrong bearer token");
-                return text(StatusCode::FORBIDDEN, "forbidden: wrong token\n");
-            }
-            Some(_) => {}
-        }
+    if let Some(refused) = authorize(&ctx.state, &headers, "POST /reload") {
+        return refused;
     }
     let (tx, rx) = oneshot::channel();
     if ctx.reload.send(tx).await.is_err() {
@@ -177,6 +162,30 @@ async fn reload_handler(Extract(ctx): Extract<Ctx>, headers: HeaderMap) -> Respo
             error_json(&error).to_string(),
         ),
         Err(_) => text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+    }
+}
+
+/// The answer refusing a request to `route` without the right bearer token, or None when it may go on (the
+/// token matches, or none is configured).
+pub(super) fn authorize(state: &State, headers: &HeaderMap, route: &str) -> Option<Response> {
+    let token = state.token.as_ref()?;
+    match bearer(headers) {
+        None => {
+            let mut refused = text(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized: send Authorization: Bearer <the token in http.token_file>\n",
+            );
+            refused.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tclseg\""),
+            );
+            Some(refused)
+        }
+        Some(given) if !same_token(given, token) => {
+            tracing::warn!("{route} refused: wrong bearer token");
+            Some(text(StatusCode::FORBIDDEN, "forbidden: wrong token\n"))
+        }
+        Some(_) => None,
     }
 }
 
@@ -238,7 +247,7 @@ fn same_token(given: &str, expected: &str) -> bool {
     bool::from(a.as_slice().ct_eq(b.as_slice()))
 }
 
-fn text(code: StatusCode, body: impl Into<String>) -> Response {
+pub(super) fn text(code: StatusCode, body: impl Into<String>) -> Response {
     reply(code, "text/plain", body.into())
 }
 

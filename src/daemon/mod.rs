@@ -19,6 +19,7 @@
 pub mod http;
 pub mod notify;
 mod running;
+mod segment;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -81,6 +82,7 @@ async fn serve(
         Arc::new(Telemetry::default()),
         &config_path,
         token,
+        segment::SegmentLimits::from_config(&config.http),
     ));
     // Signals first, so a SIGTERM during the model load is not the default (immediate) death.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;

@@ -89,6 +89,7 @@ impl Running {
             config.inference.max_wait(),
             config.http.segment_queue,
         ));
+        state.set_worker(&scheduler, engine.model_info());
         let worker = {
             let scheduler = Arc::clone(&scheduler);
             std::thread::Builder::new()

@@ -5,13 +5,16 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use serde_json::json;
 
+use super::segment::SegmentLimits;
 use crate::model::Engine;
+use crate::pipeline::worker::Scheduler;
 use crate::pipeline::Pipeline;
+use crate::sink::sidecar::ModelInfo;
 use crate::telemetry::Telemetry;
 
 /// What the HTTP endpoints read.
@@ -25,6 +28,10 @@ pub struct State {
     info: Mutex<serde_json::Value>,
     /// The bearer token mutating endpoints require (`http.token_file`); None: they are open (loopback only).
     pub(super) token: Option<String>,
+    /// `POST /v1/segment`'s body and pixel limits (`[http]`).
+    pub(super) segment_limits: SegmentLimits,
+    /// The inference worker and the model it runs, once started: where `POST /v1/segment` sends its images.
+    worker: OnceLock<(Arc<Scheduler>, ModelInfo)>,
 }
 
 impl State {
@@ -33,6 +40,7 @@ impl State {
         telemetry: Arc<Telemetry>,
         config_path: &Path,
         token: Option<String>,
+        segment_limits: SegmentLimits,
     ) -> State {
         State {
             telemetry,
@@ -40,7 +48,19 @@ impl State {
             started: Instant::now(),
             info: Mutex::new(json!({ "config": config_path.display().to_string() })),
             token,
+            segment_limits,
+            worker: OnceLock::new(),
         }
+    }
+
+    /// Records the inference worker once it runs (it does not change until a restart).
+    pub(super) fn set_worker(&self, scheduler: &Arc<Scheduler>, model: ModelInfo) {
+        let _ = self.worker.set((Arc::clone(scheduler), model));
+    }
+
+    /// The inference worker and its model; None until start-up has loaded the model.
+    pub(super) fn worker(&self) -> Option<&(Arc<Scheduler>, ModelInfo)> {
+        self.worker.get()
     }
 
     /// Why the daemon is not ready, or None when it is: started, and every configured pipeline running (a

@@ -269,6 +269,42 @@ pub struct Telemetry {
     pub reload_failures: AtomicU64,
     /// The event deliveries, when `[events]` is configured.
     pub deliveries: Deliveries,
+    /// `POST /v1/segment`'s answers.
+    pub segment_requests: SegmentRequests,
+}
+
+/// `POST /v1/segment`: answers by status code, and how long each took.
+#[derive(Debug)]
+pub struct SegmentRequests {
+    by_code: Mutex<BTreeMap<u16, u64>>,
+    pub latency: Histogram,
+}
+
+impl Default for SegmentRequests {
+    fn default() -> Self {
+        SegmentRequests {
+            by_code: Mutex::new(BTreeMap::new()),
+            latency: Histogram::new(&LATENCY_BUCKETS),
+        }
+    }
+}
+
+impl SegmentRequests {
+    pub fn record(&self, code: u16, took: Duration) {
+        *self
+            .by_code
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(code)
+            .or_default() += 1;
+        self.latency.observe(took.as_secs_f64());
+    }
+
+    /// (status code, answers) for every code answered so far.
+    pub fn by_code(&self) -> Vec<(u16, u64)> {
+        let counts = self.by_code.lock().unwrap_or_else(|e| e.into_inner());
+        counts.iter().map(|(c, n)| (*c, *n)).collect()
+    }
 }
 
 impl Default for Telemetry {
@@ -280,6 +316,7 @@ impl Default for Telemetry {
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
             deliveries: Deliveries::default(),
+            segment_requests: SegmentRequests::default(),
         }
     }
 }

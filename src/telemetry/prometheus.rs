@@ -33,6 +33,8 @@ impl Telemetry {
             pipelines,
             batch_size: self.batch_size.snapshot(),
             deliveries: self.deliveries.figures(),
+            segment_requests: self.segment_requests.by_code(),
+            segment_latency: self.segment_requests.latency.snapshot(),
             totals: [
                 (
                     "tclseg_inference_errors",
@@ -100,6 +102,9 @@ struct Scrape {
     batch_size: Snapshot,
     /// The event deliveries, one series per destination (none without `[events]`).
     deliveries: Vec<Delivery>,
+    /// `POST /v1/segment`: (status code, answers), and the time to answer.
+    segment_requests: Vec<(u16, u64)>,
+    segment_latency: Snapshot,
     /// Process-wide counters: name (the encoder adds `_total`), help, value.
     totals: [(&'static str, &'static str, u64); 3],
 }
@@ -275,6 +280,23 @@ impl Collector for Scrape {
             MetricType::Histogram,
         )?)?;
         self.deliveries(e)?;
+        let mut requests = e.encode_descriptor(
+            "tclseg_http_segment_requests",
+            "POST /v1/segment requests answered, by HTTP status code.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (code, n) in &self.segment_requests {
+            requests
+                .encode_family(&[("code", code.to_string())])?
+                .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+        }
+        self.segment_latency.encode(&mut e.encode_descriptor(
+            "tclseg_http_segment_latency_seconds",
+            "POST /v1/segment: time from the request to its answer.",
+            None,
+            MetricType::Histogram,
+        )?)?;
         for (name, help, v) in self.totals {
             e.encode_descriptor(name, help, None, MetricType::Counter)?
                 .encode_counter::<NoLabelSet, _, u64>(&v, None)?;

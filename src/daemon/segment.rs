@@ -1,0 +1,391 @@
+//! `POST /v1/segment`: one image in the body (PNG, JPEG or any format `source::decode` reads), segmented with
+//! the queries of the query string (`?queries=a,b` or repeated `query=`) or of a running pipeline
+//! (`?pipeline=<name>`, its thresholds too). The answer is the JSON sidecar a pipeline writes (same encoder,
+//! `sink::encode`), or with `Accept: image/png` the label PNG, or with `Accept: image/jpeg` the overlay.
+//!
+//! The image goes to the inference worker through its request queue (`pipeline::requests`): the worker serves
+//! it in turn with the streams, on its own thread; this handler only waits for the answer. Decoding and encoding
+//! run on the blocking pool, never on the runtime's threads. Limits: the body (`http.segment_max_mb`, 413), the
+//! image's pixels (`http.segment_max_pixels`, 413, checked from the header before decoding), the queue
+//! (`http.segment_queue`: full → 429 with `Retry-After`), and a deadline on reading the body (408).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State as Extract};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::oneshot;
+
+use super::http::{authorize, text, Ctx};
+use crate::config::HttpSection;
+use crate::model::SettingsOverrides;
+use crate::pipeline::requests::{RequestQueries, SegmentReply, SegmentRequest};
+use crate::queries::QuerySet;
+use crate::sink::encode::{
+    encode_image, ImagePaths, Keep, OutputKinds, SegmentedImage, SidecarInfo,
+};
+use crate::sink::overlay::OverlayFormat;
+use crate::sink::sidecar::ModelInfo;
+use crate::source::decode::{decode_bytes, DecodeError};
+
+/// How long a client has to send the whole body once its head is in.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a 429 tells the client to wait, in seconds: a queued image is usually served well within it.
+const RETRY_AFTER_S: &str = "1";
+/// What the sidecar's `image` field says: the image came in a request, not from a file or a stream.
+const UPLOAD: &str = "the request body";
+
+/// The body and pixel limits of `POST /v1/segment`.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentLimits {
+    pub max_bytes: usize,
+    pub max_pixels: u64,
+}
+
+impl SegmentLimits {
+    pub fn from_config(http: &HttpSection) -> SegmentLimits {
+        SegmentLimits {
+            max_bytes: usize::try_from(http.segment_max_mb.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+            max_pixels: http.segment_max_pixels,
+        }
+    }
+}
+
+/// What the client asked to get back.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Reply {
+    Sidecar,
+    Labels,
+    Overlay,
+}
+
+impl Reply {
+    /// From `Accept`: `image/png` the label map, `image/jpeg` the overlay, anything else the JSON sidecar.
+    fn from_accept(headers: &HeaderMap) -> Reply {
+        let accept = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let wants = |kind: &str| {
+            accept
+                .split(',')
+                .any(|part| part.split(';').next().unwrap_or("").trim() == kind)
+        };
+        if wants("image/png") {
+            Reply::Labels
+        } else if wants("image/jpeg") {
+            Reply::Overlay
+        } else {
+            Reply::Sidecar
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Reply::Sidecar => "application/json",
+            Reply::Labels => "image/png",
+            Reply::Overlay => "image/jpeg",
+        }
+    }
+
+    fn kinds(self) -> OutputKinds {
+        OutputKinds {
+            labels: self == Reply::Labels,
+            overlay: (self == Reply::Overlay).then_some(OverlayFormat::Jpeg),
+            json: self == Reply::Sidecar,
+            scores: false,
+        }
+    }
+}
+
+/// Where the queries come from, as the query string says.
+#[derive(Debug, PartialEq)]
+enum Asked {
+    Names(Vec<String>),
+    Pipeline(String),
+}
+
+/// Reads `queries=a,b`, `query=a&query=b` or `pipeline=name` from the query string.
+fn asked(query: Option<&str>) -> Result<Asked, String> {
+    let mut names = Vec::new();
+    let mut pipeline = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = value.replace('+', " ");
+        let value = percent_encoding::percent_decode_str(&value)
+            .decode_utf8()
+            .map_err(|_| format!("the query parameter '{key}' is not UTF-8"))?;
+        match key {
+            "queries" => names.extend(value.split(',').map(|q| q.trim().to_string())),
+            "query" => names.push(value.trim().to_string()),
+            "pipeline" => pipeline = Some(value.into_owned()),
+            other => {
+                return Err(format!(
+                    "unknown parameter '{other}' (queries, query, pipeline)"
+                ))
+            }
+        }
+    }
+    names.retain(|q| !q.is_empty());
+    match (pipeline, names.is_empty()) {
+        (Some(_), false) => Err("give either queries or a pipeline, not both".into()),
+        (Some(name), true) => Ok(Asked::Pipeline(name)),
+        (None, false) => Ok(Asked::Names(names)),
+        (None, true) => Err(
+            "no queries: add ?queries=a,b (or query=a&query=b), or ?pipeline=<name> to use a running \
+             pipeline's queries"
+                .into(),
+        ),
+    }
+}
+
+/// The route: answers, and records the answer's code and time in `/metrics`.
+pub(super) async fn handler(
+    Extract(ctx): Extract<Ctx>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let start = Instant::now();
+    let response = match segment(&ctx, query.as_deref(), &headers, body).await {
+        Ok(response) => response,
+        Err(refused) => refused,
+    };
+    ctx.state
+        .telemetry
+        .segment_requests
+        .record(response.status().as_u16(), start.elapsed());
+    response
+}
+
+async fn segment(
+    ctx: &Ctx,
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, Response> {
+    let state = &ctx.state;
+    if let Some(refused) = authorize(state, headers, "POST /v1/segment") {
+        return Err(refused);
+    }
+    let Some((scheduler, model)) = state.worker() else {
+        return Err(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting: the model is not loaded yet\n",
+        ));
+    };
+    let asked = asked(query).map_err(|why| text(StatusCode::BAD_REQUEST, format!("{why}\n")))?;
+    if let Some(kind) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        let kind = kind
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if !kind.starts_with("image/") && kind != "application/octet-stream" {
+            return Err(text(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "Content-Type {kind} is not an image: send the image's bytes as image/* or \
+                     application/octet-stream\n"
+                ),
+            ));
+        }
+    }
+    let queries = match asked {
+        Asked::Pipeline(name) => match scheduler.pipeline_queries(&name) {
+            Some(prepared) => RequestQueries::Pipeline(prepared),
+            None => {
+                return Err(text(
+                    StatusCode::NOT_FOUND,
+                    format!("no running pipeline is named '{name}'\n"),
+                ))
+            }
+        },
+        Asked::Names(names) => match QuerySet::from_names(&names) {
+            Ok(set) => RequestQueries::Given(set, SettingsOverrides::default()),
+            Err(e) => return Err(text(StatusCode::BAD_REQUEST, format!("queries: {e:#}\n"))),
+        },
+    };
+    let limits = state.segment_limits;
+    let bytes = read_body(body, headers, limits.max_bytes).await?;
+    let decode_start = Instant::now();
+    let image = blocking(move || decode_bytes(UPLOAD, &bytes, limits.max_pixels))
+        .await?
+        .map_err(|e| {
+            let code = match e {
+                DecodeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            text(code, format!("{e}\n"))
+        })?;
+    let decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
+    let (reply, answer) = oneshot::channel();
+    let request = SegmentRequest {
+        image,
+        queries,
+        received: Instant::now(),
+        reply,
+    };
+    if scheduler.requests.try_push(request).is_err() {
+        let mut busy = text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "busy: the queue of images waiting for the model is full; retry later\n",
+        );
+        busy.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_S));
+        return Err(busy);
+    }
+    let segmented = match answer.await {
+        Ok(Ok(segmented)) => segmented,
+        Ok(Err(why)) => return Err(text(StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n"))),
+        Err(_) => return Err(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")),
+    };
+    let format = Reply::from_accept(headers);
+    let model = model.clone();
+    let bytes = blocking(move || encode(&segmented, format, model, decode_ms))
+        .await?
+        .map_err(|e| text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")))?;
+    Ok((
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(format.content_type()),
+        )],
+        bytes,
+    )
+        .into_response())
+}
+
+/// The body, at most `max` bytes (413 above: from `Content-Length` before reading, else while reading), read
+/// within `BODY_TIMEOUT` (408).
+async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, Response> {
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the image is over the limit of {max} bytes (http.segment_max_mb)\n"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, max)).await {
+        Err(_) => Err(text(
+            StatusCode::REQUEST_TIMEOUT,
+            "the body did not arrive in time\n",
+        )),
+        Ok(Err(e)) => {
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if over {
+                Err(too_large())
+            } else {
+                Err(text(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the body: {e}\n"),
+                ))
+            }
+        }
+        Ok(Ok(bytes)) => Ok(bytes.to_vec()),
+    }
+}
+
+/// Runs CPU work (decoding, encoding) on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    tokio::task::spawn_blocking(work).await.map_err(|_| {
+        text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the request's task failed\n",
+        )
+    })
+}
+
+/// The answer's bytes, through the one encoder of an image's outputs.
+fn encode(
+    segmented: &SegmentReply,
+    format: Reply,
+    model: ModelInfo,
+    decode_ms: f64,
+) -> anyhow::Result<Vec<u8>> {
+    let q = &segmented.queries;
+    let item = SegmentedImage {
+        image: &segmented.image,
+        segmentation: &segmented.segmentation,
+        queries: &q.queries,
+        settings: &q.settings,
+    };
+    let info = SidecarInfo {
+        image: UPLOAD.into(),
+        frame: None,
+        captured: None,
+        model,
+        decode_ms,
+        inference_ms: segmented.infer.as_secs_f64() * 1e3,
+    };
+    let paths = ImagePaths::new(PathBuf::from("upload"));
+    let encoded = encode_image(&paths, &item, &format.kinds(), Keep::default(), info)?;
+    encoded
+        .files
+        .into_iter()
+        .next()
+        .map(|file| file.bytes)
+        .ok_or_else(|| anyhow::anyhow!("nothing was encoded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queries_come_from_the_query_string_or_a_pipeline_never_both() {
+        assert_eq!(
+            asked(Some("queries=red%20square,blue+circle")),
+            Ok(Asked::Names(vec![
+                "red square".into(),
+                "blue circle".into()
+            ]))
+        );
+        assert_eq!(
+            asked(Some("query=a&query=b")),
+            Ok(Asked::Names(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            asked(Some("pipeline=cam")),
+            Ok(Asked::Pipeline("cam".into()))
+        );
+        assert!(asked(None).expect_err("none").contains("no queries"));
+        assert!(asked(Some("queries=")).is_err());
+        assert!(asked(Some("pipeline=cam&query=a")).is_err());
+        assert!(asked(Some("colour=red"))
+            .expect_err("unknown")
+            .contains("colour"));
+    }
+
+    #[test]
+    fn accept_picks_the_label_map_the_overlay_or_the_sidecar() {
+        let with = |accept: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::ACCEPT,
+                HeaderValue::from_str(accept).expect("header"),
+            );
+            Reply::from_accept(&h)
+        };
+        assert_eq!(with("image/png"), Reply::Labels);
+        assert_eq!(with("image/jpeg;q=0.9, */*"), Reply::Overlay);
+        assert_eq!(with("application/json"), Reply::Sidecar);
+        assert_eq!(Reply::from_accept(&HeaderMap::new()), Reply::Sidecar);
+    }
+}

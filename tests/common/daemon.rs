@@ -12,34 +12,62 @@ use std::time::{Duration, Instant};
 use super::config::Config;
 use super::{arg, signal, wait_until};
 
-/// An HTTP response: status code (0 when nothing answered), head and body.
+/// An HTTP response: status code (0 when nothing answered), head and body (as text, and as the bytes sent).
 pub struct Reply {
     pub code: u16,
     pub head: String,
     pub body: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Reply {
+    /// The value of the header `name` (case-insensitive), if the answer has it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then_some(value.trim())
+        })
+    }
 }
 
 /// One HTTP/1.1 request to 127.0.0.1:`port` with extra header lines (each ending in \r\n).
 pub fn request(port: u16, method: &str, path: &str, headers: &str) -> Reply {
-    let mut text = String::new();
+    request_with_body(port, method, path, headers, &[])
+}
+
+/// `request` with a body (its `Content-Length` is added). A server that answers before reading the whole body
+/// may close the connection on the rest: what it answered is still read.
+pub fn request_with_body(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> Reply {
+    let mut raw = Vec::new();
     if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
-        let _ = write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Length: 0\r\n\r\n"
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Length: {}\r\n\r\n",
+            body.len()
         );
-        let _ = stream.read_to_string(&mut text);
+        let _ = stream
+            .write_all(head.as_bytes())
+            .and_then(|()| stream.write_all(body));
+        let _ = stream.read_to_end(&mut raw);
     }
-    let code = text
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or(raw.len());
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let bytes = raw.get(split + 4..).unwrap_or_default().to_vec();
+    let code = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     Reply {
         code,
-        head: head.to_string(),
-        body: body.to_string(),
+        head,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+        bytes,
     }
 }
 

@@ -23,6 +23,22 @@ fn png(w: u32, h: u32) -> Vec<u8> {
     std::fs::read(&path).expect("read")
 }
 
+/// A PNG of noise: it barely compresses, so its body spans many reads.
+fn noisy_png(w: u32, h: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_u32;
+    let img = image::RgbImage::from_fn(w, h, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        let [r, g, b, _] = state.to_le_bytes();
+        image::Rgb([r, g, b])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode");
+    out.into_inner()
+}
+
 fn post(daemon: &Daemon, query: &str, headers: &str, body: &[u8]) -> Reply {
     request_with_body(
         daemon.port,
@@ -101,6 +117,13 @@ fn an_image_comes_back_as_the_sidecar_the_label_map_or_the_overlay() {
         .expect("a JPEG");
     assert_eq!((overlay.width(), overlay.height()), (64, 48));
 
+    // A body far over the request head's 16 KiB buffer.
+    let big = noisy_png(640, 480);
+    assert!(big.len() > 500_000, "{} bytes", big.len());
+    let reply = post(&daemon, "?queries=red", "", &big);
+    assert_eq!(reply.code, 200, "{}", reply.body);
+    assert!(reply.body.contains("\"width\": 640"), "{}", reply.body);
+
     let metrics = daemon.metrics();
     assert_eq!(
         common::daemon::metric(
@@ -108,11 +131,11 @@ fn an_image_comes_back_as_the_sidecar_the_label_map_or_the_overlay() {
             "tclseg_http_segment_requests_total",
             "code=\"200\""
         ),
-        5.0,
+        6.0,
         "{metrics}"
     );
     assert!(
-        metrics.contains("tclseg_http_segment_latency_seconds_count 5"),
+        metrics.contains("tclseg_http_segment_latency_seconds_count 6"),
         "{metrics}"
     );
 }

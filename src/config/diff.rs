@@ -17,7 +17,8 @@ pub struct ConfigDiff {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub changed: Vec<(String, PipelineChange)>,
-    /// Global fields that changed but need a restart of the daemon, e.g. `model.path`.
+    /// Global sections that changed but need a restart of the daemon, e.g. `http`. Not `[model]`: a reload
+    /// swaps the model in place (`daemon/running.rs`).
     pub needs_restart: Vec<String>,
 }
 
@@ -32,9 +33,6 @@ impl ConfigDiff {
 
 pub fn diff(old: &ServeConfig, new: &ServeConfig) -> ConfigDiff {
     let mut d = ConfigDiff::default();
-    if old.model != new.model {
-        d.needs_restart.push("model".into());
-    }
     if old.http != new.http {
         d.needs_restart.push("http".into());
     }
@@ -145,7 +143,8 @@ mod tests {
                 ("move".to_string(), PipelineChange::Restart)
             ]
         );
-        assert_eq!(d.needs_restart, ["model", "events"]);
+        // A changed [model] is swapped in by the reload, not left for a restart.
+        assert_eq!(d.needs_restart, ["events"]);
         assert!(diff(&old, &old).is_empty());
     }
 

@@ -190,7 +190,8 @@ pub(super) fn authorize(state: &State, headers: &HeaderMap, route: &str) -> Opti
 }
 
 /// The 200 reply to `POST /reload`: `added`, `removed`, `changed` (`pipeline` and `change`: `queries` or
-/// `restart`), `needs_restart` and `failed`.
+/// `restart`), `needs_restart`, `failed`, and for a changed `[model]` either `model_swapped` (the new model's
+/// manifest sha256) or `model_error` (why the old model keeps serving); both null when `[model]` is unchanged.
 fn outcome_json(outcome: &ReloadOutcome) -> serde_json::Value {
     let applied = &outcome.diff;
     let changed: Vec<serde_json::Value> = applied
@@ -210,6 +211,8 @@ fn outcome_json(outcome: &ReloadOutcome) -> serde_json::Value {
         "changed": changed,
         "needs_restart": applied.needs_restart,
         "failed": outcome.failed,
+        "model_swapped": outcome.model_swapped,
+        "model_error": outcome.model_error,
     })
 }
 
@@ -278,9 +281,11 @@ mod tests {
                     ("cam".into(), PipelineChange::Queries),
                     ("door".into(), PipelineChange::Restart),
                 ],
-                needs_restart: vec!["model".into()],
+                needs_restart: vec!["http".into()],
             },
             failed: vec!["door: no such folder".into()],
+            model_swapped: None,
+            model_error: Some("no model bundle at /gone".into()),
         };
         assert_eq!(
             outcome_json(&outcome),
@@ -291,8 +296,10 @@ mod tests {
                     { "pipeline": "cam", "change": "queries" },
                     { "pipeline": "door", "change": "restart" },
                 ],
-                "needs_restart": ["model"],
+                "needs_restart": ["http"],
                 "failed": ["door: no such folder"],
+                "model_swapped": null,
+                "model_error": "no model bundle at /gone",
             })
         );
     }

@@ -33,6 +33,11 @@ pub struct ReloadOutcome {
     pub diff: ConfigDiff,
     /// `name: why` for each pipeline that did not start or whose new queries could not be prepared.
     pub failed: Vec<String>,
+    /// `[model]` changed and the new engine was loaded, warmed and handed to the worker: its manifest sha256.
+    pub model_swapped: Option<String>,
+    /// `[model]` changed but the new engine could not be loaded (or a pipeline's queries not embedded by it):
+    /// why. The old model keeps serving.
+    pub model_error: Option<String>,
 }
 
 /// Why a reload changed nothing.
@@ -71,16 +76,7 @@ impl Running {
         state: Arc<State>,
         (events, catalog): (EventsHub, watch::Sender<Catalog>),
     ) -> Result<Running> {
-        let engine = Arc::new(load_engine(&config, model_dir)?);
-        let manifest = engine.bundle().manifest();
-        tracing::info!(
-            "model {} v{} ({}) on {:?}",
-            manifest.name,
-            manifest.version,
-            model_dir.display(),
-            engine.device()
-        );
-        warm_up(&engine)?;
+        let engine = Arc::new(open_warm(&config, model_dir)?);
         state.set_model(&engine, model_dir);
         let scheduler = Arc::new(Scheduler::new(
             Arc::clone(&engine),
@@ -89,7 +85,7 @@ impl Running {
             config.inference.max_wait(),
             config.http.segment_queue,
         ));
-        state.set_worker(&scheduler, engine.model_info());
+        state.set_worker(&scheduler);
         let worker = {
             let scheduler = Arc::clone(&scheduler);
             std::thread::Builder::new()
@@ -133,7 +129,6 @@ impl Running {
             Pipeline::start(
                 plan,
                 queries,
-                Arc::clone(&self.engine),
                 &telemetry,
                 Arc::clone(&self.scheduler.doorbell),
                 self.events.clone(),
@@ -249,9 +244,27 @@ impl Running {
                 }
             }
         }
-        // Global sections keep their running values until a restart.
+        let (model_swapped, model_error) = if self.config.model != new_config.model {
+            match self.swap_model(&new_config, &plans) {
+                Ok(sha) => (Some(sha), None),
+                Err(e) => {
+                    tracing::error!(
+                        "reload: the model was not swapped, the old one keeps serving: {e:#}"
+                    );
+                    (None, Some(format!("{e:#}")))
+                }
+            }
+        } else {
+            (None, None)
+        };
+        // Global sections other than [model] keep their running values until a restart.
+        let model = if model_swapped.is_some() {
+            new_config.model.clone()
+        } else {
+            self.config.model.clone()
+        };
         self.config = ServeConfig {
-            model: self.config.model.clone(),
+            model,
             inference: self.config.inference.clone(),
             http: self.config.http.clone(),
             events: self.config.events.clone(),
@@ -278,7 +291,45 @@ impl Running {
                 format!(", {} failed", failed.len())
             }
         );
-        ReloadOutcome { diff: d, failed }
+        ReloadOutcome {
+            diff: d,
+            failed,
+            model_swapped,
+            model_error,
+        }
+    }
+
+    /// Loads and warms the engine of the new `[model]` beside the running one, on a thread of its own (the
+    /// inference worker keeps serving the old one meanwhile), embeds every running pipeline's queries with it,
+    /// then hands both to the worker, which swaps them in between batches. Any error leaves the old model
+    /// serving. Returns the new model's manifest sha256.
+    fn swap_model(&mut self, new_config: &ServeConfig, plans: &[PipelinePlan]) -> Result<String> {
+        let dir = crate::model::resolve_bundle_dir(new_config.model.path.clone())?;
+        let engine = {
+            let (config, dir) = (new_config.clone(), dir.clone());
+            std::thread::Builder::new()
+                .name("model-load".into())
+                .spawn(move || open_warm(&config, &dir))
+                .context("cannot start the model-load thread")?
+                .join()
+                .map_err(|_| anyhow!("the model load panicked"))??
+        };
+        let engine = Arc::new(engine);
+        let mut queries = Vec::new();
+        for name in self.pipelines.keys() {
+            let Some(plan) = plans.iter().find(|p| &p.config.name == name) else {
+                continue;
+            };
+            queries.push((
+                name.clone(),
+                Arc::new(PipelineQueries::prepare(&engine, plan)?),
+            ));
+        }
+        let sha = engine.manifest_sha256().to_string();
+        self.scheduler.swap_engine(Arc::clone(&engine), queries);
+        self.state.set_model(&engine, &dir);
+        self.engine = engine;
+        Ok(sha)
     }
 
     /// Stops the sources, lets the worker finish what is queued (bounded), then closes every output. An error
@@ -336,6 +387,21 @@ fn query_names(queries: &QuerySet) -> Vec<String> {
         }
     }
     names
+}
+
+/// Opens the configured model and warms it: at start-up, and for a reload's model swap (on its own thread).
+fn open_warm(config: &ServeConfig, model_dir: &Path) -> Result<Engine> {
+    let engine = load_engine(config, model_dir)?;
+    let manifest = engine.bundle().manifest();
+    tracing::info!(
+        "model {} v{} ({}) on {:?}",
+        manifest.name,
+        manifest.version,
+        model_dir.display(),
+        engine.device()
+    );
+    warm_up(&engine)?;
+    Ok(engine)
 }
 
 fn load_engine(config: &ServeConfig, model_dir: &Path) -> Result<Engine> {

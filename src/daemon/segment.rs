@@ -27,7 +27,6 @@ use crate::sink::encode::{
     encode_image, ImagePaths, Keep, OutputKinds, SegmentedImage, SidecarInfo,
 };
 use crate::sink::overlay::OverlayFormat;
-use crate::sink::sidecar::ModelInfo;
 use crate::source::decode::{decode_bytes, DecodeError};
 
 /// How long a client has to send the whole body once its head is in.
@@ -171,7 +170,7 @@ async fn segment(
     if let Some(refused) = authorize(state, headers, "POST /v1/segment") {
         return Err(refused);
     }
-    let Some((scheduler, model)) = state.worker() else {
+    let Some(scheduler) = state.worker() else {
         return Err(text(
             StatusCode::SERVICE_UNAVAILABLE,
             "starting: the model is not loaded yet\n",
@@ -248,8 +247,7 @@ async fn segment(
         Err(_) => return Err(text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")),
     };
     let format = Reply::from_accept(headers);
-    let model = model.clone();
-    let bytes = blocking(move || encode(&segmented, format, model, decode_ms))
+    let bytes = blocking(move || encode(&segmented, format, decode_ms))
         .await?
         .map_err(|e| text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")))?;
     Ok((
@@ -313,12 +311,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The answer's bytes, through the one encoder of an image's outputs.
-fn encode(
-    segmented: &SegmentReply,
-    format: Reply,
-    model: ModelInfo,
-    decode_ms: f64,
-) -> anyhow::Result<Vec<u8>> {
+fn encode(segmented: &SegmentReply, format: Reply, decode_ms: f64) -> anyhow::Result<Vec<u8>> {
     let q = &segmented.queries;
     let item = SegmentedImage {
         image: &segmented.image,
@@ -330,7 +323,8 @@ fn encode(
         image: UPLOAD.into(),
         frame: None,
         captured: None,
-        model,
+        // The engine that answered (after a model swap, the new one).
+        model: segmented.engine.model_info(),
         decode_ms,
         inference_ms: segmented.infer.as_secs_f64() * 1e3,
     };

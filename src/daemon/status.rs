@@ -14,7 +14,6 @@ use super::segment::SegmentLimits;
 use crate::model::Engine;
 use crate::pipeline::worker::Scheduler;
 use crate::pipeline::Pipeline;
-use crate::sink::sidecar::ModelInfo;
 use crate::telemetry::Telemetry;
 
 /// What the HTTP endpoints read.
@@ -31,7 +30,7 @@ pub struct State {
     /// `POST /v1/segment`'s body and pixel limits (`[http]`).
     pub(super) segment_limits: SegmentLimits,
     /// The inference worker and the model it runs, once started: where `POST /v1/segment` sends its images.
-    worker: OnceLock<(Arc<Scheduler>, ModelInfo)>,
+    worker: OnceLock<Arc<Scheduler>>,
 }
 
 impl State {
@@ -54,12 +53,12 @@ impl State {
     }
 
     /// Records the inference worker once it runs (it does not change until a restart).
-    pub(super) fn set_worker(&self, scheduler: &Arc<Scheduler>, model: ModelInfo) {
-        let _ = self.worker.set((Arc::clone(scheduler), model));
+    pub(super) fn set_worker(&self, scheduler: &Arc<Scheduler>) {
+        let _ = self.worker.set(Arc::clone(scheduler));
     }
 
-    /// The inference worker and its model; None until start-up has loaded the model.
-    pub(super) fn worker(&self) -> Option<&(Arc<Scheduler>, ModelInfo)> {
+    /// The inference worker; None until start-up has loaded the model.
+    pub(super) fn worker(&self) -> Option<&Arc<Scheduler>> {
         self.worker.get()
     }
 
@@ -98,7 +97,7 @@ impl State {
         })
     }
 
-    /// Records the model once it is warm (it does not change until a restart).
+    /// Records the model serving now: once warm at start-up, and again when a reload swaps in another.
     pub(super) fn set_model(&self, engine: &Engine, model_dir: &Path) {
         let manifest = engine.bundle().manifest();
         if let Ok(mut info) = self.info.lock() {

@@ -40,6 +40,9 @@ pub struct PipelineQueries {
     pub queries: QuerySet,
     pub text: Arc<TextEmbeddings>,
     pub settings: SegmentSettings,
+    /// The manifest sha256 of the engine that embedded `text`: the worker runs these queries only on that
+    /// engine, so no batch mixes one model's embeddings with another's after a model swap.
+    pub model_sha256: String,
 }
 
 impl PipelineQueries {
@@ -71,6 +74,7 @@ impl PipelineQueries {
                 overrides,
                 queries.has_background_prompts(),
             ),
+            model_sha256: engine.manifest_sha256().to_string(),
         })
     }
 }
@@ -80,6 +84,9 @@ pub struct Segmented {
     pub frame: Frame,
     pub segmentation: Segmentation,
     pub queries: Arc<PipelineQueries>,
+    /// The engine that segmented it (after a model swap, not necessarily the configured one): its sidecar names
+    /// this model.
+    pub engine: Arc<Engine>,
     /// When the worker took the frame from the queue.
     pub taken: Instant,
     /// This frame's share of its batch's inference time.
@@ -199,7 +206,6 @@ impl Pipeline {
     pub fn start(
         plan: PipelinePlan,
         queries: PipelineQueries,
-        engine: Arc<Engine>,
         telemetry: &Telemetry,
         doorbell: Arc<Doorbell>,
         events: output::EventsHub,
@@ -243,7 +249,7 @@ impl Pipeline {
                 .name(format!("out-{name}"))
                 .spawn(move || {
                     let _watch = PanicWatch::new(&shared.metrics, "output");
-                    output::run(&shared, rx, &engine, &events)
+                    output::run(&shared, rx, &events)
                 })
                 .context("cannot start an output thread")?
         };

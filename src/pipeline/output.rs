@@ -15,7 +15,6 @@ use crossbeam::channel::Receiver;
 
 use super::{PipelineState, Segmented};
 use crate::events::{Events, FrameStats, QueryStats};
-use crate::model::Engine;
 use crate::sink::atomic::sweep_stale_temps;
 use crate::sink::files::{
     encode_image, ImagePaths, Keep, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo,
@@ -36,12 +35,7 @@ const REMEMBERED_OUTPUTS: usize = 300_000;
 /// The events hub when `[events]` is configured; the output thread feeds it each written frame.
 pub type EventsHub = Option<std::sync::Arc<Events>>;
 
-pub fn run(
-    shared: &PipelineState,
-    results: Receiver<Segmented>,
-    engine: &Engine,
-    events: &EventsHub,
-) {
+pub fn run(shared: &PipelineState, results: Receiver<Segmented>, events: &EventsHub) {
     let out = &shared.plan.config.output;
     // The folder is this pipeline's alone (config validation refuses overlaps): its whole tree is ours to sweep.
     sweep_stale_temps(&out.dir, true);
@@ -60,7 +54,6 @@ pub fn run(
         let written = write_frame(
             shared,
             &item,
-            engine,
             &files,
             &jsonl_path,
             &mut jsonl,
@@ -115,7 +108,6 @@ pub fn run(
 fn write_frame(
     shared: &PipelineState,
     item: &Segmented,
-    engine: &Engine,
     files: &OutputWriter,
     jsonl_path: &Path,
     jsonl: &mut Option<File>,
@@ -148,7 +140,8 @@ fn write_frame(
             .as_ref()
             .is_some_and(|e| e.needs_labels(shared.name())),
     };
-    let model = engine.model_info();
+    // The engine that produced this frame: after a model swap, frames still queued name the model they ran on.
+    let model = item.engine.model_info();
     let model_hash = model.manifest_sha256.clone();
     let info = SidecarInfo {
         image: match &item.frame.file {

@@ -52,6 +52,8 @@ pub struct SegmentReply {
     pub image: RgbImage,
     pub segmentation: Segmentation,
     pub queries: Arc<PipelineQueries>,
+    /// The engine that segmented it (the model its sidecar names).
+    pub engine: Arc<Engine>,
     /// How long it waited for the worker, and its share of its batch's inference time.
     pub queued: Duration,
     pub infer: Duration,

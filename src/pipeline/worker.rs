@@ -40,10 +40,19 @@ struct QueryGroup {
     requests: Vec<(SegmentRequest, Instant)>,
 }
 
+/// A model swap handed to the worker: the new engine and every pipeline's queries embedded by it.
+struct Swap {
+    engine: Arc<Engine>,
+    queries: Vec<(String, Arc<PipelineQueries>)>,
+}
+
 /// The inference worker's state: the pipelines it serves, its batching limits and its heartbeat. `run` is the
 /// worker's loop; the daemon adds and removes pipelines while it runs.
 pub struct Scheduler {
-    engine: Arc<Engine>,
+    /// The engine now serving: read once per batch, replaced only by the worker itself between batches.
+    engine: Mutex<Arc<Engine>>,
+    /// A swap waiting for the end of the current batch (a model reload built it on another thread).
+    pending: Mutex<Option<Swap>>,
     telemetry: Arc<Telemetry>,
     pub doorbell: Arc<Doorbell>,
     pipelines: Mutex<Vec<Arc<PipelineState>>>,
@@ -68,7 +77,8 @@ impl Scheduler {
     ) -> Scheduler {
         let doorbell = Arc::new(Doorbell::default());
         Scheduler {
-            engine,
+            engine: Mutex::new(engine),
+            pending: Mutex::new(None),
             telemetry,
             requests: RequestQueue::new(request_queue, Arc::clone(&doorbell)),
             doorbell,
@@ -84,6 +94,44 @@ impl Scheduler {
 
     fn list(&self) -> std::sync::MutexGuard<'_, Vec<Arc<PipelineState>>> {
         self.pipelines.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The engine serving now.
+    pub fn engine(&self) -> Arc<Engine> {
+        Arc::clone(&self.engine.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Hands the worker a new engine, warm, with each running pipeline's queries embedded by it; the worker
+    /// swaps both in before its next batch, so frames keep flowing on the old engine until then. A pipeline
+    /// left out keeps its queries, and its frames are dropped (counted) until it gets queries of the new model.
+    pub fn swap_engine(&self, engine: Arc<Engine>, queries: Vec<(String, Arc<PipelineQueries>)>) {
+        *self.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(Swap { engine, queries });
+        self.doorbell.ring();
+    }
+
+    /// Applies a pending swap; only the worker calls this, between batches.
+    fn take_swap(&self) {
+        let Some(swap) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        for p in self.list().iter() {
+            if let Some((_, q)) = swap.queries.iter().find(|(name, _)| name == p.name()) {
+                *p.queries.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(q);
+            }
+        }
+        let info = swap.engine.model_info();
+        *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = swap.engine;
+        tracing::info!(
+            "model swapped in: {} v{} ({})",
+            info.name,
+            info.version,
+            info.manifest_sha256
+        );
     }
 
     pub fn add(&self, pipeline: Arc<PipelineState>) {
@@ -126,6 +174,9 @@ impl Scheduler {
         while !self.shutdown.load(Ordering::Relaxed) {
             self.heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
             let batch = self.gather();
+            // Between batches: a batch gathered before the swap still runs whole on the new engine, with the
+            // queries it reads after the swap.
+            self.take_swap();
             if batch.is_empty() {
                 continue;
             }
@@ -138,7 +189,7 @@ impl Scheduler {
     /// later frames waiting, and a live pipeline's frame is best taken fresh right before it runs); `max_batch`
     /// on CUDA, where the crops of a batch share runs.
     fn batch_limit(&self) -> usize {
-        if self.engine.device().is_gpu() {
+        if self.engine().device().is_gpu() {
             self.max_batch
         } else {
             1
@@ -208,6 +259,7 @@ impl Scheduler {
     }
 
     fn infer(&self, batch: Vec<Taken>) {
+        let engine = self.engine();
         self.telemetry.batch_size.observe(batch.len() as f64);
         // Frames that share queries and settings run together.
         let mut groups: BTreeMap<usize, QueryGroup> = BTreeMap::new();
@@ -233,7 +285,7 @@ impl Scheduler {
                     );
                     group_of(&mut groups, queries).frames.push(taken);
                 }
-                Taken::Request(request, taken) => match request.queries.prepare(&self.engine) {
+                Taken::Request(request, taken) => match request.queries.prepare(&engine) {
                     Ok(queries) => group_of(&mut groups, queries)
                         .requests
                         .push((request, taken)),
@@ -246,12 +298,29 @@ impl Scheduler {
             }
         }
         for (_, group) in groups {
-            self.run_group(group);
+            self.run_group(&engine, group);
         }
     }
 
-    fn run_group(&self, group: QueryGroup) {
+    fn run_group(&self, engine: &Arc<Engine>, group: QueryGroup) {
         let q = &group.queries;
+        if q.model_sha256 != engine.manifest_sha256() {
+            // Queries embedded by another model (a request queued before a swap, or a pipeline the swap left
+            // out): never run them on this one.
+            let why = "its queries were embedded by the model before the swap";
+            for t in &group.frames {
+                tracing::warn!(pipeline = %t.pipeline.name(), frame = t.frame.sequence, "frame dropped: {why}");
+                t.pipeline
+                    .metrics
+                    .drop_frames(DropReason::InferenceError, 1);
+            }
+            for (request, _) in group.requests {
+                let _ = request.reply.send(Err(format!(
+                    "the model changed while it waited: {why}; retry"
+                )));
+            }
+            return;
+        }
         let images: Vec<&image::RgbImage> = group
             .frames
             .iter()
@@ -259,7 +328,7 @@ impl Scheduler {
             .chain(group.requests.iter().map(|(r, _)| &r.image))
             .collect();
         let start = Instant::now();
-        let result = self.engine.segment_batch(&images, &q.text, &q.settings);
+        let result = engine.segment_batch(&images, &q.text, &q.settings);
         let infer = start.elapsed() / images.len().max(1) as u32;
         match result {
             Ok(mut segs) => {
@@ -270,6 +339,7 @@ impl Scheduler {
                         frame: t.frame,
                         segmentation,
                         queries: Arc::clone(&group.queries),
+                        engine: Arc::clone(engine),
                         taken: t.taken,
                         infer,
                     });
@@ -279,6 +349,7 @@ impl Scheduler {
                         image: request.image,
                         segmentation,
                         queries: Arc::clone(&group.queries),
+                        engine: Arc::clone(engine),
                         queued: taken.duration_since(request.received),
                         infer,
                     }));

@@ -307,18 +307,10 @@ impl Scheduler {
         if q.model_sha256 != engine.manifest_sha256() {
             // Queries embedded by another model (a request queued before a swap, or a pipeline the swap left
             // out): never run them on this one.
-            let why = "its queries were embedded by the model before the swap";
-            for t in &group.frames {
-                tracing::warn!(pipeline = %t.pipeline.name(), frame = t.frame.sequence, "frame dropped: {why}");
-                t.pipeline
-                    .metrics
-                    .drop_frames(DropReason::InferenceError, 1);
-            }
-            for (request, _) in group.requests {
-                let _ = request.reply.send(Err(format!(
-                    "the model changed while it waited: {why}; retry"
-                )));
-            }
+            fail(
+                group,
+                "not segmented: its queries were embedded by the model before the swap; retry",
+            );
             return;
         }
         let images: Vec<&image::RgbImage> = group
@@ -359,17 +351,23 @@ impl Scheduler {
                 self.telemetry
                     .inference_errors
                     .fetch_add(1, Ordering::Relaxed);
-                for t in &group.frames {
-                    tracing::error!(pipeline = %t.pipeline.name(), frame = t.frame.sequence, "inference failed: {e:#}");
-                    t.pipeline
-                        .metrics
-                        .drop_frames(DropReason::InferenceError, 1);
-                }
-                for (request, _) in group.requests {
-                    tracing::error!("inference failed for a POST /v1/segment image: {e:#}");
-                    let _ = request.reply.send(Err(format!("inference failed: {e:#}")));
-                }
+                fail(group, &format!("inference failed: {e:#}"));
             }
         }
+    }
+}
+
+/// A group that was not segmented: its frames are dropped (counted as inference errors), its requests answered
+/// with `why`.
+fn fail(group: QueryGroup, why: &str) {
+    for t in &group.frames {
+        tracing::error!(pipeline = %t.pipeline.name(), frame = t.frame.sequence, "{why}");
+        t.pipeline
+            .metrics
+            .drop_frames(DropReason::InferenceError, 1);
+    }
+    for (request, _) in group.requests {
+        tracing::error!("{why} (a POST /v1/segment image)");
+        let _ = request.reply.send(Err(why.to_string()));
     }
 }

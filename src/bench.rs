@@ -15,7 +15,8 @@ use crate::model::bundle::InputSpec;
 use crate::model::preprocess;
 use crate::model::{Engine, SegmentSettings, TextEmbeddings};
 use crate::queries::QuerySet;
-use crate::sink::files::{ImagePaths, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo};
+use crate::sink::encode::{ImagePaths, OutputKinds, SegmentedImage, SidecarInfo};
+use crate::sink::files::OutputWriter;
 use crate::source::inputs::InputImage;
 
 /// One batch size's figures: what a bench line reports about the calls themselves.

@@ -14,7 +14,8 @@ use serde::Serialize;
 use super::datasets::{Background, Dataset, Sample};
 use super::metrics::{IouAccumulator, IGNORE};
 use crate::model::{Engine, Query, SegmentSettings, SettingsOverrides};
-use crate::sink::files::{OutputFile, OutputWriter};
+use crate::sink::encode::OutputFile;
+use crate::sink::files::OutputWriter;
 use crate::sink::label_png::{self, Style};
 use crate::source::decode::{decode, DEFAULT_MAX_PIXELS};
 

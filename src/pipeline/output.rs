@@ -16,9 +16,10 @@ use crossbeam::channel::Receiver;
 use super::{PipelineState, Segmented};
 use crate::events::{Events, FrameStats, QueryStats};
 use crate::sink::atomic::sweep_stale_temps;
-use crate::sink::files::{
-    encode_image, ImagePaths, Keep, OutputKinds, OutputWriter, SegmentedImage, SidecarInfo,
+use crate::sink::encode::{
+    encode_image, ImagePaths, Keep, OutputKinds, SegmentedImage, SidecarInfo,
 };
+use crate::sink::files::OutputWriter;
 use crate::sink::retention::{self, Retention};
 use crate::sink::sidecar::{FrameInfo, Sidecar};
 use crate::sink::template::{utc_date_time, TemplateValues};

@@ -11,8 +11,8 @@
 //! The writer remembers which input each output path was written for in this run; a second input that maps to
 //! the same path is an error naming both, never an overwrite.
 //!
-//! What the files hold is encoded by `encode` (re-exported here, so `sink::files::…` names every type a writer
-//! needs); `OutputWriter::write_image` encodes and writes in one call.
+//! What the files hold is encoded by `sink::encode` (callers name its types from there: one path per item);
+//! `OutputWriter::write_image` encodes and writes in one call.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Write;
@@ -22,8 +22,8 @@ use std::sync::Mutex;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::atomic::{sweep_stale_temps, temp_file_in};
-pub use super::encode::{
-    encode_image, Encoded, ImagePaths, Keep, OutputFile, OutputKinds, SegmentedImage, SidecarInfo,
+use super::encode::{
+    encode_image, ImagePaths, Keep, OutputFile, OutputKinds, SegmentedImage, SidecarInfo,
 };
 
 /// Writes units and remembers, per output path, which input it was written for.

@@ -1,7 +1,8 @@
 //! A pipeline's output thread: per frame, the label PNG, the overlay image and the JSON sidecar (one unit:
 //! `sink::files`, sidecar last), a JSON line appended to `<pipeline>.jsonl`, and a frame of the overlay video;
-//! then the per-query statistics of the frame to the daemon's `events::Events` (from the sidecar's class
-//! results: computed once, for both), then the retention sweep every `SWEEP_EVERY`. It runs off the inference path: a slow disk delays only this
+//! then the per-query statistics of the frame to the daemon's `events::Events` (the sidecar's class results when
+//! one is built anyway, else `sidecar::class_statistics` alone, without the RLE only files need), then the
+//! retention sweep every `SWEEP_EVERY`. It runs off the inference path: a slow disk delays only this
 //! pipeline's outputs.
 
 use std::fs::File;
@@ -21,7 +22,7 @@ use crate::sink::encode::{
 };
 use crate::sink::files::OutputWriter;
 use crate::sink::retention::{self, Retention};
-use crate::sink::sidecar::{FrameInfo, Sidecar};
+use crate::sink::sidecar::{class_statistics, ClassResult, ClassStats, FrameInfo};
 use crate::sink::template::{utc_date_time, TemplateValues};
 use crate::sink::video::VideoWriter;
 use crate::telemetry::{DropReason, Stage};
@@ -134,12 +135,15 @@ fn write_frame(
         json: out.json,
         scores: false,
     };
+    let zones = events
+        .as_ref()
+        .is_some_and(|e| e.needs_labels(shared.name()));
+    let sidecar_built = kinds.json || out.jsonl;
     let keep = Keep {
         overlay: out.video.is_some() && !*video_failed,
-        sidecar: out.jsonl || events.is_some(),
-        labels: events
-            .as_ref()
-            .is_some_and(|e| e.needs_labels(shared.name())),
+        sidecar: out.jsonl,
+        // Events measure zones on the label map, and without a sidecar they compute their statistics from it.
+        labels: events.is_some() && (zones || !sidecar_built),
     };
     // The engine that produced this frame: after a model swap, frames still queued name the model they ran on.
     let model = item.engine.model_info();
@@ -219,12 +223,24 @@ fn write_frame(
                 .with_context(|| format!("cannot append to {}", jsonl_path.display()))?;
         }
     }
-    if let (Some(events), Some(sidecar)) = (events, &sidecar) {
+    if let Some(events) = events {
+        let seg = &item.segmentation;
+        let labels = encoded.labels;
+        let classes: Vec<ClassStats> = match &sidecar {
+            Some(s) => s.classes.iter().map(ClassResult::stats).collect(),
+            None => class_statistics(
+                &q.queries,
+                labels.as_deref().unwrap_or(&[]),
+                &seg.best,
+                seg.width,
+            ),
+        };
         let stats = frame_stats(
             shared.name(),
             item.frame.wall_ms,
-            sidecar,
-            encoded.labels,
+            (seg.width, seg.height),
+            &classes,
+            labels.filter(|_| zones),
             model_hash,
             sidecar_path.map(|p| p.display().to_string()),
         );
@@ -236,12 +252,13 @@ fn write_frame(
     Ok(())
 }
 
-/// The frame as the events layer sees it: the sidecar's class results of every query (label 0, the background,
-/// is no query), and the label map when the pipeline has zones.
+/// The frame as the events layer sees it: the class statistics of every query (label 0, the background, is no
+/// query), and the label map when the pipeline has zones.
 fn frame_stats(
     pipeline: &str,
     wall_ms: u64,
-    sidecar: &Sidecar,
+    (width, height): (usize, usize),
+    classes: &[ClassStats],
     labels: Option<Vec<u16>>,
     model: String,
     outputs: Option<String>,
@@ -249,11 +266,10 @@ fn frame_stats(
     FrameStats {
         pipeline: pipeline.to_string(),
         at_ms: wall_ms,
-        width: sidecar.width,
-        height: sidecar.height,
+        width,
+        height,
         labels: labels.unwrap_or_default(),
-        queries: sidecar
-            .classes
+        queries: classes
             .iter()
             .filter(|c| c.label != 0)
             .map(|c| QueryStats {

@@ -6,7 +6,7 @@
 //! cargo build --release --examples
 //! target/release/examples/bench_serve --streams 8 --cap 5 --seconds 300 [--model DIR] [--size 640x480] [--fps 15]
 //!     [--pamr false] [--threads N] [--warmup S] [--device cpu|cuda|tensorrt|auto] [--precision fp32|fp16]
-//!     [--max-batch N] [--find-max P95_MS]
+//!     [--max-batch N] [--find-max P95_MS] [--events]
 //! ```
 //! Uses target/release/tclseg and target/release/examples/rtsp_server. The first `--warmup` seconds (default 20)
 //! are not measured. Prints a Markdown table for BENCHMARKS.md.
@@ -16,6 +16,12 @@
 //! did not. A trial holds when every frame the cap lets through is processed (total processed ≥ 95 % of
 //! streams × min(cap, fps)) and the capture → written latency p95 is under the limit. `--streams` is then the
 //! upper bound of the search.
+//!
+//! `--events` measures what events cost: the whole run (one trial, or the `--find-max` search) twice in one
+//! invocation, first without `[events]`, then with events delivered over MQTT to a Debian `mosquitto` the bench
+//! starts on a free loopback port for each trial. The thresholds are the worst case (`min_area = 0`, `on_s`,
+//! `off_s`, `update_s` 0): every query seen in a frame makes an event, so every frame is an fsync'd outbox commit.
+//! It prints the events delivered per second, the outbox depth left at the end, and the ratios with / without.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -37,12 +43,26 @@ struct Args {
     precision: String,
     max_batch: usize,
     find_max: Option<f64>,
+    events: bool,
 }
 
-/// What one trial measured, for the search.
+/// What one trial measured, for the search and the `--events` comparison.
 struct Trial {
     processed_ratio: f64,
+    total_fps: f64,
+    p50_ms: f64,
     p95_ms: f64,
+    /// Daemon CPU, % of one core.
+    cpu_pct: f64,
+    /// Events the broker acknowledged per second of the window, and those left in the outbox at its end.
+    events_per_s: f64,
+    outbox_depth: f64,
+}
+
+/// One whole measurement: a single trial, or the search's answer (the streams sustained).
+enum Outcome {
+    Trial(Trial),
+    Sustained(usize),
 }
 
 fn parse_args() -> Args {
@@ -60,10 +80,16 @@ fn parse_args() -> Args {
         precision: "fp32".into(),
         max_batch: 4,
         find_max: None,
+        events: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
+        if argv[i] == "--events" {
+            a.events = true;
+            i += 1;
+            continue;
+        }
         let v = argv.get(i + 1).cloned().unwrap_or_default();
         match argv[i].as_str() {
             "--streams" => a.streams = v.parse().expect("--streams N"),
@@ -152,14 +178,94 @@ impl Drop for Kill {
     }
 }
 
+/// Debian's mosquitto on a free loopback port, for the `--events` trials; killed on drop.
+struct Mosquitto {
+    port: u16,
+    _child: Kill,
+}
+
+impl Mosquitto {
+    fn start(dir: &Path) -> Mosquitto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .expect("mosquitto.conf");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stderr(std::fs::File::create(dir.join("mosquitto.log")).expect("mosquitto.log"))
+            .spawn()
+            .expect("start mosquitto (Debian package mosquitto)");
+        let child = Kill(child);
+        let start = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "mosquitto did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Mosquitto {
+            port,
+            _child: child,
+        }
+    }
+}
+
 fn main() {
     let args = parse_args();
-    let Some(limit_ms) = args.find_max else {
-        trial(&args, args.streams);
+    if !args.events {
+        run(&args, false);
         return;
+    }
+    let without = run(&args, false);
+    let with = run(&args, true);
+    println!("\n## events overhead, same invocation (worst-case thresholds: an event per query seen per frame)");
+    match (without, with) {
+        (Outcome::Trial(a), Outcome::Trial(b)) => {
+            println!(
+                "processed fps: without events {:.2}, with events {:.2} (ratio {:.3})",
+                a.total_fps,
+                b.total_fps,
+                b.total_fps / a.total_fps
+            );
+            println!(
+                "latency capture→written p50/p95: without {:.0}/{:.0} ms, with {:.0}/{:.0} ms (p95 ratio {:.2})",
+                a.p50_ms,
+                a.p95_ms,
+                b.p50_ms,
+                b.p95_ms,
+                b.p95_ms / a.p95_ms
+            );
+            println!(
+                "daemon CPU: without {:.0}%, with {:.0}% of one core; daemon CPU per processed frame ratio {:.3}",
+                a.cpu_pct,
+                b.cpu_pct,
+                (b.cpu_pct / b.total_fps) / (a.cpu_pct / a.total_fps)
+            );
+            println!(
+                "events delivered to mosquitto {:.1}/s; outbox depth at the end of the window {:.0}",
+                b.events_per_s, b.outbox_depth
+            );
+        }
+        (Outcome::Sustained(a), Outcome::Sustained(b)) => println!(
+            "streams sustained: without events {a}, with events {b} (ratio {:.2})",
+            b as f64 / a.max(1) as f64
+        ),
+        _ => unreachable!("both runs take the same path"),
+    }
+}
+
+/// The run the arguments ask for, with or without events.
+fn run(args: &Args, events: bool) -> Outcome {
+    let Some(limit_ms) = args.find_max else {
+        return Outcome::Trial(trial(args, args.streams, events));
     };
     let holds = |k: usize| {
-        let t = trial(&args, k);
+        let t = trial(args, k, events);
         let ok = t.processed_ratio >= 0.95 && t.p95_ms < limit_ms;
         println!(
             "\ntrial {k} streams: processed {:.0} % of offered, p95 {:.0} ms: {}\n",
@@ -191,7 +297,8 @@ fn main() {
         }
     }
     println!(
-        "sustained: {good} streams of {} at {} fps (cap {}), p95 < {limit_ms} ms, device {} {}, max_batch {}{}",
+        "sustained{}: {good} streams of {} at {} fps (cap {}), p95 < {limit_ms} ms, device {} {}, max_batch {}{}",
+        if events { " with events" } else { "" },
         args.size,
         args.fps,
         args.cap,
@@ -204,11 +311,13 @@ fn main() {
             String::new()
         }
     );
+    Outcome::Sustained(good)
 }
 
 /// One soak run of `streams` streams; prints its table and returns what the search needs.
-fn trial(args: &Args, streams: usize) -> Trial {
+fn trial(args: &Args, streams: usize, events: bool) -> Trial {
     let dir = tempfile::tempdir().expect("tmp");
+    let broker = events.then(|| Mosquitto::start(dir.path()));
     let release = release_dir();
     let mut server = Command::new(release.join("examples/rtsp_server"))
         .args([
@@ -256,6 +365,13 @@ fn trial(args: &Args, streams: usize) -> Trial {
             dir.path().join(format!("s{k}")).display()
         ));
     }
+    if let Some(b) = &broker {
+        config.push_str(&format!(
+            "[events]\nmin_area = 0.0\non_s = 0\noff_s = 0\nupdate_s = 0\n[events.outbox]\npath = \"{}\"\n[events.mqtt]\nport = {}\nprefix = \"bench\"\nclient_id = \"bench-serve\"\n",
+            dir.path().join("events.redb").display(),
+            b.port
+        ));
+    }
     let config_path = dir.path().join("bench.toml");
     std::fs::write(&config_path, config).expect("config");
     let log = std::fs::File::create(dir.path().join("serve.log")).expect("log");
@@ -296,6 +412,12 @@ fn trial(args: &Args, streams: usize) -> Trial {
     let m1 = get(http, "/metrics");
     drop(daemon);
     drop(server);
+    drop(broker);
+    let mqtt = "{destination=\"mqtt\"}";
+    let events_per_s = (metric(&m1, &format!("tclseg_events_delivered_total{mqtt}"))
+        - metric(&m0, &format!("tclseg_events_delivered_total{mqtt}")))
+        / elapsed;
+    let outbox_depth = metric(&m1, &format!("tclseg_events_outbox_depth{mqtt}"));
 
     println!(
         "| stream | offered fps | processed fps | ratio | p50 ms | p95 ms | superseded | rate_cap | sink_backlog | other drops | reconnects |"
@@ -352,7 +474,7 @@ fn trial(args: &Args, streams: usize) -> Trial {
     let offered_total = args.cap.min(f64::from(args.fps)) * streams as f64;
     println!();
     println!(
-        "{} streams {} @ {} fps, cap {} fps, PAMR {}, device {} {}, {:.0} s measured after {} s warm-up",
+        "{} streams {} @ {} fps, cap {} fps, PAMR {}, device {} {}, {:.0} s measured after {} s warm-up, events {}",
         streams,
         args.size,
         args.fps,
@@ -361,7 +483,12 @@ fn trial(args: &Args, streams: usize) -> Trial {
         args.device,
         args.precision,
         elapsed,
-        args.warmup
+        args.warmup,
+        if events {
+            format!("on ({events_per_s:.1} delivered/s, outbox depth at the end {outbox_depth:.0})")
+        } else {
+            "off".to_string()
+        }
     );
     println!(
         "total processed {total_fps:.2} fps (offered {:.1}, ratio {:.2}); latency capture→written p50 {:.0} ms, p95 {:.0} ms, max {:.0} ms over {} frames",
@@ -381,14 +508,19 @@ fn trial(args: &Args, streams: usize) -> Trial {
         percentile(&second_half, 0.5),
         percentile(&second_half, 0.95)
     );
+    let cpu_pct = 100.0 * (cpu1 - cpu0) / elapsed;
     println!(
-        "daemon CPU {:.0}% of one core (RTSP server {:.0}%); RSS {rss0:.0} MiB at start of window, {rss1:.0} MiB at end ({:+.1}%), max {rss_max:.0} MiB",
-        100.0 * (cpu1 - cpu0) / elapsed,
+        "daemon CPU {cpu_pct:.0}% of one core (RTSP server {:.0}%); RSS {rss0:.0} MiB at start of window, {rss1:.0} MiB at end ({:+.1}%), max {rss_max:.0} MiB",
         100.0 * (server_cpu1 - server_cpu0) / elapsed,
         100.0 * (rss1 - rss0) / rss0.max(1e-9)
     );
     Trial {
         processed_ratio: total_fps / offered_total,
+        total_fps,
+        p50_ms: percentile(&all, 0.5),
         p95_ms: percentile(&all, 0.95),
+        cpu_pct,
+        events_per_s,
+        outbox_depth,
     }
 }

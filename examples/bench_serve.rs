@@ -205,7 +205,10 @@ impl Mosquitto {
         let child = Kill(child);
         let start = Instant::now();
         while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(10), "mosquitto did not listen");
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "mosquitto did not listen"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Mosquitto {

@@ -259,7 +259,9 @@ mod tests {
                 }
             })
             .collect();
-        let best: Vec<f32> = (0..w * h).map(|_| (next() % 1000) as f32 / 1000.0).collect();
+        let best: Vec<f32> = (0..w * h)
+            .map(|_| (next() % 1000) as f32 / 1000.0)
+            .collect();
         let q = queries();
         let without_rle = class_statistics(&q, &labels, &best, w);
         let from_sidecar: Vec<ClassStats> = class_results(&q, &labels, &best, w, h)
@@ -275,7 +277,9 @@ mod tests {
             let (x0, x1) = (xs.clone().min(), xs.max());
             let (y0, y1) = (ys.clone().min(), ys.max());
             let bbox = match (x0, x1, y0, y1) {
-                (Some(x0), Some(x1), Some(y0), Some(y1)) => Some([x0, y0, x1 - x0 + 1, y1 - y0 + 1]),
+                (Some(x0), Some(x1), Some(y0), Some(y1)) => {
+                    Some([x0, y0, x1 - x0 + 1, y1 - y0 + 1])
+                }
                 _ => None,
             };
             assert_eq!(s.bbox, bbox, "label {}", s.label);

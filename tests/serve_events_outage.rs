@@ -137,15 +137,6 @@ impl Setup {
     }
 }
 
-fn mqtt_figure(daemon: &Daemon, key: &str) -> Option<u64> {
-    let status: serde_json::Value = serde_json::from_str(&daemon.get("/status").body).ok()?;
-    status["events"]
-        .as_array()?
-        .iter()
-        .find(|d| d["destination"] == MQTT_DESTINATION)?[key]
-        .as_u64()
-}
-
 fn wait_frames(daemon: &Daemon, n: f64) {
     wait_until(&format!("{n} frames out of each pipeline"), WAIT, || {
         PIPELINES.iter().all(|p| daemon.frames_out(p) >= n)
@@ -165,7 +156,7 @@ fn events_made_while_the_broker_is_down_arrive_after_it_returns() {
     assert!(!before.is_empty());
     // Acknowledged too, so the outbox holds only what comes next.
     wait_until("the outbox drained", WAIT, || {
-        mqtt_figure(&daemon, "depth") == Some(0)
+        daemon.delivery(MQTT_DESTINATION, "depth") == Some(0)
     });
 
     // Down in the middle of the run: frames go on, their events wait in the outbox.
@@ -177,7 +168,7 @@ fn events_made_while_the_broker_is_down_arrive_after_it_returns() {
     let waiting = (s.expected_count() - before.len()) as u64;
     assert!(waiting > 0);
     assert_eq!(
-        mqtt_figure(&daemon, "depth"),
+        daemon.delivery(MQTT_DESTINATION, "depth"),
         Some(waiting),
         "{}",
         daemon.get("/status").body
@@ -188,9 +179,9 @@ fn events_made_while_the_broker_is_down_arrive_after_it_returns() {
     let made_while_down: Vec<&Event> = all.iter().filter(|e| !before.contains(e)).collect();
     assert_eq!(made_while_down.len() as u64, waiting);
     wait_until("the outbox drained", WAIT, || {
-        mqtt_figure(&daemon, "depth") == Some(0)
+        daemon.delivery(MQTT_DESTINATION, "depth") == Some(0)
     });
-    assert!(mqtt_figure(&daemon, "delivered") >= Some(all.len() as u64));
+    assert!(daemon.delivery(MQTT_DESTINATION, "delivered") >= Some(all.len() as u64));
     let exit = daemon.terminate(WAIT);
     assert!(exit.success(), "{exit:?}\n{}", daemon.log_text());
 }
@@ -208,7 +199,7 @@ fn events_left_in_the_outbox_by_a_stop_go_out_after_the_next_start() {
     wait_frames(&daemon, 4.0);
     let want = s.expected_count() as u64;
     assert!(want > 0);
-    assert_eq!(mqtt_figure(&daemon, "depth"), Some(want));
+    assert_eq!(daemon.delivery(MQTT_DESTINATION, "depth"), Some(want));
     let exit = daemon.terminate(WAIT);
     assert!(exit.success(), "{exit:?}\n{}", daemon.log_text());
     drop(daemon);
@@ -253,9 +244,9 @@ fn events_left_in_the_outbox_by_a_stop_go_out_after_the_next_start() {
         );
     }
     wait_until("the outbox drained", WAIT, || {
-        mqtt_figure(&daemon, "depth") == Some(0)
+        daemon.delivery(MQTT_DESTINATION, "depth") == Some(0)
     });
-    assert_eq!(mqtt_figure(&daemon, "delivered"), Some(want));
+    assert_eq!(daemon.delivery(MQTT_DESTINATION, "delivered"), Some(want));
     assert_eq!(daemon.frames_out("a") + daemon.frames_out("b"), 0.0);
     let exit = daemon.terminate(WAIT);
     assert!(exit.success(), "{exit:?}\n{}", daemon.log_text());

@@ -145,15 +145,6 @@ fn listen(runtime: &tokio::runtime::Runtime, hook: Arc<Hook>) -> u16 {
     port
 }
 
-fn destination_figure(daemon: &Daemon, key: &str) -> Option<u64> {
-    let status: serde_json::Value = serde_json::from_str(&daemon.get("/status").body).ok()?;
-    status["events"]
-        .as_array()?
-        .iter()
-        .find(|d| d["destination"] == DESTINATION)?[key]
-        .as_u64()
-}
-
 #[test]
 fn a_receiver_failing_then_recovering_gets_every_event_signed_and_in_order() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -201,7 +192,7 @@ fn a_receiver_failing_then_recovering_gets_every_event_signed_and_in_order() {
     let total = 2 * want_a.len() as u64;
     // Nothing accepted yet: every event of both pipelines waits in the outbox.
     assert_eq!(
-        destination_figure(&daemon, "depth"),
+        daemon.delivery(DESTINATION, "depth"),
         Some(total),
         "{}",
         daemon.get("/status").body
@@ -210,9 +201,9 @@ fn a_receiver_failing_then_recovering_gets_every_event_signed_and_in_order() {
 
     hook.failing.store(false, Ordering::SeqCst);
     wait_until("the outbox drained", WAIT, || {
-        destination_figure(&daemon, "depth") == Some(0)
+        daemon.delivery(DESTINATION, "depth") == Some(0)
     });
-    assert_eq!(destination_figure(&daemon, "delivered"), Some(total));
+    assert_eq!(daemon.delivery(DESTINATION, "delivered"), Some(total));
     let retried = daemon.metric(
         "tclseg_events_retried_total",
         &format!("destination=\"{DESTINATION}\""),

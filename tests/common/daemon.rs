@@ -207,6 +207,16 @@ impl Daemon {
         metric(&self.metrics(), name, labels)
     }
 
+    /// One events destination's figure (`depth`, `delivered`, `retried`, `dropped`) in /status, if listed.
+    pub fn delivery(&self, destination: &str, figure: &str) -> Option<u64> {
+        let status: serde_json::Value = serde_json::from_str(&self.get("/status").body).ok()?;
+        status["events"]
+            .as_array()?
+            .iter()
+            .find(|d| d["destination"] == destination)?[figure]
+            .as_u64()
+    }
+
     pub fn frames_out(&self, pipeline: &str) -> f64 {
         self.metric(
             "tclseg_frames_out_total",

@@ -3,7 +3,7 @@
 //! CPU use and RSS (start of the measured window vs end).
 //!
 //! ```text
-//! cargo build --release --examples
+//! cargo build --release --bins --examples
 //! target/release/examples/bench_serve --streams 8 --cap 5 --seconds 300 [--model DIR] [--size 640x480] [--fps 15]
 //!     [--pamr false] [--threads N] [--warmup S] [--device cpu|cuda|tensorrt|auto] [--precision fp32|fp16]
 //!     [--max-batch N] [--find-max P95_MS] [--events]
@@ -334,7 +334,7 @@ fn trial(args: &Args, streams: usize, events: bool) -> Trial {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .expect("start rtsp_server (cargo build --release --examples)");
+        .expect("start rtsp_server (cargo build --release --bins --examples)");
     let mut banner = String::new();
     let mut out = server.stdout.take().expect("stdout");
     let mut b = [0u8; 1];

@@ -245,7 +245,9 @@ impl Running {
             }
         }
         let (model_swapped, model_error) = if self.config.model != new_config.model {
-            match self.swap_model(&new_config, &plans) {
+            let swapped = self.swap_model(&new_config, &plans);
+            self.state.telemetry.models.swapped(swapped.is_ok());
+            match swapped {
                 Ok(sha) => (Some(sha), None),
                 Err(e) => {
                     tracing::error!(

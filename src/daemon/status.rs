@@ -52,9 +52,16 @@ impl State {
         }
     }
 
-    /// Records the inference worker once it runs (it does not change until a restart).
+    /// Records the inference worker once it runs (it does not change until a restart), and shows its request
+    /// queue in `/status` and `/metrics`. The depth reader holds the worker weakly: telemetry outlives it.
     pub(super) fn set_worker(&self, scheduler: &Arc<Scheduler>) {
         let _ = self.worker.set(Arc::clone(scheduler));
+        let worker = Arc::downgrade(scheduler);
+        self.telemetry
+            .segment_requests
+            .register_queue(scheduler.requests.capacity(), move || {
+                worker.upgrade().map_or(0, |w| w.requests.len() as u64)
+            });
     }
 
     /// The inference worker; None until start-up has loaded the model.
@@ -81,7 +88,8 @@ impl State {
         )
     }
 
-    /// The `/status` document: readiness, uptime, what runs (`publish`) and every pipeline's counters.
+    /// The `/status` document: readiness, uptime, what runs (`publish`), every pipeline's counters, the event
+    /// deliveries, `POST /v1/segment`'s queue and answers, and the model swaps.
     pub fn status(&self) -> serde_json::Value {
         let info = self.info.lock().map(|i| i.clone()).unwrap_or_default();
         let metrics = serde_json::to_value(self.telemetry.status()).unwrap_or_default();
@@ -94,12 +102,17 @@ impl State {
             "daemon": info,
             "pipelines": metrics,
             "events": self.telemetry.deliveries.figures(),
+            "segment_requests": self.telemetry.segment_requests.figures(),
+            "model_swaps": self.telemetry.models.swaps(),
         })
     }
 
     /// Records the model serving now: once warm at start-up, and again when a reload swaps in another.
     pub(super) fn set_model(&self, engine: &Engine, model_dir: &Path) {
         let manifest = engine.bundle().manifest();
+        self.telemetry
+            .models
+            .set_serving(&manifest.name, engine.manifest_sha256());
         if let Ok(mut info) = self.info.lock() {
             info["model"] = json!({
                 "name": manifest.name,

@@ -283,6 +283,10 @@ fn a_multipart_upload_carries_the_image_and_its_parameters_and_a_bad_form_gets_a
     let no_image: &[Part] = &[("file", Some("a.png"), Some("image/png"), &image)];
     let none_at_all: &[Part] = &[("queries", None, None, b"a")];
     let not_decodable: &[Part] = &[("image", Some("a.png"), Some("image/png"), b"not a png")];
+    let file_parameter: &[Part] = &[
+        ("image", Some("a.png"), Some("image/png"), &image),
+        ("pamr", Some("pamr.txt"), Some("text/plain"), b"true"),
+    ];
     let out_of_range: &[Part] = &[
         ("image", Some("a.png"), Some("image/png"), &image),
         ("kp_weight", None, None, b"1.5"),
@@ -299,6 +303,7 @@ fn a_multipart_upload_carries_the_image_and_its_parameters_and_a_bad_form_gets_a
         ),
         (not_decodable, 400, "not an image in a supported format"),
         (out_of_range, 400, "kp_weight: 1.5 is outside [0, 1]"),
+        (file_parameter, 400, "the part 'pamr' is a file"),
     ] {
         let reply = post_form(&daemon, "?queries=a", parts);
         assert_eq!(reply.code, code, "{says}: {}", reply.body);
@@ -317,10 +322,10 @@ fn a_multipart_upload_carries_the_image_and_its_parameters_and_a_bad_form_gets_a
 
     let queue = queue_status(&daemon);
     assert_eq!(queue["served"], 2, "{queue}");
-    assert_eq!(queue["invalid"], 8, "{queue}");
+    assert_eq!(queue["invalid"], 9, "{queue}");
     assert_eq!(
         daemon.metric("tclseg_segment_requests_total", "outcome=\"invalid\""),
-        8.0
+        9.0
     );
     // The daemon still serves.
     let reply = post_form(

@@ -38,7 +38,7 @@ async fn wait_for(got: &Received, want: usize) -> Vec<Event> {
 
 fn config(port: u16) -> MqttConfig {
     MqttConfig {
-        port,
+        port: Some(port),
         prefix: "cam".into(),
         client_id: "tclseg-test".into(),
         ..MqttConfig::default()

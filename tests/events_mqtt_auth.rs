@@ -44,7 +44,7 @@ async fn a_wrong_password_delivers_nothing_and_is_never_logged() {
     let cfg = MqttConfig {
         username: Some("tclseg".into()),
         password_file: Some(dir.path().join("password")),
-        port: broker.port,
+        port: Some(broker.port),
         prefix: "cam".into(),
         ..MqttConfig::default()
     };

@@ -20,6 +20,11 @@ pub struct Broker {
 
 impl Broker {
     pub fn start(dir: &Path, users: Option<(&str, &str)>) -> Broker {
+        Broker::start_with(dir, users, "")
+    }
+
+    /// `start` with more mosquitto config lines (more listeners, TLS files, an ACL file).
+    pub fn start_with(dir: &Path, users: Option<(&str, &str)>, extra: &str) -> Broker {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -50,6 +55,7 @@ impl Broker {
         if std::fs::metadata(dir).is_ok_and(|m| m.uid() == 0) {
             conf += "user root\n";
         }
+        conf += extra;
         std::fs::write(dir.join("mosquitto.conf"), conf).expect("write conf");
         let mut b = Broker {
             dir: dir.to_path_buf(),

@@ -7,14 +7,12 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use tclseg::events::{Catalog, Event, EventKind, MqttConfig, MqttSink, Outbox, Protocol};
-use tokio::sync::watch;
+use tclseg::events::{Event, EventKind, MqttConfig, Outbox, Protocol};
 
 mod events_common;
-mod events_tls_common;
-use events_common::broker::{subscribe, Broker, Received};
-use events_common::event;
-use events_tls_common::{wait_listening, Pki};
+use events_common::broker::{run_sink, subscribe, Received};
+use events_common::pki::tls_broker;
+use events_common::{assert_in_order_per_pipeline, event};
 
 type Messages = [(String, Vec<u8>, bool)];
 
@@ -40,30 +38,12 @@ async fn wait_for(got: &Received, check: impl Fn(&Messages) -> bool) -> bool {
     false
 }
 
-fn start(
-    cfg: MqttConfig,
-    outbox: &Outbox,
-    catalog: Catalog,
-) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let (stop, stop_rx) = watch::channel(false);
-    let (cat, cat_rx) = watch::channel(catalog);
-    let sink = MqttSink::new(cfg, outbox.clone(), "mqtt");
-    let task = tokio::spawn(async move {
-        let _keep = cat;
-        sink.run(cat_rx, stop_rx).await
-    });
-    (stop, task)
-}
-
 /// Twenty events of two pipelines through `protocol` (over TLS when `tls`): all arrive in order per pipeline, with
 /// the retained state, discovery and availability; a crash then leaves the last will. The broker's log must show
 /// the protocol version the sink connected with (`p2` is 3.1.1, `p5` is 5).
 async fn deliver(protocol: Protocol, tls: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path());
-    let (tls_port, listener) = pki.mosquitto_listener(false);
-    let broker = Broker::start_with(dir.path(), None, &listener);
-    wait_listening(tls_port);
+    let (pki, broker, tls_port) = tls_broker(dir.path(), false);
     let got = subscribe(broker.port, "#", None).await;
     let outbox = Outbox::open(&dir.path().join("events.redb"), 100, &["mqtt"]).expect("outbox");
     let cfg = MqttConfig {
@@ -77,7 +57,7 @@ async fn deliver(protocol: Protocol, tls: bool) {
     };
     assert_eq!(cfg.uses_tls(), tls, "a ca_file alone turns TLS on");
     let catalog = vec![("a".to_string(), vec!["person".to_string()])];
-    let (_stop, task) = start(cfg, &outbox, catalog);
+    let (_stop, task) = run_sink(cfg, &outbox, catalog);
     for n in 0..20u64 {
         let p = if n % 3 == 0 { "b" } else { "a" };
         outbox.push(&[event(p, n, EventKind::Start)]).expect("push");
@@ -90,17 +70,7 @@ async fn deliver(protocol: Protocol, tls: bool) {
         events.len(),
         std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default()
     );
-    for p in ["a", "b"] {
-        let times: Vec<u64> = events
-            .iter()
-            .filter(|e| e.pipeline == p)
-            .map(|e| e.at_ms)
-            .collect();
-        assert!(
-            times.windows(2).all(|w| w[0] < w[1]),
-            "pipeline {p} out of order: {times:?}"
-        );
-    }
+    assert_in_order_per_pipeline(&events);
     let all = got.lock().expect("lock").clone();
     let has = |topic: &str, payload: &[u8]| all.iter().any(|(t, p, _)| t == topic && p == payload);
     assert!(has("cam/availability", b"online"));
@@ -165,10 +135,7 @@ async fn mqtt5_over_tls_delivers_every_event_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_needs_the_client_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path());
-    let (tls_port, listener) = pki.mosquitto_listener(true);
-    let broker = Broker::start_with(dir.path(), None, &listener);
-    wait_listening(tls_port);
+    let (pki, broker, tls_port) = tls_broker(dir.path(), true);
     let got = subscribe(broker.port, "cam/events", None).await;
     let outbox = Outbox::open(&dir.path().join("events.redb"), 10, &["mqtt"]).expect("outbox");
     outbox
@@ -181,7 +148,7 @@ async fn mutual_tls_needs_the_client_certificate() {
         prefix: "cam".into(),
         ..MqttConfig::default()
     };
-    let (stop, task) = start(base.clone(), &outbox, Vec::new());
+    let (stop, task) = run_sink(base.clone(), &outbox, Vec::new());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.send(true).expect("stop");
     task.await.expect("sink ends");
@@ -197,7 +164,7 @@ async fn mutual_tls_needs_the_client_certificate() {
         client_key_file: Some(pki.client_key.clone()),
         ..base
     };
-    let (stop, task) = start(cfg, &outbox, Vec::new());
+    let (stop, task) = run_sink(cfg, &outbox, Vec::new());
     assert!(
         wait_for(&got, |all| events_of(all).len() == 1).await,
         "not delivered with the client certificate: {}",

@@ -2,7 +2,7 @@
 //! trust the broker's CA delivers nothing, says why and what to do in its log, and delivers once the CA is given;
 //! TLS spoken to a plain listener is named as such; an MQTT 5 broker that refuses a publish (ACL) keeps the event
 //! in the outbox and the log names the topic and the reason. Its own test binary, because it captures this
-//! process's logs with a thread-local subscriber (see events_mqtt_auth.rs).
+//! process's logs (events_common::logs).
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -11,31 +11,10 @@ use tclseg::events::{EventKind, MqttConfig, MqttSink, Outbox, Protocol};
 use tokio::sync::watch;
 
 mod events_common;
-mod events_tls_common;
 use events_common::broker::{subscribe, Broker};
 use events_common::event;
-use events_tls_common::{wait_listening, Pki};
-
-/// A tracing writer into a shared buffer, to read what the sink logged.
-#[derive(Clone, Default)]
-struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    /// What was logged since the last call.
-    fn take(&self) -> String {
-        String::from_utf8_lossy(&std::mem::take(&mut *self.0.lock().expect("lock"))).to_string()
-    }
-}
+use events_common::logs::Logs;
+use events_common::pki::tls_broker;
 
 /// Run a sink on this thread (so the thread-local subscriber sees it) for `seconds`, then stop it.
 async fn run_for(cfg: MqttConfig, outbox: &Outbox, seconds: f64) {
@@ -59,18 +38,9 @@ fn depth(outbox: &Outbox) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_broker_refusals_are_explained_and_lose_nothing() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::capture();
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = Pki::new(dir.path());
-    let (tls_port, listener) = pki.mosquitto_listener(false);
-    let broker = Broker::start_with(dir.path(), None, &listener);
-    wait_listening(tls_port);
+    let (pki, broker, tls_port) = tls_broker(dir.path(), false);
     let got = subscribe(broker.port, "cam/events", None).await;
     let outbox = Outbox::open(&dir.path().join("events.redb"), 10, &["mqtt"]).expect("outbox");
     outbox

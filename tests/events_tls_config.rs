@@ -3,12 +3,12 @@
 //! config with every new key right passes.
 
 mod common;
-mod events_tls_common;
+mod events_common;
 
 use std::path::Path;
 
 use common::config::{Config, Pipeline};
-use events_tls_common::Pki;
+use events_common::pki::Pki;
 
 /// A valid config (folder pipeline "cam") with the events `tables` appended.
 fn with_events(dir: &Path, tables: &str) -> Config {

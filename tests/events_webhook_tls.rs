@@ -3,138 +3,18 @@
 //! client that does not trust the receiver's CA, or lacks the client certificate the receiver requires, is refused
 //! with a reason and a remedy; TLS spoken to a plain http receiver is named as such.
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use sha2::Sha256;
 use tclseg::events::webhook::WebhookError;
-use tclseg::events::{Event, EventKind, Outbox, WebhookConfig, WebhookSink};
+use tclseg::events::{EventKind, Outbox, WebhookConfig, WebhookSink};
 use tokio::sync::watch;
 
 mod events_common;
-mod events_tls_common;
 use events_common::event;
-use events_tls_common::Pki;
-
-const SECRET: &str = "tls-hush";
-
-/// What the receiver saw: requests, accepted event ids (in order), and requests whose signature did not verify.
-#[derive(Default)]
-struct Seen {
-    requests: AtomicUsize,
-    fail_first: usize,
-    accepted: Mutex<Vec<String>>,
-    bad: AtomicUsize,
-}
-
-/// Verify the signature (HMAC-SHA256 over `timestamp.body`, computed here with the hmac crate) and answer 500 for
-/// the first `fail_first` requests, 200 after.
-async fn answer(
-    seen: Arc<Seen>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let get = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let (timestamp, signature) = (get("x-tclseg-timestamp"), get("x-tclseg-signature"));
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(SECRET.as_bytes()).expect("key");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(&body);
-    let valid = signature == format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-    let event: Option<Event> = serde_json::from_slice(&body).ok();
-    if !valid || event.is_none() {
-        seen.bad.fetch_add(1, Ordering::Relaxed);
-    }
-    let ok = seen.requests.fetch_add(1, Ordering::Relaxed) >= seen.fail_first;
-    if let (true, Some(e)) = (ok, event) {
-        seen.accepted.lock().expect("lock").push(e.id);
-    }
-    let mut resp = Response::new(Full::new(Bytes::from_static(b"")));
-    *resp.status_mut() = if ok {
-        hyper::StatusCode::OK
-    } else {
-        hyper::StatusCode::INTERNAL_SERVER_ERROR
-    };
-    Ok(resp)
-}
-
-/// The receiver's TLS config: the server certificate, and with `client_ca` only clients it signed.
-fn server_config(pki: &Pki, client_ca: bool) -> Arc<rustls::ServerConfig> {
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&pki.server_cert)
-        .expect("server cert")
-        .collect::<Result<_, _>>()
-        .expect("server cert");
-    let key = PrivateKeyDer::from_pem_file(&pki.server_key).expect("server key");
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("versions");
-    let builder = if client_ca {
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_file_iter(&pki.ca).expect("ca") {
-            roots.add(c.expect("ca")).expect("ca");
-        }
-        let verifier =
-            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .expect("verifier");
-        builder.with_client_cert_verifier(verifier)
-    } else {
-        builder.with_no_client_auth()
-    };
-    Arc::new(builder.with_single_cert(chain, key).expect("server config"))
-}
-
-/// Serve `seen` on a loopback port, over TLS with `tls` or plain http without.
-async fn serve(seen: Arc<Seen>, tls: Option<Arc<rustls::ServerConfig>>) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let (seen, acceptor) = (seen.clone(), acceptor.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| answer(seen.clone(), req));
-                let http = hyper::server::conn::http1::Builder::new();
-                match acceptor {
-                    // A refused handshake just ends this connection; the client reports it.
-                    Some(a) => {
-                        if let Ok(tls) = a.accept(stream).await {
-                            let _ = http.serve_connection(TokioIo::new(tls), service).await;
-                        }
-                    }
-                    None => {
-                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
-                    }
-                }
-            });
-        }
-    });
-    port
-}
+use events_common::pki::Pki;
+use events_common::receiver::{serve, server_config, Receiver, SECRET};
 
 fn config(dir: &std::path::Path, port: u16, ca_file: &std::path::Path) -> WebhookConfig {
     std::fs::write(dir.join("secret"), format!("{SECRET}\n")).expect("secret");
@@ -154,9 +34,9 @@ fn config(dir: &std::path::Path, port: u16, ca_file: &std::path::Path) -> Webhoo
 async fn https_delivers_every_event_signed_and_in_order_through_failures() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::new(dir.path());
-    let seen = Arc::new(Seen {
+    let seen = Arc::new(Receiver {
         fail_first: 3,
-        ..Seen::default()
+        ..Receiver::default()
     });
     let port = serve(seen.clone(), Some(server_config(&pki, false))).await;
     let outbox =
@@ -183,7 +63,7 @@ async fn https_delivers_every_event_signed_and_in_order_through_failures() {
         "every event, in order"
     );
     assert_eq!(
-        seen.bad.load(Ordering::Relaxed),
+        seen.bad_signatures.load(Ordering::Relaxed),
         0,
         "every signature verifies"
     );
@@ -205,7 +85,7 @@ async fn untrusted_receivers_and_missing_client_certificates_are_refused_with_a_
     };
 
     // Trusting another CA.
-    let seen = Arc::new(Seen::default());
+    let seen = Arc::new(Receiver::default());
     let port = serve(seen.clone(), Some(server_config(&pki, false))).await;
     let err = post(config(dir.path(), port, &pki.other_ca))
         .await
@@ -223,7 +103,7 @@ async fn untrusted_receivers_and_missing_client_certificates_are_refused_with_a_
     assert_eq!(seen.accepted.lock().expect("lock").len(), 1);
 
     // A receiver that requires a client certificate.
-    let seen = Arc::new(Seen::default());
+    let seen = Arc::new(Receiver::default());
     let port = serve(seen.clone(), Some(server_config(&pki, true))).await;
     let err = post(config(dir.path(), port, &pki.ca))
         .await
@@ -241,7 +121,7 @@ async fn untrusted_receivers_and_missing_client_certificates_are_refused_with_a_
     assert_eq!(seen.accepted.lock().expect("lock").len(), 1);
 
     // https:// to a plain http receiver.
-    let port = serve(Arc::new(Seen::default()), None).await;
+    let port = serve(Arc::new(Receiver::default()), None).await;
     let err = post(config(dir.path(), port, &pki.ca))
         .await
         .expect_err("plain receiver");

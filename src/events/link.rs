@@ -29,6 +29,16 @@ impl Protocol {
     pub const CHOICES: [&'static str; 2] = ["3.1.1", "5"];
 }
 
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::V311 => "3.1.1",
+            Protocol::V5 => "5",
+            Protocol::Unknown(text) => text,
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Protocol {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;

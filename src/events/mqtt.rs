@@ -95,11 +95,7 @@ impl MqttConfig {
 
     /// The TLS files given.
     pub fn tls_files(&self) -> TlsFiles<'_> {
-        TlsFiles {
-            ca_file: self.ca_file.as_deref(),
-            client_cert_file: self.client_cert_file.as_deref(),
-            client_key_file: self.client_key_file.as_deref(),
-        }
+        TlsFiles::of(&self.ca_file, &self.client_cert_file, &self.client_key_file)
     }
 
     /// Problems in the section as (key below `mqtt`, message), for config validation; the files themselves are
@@ -116,18 +112,12 @@ impl MqttConfig {
             ));
         }
         if self.tls == Some(false) {
-            for (key, given) in [
-                ("ca_file", self.ca_file.is_some()),
-                ("client_cert_file", self.client_cert_file.is_some()),
-                ("client_key_file", self.client_key_file.is_some()),
-            ] {
-                if given {
-                    errors.push((
-                        key.into(),
-                        "is set but tls = false: remove one of them (the file is only used over TLS)"
-                            .into(),
-                    ));
-                }
+            for key in self.tls_files().keys_given() {
+                errors.push((
+                    key.into(),
+                    "is set but tls = false: remove one of them (the file is only used over TLS)"
+                        .into(),
+                ));
             }
         }
         if self.port == Some(0) {
@@ -354,7 +344,7 @@ impl MqttSink {
             Happened::Connected => {
                 tracing::info!(
                     host = %self.config.host, port = self.config.port(), tls = self.config.uses_tls(),
-                    protocol = ?self.config.protocol, "MQTT connected"
+                    protocol = %self.config.protocol, "MQTT connected"
                 );
                 s.connected = true;
                 self.publish(

@@ -27,6 +27,33 @@ pub struct TlsFiles<'a> {
     pub client_key_file: Option<&'a Path>,
 }
 
+impl<'a> TlsFiles<'a> {
+    /// The files of a config's `ca_file`, `client_cert_file` and `client_key_file` keys.
+    pub fn of(
+        ca_file: &'a Option<PathBuf>,
+        client_cert_file: &'a Option<PathBuf>,
+        client_key_file: &'a Option<PathBuf>,
+    ) -> TlsFiles<'a> {
+        TlsFiles {
+            ca_file: ca_file.as_deref(),
+            client_cert_file: client_cert_file.as_deref(),
+            client_key_file: client_key_file.as_deref(),
+        }
+    }
+
+    /// The keys set, for a config to refuse them where it speaks no TLS.
+    pub fn keys_given(&self) -> Vec<&'static str> {
+        [
+            ("ca_file", self.ca_file.is_some()),
+            ("client_cert_file", self.client_cert_file.is_some()),
+            ("client_key_file", self.client_key_file.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, given)| given.then_some(key))
+        .collect()
+    }
+}
+
 /// Why no client config could be built, naming the config key (`ca_file`, …, or `tls` for the system's roots) and
 /// the file at fault.
 #[derive(Debug, thiserror::Error)]

@@ -77,11 +77,7 @@ impl WebhookConfig {
 
     /// The TLS files given.
     pub fn tls_files(&self) -> TlsFiles<'_> {
-        TlsFiles {
-            ca_file: self.ca_file.as_deref(),
-            client_cert_file: self.client_cert_file.as_deref(),
-            client_key_file: self.client_key_file.as_deref(),
-        }
+        TlsFiles::of(&self.ca_file, &self.client_cert_file, &self.client_key_file)
     }
 
     /// Problems in the entry as (key, message), for config validation; the files themselves are read by the
@@ -91,20 +87,14 @@ impl WebhookConfig {
         if !(self.url.starts_with("http://") || self.uses_tls()) {
             errors.push(("url".into(), "must be an http:// or https:// URL".into()));
         } else if !self.uses_tls() {
-            for (key, given) in [
-                ("ca_file", self.ca_file.is_some()),
-                ("client_cert_file", self.client_cert_file.is_some()),
-                ("client_key_file", self.client_key_file.is_some()),
-            ] {
-                if given {
-                    errors.push((
-                        key.into(),
-                        format!(
-                            "is only used for https:// URLs, and url is {}: make it https:// or remove {key}",
-                            self.url
-                        ),
-                    ));
-                }
+            for key in self.tls_files().keys_given() {
+                errors.push((
+                    key.into(),
+                    format!(
+                        "is only used for https:// URLs, and url is {}: make it https:// or remove {key}",
+                        self.url
+                    ),
+                ));
             }
         }
         errors

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use tclseg::events::{Catalog, MqttConfig, MqttSink, Outbox};
 use tokio::sync::watch;
 
 /// A mosquitto on a loopback port, with its config and persistence in a temp dir.
@@ -165,4 +166,20 @@ pub async fn subscribe_as(
         "the test subscriber could not subscribe"
     );
     got
+}
+
+/// An MQTT sink for `cfg` delivering the outbox's `mqtt` destination, as its own task; send `true` to stop it.
+pub fn run_sink(
+    cfg: MqttConfig,
+    outbox: &Outbox,
+    catalog: Catalog,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let (stop, stop_rx) = watch::channel(false);
+    let (cat, cat_rx) = watch::channel(catalog);
+    let sink = MqttSink::new(cfg, outbox.clone(), "mqtt");
+    let task = tokio::spawn(async move {
+        let _keep = cat;
+        sink.run(cat_rx, stop_rx).await
+    });
+    (stop, task)
 }

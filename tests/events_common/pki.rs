@@ -2,12 +2,12 @@
 //! CA, a server certificate it signed for 127.0.0.1 and localhost, a client certificate it signed (mutual TLS),
 //! and a second CA that signed nothing the servers present (a client trusting only it must fail). Plus a mosquitto
 //! TLS listener using them.
-// Each test crate compiles its own copy.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+use super::broker::Broker;
 
 pub struct Pki {
     pub ca: PathBuf,
@@ -138,7 +138,17 @@ impl Pki {
     }
 }
 
-pub fn free_port() -> u16 {
+/// Certificates in `dir` and a mosquitto there with a plain listener (`broker.port`) and a TLS one (the port
+/// returned), up and listening.
+pub fn tls_broker(dir: &Path, require_client_cert: bool) -> (Pki, Broker, u16) {
+    let pki = Pki::new(dir);
+    let (tls_port, listener) = pki.mosquitto_listener(require_client_cert);
+    let broker = Broker::start_with(dir, None, &listener);
+    wait_listening(tls_port);
+    (pki, broker, tls_port)
+}
+
+fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")
@@ -146,7 +156,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Wait until something listens on `port` (a broker's second listener).
-pub fn wait_listening(port: u16) {
+fn wait_listening(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nothing listens on {port}");

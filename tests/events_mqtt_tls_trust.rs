@@ -104,7 +104,8 @@ async fn tls_and_broker_refusals_are_explained_and_lose_nothing() {
     drop(broker);
 
     // MQTT 5 tells a refused publish apart from a delivered one: the ACL lets this client write its state topics
-    // but not the event topic; the event stays and the log names the topic and the reason.
+    // but not the event topic; the event stays and the log names the topic and the reason. Once the ACL allows
+    // it (mosquitto rereads it on SIGHUP), the event is delivered.
     let acl_dir = tempfile::tempdir().expect("tempdir");
     let acl = acl_dir.path().join("acl");
     std::fs::write(
@@ -117,16 +118,13 @@ async fn tls_and_broker_refusals_are_explained_and_lose_nothing() {
         None,
         &format!("acl_file {}\n", acl.display()),
     );
-    run_for(
-        MqttConfig {
-            port: Some(broker.port),
-            protocol: Protocol::V5,
-            ..cfg
-        },
-        &outbox,
-        1.5,
-    )
-    .await;
+    let got = subscribe(broker.port, "cam/events", None).await;
+    let v5 = MqttConfig {
+        port: Some(broker.port),
+        protocol: Protocol::V5,
+        ..cfg
+    };
+    run_for(v5.clone(), &outbox, 1.5).await;
     let text = logs.take();
     assert!(
         text.contains("refused the publish to cam/events") && text.contains("NotAuthorized"),
@@ -138,4 +136,11 @@ async fn tls_and_broker_refusals_are_explained_and_lose_nothing() {
         1,
         "a refused event is not taken as delivered"
     );
+    assert!(got.lock().expect("lock").is_empty());
+
+    std::fs::write(&acl, "topic read #\ntopic write cam/#\n").expect("acl");
+    broker.reload();
+    run_for(v5, &outbox, 2.0).await;
+    assert_eq!(depth(&outbox), 0, "delivered once allowed: {}", logs.take());
+    assert_eq!(got.lock().expect("lock").len(), 1);
 }

@@ -86,6 +86,18 @@ impl Broker {
         }
     }
 
+    /// SIGHUP: mosquitto reads its ACL and password files again.
+    pub fn reload(&self) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .arg("-HUP")
+                .arg(c.id().to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "could not signal mosquitto");
+        }
+    }
+
     /// SIGTERM, so mosquitto saves its persistent sessions (the subscriber's queue) as a real restart would.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {

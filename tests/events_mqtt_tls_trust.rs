@@ -5,7 +5,7 @@
 //! process's logs (events_common::logs).
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tclseg::events::{EventKind, MqttConfig, MqttSink, Outbox, Protocol};
 use tokio::sync::watch;
@@ -16,13 +16,16 @@ use events_common::event;
 use events_common::logs::Logs;
 use events_common::pki::tls_broker;
 
-/// Run a sink on this thread (so the thread-local subscriber sees it) for `seconds`, then stop it.
-async fn run_for(cfg: MqttConfig, outbox: &Outbox, seconds: f64) {
+/// Run a sink on this thread (so the thread-local subscriber sees it) until `done` (or 30 s), then stop it.
+async fn run_until(cfg: MqttConfig, outbox: &Outbox, done: impl Fn() -> bool) {
     let (stop, stop_rx) = watch::channel(false);
     let (_cat, cat_rx) = watch::channel(Vec::new());
     let run = MqttSink::new(cfg, outbox.clone(), "mqtt").run(cat_rx, stop_rx);
     let stopper = async {
-        tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !done() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         stop.send(true).expect("stop");
     };
     tokio::join!(run, stopper);
@@ -57,7 +60,10 @@ async fn tls_and_broker_refusals_are_explained_and_lose_nothing() {
         ca_file: Some(pki.other_ca.clone()),
         ..cfg.clone()
     };
-    run_for(untrusting, &outbox, 1.5).await;
+    run_until(untrusting, &outbox, || {
+        logs.text().contains("MQTT connection failed")
+    })
+    .await;
     let text = logs.take();
     assert!(
         text.contains("MQTT connection failed") && text.contains("UnknownIssuer"),
@@ -72,7 +78,7 @@ async fn tls_and_broker_refusals_are_explained_and_lose_nothing() {
         ca_file: Some(pki.ca.clone()),
         ..cfg.clone()
     };
-    run_for(trusting.clone(), &outbox, 2.0).await;
+    run_until(trusting.clone(), &outbox, || depth(&outbox) == 0).await;
     assert_eq!(
         depth(&outbox),
         0,
@@ -86,13 +92,13 @@ async fn tls_and_broker_refusals_are_explained_and_lose_nothing() {
         .push(&[event("a", 1, EventKind::Update)])
         .expect("push");
     logs.take();
-    run_for(
+    run_until(
         MqttConfig {
             port: Some(broker.port),
             ..trusting
         },
         &outbox,
-        1.5,
+        || logs.text().contains("MQTT connection failed"),
     )
     .await;
     let text = logs.take();
@@ -124,7 +130,10 @@ async fn tls_and_broker_refusals_are_explained_and_lose_nothing() {
         protocol: Protocol::V5,
         ..cfg
     };
-    run_for(v5.clone(), &outbox, 1.5).await;
+    run_until(v5.clone(), &outbox, || {
+        logs.text().contains("refused the publish")
+    })
+    .await;
     let text = logs.take();
     assert!(
         text.contains("refused the publish to cam/events") && text.contains("NotAuthorized"),
@@ -140,7 +149,7 @@ async fn tls_and_broker_refusals_are_explained_and_lose_nothing() {
 
     std::fs::write(&acl, "topic read #\ntopic write cam/#\n").expect("acl");
     broker.reload();
-    run_for(v5, &outbox, 2.0).await;
+    run_until(v5, &outbox, || depth(&outbox) == 0).await;
     assert_eq!(depth(&outbox), 0, "delivered once allowed: {}", logs.take());
     assert_eq!(got.lock().expect("lock").len(), 1);
 }

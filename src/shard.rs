@@ -205,7 +205,7 @@ pub fn host_shard(arg: &str, shards: Option<u32>, hostname: &str) -> Result<Shar
 
 /// `I/N` given, with a `--shards` that, if also given, must agree.
 fn fixed(arg: &str, shards: Option<u32>) -> Result<Shard> {
-    let shard = Shard::parse(arg)?;
+    let shard = Shard::parse(arg).map_err(|e| anyhow!("--shard {arg}: {e}"))?;
     match shards {
         Some(n) if n != shard.count => bail!(
             "--shard {arg} and --shards {n} disagree on the number of shards (--shards is only needed with \

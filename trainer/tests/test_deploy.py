@@ -24,14 +24,6 @@ MANIFESTS = sorted((DEPLOY / "kubernetes").glob("*.yaml"))
 VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 
 
-def tclseg_binary() -> Path:
-    for profile in ("debug", "release"):
-        path = ROOT / "target" / profile / "tclseg"
-        if path.is_file():
-            return path
-    pytest.skip("tclseg is not built (cargo build; scripts/test builds it before pytest)")
-
-
 def documents(path: Path) -> list[dict]:
     with path.open() as f:
         return [d for d in yaml.safe_load_all(f) if d is not None]
@@ -153,9 +145,9 @@ def test_indexed_job_shards_match_its_completions() -> None:
     assert tomllib.loads(queries["data"]["queries.toml"])["query"]
 
 
-def test_config_map_passes_config_check(tmp_path: Path) -> None:
+def test_config_map_passes_config_check(tmp_path: Path, tclseg_binary: Path) -> None:
     """The ConfigMap's serve.toml, with the Secret's files where the pod mounts them (moved under tmp_path)."""
-    binary = tclseg_binary()
+    binary = tclseg_binary
     res = resources()
     text = res[("ConfigMap", "tclseg-config")]["data"]["serve.toml"]
     secrets = tmp_path / "secrets"
@@ -174,8 +166,8 @@ def test_config_map_passes_config_check(tmp_path: Path) -> None:
         assert value not in out.stdout + out.stderr
 
 
-def test_slurm_array_script_runs_as_array_tasks(tmp_path: Path) -> None:
-    binary = tclseg_binary()
+def test_slurm_array_script_runs_as_array_tasks(tmp_path: Path, tclseg_binary: Path) -> None:
+    binary = tclseg_binary
     script = DEPLOY / "slurm" / "segment-array.sbatch"
     text = script.read_text()
     assert re.search(r"^#SBATCH --gres=gpu:1$", text, re.M)

@@ -438,3 +438,90 @@ fn serve_shard_auto_needs_an_ordinal_in_the_host_name() {
         common::stderr(&out)
     );
 }
+
+/// `eval --shard`: each shard scores its share and saves its predictions into one folder; scoring that folder
+/// gives the unsharded run's mIoU (the documented way to combine the shards).
+#[test]
+fn eval_shards_saved_predictions_score_like_one_run() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path().join("data");
+    let l = tclseg::eval::datasets::spec("voc").expect("voc").layout;
+    let ids: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let image = root.join(l.images).join(format!("{id}.jpg"));
+        std::fs::create_dir_all(image.parent().expect("parent")).expect("mkdir");
+        write_png(&image.with_extension("png"), 64, 48);
+        image::open(image.with_extension("png"))
+            .expect("png")
+            .save(&image)
+            .expect("jpg");
+        let label = image::GrayImage::from_fn(64, 48, |x, y| {
+            image::Luma([if (x + y) % 7 == 0 {
+                255
+            } else {
+                ((x / 16 + i as u32) % 3) as u8 * 7
+            }])
+        });
+        let path = root.join(l.labels).join(format!("{id}.png"));
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        label.save(&path).expect("label");
+    }
+    let split = root.join(l.split.expect("split"));
+    std::fs::create_dir_all(split.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&split, ids.join("\n") + "\n").expect("split");
+
+    let bundle = common::fixture_bundle();
+    let eval = |extra: &[&str]| -> Output {
+        let mut args = vec!["eval", "--dataset", "voc", "--root", arg(&root)];
+        args.extend_from_slice(&[
+            "--model",
+            arg(&bundle),
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--no-pamr",
+        ]);
+        args.extend_from_slice(extra);
+        common::tclseg(&args)
+    };
+    let whole = dir.path().join("whole.json");
+    assert_exit(&eval(&["--out", arg(&whole)]), 0);
+    let saved = dir.path().join("saved");
+    let mut images = 0;
+    for i in 0..2 {
+        let out_file = dir.path().join(format!("shard{i}.json"));
+        let shard = format!("{i}/2");
+        let out = eval(&[
+            "--shard",
+            &shard,
+            "--save-predictions",
+            arg(&saved),
+            "--out",
+            arg(&out_file),
+        ]);
+        assert_exit(&out, 0);
+        let r = report(&out_file);
+        assert_eq!(r["shard"]["index"], i, "{r}");
+        // Both shards have work (ids s1..s4 hash to shard 0, s0 and s5 to shard 1).
+        let share = r["images"].as_u64().expect("images");
+        assert!(share > 0, "{r}");
+        images += share;
+    }
+    assert_eq!(images, 6);
+    let combined = dir.path().join("combined.json");
+    let out = common::tclseg(&[
+        "eval",
+        "--dataset",
+        "voc",
+        "--root",
+        arg(&root),
+        "--predictions",
+        arg(&saved),
+        "--out",
+        arg(&combined),
+    ]);
+    assert_exit(&out, 0);
+    assert_eq!(report(&combined)["images"], 6);
+    assert_eq!(report(&combined)["miou"], report(&whole)["miou"]);
+}

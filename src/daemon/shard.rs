@@ -40,7 +40,7 @@ impl Share {
                 .map(|(name, owner)| format!("{name} → shard {owner}"))
                 .collect();
             line.push_str(&format!(
-                "; the other {} belong to other shards ({})",
+                "; leaves {} to other shards ({})",
                 self.skipped.len(),
                 others.join(", ")
             ));

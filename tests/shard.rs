@@ -471,35 +471,34 @@ fn eval_shards_saved_predictions_score_like_one_run() {
     std::fs::write(&split, ids.join("\n") + "\n").expect("split");
 
     let bundle = common::fixture_bundle();
-    let eval = |extra: &[&str]| -> Output {
+    // `eval` of the dataset, through the model (`model` true) or scoring saved predictions.
+    let eval = |model: bool, extra: &[&str]| -> Output {
         let mut args = vec!["eval", "--dataset", "voc", "--root", arg(&root)];
-        args.extend_from_slice(&[
-            "--model",
-            arg(&bundle),
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-            "--no-pamr",
-        ]);
+        if model {
+            args.extend_from_slice(&["--model", arg(&bundle), "--device", "cpu"]);
+            args.extend_from_slice(&["--threads", "1", "--no-pamr"]);
+        }
         args.extend_from_slice(extra);
         common::tclseg(&args)
     };
     let whole = dir.path().join("whole.json");
-    assert_exit(&eval(&["--out", arg(&whole)]), 0);
+    assert_exit(&eval(true, &["--out", arg(&whole)]), 0);
     let saved = dir.path().join("saved");
     let mut images = 0;
     for i in 0..2 {
         let out_file = dir.path().join(format!("shard{i}.json"));
         let shard = format!("{i}/2");
-        let out = eval(&[
-            "--shard",
-            &shard,
-            "--save-predictions",
-            arg(&saved),
-            "--out",
-            arg(&out_file),
-        ]);
+        let out = eval(
+            true,
+            &[
+                "--shard",
+                &shard,
+                "--save-predictions",
+                arg(&saved),
+                "--out",
+                arg(&out_file),
+            ],
+        );
         assert_exit(&out, 0);
         let r = report(&out_file);
         assert_eq!(r["shard"]["index"], i, "{r}");
@@ -510,17 +509,10 @@ fn eval_shards_saved_predictions_score_like_one_run() {
     }
     assert_eq!(images, 6);
     let combined = dir.path().join("combined.json");
-    let out = common::tclseg(&[
-        "eval",
-        "--dataset",
-        "voc",
-        "--root",
-        arg(&root),
-        "--predictions",
-        arg(&saved),
-        "--out",
-        arg(&combined),
-    ]);
+    let out = eval(
+        false,
+        &["--predictions", arg(&saved), "--out", arg(&combined)],
+    );
     assert_exit(&out, 0);
     assert_eq!(report(&combined)["images"], 6);
     assert_eq!(report(&combined)["miou"], report(&whole)["miou"]);

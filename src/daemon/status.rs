@@ -11,9 +11,11 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::segment::SegmentLimits;
+use super::shard::Share;
 use crate::model::Engine;
 use crate::pipeline::worker::Scheduler;
 use crate::pipeline::Pipeline;
+use crate::shard::Shard;
 use crate::telemetry::Telemetry;
 
 /// What the HTTP endpoints read.
@@ -31,6 +33,8 @@ pub struct State {
     pub(super) segment_limits: SegmentLimits,
     /// The inference worker and the model it runs, once started: where `POST /v1/segment` sends its images.
     worker: OnceLock<Arc<Scheduler>>,
+    /// `serve --shard`: the share of the config's pipelines this daemon runs (fixed until a restart).
+    shard: OnceLock<Shard>,
 }
 
 impl State {
@@ -49,6 +53,7 @@ impl State {
             token,
             segment_limits,
             worker: OnceLock::new(),
+            shard: OnceLock::new(),
         }
     }
 
@@ -166,5 +171,22 @@ impl State {
             "{} pipelines{failed}, {connected} sources delivering, {out} frames written",
             status.len()
         )
+    }
+}
+
+/// `serve --shard`: which shard this daemon is and which pipelines it leaves to the others (`/status`'s
+/// `daemon.shard`).
+impl State {
+    /// The shard this daemon runs (None: every pipeline of the config).
+    pub(super) fn shard(&self) -> Option<Shard> {
+        self.shard.get().copied()
+    }
+
+    /// Records this daemon's share; at start-up and after each reload (whose new pipelines may be its or not).
+    pub(super) fn set_share(&self, share: &Share) {
+        let _ = self.shard.set(share.shard);
+        if let Ok(mut info) = self.info.lock() {
+            info["shard"] = share.to_json();
+        }
     }
 }

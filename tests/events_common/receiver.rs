@@ -2,7 +2,7 @@
 //! [`super::pki`]), that verifies each signature and can fail or stall for a while.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +32,10 @@ pub struct Receiver {
     pub delay: Duration,
     pub accepted: Mutex<Vec<String>>,
     pub bad_signatures: AtomicUsize,
+    /// Answer 500 while set, whatever `fail_first` says: the test lets the receiver recover when it chooses.
+    pub failing: AtomicBool,
+    /// The accepted events themselves (the bodies that parsed), in order.
+    pub events: Mutex<Vec<Event>>,
 }
 
 async fn answer(
@@ -66,9 +70,14 @@ async fn answer(
     }
     tokio::time::sleep(r.delay).await;
     let n = r.requests.fetch_add(1, Ordering::Relaxed);
-    let status = if n < r.fail_first { 500 } else { 200 };
+    let status = if n < r.fail_first || r.failing.load(Ordering::SeqCst) {
+        500
+    } else {
+        200
+    };
     if status == 200 {
         r.accepted.lock().expect("lock").push(id);
+        r.events.lock().expect("lock").extend(event);
     }
     let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
     *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("status");

@@ -136,7 +136,7 @@ fn sidecars_name(out: &Path, query: &str) -> bool {
 #[test]
 fn the_stream_history_and_query_editor_work_on_a_live_camera() {
     let dir = tempfile::tempdir().expect("tmp");
-    let server = RtspServer::options().streams(2).start();
+    let mut server = RtspServer::options().streams(2).start();
     let camera = |name: &str, stream: usize| {
         Pipeline::new(
             name,
@@ -240,7 +240,11 @@ fn the_stream_history_and_query_editor_work_on_a_live_camera() {
     for (queries, says) in [
         (json!([{ "name": "" }]), "empty name"),
         (json!([]), "no queries"),
-        (json!(["red square"]), "queries"),
+        (json!([42]), "queries"),
+        (
+            json!([{ "name": "car", "colour": "#00ff00", "size": 3 }]),
+            "queries",
+        ),
         (
             json!([{ "name": "red square" }, { "name": "Red square" }]),
             "twice",
@@ -285,7 +289,7 @@ fn the_stream_history_and_query_editor_work_on_a_live_camera() {
         "cam",
         "",
         json!([
-            { "name": "red square" },
+            "red square",
             { "name": "blue circle" },
             { "name": "green ball", "colour": "#00ff00", "threshold": 0.2 },
         ]),
@@ -356,7 +360,7 @@ fn the_stream_history_and_query_editor_work_on_a_live_camera() {
     let rest = read_parts(&mut yard_stream, usize::MAX, Duration::from_secs(30));
     assert!(rest.ended, "the removed pipeline's stream is still open");
 
-    // ... and when the daemon stops, which it does cleanly with a viewer attached.
+    // With the camera gone, /status says the source is reconnecting or stalled, and why (redacted).
     let mut cam_stream = open_stream(port, "/v1/pipelines/cam/live.mjpeg", "");
     assert_eq!(
         read_parts(&mut cam_stream, 1, Duration::from_secs(60))
@@ -364,6 +368,17 @@ fn the_stream_history_and_query_editor_work_on_a_live_camera() {
             .len(),
         1
     );
+    let cam_state = || json_of(&daemon.get("/status"))["pipelines"]["cam"].clone();
+    assert_eq!(cam_state()["source_state"], "connected");
+    server.kill();
+    wait_until("the source is seen gone", Duration::from_secs(60), || {
+        let cam = cam_state();
+        ["reconnecting", "stalled"].contains(&cam["source_state"].as_str().unwrap_or(""))
+            && cam["source_error"].is_string()
+    });
+    assert!(!daemon.get("/status").body.contains("hunter2"));
+
+    // ... and a stream ends when the daemon stops, which it does cleanly with a viewer attached.
     assert_eq!(daemon.terminate(Duration::from_secs(60)).code(), Some(0));
     let rest = read_parts(&mut cam_stream, usize::MAX, Duration::from_secs(10));
     assert!(rest.ended, "the stream outlived the daemon");

@@ -40,7 +40,30 @@ const PIPELINE_ENV_PREFIX: &str = "TCLSEG_PIPELINE";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Edit {
-    queries: Vec<EditQuery>,
+    queries: Vec<EditEntry>,
+}
+
+/// A query as the config file takes it: a bare name, or a table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum EditEntry {
+    Name(String),
+    Query(EditQuery),
+}
+
+impl EditEntry {
+    fn into_query(self) -> EditQuery {
+        match self {
+            EditEntry::Name(name) => EditQuery {
+                name,
+                colour: None,
+                prompts: None,
+                threshold: None,
+                background: false,
+            },
+            EditEntry::Query(q) => q,
+        }
+    }
 }
 
 /// One query as the page sends it (what `[[pipeline]] queries` takes).
@@ -93,7 +116,7 @@ pub async fn put(
             return refusal(Refused::new(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "the body is not {{\"queries\": [{{\"name\", \"colour\"?, \"prompts\"?, \"threshold\"?}}]}}: {e}"
+                    "the body is not {{\"queries\": [\"name\" or {{\"name\", \"colour\"?, \"prompts\"?, \"threshold\"?, \"background\"?}}]}}: {e}"
                 ),
             ))
         }
@@ -127,8 +150,13 @@ pub async fn put(
     };
     let _one_at_a_time = EDITS.lock().await;
     let configs = ctx.state.live.configs();
+    let queries: Vec<EditQuery> = edit
+        .queries
+        .into_iter()
+        .map(EditEntry::into_query)
+        .collect();
     let written =
-        tokio::task::spawn_blocking(move || edit_file(&path, &running, &configs, &edit.queries))
+        tokio::task::spawn_blocking(move || edit_file(&path, &running, &configs, &queries))
             .await
             .unwrap_or_else(|e| {
                 Err(Refused::new(

@@ -133,6 +133,16 @@ fn sidecars_name(out: &Path, query: &str) -> bool {
     })
 }
 
+/// A ready daemon on `config` with one pipeline "p" watching an empty folder.
+fn start_with_a_folder(dir: &Path, config: Config) -> Daemon {
+    let daemon = Daemon::start(
+        dir,
+        &config.pipeline(Pipeline::folder("p", &dir.join("in"), &dir.join("out"))),
+    );
+    daemon.wait_ready();
+    daemon
+}
+
 #[test]
 fn the_stream_history_and_query_editor_work_on_a_live_camera() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -182,7 +192,7 @@ fn the_stream_history_and_query_editor_work_on_a_live_camera() {
 
     // The overlay stream: distinct JPEGs, one per processed frame.
     let mut stream = open_stream(port, "/v1/pipelines/cam/live.mjpeg", "");
-    let parts = read_parts(&mut stream, 4, Duration::from_secs(60));
+    let parts = read_parts(&mut stream, 4, Duration::from_secs(90));
     assert!(
         parts
             .head
@@ -212,7 +222,7 @@ fn the_stream_history_and_query_editor_work_on_a_live_camera() {
     );
 
     // The history fills, one sample per second, for every query.
-    wait_until("two seconds of history", Duration::from_secs(30), || {
+    wait_until("two seconds of history", Duration::from_secs(60), || {
         let h = json_of(&daemon.get("/v1/pipelines/cam/history?seconds=600"));
         h["queries"]["red square"]["t_ms"]
             .as_array()
@@ -337,7 +347,7 @@ fn the_stream_history_and_query_editor_work_on_a_live_camera() {
     );
     wait_until(
         "the history has the new query",
-        Duration::from_secs(30),
+        Duration::from_secs(60),
         || json_of(&daemon.get("/v1/pipelines/cam/history"))["queries"]["green ball"].is_object(),
     );
     let listed = json_of(&daemon.get("/v1/pipelines"));
@@ -387,19 +397,10 @@ fn the_stream_history_and_query_editor_work_on_a_live_camera() {
 #[test]
 fn off_loopback_the_page_needs_the_token_or_a_session_and_state_changes_their_origin() {
     let dir = tempfile::tempdir().expect("tmp");
-    let token = dir.path().join("http.token");
-    std::fs::write(&token, format!("{TOKEN}\n")).expect("write");
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let config = Config::new()
         .listen_on("0.0.0.0")
-        .http(&format!("token_file = \"{}\"", token.display()))
-        .pipeline(Pipeline::folder(
-            "p",
-            &dir.path().join("in"),
-            &dir.path().join("out"),
-        ));
-    let mut daemon = Daemon::start(dir.path(), &config);
-    daemon.wait_ready();
+        .token_file(dir.path(), TOKEN);
+    let mut daemon = start_with_a_folder(dir.path(), config);
     let port = daemon.port;
     let bearer = format!("Authorization: Bearer {TOKEN}\r\n");
 
@@ -498,15 +499,7 @@ fn off_loopback_the_page_needs_the_token_or_a_session_and_state_changes_their_or
 #[test]
 fn a_loopback_listener_answers_only_to_loopback_names_and_page_false_turns_the_page_off() {
     let dir = tempfile::tempdir().expect("tmp");
-    let config = Config::new()
-        .http("page = false")
-        .pipeline(Pipeline::folder(
-            "p",
-            &dir.path().join("in"),
-            &dir.path().join("out"),
-        ));
-    let mut daemon = Daemon::start(dir.path(), &config);
-    daemon.wait_ready();
+    let mut daemon = start_with_a_folder(dir.path(), Config::new().http("page = false"));
     let port = daemon.port;
 
     // DNS rebinding: a page on evil.example that resolves to 127.0.0.1 sends its own name as Host.

@@ -130,10 +130,7 @@ pub async fn put(
             ),
         ));
     };
-    if let Some(var) = std::env::vars()
-        .map(|(k, _)| k)
-        .find(|k| k.to_ascii_uppercase().starts_with(PIPELINE_ENV_PREFIX))
-    {
+    if let Some(var) = pipeline_override(std::env::vars_os().map(|(k, _)| k)) {
         return refusal(Refused::new(
             StatusCode::CONFLICT,
             format!(
@@ -171,6 +168,14 @@ pub async fn put(
         }
         Err(refused) => refusal(refused),
     }
+}
+
+/// The first environment variable that overrides `[[pipeline]]` tables, if any (names that are not UTF-8 are
+/// compared as far as they are).
+fn pipeline_override(names: impl Iterator<Item = std::ffi::OsString>) -> Option<String> {
+    names
+        .map(|k| k.to_string_lossy().into_owned())
+        .find(|k| k.to_ascii_uppercase().starts_with(PIPELINE_ENV_PREFIX))
 }
 
 fn refusal(refused: Refused) -> Response {
@@ -384,6 +389,28 @@ dir = "/tmp/yard"
             "{edited}"
         );
         assert!(edited.starts_with("# cameras at home\n"));
+    }
+
+    #[test]
+    fn only_pipeline_overrides_in_the_environment_stop_an_edit() {
+        let names = |list: &[&str]| {
+            list.iter()
+                .map(std::ffi::OsString::from)
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        assert_eq!(
+            pipeline_override(names(&[
+                "TCLSEG_LOG",
+                "TCLSEG_INFERENCE__MAX_BATCH",
+                "PATH"
+            ])),
+            None
+        );
+        assert_eq!(
+            pipeline_override(names(&["HOME", "TCLSEG_PIPELINE__0__QUERIES"])),
+            Some("TCLSEG_PIPELINE__0__QUERIES".into())
+        );
     }
 
     #[test]

@@ -17,9 +17,12 @@
 //! routes (the one place a reload's outcome becomes JSON) are `http.rs`. Each can then change without the others.
 
 pub mod http;
+mod live;
 pub mod notify;
+mod query_edit;
 mod running;
 mod segment;
+mod session;
 mod shard;
 mod status;
 
@@ -87,12 +90,23 @@ async fn serve(
         Some(file) => Some(config::validate::read_token(file).map_err(|e| anyhow!("{e}"))?),
         None => None,
     };
-    let state = Arc::new(State::new(
-        Arc::new(Telemetry::default()),
-        &config_path,
-        token,
-        segment::SegmentLimits::from_config(&config.http),
-    ));
+    let state = Arc::new(
+        State::new(
+            Arc::new(Telemetry::default()),
+            &config_path,
+            token,
+            segment::SegmentLimits::from_config(&config.http),
+        )
+        .with_access(session::Access::new(
+            config.http.page,
+            // Validation refuses an unparsable address; one that got here anyway gets the stricter guard.
+            config
+                .http
+                .listen
+                .parse()
+                .map_or(true, |addr| config::validate::is_loopback(&addr)),
+        )),
+    );
     if let Some(share) = &share {
         state.set_share(share);
     }

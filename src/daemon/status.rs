@@ -35,6 +35,10 @@ pub struct State {
     worker: OnceLock<Arc<Scheduler>>,
     /// `serve --shard`: the share of the config's pipelines this daemon runs (fixed until a restart).
     shard: OnceLock<Shard>,
+    /// The live page's switch, listener guard and login sessions (`session.rs`; set by `with_access`).
+    pub(super) access: super::session::Access,
+    /// What the live page reads of each pipeline (`live.rs`), published with the rest.
+    pub(super) live: super::live::Board,
 }
 
 impl State {
@@ -54,6 +58,8 @@ impl State {
             segment_limits,
             worker: OnceLock::new(),
             shard: OnceLock::new(),
+            access: super::session::Access::default(),
+            live: super::live::Board::default(),
         }
     }
 
@@ -142,7 +148,8 @@ impl State {
                         "queue": format!("{:?}", plan.queue).to_lowercase(),
                         "max_fps": plan.config.max_fps,
                         "output": plan.config.output.dir.display().to_string(),
-                        "queries": plan.queries.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                        // The queries running now: a reload may have changed them in place.
+                        "queries": p.shared.queries().queries.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
                     }),
                 )
             })

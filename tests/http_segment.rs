@@ -575,7 +575,7 @@ fn a_burst_beyond_the_queue_gets_429s_while_a_pipeline_keeps_being_served() {
     for i in 0..4 {
         common::write_png(&inbox.join(format!("f{i}.png")), 96, 64);
     }
-    common::wait_until("the folder's frames", Duration::from_secs(120), || {
+    common::wait_until("the folder's frames", Duration::from_secs(300), || {
         daemon.frames_out("cam") >= 4.0
     });
     let during = answers.lock().expect("lock").len();

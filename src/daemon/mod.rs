@@ -18,6 +18,7 @@
 
 pub mod http;
 pub mod notify;
+mod page;
 mod running;
 mod segment;
 mod status;

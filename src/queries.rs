@@ -43,6 +43,10 @@ struct QueryFile {
     query: Vec<QuerySpec>,
 }
 
+/// The longest query name, in characters: names label files, sidecars, metrics and MQTT topics, and the live
+/// page shows them; a longer description belongs in `prompts`.
+pub const MAX_NAME_CHARS: usize = 64;
+
 /// A palette colour. The palette belongs to the query set: label k is painted in query k's colour.
 pub type Rgb = [u8; 3];
 
@@ -111,6 +115,14 @@ impl QuerySet {
             let name = spec.name.trim();
             if name.is_empty() {
                 bail!("query {} has an empty name", i + 1);
+            }
+            if name.chars().count() > MAX_NAME_CHARS {
+                let start: String = name.chars().take(20).collect();
+                bail!(
+                    "query '{start}…' has a name of {} characters; keep names to {MAX_NAME_CHARS} and put longer \
+                     descriptions in its prompts",
+                    name.chars().count()
+                );
             }
             if !seen.insert(name.to_lowercase()) {
                 bail!("query '{name}' is given twice; each query must be unique");
@@ -216,6 +228,9 @@ mod tests {
         assert!(err.to_string().contains("twice"));
         let err = QuerySet::from_names(&["  ".into()]).expect_err("blank");
         assert!(err.to_string().contains("empty name"));
+        let err = QuerySet::from_names(&["x".repeat(MAX_NAME_CHARS + 1)]).expect_err("long");
+        assert!(err.to_string().contains("65 characters"), "{err}");
+        assert!(QuerySet::from_names(&["é".repeat(MAX_NAME_CHARS)]).is_ok());
     }
 
     #[test]

@@ -78,6 +78,8 @@ pub struct HttpSection {
     pub segment_max_pixels: u64,
     /// `POST /v1/segment`: images waiting for the inference worker; more are refused (429) rather than queued.
     pub segment_queue: usize,
+    /// The live page (`/`, `/ui/*`) and its data routes (`/v1/pipelines*`, `/v1/session`); false: 404.
+    pub page: bool,
 }
 
 impl Default for HttpSection {
@@ -88,6 +90,7 @@ impl Default for HttpSection {
             segment_max_mb: 32,
             segment_max_pixels: 40_000_000,
             segment_queue: 4,
+            page: true,
         }
     }
 }
@@ -226,7 +229,7 @@ fn yes() -> bool {
 }
 
 impl QueryEntry {
-    pub(super) fn to_spec(&self) -> QuerySpec {
+    pub fn to_spec(&self) -> QuerySpec {
         match self {
             QueryEntry::Name(name) => QuerySpec {
                 name: name.clone(),

@@ -15,7 +15,7 @@ use std::time::Duration;
 use axum::extract::{DefaultBodyLimit, State as Extract};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -33,6 +33,8 @@ use super::{ReloadError, ReloadOutcome, State};
 /// The most a request head (request line and headers) may hold, and the most any handler may read of a body.
 /// Only `POST /v1/segment` takes a body, read under its own limit (`http.segment_max_mb`).
 const MAX_REQUEST: usize = 16 * 1024;
+/// The most a query edit (`PUT /v1/pipelines/{name}/queries`) may hold: far more than any real query list.
+const QUERY_EDIT_BODY: usize = 256 * 1024;
 /// How long a client has to send the whole request head, from the moment it connects. A client that stalls
 /// (slowloris) is disconnected then, without an answer.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +60,20 @@ fn router(state: Arc<State>, reload: mpsc::Sender<ReloadRequest>) -> Router {
         .route("/status", get(status))
         .route("/reload", post(reload_handler))
         .route("/v1/segment", post(super::segment::handler))
+        .route(
+            "/v1/session",
+            get(super::session::status)
+                .post(super::session::login)
+                .delete(super::session::logout),
+        )
+        .route("/v1/pipelines", get(super::live::list))
+        .route("/v1/pipelines/{name}/live.mjpeg", get(super::live::mjpeg))
+        .route("/v1/pipelines/{name}/live.jpg", get(super::live::jpeg))
+        .route("/v1/pipelines/{name}/history", get(super::live::history))
+        .route(
+            "/v1/pipelines/{name}/queries",
+            put(super::query_edit::put).layer(DefaultBodyLimit::max(QUERY_EDIT_BODY)),
+        )
         // The live page (page.rs): files compiled into the binary.
         .route("/", get(super::page::index))
         .route("/ui/app.js", get(super::page::app_js))
@@ -68,7 +84,7 @@ fn router(state: Arc<State>, reload: mpsc::Sender<ReloadRequest>) -> Router {
         .fallback(|| async {
             text(
                 StatusCode::NOT_FOUND,
-                "not found (try /livez, /readyz, /metrics, /status, POST /reload, POST /v1/segment)\n",
+                "not found (try /livez, /readyz, /metrics, /status, POST /reload, POST /v1/segment, /v1/pipelines)\n",
             )
         })
         .layer(DefaultBodyLimit::max(MAX_REQUEST))
@@ -150,6 +166,12 @@ async fn reload_handler(Extract(ctx): Extract<Ctx>, headers: HeaderMap) -> Respo
     if let Some(refused) = authorize(&ctx.state, &headers, "POST /reload") {
         return refused;
     }
+    run_reload(&ctx).await
+}
+
+/// Runs the reload of SIGHUP through the control loop and replies with its outcome: `POST /reload`, and the
+/// query editor once it has written the file.
+pub(super) async fn run_reload(ctx: &Ctx) -> Response {
     let (tx, rx) = oneshot::channel();
     if ctx.reload.send(tx).await.is_err() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
@@ -169,27 +191,89 @@ async fn reload_handler(Extract(ctx): Extract<Ctx>, headers: HeaderMap) -> Respo
     }
 }
 
-/// The answer refusing a request to `route` without the right bearer token, or None when it may go on (the
-/// token matches, or none is configured).
+/// What a route needs from a request (see `session.rs` for the why of each check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Need {
+    /// Reading the page's data: the token or a session cookie when a token is configured.
+    View,
+    /// A state change: the token or a session cookie when a token is configured, and the Origin check.
+    Change,
+    /// Logging in or out: no credentials (the token is in the body), but the Origin check.
+    Login,
+}
+
+/// How a request proved it may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// No token is configured (loopback only).
+    Open,
+    Bearer,
+    Cookie,
+}
+
+/// The answer refusing a state-changing request to `route`, or None when it may go on. See `guard`.
 pub(super) fn authorize(state: &State, headers: &HeaderMap, route: &str) -> Option<Response> {
-    let token = state.token.as_ref()?;
+    guard(state, headers, Need::Change, route)
+}
+
+/// The one place a request is authorised: the Host guard on a loopback listener, then the bearer token or the
+/// page's session cookie (when `http.token_file` is set; the token compared in constant time), then for state
+/// changes the Origin check. The answer refusing it, or None when it may go on.
+pub(super) fn guard(
+    state: &State,
+    headers: &HeaderMap,
+    need: Need,
+    route: &str,
+) -> Option<Response> {
+    let access = &state.access;
+    if let Some(why) = access.host_refusal(headers) {
+        tracing::warn!("{route} refused: {why}");
+        return Some(text(StatusCode::FORBIDDEN, format!("forbidden: {why}\n")));
+    }
+    let via = match need {
+        Need::Login => Via::Open,
+        Need::View | Need::Change => match credentials(state, headers, route) {
+            Ok(via) => via,
+            Err(refused) => return Some(refused),
+        },
+    };
+    if need != Need::View {
+        if let Some(why) = super::session::origin_refusal(headers, via == Via::Cookie) {
+            tracing::warn!("{route} refused: {why}");
+            return Some(text(StatusCode::FORBIDDEN, format!("forbidden: {why}\n")));
+        }
+    }
+    None
+}
+
+/// True when the request carries what viewing needs (`GET /v1/session` reports it).
+pub(super) fn authorized(state: &State, headers: &HeaderMap) -> bool {
+    state.access.host_refusal(headers).is_none()
+        && credentials(state, headers, "GET /v1/session").is_ok()
+}
+
+fn credentials(state: &State, headers: &HeaderMap, route: &str) -> Result<Via, Response> {
+    let Some(token) = state.token.as_ref() else {
+        return Ok(Via::Open);
+    };
     match bearer(headers) {
+        Some(given) if same_token(given, token) => Ok(Via::Bearer),
+        Some(_) => {
+            tracing::warn!("{route} refused: wrong bearer token");
+            Err(text(StatusCode::FORBIDDEN, "forbidden: wrong token\n"))
+        }
+        None if state.access.cookie_valid(headers) => Ok(Via::Cookie),
         None => {
             let mut refused = text(
                 StatusCode::UNAUTHORIZED,
-                "unauthorized: send Authorization: Bearer <the token in http.token_file>\n",
+                "unauthorized: send Authorization: Bearer <the token in http.token_file>, or log in on the page\n",
             );
             refused.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"tclseg\""),
             );
-            Some(refused)
+            Err(refused)
         }
-        Some(given) if !same_token(given, token) => {
-            tracing::warn!("{route} refused: wrong bearer token");
-            Some(text(StatusCode::FORBIDDEN, "forbidden: wrong token\n"))
-        }
-        Some(_) => None,
     }
 }
 
@@ -246,7 +330,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Compares the SHA-256 digests in constant time: neither the contents nor the length of the token leak
 /// through the response time.
-fn same_token(given: &str, expected: &str) -> bool {
+pub(super) fn same_token(given: &str, expected: &str) -> bool {
     let (a, b) = (
         Sha256::digest(given.as_bytes()),
         Sha256::digest(expected.as_bytes()),
@@ -258,7 +342,11 @@ pub(super) fn text(code: StatusCode, body: impl Into<String>) -> Response {
     reply(code, "text/plain", body.into())
 }
 
-fn reply(code: StatusCode, content_type: &'static str, body: String) -> Response {
+pub(super) fn json_reply(code: StatusCode, body: serde_json::Value) -> Response {
+    reply(code, "application/json", body.to_string())
+}
+
+pub(super) fn reply(code: StatusCode, content_type: &'static str, body: String) -> Response {
     (
         code,
         [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],

@@ -17,10 +17,13 @@
 //! routes (the one place a reload's outcome becomes JSON) are `http.rs`. Each can then change without the others.
 
 pub mod http;
+mod live;
 pub mod notify;
 mod page;
+mod query_edit;
 mod running;
 mod segment;
+mod session;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -79,12 +82,23 @@ async fn serve(
         Some(file) => Some(config::validate::read_token(file).map_err(|e| anyhow!("{e}"))?),
         None => None,
     };
-    let state = Arc::new(State::new(
-        Arc::new(Telemetry::default()),
-        &config_path,
-        token,
-        segment::SegmentLimits::from_config(&config.http),
-    ));
+    let state = Arc::new(
+        State::new(
+            Arc::new(Telemetry::default()),
+            &config_path,
+            token,
+            segment::SegmentLimits::from_config(&config.http),
+        )
+        .with_access(session::Access::new(
+            config.http.page,
+            // Validation refuses an unparsable address; one that got here anyway gets the stricter guard.
+            config
+                .http
+                .listen
+                .parse()
+                .map_or(true, |addr| config::validate::is_loopback(&addr)),
+        )),
+    );
     // Signals first, so a SIGTERM during the model load is not the default (immediate) death.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;

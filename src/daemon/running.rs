@@ -160,10 +160,13 @@ impl Running {
     /// Tells `/status` and the events catalog (MQTT discovery) what runs now.
     fn publish(&self) {
         self.state.publish(&self.pipelines);
+        self.state
+            .live
+            .publish(&self.pipelines, &self.config, &self.config_path);
         let catalog: Catalog = self
             .pipelines
             .iter()
-            .map(|(name, p)| (name.clone(), query_names(&p.shared.plan.queries)))
+            .map(|(name, p)| (name.clone(), query_names(&p.shared.queries().queries)))
             .collect();
         self.catalog.send_replace(catalog);
     }

@@ -31,6 +31,10 @@ pub struct State {
     pub(super) segment_limits: SegmentLimits,
     /// The inference worker and the model it runs, once started: where `POST /v1/segment` sends its images.
     worker: OnceLock<Arc<Scheduler>>,
+    /// The live page's switch, listener guard and login sessions (`session.rs`; set by `with_access`).
+    pub(super) access: super::session::Access,
+    /// What the live page reads of each pipeline (`live.rs`), published with the rest.
+    pub(super) live: super::live::Board,
 }
 
 impl State {
@@ -49,6 +53,8 @@ impl State {
             token,
             segment_limits,
             worker: OnceLock::new(),
+            access: super::session::Access::default(),
+            live: super::live::Board::default(),
         }
     }
 
@@ -124,7 +130,8 @@ impl State {
                         "queue": format!("{:?}", plan.queue).to_lowercase(),
                         "max_fps": plan.config.max_fps,
                         "output": plan.config.output.dir.display().to_string(),
-                        "queries": plan.queries.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                        // The queries running now: a reload may have changed them in place.
+                        "queries": p.shared.queries().queries.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
                     }),
                 )
             })

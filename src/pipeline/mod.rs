@@ -6,6 +6,7 @@
 //! Lifecycle: `start` → frames flow → `stop_source` (the source ends; the queue refuses frames) → `finish`
 //! (queued frames dropped or drained by the caller, the output closed, the video finalized).
 
+pub mod live;
 pub mod output;
 pub mod queue;
 pub mod requests;
@@ -98,6 +99,8 @@ pub struct PipelineState {
     pub plan: PipelinePlan,
     pub queue: FrameQueue,
     pub metrics: Arc<PipelineMetrics>,
+    /// The live page's overlay stream and query history, fed by the output thread.
+    pub live: live::LiveTap,
     queries: Mutex<Arc<PipelineQueries>>,
     output: Mutex<Option<Sender<Segmented>>>,
     stopping: AtomicBool,
@@ -237,6 +240,7 @@ impl Pipeline {
         let shared = Arc::new(PipelineState {
             queue: FrameQueue::new(plan.queue, doorbell, Arc::clone(&metrics)),
             metrics,
+            live: live::LiveTap::default(),
             queries: Mutex::new(Arc::new(queries)),
             output: Mutex::new(Some(tx)),
             stopping: AtomicBool::new(false),
@@ -329,6 +333,7 @@ impl Pipeline {
                 tracing::error!(pipeline = %self.name(), "the output thread panicked");
             }
         }
+        self.shared.live.close();
         tracing::info!(pipeline = %self.name(), "pipeline stopped");
     }
 }

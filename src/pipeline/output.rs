@@ -75,6 +75,8 @@ pub fn run(shared: &PipelineState, results: Receiver<Segmented>, events: &Events
                 shared.metrics.drop_frames(DropReason::WriteError, 1);
             }
         }
+        // The live page's view (overlay only while watched, history always), whether or not the files made it.
+        shared.live.observe(&item);
         if (retention.max_age.is_some() || retention.max_bytes.is_some())
             && last_sweep.is_none_or(|t| t.elapsed() >= SWEEP_EVERY)
         {

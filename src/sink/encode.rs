@@ -19,7 +19,7 @@ use crate::model::{SegmentSettings, Segmentation};
 use crate::queries::QuerySet;
 
 /// Overlay tint: half class colour, half image.
-const OVERLAY_ALPHA: f32 = 0.5;
+pub const OVERLAY_ALPHA: f32 = 0.5;
 
 /// Which files to write per image.
 #[derive(Debug, Clone, Copy, Default)]

@@ -40,11 +40,23 @@ pub fn request(port: u16, method: &str, path: &str, headers: &str) -> Reply {
 /// `request` with a body (its `Content-Length` is added). A server that answers before reading the whole body
 /// may close the connection on the rest: what it answered is still read.
 pub fn request_with_body(port: u16, method: &str, path: &str, headers: &str, body: &[u8]) -> Reply {
+    request_to_host(port, "localhost", method, path, headers, body)
+}
+
+/// `request_with_body` naming `host` in the Host header (what a browser sends for the name it resolved).
+pub fn request_to_host(
+    port: u16,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &str,
+    body: &[u8],
+) -> Reply {
     let mut raw = Vec::new();
     if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
         let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Content-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{headers}Content-Length: {}\r\n\r\n",
             body.len()
         );
         let _ = stream

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use common::browser::Browser;
+use common::browser::{Browser, Screen};
 use common::config::{Config, Pipeline};
 use common::daemon::{request, Daemon, RtspServer};
 use common::{files_with_suffix, wait_until, write_png};
@@ -171,16 +171,26 @@ fn the_overview_shows_both_pipelines_and_a_live_overlay_that_changes() {
     assert_eq!(presence.as_array().map(Vec::len), Some(2), "{presence}");
 
     let shots = shots_dir();
+    let size = browser.js("return [window.innerWidth, window.innerHeight];", vec![]);
+    assert_eq!(size, json!([1280, 800]));
     let wide = browser.screenshot(&shots.join("overview-1280x800.png"));
-    browser.set_size(390, 844);
-    browser.wait_js(
-        "one column at phone width",
+    // On a phone: one card under the other, nothing wider than the screen.
+    let phone = Browser::on(dir.path(), Screen::Phone);
+    phone.goto(&page_url(&setup.daemon));
+    let layout = phone.wait_js(
+        "both cards at phone width",
         SHOWN,
         "const cards = [...document.querySelectorAll('.card')]; \
-         return cards.length === 2 && cards[0].getBoundingClientRect().right <= window.innerWidth \
-            && cards[1].getBoundingClientRect().top > cards[0].getBoundingClientRect().bottom - 1;",
+         if (cards.length !== 2 || !document.getElementById('live-cam').naturalWidth) return null; \
+         const [a, b] = cards.map(c => c.getBoundingClientRect()); \
+         return { width: window.innerWidth, page: document.documentElement.scrollWidth, \
+                  stacked: b.top >= a.bottom, inside: a.right <= window.innerWidth };",
     );
-    let narrow = browser.screenshot(&shots.join("overview-390x844.png"));
+    assert_eq!(layout["width"], 390, "{layout}");
+    assert_eq!(layout["page"], 390, "nothing overflows sideways: {layout}");
+    assert_eq!(layout["stacked"], true, "{layout}");
+    assert_eq!(layout["inside"], true, "{layout}");
+    let narrow = phone.screenshot(&shots.join("overview-390x844.png"));
     for shot in [wide, narrow] {
         let size = std::fs::metadata(&shot).map(|m| m.len()).unwrap_or(0);
         assert!(size > 10_000, "{} holds {size} bytes", shot.display());

@@ -5,33 +5,56 @@
 //! every file allows this origin only (images also from `blob:`, the overlay of "try an image", and `data:`),
 //! and forbids framing. `Cache-Control: no-cache` makes a browser revalidate, so a new daemon's page replaces
 //! the old one at the next load. The files hold no data: what the page shows comes from the JSON routes, which
-//! do their own access checks; `/` is also the login form, so it loads without a session.
+//! do their own access checks (`http::guard`). So the files load without a session: `/` is also the login
+//! form, drawn by `app.js`. They answer only what every route answers first: 404 while `[http] page = false`,
+//! and the loopback Host guard (`session.rs`).
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::extract::State as Extract;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+
+use super::http::{text, Ctx};
+use super::session::page_off;
 
 const INDEX_HTML: &str = include_str!("page/index.html");
 const APP_JS: &str = include_str!("page/app.js");
 const STYLE_CSS: &str = include_str!("page/style.css");
+
+/// Each file with its content type (with `nosniff`, a browser runs a script or applies a style sheet only when
+/// the type says it is one).
+const HTML: (&str, &str) = (INDEX_HTML, "text/html; charset=utf-8");
+const JS: (&str, &str) = (APP_JS, "text/javascript; charset=utf-8");
+const CSS: (&str, &str) = (STYLE_CSS, "text/css; charset=utf-8");
 
 /// Self only; `connect-src` covers the page's fetches and the live streams are images.
 const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
      img-src 'self' blob: data:; connect-src 'self'; form-action 'self'; base-uri 'none'; \
      frame-ancestors 'none'";
 
-pub(super) async fn index() -> Response {
-    file(INDEX_HTML, "text/html; charset=utf-8")
+pub(super) async fn index(Extract(ctx): Extract<Ctx>, headers: HeaderMap) -> Response {
+    refusal(&ctx, &headers).unwrap_or_else(|| file(HTML))
 }
 
-pub(super) async fn app_js() -> Response {
-    file(APP_JS, "text/javascript; charset=utf-8")
+pub(super) async fn app_js(Extract(ctx): Extract<Ctx>, headers: HeaderMap) -> Response {
+    refusal(&ctx, &headers).unwrap_or_else(|| file(JS))
 }
 
-pub(super) async fn style_css() -> Response {
-    file(STYLE_CSS, "text/css; charset=utf-8")
+pub(super) async fn style_css(Extract(ctx): Extract<Ctx>, headers: HeaderMap) -> Response {
+    refusal(&ctx, &headers).unwrap_or_else(|| file(CSS))
 }
 
-fn file(body: &'static str, content_type: &'static str) -> Response {
+/// The page switched off, or a Host that a loopback listener must not answer; None: serve the file.
+fn refusal(ctx: &Ctx, headers: &HeaderMap) -> Option<Response> {
+    let access = &ctx.state.access;
+    if !access.page {
+        return Some(page_off());
+    }
+    let why = access.host_refusal(headers)?;
+    tracing::warn!("live page refused: {why}");
+    Some(text(StatusCode::FORBIDDEN, format!("forbidden: {why}\n")))
+}
+
+fn file((body, content_type): (&'static str, &'static str)) -> Response {
     (
         StatusCode::OK,
         [
@@ -113,12 +136,12 @@ mod tests {
         assert_eq!(handlers.count(), 0, "no inline event handlers");
     }
 
-    #[tokio::test]
-    async fn each_file_has_its_type_no_cache_and_the_strict_policy() {
+    #[test]
+    fn each_file_has_its_type_no_cache_and_the_strict_policy() {
         for (reply, kind) in [
-            (index().await, "text/html"),
-            (app_js().await, "text/javascript"),
-            (style_css().await, "text/css"),
+            (file(HTML), "text/html"),
+            (file(JS), "text/javascript"),
+            (file(CSS), "text/css"),
         ] {
             assert_eq!(reply.status(), StatusCode::OK);
             let headers = reply.headers();

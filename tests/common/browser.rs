@@ -22,7 +22,17 @@ use super::{free_port, wait_until};
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 
-/// One headless chromium, its window 1280×800.
+/// What the page is shown on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Screen {
+    /// A 1280×800 viewport.
+    Desktop,
+    /// A phone: a 390×844 viewport, touch, mobile layout (chromium's device emulation; a real window cannot be
+    /// made that narrow).
+    Phone,
+}
+
+/// One headless chromium.
 pub struct Browser {
     runtime: tokio::runtime::Runtime,
     client: Option<Client>,
@@ -30,8 +40,13 @@ pub struct Browser {
 }
 
 impl Browser {
-    /// Starts chromedriver and a browser session; the profile and chromedriver's log go under `dir`.
+    /// Starts chromedriver and a desktop browser session; the profile and chromedriver's log go under `dir`.
     pub fn start(dir: &Path) -> Browser {
+        Browser::on(dir, Screen::Desktop)
+    }
+
+    /// `start`, on the given screen.
+    pub fn on(dir: &Path, screen: Screen) -> Browser {
         for program in [CHROMEDRIVER, CHROMIUM] {
             assert!(
                 Path::new(program).exists(),
@@ -39,7 +54,7 @@ impl Browser {
             );
         }
         let port = free_port();
-        let log = dir.join("chromedriver.log");
+        let log = dir.join(format!("chromedriver-{port}.log"));
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .arg(format!("--log-path={}", log.display()))
@@ -61,25 +76,26 @@ impl Browser {
         wait_until("chromedriver listens", Duration::from_secs(30), || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        let profile = dir.join("chromium-profile");
+        let profile = dir.join(format!("chromium-profile-{port}"));
         std::fs::create_dir_all(&profile).expect("profile folder");
-        let capabilities = json!({
-            "browserName": "chrome",
-            "goog:chromeOptions": {
-                "binary": CHROMIUM,
-                "args": [
-                    "--headless=new",
-                    // The tests run as root (CI does), where chromium's sandbox refuses to start; the browser only
-                    // ever loads the daemon's own page here.
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-dev-shm-usage",
-                    "--no-first-run",
-                    "--window-size=1280,800",
-                    format!("--user-data-dir={}", profile.display()),
-                ],
-            },
+        let mut options = json!({
+            "binary": CHROMIUM,
+            "args": [
+                "--headless=new",
+                // The tests run as root (CI does), where chromium's sandbox refuses to start; the browser only
+                // ever loads the daemon's own page and the tests' own.
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--window-size=1280,800",
+                format!("--user-data-dir={}", profile.display()),
+            ],
         });
+        if screen == Screen::Phone {
+            options["mobileEmulation"] = json!({ "deviceMetrics": { "width": 390, "height": 844, "pixelRatio": 1, "touch": true } });
+        }
+        let capabilities = json!({ "browserName": "chrome", "goog:chromeOptions": options });
         let capabilities = match capabilities {
             Value::Object(map) => map,
             _ => unreachable!("a JSON object"),
@@ -98,7 +114,30 @@ impl Browser {
                 std::fs::read_to_string(&log).unwrap_or_default()
             ),
         }
+        if screen == Screen::Desktop {
+            browser.set_viewport(1280, 800);
+        }
         browser
+    }
+
+    /// Sizes the window so that the page itself (the viewport) is `width`×`height`: headless chromium still
+    /// counts room for a window frame in the window's size.
+    pub fn set_viewport(&self, width: u32, height: u32) {
+        let sizes = self.js(
+            "return [window.outerWidth - window.innerWidth, window.outerHeight - window.innerHeight];",
+            vec![],
+        );
+        let frame = |i: usize| {
+            sizes[i]
+                .as_u64()
+                .and_then(|v| u32::try_from(v).ok())
+                .unwrap_or(0)
+        };
+        self.block(
+            self.client()
+                .set_window_size(width + frame(0), height + frame(1)),
+        )
+        .expect("window size");
     }
 
     fn block<F: Future>(&self, future: F) -> F::Output {
@@ -112,11 +151,6 @@ impl Browser {
     pub fn goto(&self, url: &str) {
         self.block(self.client().goto(url))
             .unwrap_or_else(|e| panic!("open {url}: {e}"));
-    }
-
-    pub fn set_size(&self, width: u32, height: u32) {
-        self.block(self.client().set_window_size(width, height))
-            .expect("window size");
     }
 
     /// The element with this id (panics when there is none).
@@ -243,11 +277,12 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         if let Some(client) = self.client.take() {
-            // Ends the session: chromedriver quits chromium and removes nothing of ours (the profile is ours).
-            let _ = self.runtime.block_on(tokio::time::timeout(
-                Duration::from_secs(10),
-                client.close(),
-            ));
+            // Ends the session: chromedriver quits chromium, and with it chromium's crash handler (which runs
+            // detached, outside the process group).
+            // (The timeout is made inside the runtime: its timer belongs to it.)
+            let _ = self.runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), client.close()).await
+            });
         }
         // The process group chromedriver leads holds the chromium it started, if any is left.
         let _ = Command::new("kill")

@@ -226,7 +226,9 @@ function card(config) {
   return el('article', { class: 'card', id: idFor('pipeline', name), 'aria-labelledby': idFor('title', name) },
     el('h3', { id: idFor('title', name), text: name }),
     el('p', { class: 'source' }),
-    image,
+    el('div', { class: 'livebox' },
+      image,
+      el('p', { class: 'nolive', id: idFor('nolive', name), text: 'Waiting for the next frame…' })),
     el('dl', { class: 'figures' },
       ...figure('Source', 'state'),
       ...figure('Processed', 'fps'),
@@ -353,6 +355,8 @@ function showStatus(status) {
   if (running && differs(running)) loadPipelines();
   const now = performance.now();
   for (const [name, entry] of pipelines) {
+    // Until its first frame arrives the stream shows nothing (an idle folder sends none): say so.
+    $(idFor('nolive', name)).hidden = entry.card.querySelector('img.live').naturalWidth > 0;
     const figures = (status.pipelines || {})[name];
     if (!figures) continue;
     const state = sourceState(figures);
@@ -391,8 +395,8 @@ function sourceState(figures) {
   if (figures.running === false) {
     return { text: `not running: ${figures.error || 'unknown error'}`, level: 'bad' };
   }
-  const state = figures.state || (figures.connected ? 'connected' : 'reconnecting');
-  const error = figures.last_error || '';
+  const state = figures.source_state || (figures.connected ? 'connected' : 'reconnecting');
+  const error = figures.source_error || '';
   if (state === 'connected') return { text: 'connected', level: 'ok' };
   return { text: error ? `${state}: ${error}` : state, level: 'warn' };
 }
@@ -600,16 +604,23 @@ function nextColour(rows) {
 }
 
 /** The rows as the PUT body's queries. A colour is sent only where it differs from the one the daemon would
- * pick at that place anyway, so a plain list of names stays a plain list in the operator's file. A threshold
- * that is not a number is sent as written, for the daemon to name the mistake. */
+ * pick at that place anyway, so a plain list of names stays a plain list in the operator's file. Everything
+ * else is the daemon's to check; only a threshold that is not a number at all cannot be sent (JSON has no place
+ * for it), so it is reported here, in the daemon's words. */
 function readRows(state) {
   let label = 0;
-  return [...state.rows.children].map((row) => {
+  const notNumbers = [];
+  const queries = [...state.rows.children].map((row) => {
     const query = { name: row.querySelector('.qname').value.trim() };
     const prompts = row.querySelector('.qprompts').value.split('\n').map((p) => p.trim()).filter(Boolean);
     if (prompts.length) query.prompts = prompts;
     const threshold = row.querySelector('.qthreshold').value.trim();
-    if (threshold !== '') query.threshold = Number.isFinite(Number(threshold)) ? Number(threshold) : threshold;
+    if (threshold !== '') {
+      query.threshold = Number(threshold);
+      if (!Number.isFinite(query.threshold)) {
+        notNumbers.push(`query '${query.name}': threshold '${threshold}' is not a number (give one in 0..1, or leave it empty)`);
+      }
+    }
     if (row.dataset.background) {
       query.background = true;
     } else {
@@ -619,14 +630,21 @@ function readRows(state) {
     }
     return query;
   });
+  return { queries, notNumbers };
 }
 
 async function saveQueries(state) {
   state.errors.replaceChildren();
   state.status.textContent = 'Saving…';
+  const { queries, notNumbers } = readRows(state);
+  if (notNumbers.length) {
+    state.errors.replaceChildren(...notNumbers.map((m) => el('li', { text: m })));
+    state.status.textContent = 'Not saved: nothing was changed.';
+    return;
+  }
   state.save.disabled = true;
   try {
-    const reply = await api('PUT', pipelineUrl(state.name, '/queries'), { json: { queries: readRows(state) } });
+    const reply = await api('PUT', pipelineUrl(state.name, '/queries'), { json: { queries } });
     if (reply.status === 401) {
       sessionLost();
       return;

@@ -14,7 +14,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use common::browser::{Browser, Screen};
@@ -29,16 +29,23 @@ const TOKEN: &str = "page-test-token-5f2c";
 /// A comment the operator wrote in the config file, which an edit from the page must keep.
 const OPERATOR_NOTE: &str = "# operator: cam is the yard camera, keep its queries short";
 
-/// The daemon, the RTSP server feeding "cam", and where "cam" writes.
+/// The tests here run one at a time: each runs a daemon, an RTSP server and chromium, and side by side on a
+/// small machine they would measure its load rather than the page.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// The daemon, the RTSP server feeding "cam", and where "cam" writes; the turn of the test that holds it.
 struct Setup {
     daemon: Daemon,
     server: RtspServer,
     cam_out: PathBuf,
+    _turn: MutexGuard<'static, ()>,
 }
 
 /// "cam" (5 fps from the RTSP server, retried quickly) and "inbox" (a folder holding one picture), in a config
 /// that `adjust` may change further (its `[http]`). Returns once both have written a frame.
 fn two_pipelines(dir: &Path, adjust: impl FnOnce(Config) -> Config) -> Setup {
+    // A test that failed while holding the turn poisons the lock; the next one still runs.
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let server = RtspServer::start();
     let cam_out = dir.join("out-cam");
     let inbox = dir.join("inbox");
@@ -63,6 +70,7 @@ fn two_pipelines(dir: &Path, adjust: impl FnOnce(Config) -> Config) -> Setup {
         daemon,
         server,
         cam_out,
+        _turn: turn,
     }
 }
 
@@ -274,15 +282,16 @@ fn a_bad_query_shows_the_daemons_error_and_changes_nothing() {
     let before = std::fs::read(&setup.daemon.config).expect("config");
     let long = "x".repeat(300);
 
-    for (case, name) in [
-        ("empty", ""),
-        ("duplicate", "Red Square"),
-        ("over-long", long.as_str()),
+    // Each case with what its message must say (the daemon's, as `config check` gives it).
+    for (case, name, says) in [
+        ("empty", "", "empty name"),
+        ("duplicate", "Red Square", "given twice"),
+        ("over-long", long.as_str(), "keep names to 64"),
     ] {
         add_query_row(&browser, name);
         save_cam(&browser);
         let errors = browser.wait_text("editor-errors-cam", SHOWN, |t| !t.is_empty());
-        assert!(!errors.is_empty(), "{case}: an error is shown");
+        assert!(errors.contains(says), "{case}: {errors}");
         let status = browser.text(&browser.id("editor-status-cam"));
         assert!(status.starts_with("Not saved"), "{case}: {status}");
         assert_eq!(
@@ -500,6 +509,12 @@ fn with_a_token_the_page_asks_for_it_and_a_cross_origin_request_changes_nothing(
         running_queries(daemon, "cam"),
         ["red square", "blue circle"],
         "the cross-origin reload did not run"
+    );
+    let other_origin = format!("Origin 'http://127.0.0.1:{}'", other.port);
+    let refusals = daemon.log_text();
+    assert!(
+        common::lines_with(&refusals, &["POST /reload refused", &other_origin]).len() == 1,
+        "refused for its Origin:\n{refusals}"
     );
     assert_eq!(
         std::fs::read_to_string(&daemon.config).expect("config"),

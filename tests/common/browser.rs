@@ -287,6 +287,7 @@ impl Drop for Browser {
         // The process group chromedriver leads holds the chromium it started, if any is left.
         let _ = Command::new("kill")
             .args(["-KILL", "--", &format!("-{}", self.driver.id())])
+            .stderr(Stdio::null())
             .status();
         let _ = self.driver.wait();
     }

@@ -103,7 +103,13 @@ async function login(event) {
   event.preventDefault();
   const token = $('login-token');
   $('login-error').textContent = '';
-  const reply = await api('POST', '/v1/session', { json: { token: token.value } });
+  let reply;
+  try {
+    reply = await api('POST', '/v1/session', { json: { token: token.value } });
+  } catch (e) {
+    $('login-error').textContent = `Cannot reach the daemon: ${e.message}`;
+    return;
+  }
   if (reply.ok) {
     token.value = '';
     route();
@@ -116,7 +122,11 @@ async function login(event) {
 }
 
 async function logout() {
-  await api('DELETE', '/v1/session');
+  try {
+    await api('DELETE', '/v1/session');
+  } catch (_) {
+    // Unreachable: the session ends with the daemon anyway.
+  }
   dropPipelines();
   route();
 }
@@ -139,6 +149,8 @@ function showApp(withLogout) {
   $('logout').hidden = !withLogout;
   stopPolling();
   loadPipelines().then(() => {
+    // Unless reading them ended the session (the login form is back).
+    if ($('app').hidden) return;
     pollStatus();
     pollHistory();
   });

@@ -70,12 +70,9 @@ fn listening_off_loopback_needs_a_token_file() {
 #[test]
 fn reload_off_loopback_needs_the_bearer_token() {
     let dir = tempfile::tempdir().expect("tmp");
-    let token = dir.path().join("http.token");
-    std::fs::write(&token, format!("{TOKEN}\n")).expect("write");
-    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let config = Config::new()
         .listen_on("0.0.0.0")
-        .http(&format!("token_file = \"{}\"", token.display()))
+        .token_file(dir.path(), TOKEN)
         .pipeline(
             Pipeline::folder("p", &dir.path().join("in"), &dir.path().join("out"))
                 .with("queries = [\"red square\"]"),

@@ -19,6 +19,7 @@
 //! segment_max_mb = 32          # POST /v1/segment: largest upload (413 above)
 //! segment_max_pixels = 40000000  # POST /v1/segment: largest image (413 above)
 //! segment_queue = 4            # POST /v1/segment: images waiting for the worker (429 above)
+//! page = true                 # the live page at / and its /v1/pipelines routes (false: 404)
 //!
 //! [events.mqtt]               # optional: presence events (see pipelines/README.md)
 //! host = "127.0.0.1"

@@ -1,12 +1,15 @@
 //! The control plane over HTTP/1.1 on localhost: `/livez`, `/readyz`, `/metrics` (Prometheus), `/status` (JSON),
-//! `POST /reload`, and `POST /v1/segment` (an image segmented on request: `segment.rs`). Routing is axum's, the
-//! connections are hyper's: one request per connection (keep-alive off), a bounded request head, a deadline on
-//! reading it, and nothing but these six routes.
+//! `POST /reload`, `POST /v1/segment` (an image segmented on request: `segment.rs`), and the live page's routes:
+//! `/v1/session` (`session.rs`), `/v1/pipelines` with each pipeline's `live.mjpeg`, `live.jpg` and `history`
+//! (`live.rs`) and `PUT .../queries` (`query_edit.rs`). Routing is axum's, the connections are hyper's: one request
+//! per connection (keep-alive off), a bounded request head, a deadline on reading it, and nothing but these routes.
 //!
-//! Access: the GET routes are read-only and stay open, so probes and Prometheus scrapes need no credentials
-//! (they show redacted sources only). `POST /reload` changes what runs and `POST /v1/segment` spends inference
-//! time: when `http.token_file` is set (which validation requires for any `listen` address off loopback) both
-//! need `Authorization: Bearer <token>`, compared in constant time (`authorize`).
+//! Access: the probes (`/livez /readyz /metrics /status`) are read-only and stay open, so probes and Prometheus
+//! scrapes need no credentials (they show redacted sources only). Every other route goes through `guard`, the one
+//! place a request is authorised: the loopback Host guard, then — when `http.token_file` is set (which validation
+//! requires for any `listen` address off loopback) — `Authorization: Bearer <token>` compared in constant time or
+//! the page's session cookie, then for state changes (`POST /reload`, `POST /v1/segment`, the query editor) the
+//! Origin check. `session.rs` says why each check is there.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -24,16 +24,16 @@ use serde_json::json;
 use super::http::{guard, json_reply, Ctx, Need};
 use super::session::page_off;
 use crate::config::{PipelineConfig, QueryEntry, ServeConfig};
-use crate::pipeline::live::{LiveFrame, HISTORY_SECONDS};
+use crate::pipeline::live::{LiveFrame, LiveFrames, HISTORY_SECONDS};
 use crate::pipeline::{Pipeline, PipelineState};
 use crate::queries::QuerySet;
 use crate::telemetry::unix_ms;
 
 /// The multipart boundary of `live.mjpeg`.
 const BOUNDARY: &str = "tclsegframe";
-/// `live.jpg` waits this long for a frame before answering 503.
-const FIRST_FRAME_WAIT: Duration = Duration::from_secs(5);
-/// A frame older than this is not "the latest" for `live.jpg`: nobody was watching, so it waits for a new one.
+/// `live.jpg` waits this long for a new frame when the one it has is not fresh.
+const NEXT_FRAME_WAIT: Duration = Duration::from_secs(10);
+/// A frame older than this may not be the latest for `live.jpg` (nobody was watching): it waits for a new one.
 const FRESH_MS: u64 = 2000;
 
 /// What the page routes read of the running set, replaced whole at start-up and after each reload.
@@ -255,23 +255,33 @@ fn seconds_param(query: Option<&str>) -> Result<u64, String> {
     }
 }
 
+/// A viewer's receiver of pipeline `name`'s overlays, after the page switch and the viewing guard.
+fn subscribe(
+    ctx: &Ctx,
+    headers: &HeaderMap,
+    name: &str,
+    route: &str,
+) -> Result<LiveFrames, Response> {
+    if let Some(refused) = viewing(ctx, headers, route) {
+        return Err(refused);
+    }
+    ctx.state
+        .live
+        .running(name)
+        .and_then(|s| s.live.subscribe())
+        .ok_or_else(|| no_pipeline(name))
+}
+
 /// `GET /v1/pipelines/{name}/live.mjpeg`.
 pub async fn mjpeg(
     Extract(ctx): Extract<Ctx>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = viewing(&ctx, &headers, "GET /v1/pipelines/{name}/live.mjpeg") {
-        return refused;
-    }
     // Only the receiver goes into the stream: a removed pipeline's state is not kept alive by a viewer.
-    let Some(frames) = ctx
-        .state
-        .live
-        .running(&name)
-        .and_then(|s| s.live.subscribe())
-    else {
-        return no_pipeline(&name);
+    let frames = match subscribe(&ctx, &headers, &name, "GET /v1/pipelines/{name}/live.mjpeg") {
+        Ok(frames) => frames,
+        Err(refused) => return refused,
     };
     let parts = futures_util::stream::unfold(frames, |mut frames| async move {
         loop {
@@ -308,31 +318,23 @@ fn part(frame: &LiveFrame) -> Vec<u8> {
 }
 
 /// `GET /v1/pipelines/{name}/live.jpg`: the latest overlay; asking for it makes the pipeline encode the next
-/// one when nobody was watching. 503 with Retry-After when no frame comes within `FIRST_FRAME_WAIT`.
+/// one when nobody was watching. When none is fresh it waits `NEXT_FRAME_WAIT` for one, then answers with the
+/// last one made, or 503 with Retry-After when there has been none.
 pub async fn jpeg(
     Extract(ctx): Extract<Ctx>,
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = viewing(&ctx, &headers, "GET /v1/pipelines/{name}/live.jpg") {
-        return refused;
-    }
-    let Some(mut frames) = ctx
-        .state
-        .live
-        .running(&name)
-        .and_then(|s| s.live.subscribe())
-    else {
-        return no_pipeline(&name);
+    let mut frames = match subscribe(&ctx, &headers, &name, "GET /v1/pipelines/{name}/live.jpg") {
+        Ok(frames) => frames,
+        Err(refused) => return refused,
     };
-    let fresh = |f: &Option<Arc<LiveFrame>>| {
-        f.as_ref()
-            .filter(|f| unix_ms().saturating_sub(f.wall_ms) < FRESH_MS)
-            .cloned()
-    };
-    let mut latest = fresh(&frames.borrow_and_update());
+    let current = frames.borrow_and_update().clone();
+    let mut latest = current
+        .clone()
+        .filter(|f| unix_ms().saturating_sub(f.wall_ms) < FRESH_MS);
     if latest.is_none() {
-        let waited = tokio::time::timeout(FIRST_FRAME_WAIT, async {
+        let waited = tokio::time::timeout(NEXT_FRAME_WAIT, async {
             while frames.changed().await.is_ok() {
                 if let Some(f) = frames.borrow_and_update().clone() {
                     return Some(f);
@@ -341,7 +343,8 @@ pub async fn jpeg(
             None
         })
         .await;
-        latest = waited.ok().flatten();
+        // A slow pipeline (or a source that went down) still shows the last overlay it made.
+        latest = waited.ok().flatten().or(current);
     }
     match latest {
         Some(frame) => {

@@ -40,7 +40,30 @@ const PIPELINE_ENV_PREFIX: &str = "TCLSEG_PIPELINE";
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Edit {
-    queries: Vec<EditQuery>,
+    queries: Vec<EditEntry>,
+}
+
+/// A query as the config file takes it: a bare name, or a table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum EditEntry {
+    Name(String),
+    Query(EditQuery),
+}
+
+impl EditEntry {
+    fn into_query(self) -> EditQuery {
+        match self {
+            EditEntry::Name(name) => EditQuery {
+                name,
+                colour: None,
+                prompts: None,
+                threshold: None,
+                background: false,
+            },
+            EditEntry::Query(q) => q,
+        }
+    }
 }
 
 /// One query as the page sends it (what `[[pipeline]] queries` takes).
@@ -93,7 +116,7 @@ pub async fn put(
             return refusal(Refused::new(
                 StatusCode::BAD_REQUEST,
                 format!(
-                    "the body is not {{\"queries\": [{{\"name\", \"colour\"?, \"prompts\"?, \"threshold\"?}}]}}: {e}"
+                    "the body is not {{\"queries\": [\"name\" or {{\"name\", \"colour\"?, \"prompts\"?, \"threshold\"?, \"background\"?}}]}}: {e}"
                 ),
             ))
         }
@@ -107,10 +130,7 @@ pub async fn put(
             ),
         ));
     };
-    if let Some(var) = std::env::vars()
-        .map(|(k, _)| k)
-        .find(|k| k.to_ascii_uppercase().starts_with(PIPELINE_ENV_PREFIX))
-    {
+    if let Some(var) = pipeline_override(std::env::vars_os().map(|(k, _)| k)) {
         return refusal(Refused::new(
             StatusCode::CONFLICT,
             format!(
@@ -127,8 +147,13 @@ pub async fn put(
     };
     let _one_at_a_time = EDITS.lock().await;
     let configs = ctx.state.live.configs();
+    let queries: Vec<EditQuery> = edit
+        .queries
+        .into_iter()
+        .map(EditEntry::into_query)
+        .collect();
     let written =
-        tokio::task::spawn_blocking(move || edit_file(&path, &running, &configs, &edit.queries))
+        tokio::task::spawn_blocking(move || edit_file(&path, &running, &configs, &queries))
             .await
             .unwrap_or_else(|e| {
                 Err(Refused::new(
@@ -143,6 +168,14 @@ pub async fn put(
         }
         Err(refused) => refusal(refused),
     }
+}
+
+/// The first environment variable that overrides `[[pipeline]]` tables, if any (names that are not UTF-8 are
+/// compared as far as they are).
+fn pipeline_override(names: impl Iterator<Item = std::ffi::OsString>) -> Option<String> {
+    names
+        .map(|k| k.to_string_lossy().into_owned())
+        .find(|k| k.to_ascii_uppercase().starts_with(PIPELINE_ENV_PREFIX))
 }
 
 fn refusal(refused: Refused) -> Response {
@@ -356,6 +389,28 @@ dir = "/tmp/yard"
             "{edited}"
         );
         assert!(edited.starts_with("# cameras at home\n"));
+    }
+
+    #[test]
+    fn only_pipeline_overrides_in_the_environment_stop_an_edit() {
+        let names = |list: &[&str]| {
+            list.iter()
+                .map(std::ffi::OsString::from)
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        assert_eq!(
+            pipeline_override(names(&[
+                "TCLSEG_LOG",
+                "TCLSEG_INFERENCE__MAX_BATCH",
+                "PATH"
+            ])),
+            None
+        );
+        assert_eq!(
+            pipeline_override(names(&["HOME", "TCLSEG_PIPELINE__0__QUERIES"])),
+            Some("TCLSEG_PIPELINE__0__QUERIES".into())
+        );
     }
 
     #[test]

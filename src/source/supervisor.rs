@@ -11,7 +11,7 @@ use super::rtsp::RtspTransport;
 use super::sequence::FrameSequence;
 use super::stream::{self, RunEnd, StreamSettings};
 use super::{FrameIntake, SourceKind, SourceSpec};
-use crate::telemetry::PipelineMetrics;
+use crate::telemetry::{PipelineMetrics, SourceTrouble};
 
 #[derive(Debug, Clone)]
 pub struct SupervisorSettings {
@@ -93,6 +93,13 @@ pub fn supervise(
             }
             RunEnd::Stalled => {
                 metrics.stalls.fetch_add(1, Ordering::Relaxed);
+                metrics.set_source_trouble(SourceTrouble {
+                    stalled: true,
+                    why: format!(
+                        "no frame for {:.1} s",
+                        settings.stream.watchdog.as_secs_f64()
+                    ),
+                });
                 tracing::warn!(
                     pipeline,
                     source = %spec,
@@ -101,6 +108,10 @@ pub fn supervise(
                 );
             }
             RunEnd::Failed(reason) => {
+                metrics.set_source_trouble(SourceTrouble {
+                    stalled: false,
+                    why: reason.clone(),
+                });
                 tracing::warn!(pipeline, source = %spec, "source failed after {:.1} s: {reason}", started.elapsed().as_secs_f64());
             }
             RunEnd::TransportRefused(refused) => {
@@ -133,6 +144,10 @@ pub fn supervise(
                     refused.refusal_advice(pipeline)
                 };
                 tracing::warn!(pipeline, source = %spec, "source failed: {advice}");
+                metrics.set_source_trouble(SourceTrouble {
+                    stalled: false,
+                    why: advice,
+                });
             }
         }
         if !refused_now {

@@ -181,7 +181,18 @@ pub struct PipelineMetrics {
     pub connected: AtomicBool,
     /// Why the pipeline is not running (it failed to start, or one of its threads died); None while it runs.
     failure: Mutex<Option<String>>,
+    /// How the source last ended (redacted), kept while it reconnects and after: `/status` and the live page.
+    source_trouble: Mutex<Option<SourceTrouble>>,
     latency: Vec<Histogram>,
+}
+
+/// Why a source last ended before its retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceTrouble {
+    /// The no-frame watchdog fired (rather than an error).
+    pub stalled: bool,
+    /// What happened, redacted.
+    pub why: String,
 }
 
 impl Default for PipelineMetrics {
@@ -202,6 +213,7 @@ impl PipelineMetrics {
             queue_depth: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             failure: Mutex::new(None),
+            source_trouble: Mutex::new(None),
             latency: Stage::ALL
                 .iter()
                 .map(|_| Histogram::new(&LATENCY_BUCKETS))
@@ -248,6 +260,36 @@ impl PipelineMetrics {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// Records how the source ended before a retry (`why` already redacted).
+    pub fn set_source_trouble(&self, trouble: SourceTrouble) {
+        *self
+            .source_trouble
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(trouble);
+    }
+
+    /// The source's state for `/status`: `failed` (the pipeline is not running), `connected`, `stalled` or
+    /// `reconnecting` (after its last end), else `connecting`; and the last trouble's description.
+    pub fn source_state(&self) -> (&'static str, Option<String>) {
+        let trouble = self
+            .source_trouble
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let state = if self.failure().is_some() {
+            "failed"
+        } else if self.connected.load(Ordering::Relaxed) {
+            "connected"
+        } else {
+            match &trouble {
+                Some(t) if t.stalled => "stalled",
+                Some(_) => "reconnecting",
+                None => "connecting",
+            }
+        };
+        (state, trouble.map(|t| t.why))
     }
 
     /// Seconds since the last frame (None: no frame yet).
@@ -333,6 +375,10 @@ pub struct PipelineStatus {
     /// False when the pipeline failed to start or one of its threads died; `error` says why.
     pub running: bool,
     pub error: Option<String>,
+    /// `connected`, `reconnecting`, `stalled`, `connecting` or `failed` (see `PipelineMetrics::source_state`).
+    pub source_state: &'static str,
+    /// How the source last ended (redacted); None if it never has.
+    pub source_error: Option<String>,
     pub last_frame_age_s: Option<f64>,
     pub queue_depth: u64,
     /// Bucket upper bounds of the capture → written latency's p50 and p95.
@@ -375,6 +421,7 @@ impl Telemetry {
         map.iter()
             .map(|(name, m)| {
                 let total = m.latency(Stage::Total);
+                let (source_state, source_error) = m.source_state();
                 (
                     name.clone(),
                     PipelineStatus {
@@ -389,6 +436,8 @@ impl Telemetry {
                         connected: m.connected.load(Ordering::Relaxed),
                         running: m.failure().is_none(),
                         error: m.failure(),
+                        source_state,
+                        source_error,
                         last_frame_age_s: m.last_frame_age(),
                         queue_depth: m.queue_depth.load(Ordering::Relaxed),
                         latency_p50_s: total.quantile_bound(0.5),
@@ -405,4 +454,35 @@ pub fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_source_state_follows_its_last_end_until_it_delivers_again() {
+        let m = PipelineMetrics::default();
+        assert_eq!(m.source_state(), ("connecting", None));
+        m.set_source_trouble(SourceTrouble {
+            stalled: false,
+            why: "connection refused".into(),
+        });
+        assert_eq!(
+            m.source_state(),
+            ("reconnecting", Some("connection refused".into()))
+        );
+        m.set_source_trouble(SourceTrouble {
+            stalled: true,
+            why: "no frame for 3.0 s".into(),
+        });
+        assert_eq!(m.source_state().0, "stalled");
+        m.connected.store(true, Ordering::Relaxed);
+        assert_eq!(
+            m.source_state(),
+            ("connected", Some("no frame for 3.0 s".into()))
+        );
+        m.set_failure(Some("its output thread panicked".into()));
+        assert_eq!(m.source_state().0, "failed");
+    }
 }

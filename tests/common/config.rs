@@ -177,6 +177,18 @@ impl Config {
         self.http(&format!("listen = \"{host}:{port}\""))
     }
 
+    /// `[http] token_file`: `token` written to `dir/http.token`, `chmod 600` as the daemon asks.
+    pub fn token_file(self, dir: &Path, token: &str) -> Config {
+        use std::os::unix::fs::PermissionsExt;
+        let file = dir.join("http.token");
+        std::fs::write(&file, format!("{token}\n")).expect("write the token file");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        self.http(&format!(
+            "token_file = {}",
+            quoted(&file.display().to_string())
+        ))
+    }
+
     /// HTTP off (`listen = ""`).
     pub fn no_http(mut self) -> Config {
         self.port = 0;

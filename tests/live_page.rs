@@ -11,7 +11,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -440,13 +439,8 @@ impl Drop for OtherOrigin {
 #[test]
 fn with_a_token_the_page_asks_for_it_and_a_cross_origin_request_changes_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
-    let token_file = dir.path().join("http.token");
-    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("token");
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let setup = two_pipelines(dir.path(), |config| {
-        config
-            .listen_on("0.0.0.0")
-            .http(&format!("token_file = \"{}\"", token_file.display()))
+        config.listen_on("0.0.0.0").token_file(dir.path(), TOKEN)
     });
     let daemon = &setup.daemon;
 

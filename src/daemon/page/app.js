@@ -274,9 +274,12 @@ function queryRows(entry) {
   drawHistory(entry);
 }
 
-// Live overlays: an MJPEG stream per card (one HTTP connection each), opened only while the card is on screen
-// and the tab is visible, so the daemon encodes overlays only for someone watching.
+// Live overlays: an MJPEG stream per card, opened only while the card is on screen and the tab is visible, so
+// the daemon encodes overlays only for someone watching. Each stream holds one of the few connections a browser
+// opens to one server (six over HTTP/1.1), and the page's own requests need the rest: past MAX_STREAMS cards on
+// screen, a card shows the latest overlay (live.jpg) at each /status poll instead.
 
+const MAX_STREAMS = 4;
 const visibleCards = new Set();
 const onScreen = new IntersectionObserver((seen) => {
   for (const item of seen) {
@@ -292,40 +295,68 @@ function watchStream(entry) {
   const image = entry.card.querySelector('img.live');
   entry.card.dataset.pipeline = entry.config.name;
   image.addEventListener('error', () => {
-    // The stream ended or could not open: try again a little later, while the card is still shown.
-    entry.streaming = false;
+    // The stream ended or could not open (no frame yet): try again a little later, while the card is shown.
+    if (entry.mode !== 'stream') return;
+    entry.mode = null;
     clearTimeout(entry.retry);
     entry.retry = setTimeout(() => syncStream(entry), STREAM_RETRY_MS);
   });
   onScreen.observe(entry.card);
 }
 
+/** Opens or closes the card's overlay as it comes into or out of view: `entry.mode` is null, 'stream' (MJPEG)
+ * or 'snapshot' (live.jpg, refreshed by `refreshSnapshots`). */
 function syncStream(entry) {
-  const image = entry.card.querySelector('img.live');
   const wanted = visibleCards.has(entry.config.name) && document.visibilityState === 'visible'
     && pipelines.get(entry.config.name) === entry;
-  if (wanted && !entry.streaming) {
-    entry.streaming = true;
+  if (!wanted) {
+    if (entry.mode) closeStream(entry);
+    return;
+  }
+  if (entry.mode === 'stream') return;
+  const streams = [...pipelines.values()].filter((e) => e.mode === 'stream').length;
+  if (streams < MAX_STREAMS) {
+    entry.mode = 'stream';
     // A fresh URL each time, so an ended stream is really opened again.
-    image.src = `${pipelineUrl(entry.config.name, '/live.mjpeg')}?open=${Date.now()}`;
-  } else if (!wanted && entry.streaming) {
-    closeStream(entry);
+    entry.card.querySelector('img.live').src = `${pipelineUrl(entry.config.name, '/live.mjpeg')}?open=${Date.now()}`;
+  } else if (entry.mode !== 'snapshot') {
+    entry.mode = 'snapshot';
+    refreshSnapshot(entry);
+  }
+}
+
+function refreshSnapshot(entry) {
+  entry.card.querySelector('img.live').src = `${pipelineUrl(entry.config.name, '/live.jpg')}?at=${Date.now()}`;
+}
+
+function refreshSnapshots() {
+  for (const entry of pipelines.values()) {
+    if (entry.mode === 'snapshot') refreshSnapshot(entry);
   }
 }
 
 function closeStream(entry) {
-  entry.streaming = false;
+  const freed = entry.mode === 'stream';
+  entry.mode = null;
   clearTimeout(entry.retry);
   // Removing the source closes the connection.
   entry.card.querySelector('img.live').removeAttribute('src');
+  if (freed) {
+    // A connection is free: a card showing snapshots may stream now.
+    for (const other of pipelines.values()) {
+      if (other.mode === 'snapshot') {
+        other.mode = null;
+        syncStream(other);
+        break;
+      }
+    }
+  }
 }
 
 /** Opens every stream again: the daemon restarted, so the streams it served have ended. */
 function reopenStreams() {
-  for (const entry of pipelines.values()) {
-    closeStream(entry);
-    syncStream(entry);
-  }
+  for (const entry of pipelines.values()) closeStream(entry);
+  for (const entry of pipelines.values()) syncStream(entry);
 }
 
 function forget(entry) {
@@ -365,6 +396,7 @@ function showStatus(status) {
   // A reload (SIGHUP, another editor) changed the set of pipelines or their queries: read the config again.
   const running = status.daemon && status.daemon.pipelines;
   if (running && differs(running)) loadPipelines();
+  refreshSnapshots();
   const now = performance.now();
   for (const [name, entry] of pipelines) {
     // Until its first frame arrives the stream shows nothing (an idle folder sends none): say so.

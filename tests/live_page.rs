@@ -73,6 +73,15 @@ fn two_pipelines(dir: &Path, adjust: impl FnOnce(Config) -> Config) -> Setup {
     }
 }
 
+/// `two_pipelines` on loopback, and a desktop browser on its page once the page shows "cam".
+fn page_open(dir: &Path) -> (Setup, Browser) {
+    let setup = two_pipelines(dir, |c| c);
+    let browser = Browser::start(dir);
+    browser.goto(&page_url(&setup.daemon));
+    browser.wait_text("title-cam", SHOWN, |t| t == "cam");
+    (setup, browser)
+}
+
 fn page_url(daemon: &Daemon) -> String {
     format!("http://127.0.0.1:{}/", daemon.port)
 }
@@ -134,10 +143,7 @@ fn running_queries(daemon: &Daemon, pipeline: &str) -> Vec<String> {
 #[test]
 fn the_overview_shows_both_pipelines_and_a_live_overlay_that_changes() {
     let dir = tempfile::tempdir().expect("tmp");
-    let setup = two_pipelines(dir.path(), |c| c);
-    let browser = Browser::start(dir.path());
-    browser.goto(&page_url(&setup.daemon));
-
+    let (setup, browser) = page_open(dir.path());
     for name in ["cam", "inbox"] {
         let title = browser.wait_text(&format!("title-{name}"), SHOWN, |t| t == name);
         assert_eq!(title, name);
@@ -219,10 +225,7 @@ fn save_cam(browser: &Browser) {
 #[test]
 fn a_query_added_in_the_editor_reaches_status_the_sidecars_and_the_config_file() {
     let dir = tempfile::tempdir().expect("tmp");
-    let setup = two_pipelines(dir.path(), |c| c);
-    let browser = Browser::start(dir.path());
-    browser.goto(&page_url(&setup.daemon));
-    browser.wait_text("title-cam", SHOWN, |t| t == "cam");
+    let (setup, browser) = page_open(dir.path());
     let rows = browser.all("#editor-rows-cam .qrow");
     assert_eq!(rows.len(), 2, "cam's two queries are in the editor");
 
@@ -274,10 +277,7 @@ fn a_query_added_in_the_editor_reaches_status_the_sidecars_and_the_config_file()
 #[test]
 fn a_bad_query_shows_the_daemons_error_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
-    let setup = two_pipelines(dir.path(), |c| c);
-    let browser = Browser::start(dir.path());
-    browser.goto(&page_url(&setup.daemon));
-    browser.wait_text("title-cam", SHOWN, |t| t == "cam");
+    let (setup, browser) = page_open(dir.path());
     let before = std::fs::read(&setup.daemon.config).expect("config");
     let long = "x".repeat(300);
 
@@ -317,9 +317,7 @@ fn a_bad_query_shows_the_daemons_error_and_changes_nothing() {
 #[test]
 fn the_page_shows_the_source_reconnecting_and_recovers_when_it_returns() {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut setup = two_pipelines(dir.path(), |c| c);
-    let browser = Browser::start(dir.path());
-    browser.goto(&page_url(&setup.daemon));
+    let (mut setup, browser) = page_open(dir.path());
     browser.wait_text("state-cam", SHOWN, |t| t == "connected");
 
     let port = setup.server.port;
@@ -340,10 +338,7 @@ fn the_page_shows_the_source_reconnecting_and_recovers_when_it_returns() {
 #[test]
 fn try_an_image_shows_the_overlay_and_the_area_of_each_query() {
     let dir = tempfile::tempdir().expect("tmp");
-    let setup = two_pipelines(dir.path(), |c| c);
-    let browser = Browser::start(dir.path());
-    browser.goto(&page_url(&setup.daemon));
-    browser.wait_text("title-cam", SHOWN, |t| t == "cam");
+    let (setup, browser) = page_open(dir.path());
     let picture = dir.path().join("try.png");
     write_png(&picture, 80, 60);
 

@@ -294,6 +294,10 @@ const onScreen = new IntersectionObserver((seen) => {
 function watchStream(entry) {
   const image = entry.card.querySelector('img.live');
   entry.card.dataset.pipeline = entry.config.name;
+  // A frame arrived (for a stream, the first one): the "waiting" note goes (the /status poll checks it too).
+  image.addEventListener('load', () => {
+    $(idFor('nolive', entry.config.name)).hidden = true;
+  });
   image.addEventListener('error', () => {
     // The stream ended or could not open (no frame yet): try again a little later, while the card is shown.
     if (entry.mode !== 'stream') return;

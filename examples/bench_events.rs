@@ -237,7 +237,7 @@ async fn main() -> Result<()> {
             capacity: u64::MAX,
         },
         mqtt: Some(MqttConfig {
-            port: broker.port,
+            port: Some(broker.port),
             prefix: "bench".into(),
             client_id: "bench-events".into(),
             ..MqttConfig::default()

@@ -61,6 +61,32 @@ pub enum Command {
     /// Pipeline configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Combine the reports of a sharded `segment` (`segment-report.<I>-of-<N>.json` in its --out): totals, and
+    /// which shards are missing, did not finish or left images undone (exit status 1 when any is).
+    MergeReports(MergeReportsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MergeReportsArgs {
+    /// The folder the shards wrote to (their common --out).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// The number of shards of the split (default: the one the folder's reports name).
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u32>,
+}
+
+/// `--shard` and `--shards` for a batch command (`segment`, `eval`).
+#[derive(Debug, Args)]
+pub struct BatchShardArgs {
+    /// Take only shard I of N of the inputs (I counts from 0), chosen by a hash of each image's path under its
+    /// folder, so adding files moves no other; `auto`: I from JOB_COMPLETION_INDEX (a Kubernetes Indexed Job) or
+    /// SLURM_ARRAY_TASK_ID (a Slurm job array).
+    #[arg(long, value_name = "I/N|auto")]
+    pub shard: Option<String>,
+    /// The number of shards, for --shard auto (default: SLURM_ARRAY_TASK_COUNT; a Kubernetes Job needs it).
+    #[arg(long, value_name = "N", requires = "shard")]
+    pub shards: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -119,6 +145,10 @@ pub struct EvalArgs {
     /// Decoder threads.
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
+    // Scores only a share of each split (see `segment --shard`); the mIoU is then of that share: save the
+    // shards' predictions in one folder and score them together with --predictions.
+    #[command(flatten)]
+    pub shard: BatchShardArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -135,6 +165,14 @@ pub struct ServeArgs {
     /// The config file (TOML; see pipelines/ for examples).
     #[arg(long, short = 'c', env = "TCLSEG_CONFIG", value_name = "FILE")]
     pub config: PathBuf,
+    /// Run only shard I of N of the config's pipelines (I counts from 0), chosen by a hash of each pipeline's
+    /// name, so one config serves a fleet and each camera has one owner; `auto`: I from the number at the end
+    /// of the host name, as a Kubernetes StatefulSet names its pods (tclseg-3 → 3).
+    #[arg(long, env = "TCLSEG_SHARD", value_name = "I/N|auto")]
+    pub shard: Option<String>,
+    /// The number of shards, for --shard auto (the StatefulSet's replicas).
+    #[arg(long, env = "TCLSEG_SHARDS", value_name = "N")]
+    pub shards: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -286,6 +324,9 @@ pub struct SegmentArgs {
     /// Refuse images with more pixels than this (checked from the header, before decoding).
     #[arg(long, value_name = "PIXELS", default_value_t = 100_000_000)]
     pub max_pixels: u64,
+    // Shards write `segment-report.<I>-of-<N>.json`; `tclseg merge-reports OUT` combines them.
+    #[command(flatten)]
+    pub shard: BatchShardArgs,
 }
 
 /// Where and how the model runs, shared by `segment`, `eval` and `models bench`.

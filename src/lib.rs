@@ -1,7 +1,7 @@
 //! tclseg: open-vocabulary segmentation with TCL (CVPR 2023).
 //!
 //! The library holds everything the `tclseg` binary's subcommands are thin wrappers over. Imports run downward
-//! through floors (lowest first): `telemetry`, `gst`, `trainer` → `model` → `queries`, `source` → `sink`, `events` →
+//! through floors (lowest first): `telemetry`, `gst`, `trainer`, `shard` → `model` → `queries`, `source` → `sink`, `events` →
 //! `config` → `pipeline`, `segment`, `eval`, `bench` → `daemon`; `tests/layering.rs` checks them. See
 //! ARCHITECTURE.md for the data flow and a table of where each concern lives.
 
@@ -15,6 +15,7 @@ pub mod model;
 pub mod pipeline;
 pub mod queries;
 pub mod segment;
+pub mod shard;
 pub mod sink;
 pub mod source;
 pub mod telemetry;

@@ -4,12 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use tclseg::events::{Catalog, Event, EventKind, MqttConfig, MqttSink, Outbox};
-use tokio::sync::watch;
+use tclseg::events::{Event, EventKind, MqttConfig, Outbox};
 
 mod events_common;
-use events_common::broker::{subscribe, Broker, Received};
-use events_common::event;
+use events_common::broker::{run_sink, subscribe, Broker, Received};
+use events_common::{assert_in_order_per_pipeline, event};
 
 fn received_events(got: &Received) -> Vec<Event> {
     got.lock()
@@ -38,39 +37,10 @@ async fn wait_for(got: &Received, want: usize) -> Vec<Event> {
 
 fn config(port: u16) -> MqttConfig {
     MqttConfig {
-        port,
+        port: Some(port),
         prefix: "cam".into(),
         client_id: "tclseg-test".into(),
         ..MqttConfig::default()
-    }
-}
-
-fn start(
-    cfg: MqttConfig,
-    outbox: &Outbox,
-    catalog: Catalog,
-) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let (stop, stop_rx) = watch::channel(false);
-    let (_cat, cat_rx) = watch::channel(catalog);
-    let sink = MqttSink::new(cfg, outbox.clone(), "mqtt");
-    let task = tokio::spawn(async move {
-        let _keep = _cat;
-        sink.run(cat_rx, stop_rx).await
-    });
-    (stop, task)
-}
-
-fn assert_in_order_per_pipeline(events: &[Event]) {
-    for p in ["a", "b"] {
-        let times: Vec<u64> = events
-            .iter()
-            .filter(|e| e.pipeline == p)
-            .map(|e| e.at_ms)
-            .collect();
-        assert!(
-            times.windows(2).all(|w| w[0] < w[1]),
-            "pipeline {p} out of order: {times:?}"
-        );
     }
 }
 
@@ -80,7 +50,7 @@ async fn every_event_survives_a_broker_outage_in_order() {
     let mut broker = Broker::start(dir.path(), None);
     let got = subscribe(broker.port, "cam/#", None).await;
     let outbox = Outbox::open(&dir.path().join("events.redb"), 1000, &["mqtt"]).expect("outbox");
-    let (stop, task) = start(config(broker.port), &outbox, Vec::new());
+    let (stop, task) = run_sink(config(broker.port), &outbox, Vec::new());
     let pipeline = |n: u64| if n.is_multiple_of(3) { "b" } else { "a" };
     for n in 0..5 {
         outbox
@@ -184,7 +154,7 @@ async fn events_left_in_the_outbox_are_delivered_after_a_restart() {
     {
         // The daemon's first life: the broker is down, events pile up, then the daemon stops.
         let outbox = Outbox::open(&path, 1000, &["mqtt"]).expect("outbox");
-        let (stop, task) = start(config(broker.port), &outbox, Vec::new());
+        let (stop, task) = run_sink(config(broker.port), &outbox, Vec::new());
         for n in 0..10u64 {
             let p = if n.is_multiple_of(2) { "a" } else { "b" };
             outbox.push(&[event(p, n, EventKind::Start)]).expect("push");
@@ -197,7 +167,7 @@ async fn events_left_in_the_outbox_are_delivered_after_a_restart() {
     let got = subscribe(broker.port, "cam/events", None).await;
     // The second life: the store is reopened and its events go out.
     let outbox = Outbox::open(&path, 1000, &["mqtt"]).expect("reopen");
-    let (stop, task) = start(config(broker.port), &outbox, Vec::new());
+    let (stop, task) = run_sink(config(broker.port), &outbox, Vec::new());
     let events = wait_for(&got, 10).await;
     assert_eq!(events.len(), 10);
     assert_in_order_per_pipeline(&events);
@@ -222,7 +192,7 @@ async fn home_assistant_discovery_with_credentials_and_a_last_will() {
         "door".to_string(),
         vec!["person".to_string(), "red car".to_string()],
     )];
-    let (_stop, task) = start(cfg, &outbox, catalog);
+    let (_stop, task) = run_sink(cfg, &outbox, catalog);
     let deadline = Instant::now() + Duration::from_secs(20);
     let configs = loop {
         let c: Vec<_> = got

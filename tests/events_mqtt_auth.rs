@@ -10,30 +10,11 @@ use tokio::sync::watch;
 mod events_common;
 use events_common::broker::Broker;
 use events_common::event;
-
-/// A tracing writer into a shared buffer, to read what the sink logged.
-#[derive(Clone, Default)]
-struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("lock").extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use events_common::logs::Logs;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_delivers_nothing_and_is_never_logged() {
-    let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = Logs::capture();
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(dir.path(), Some(("tclseg", "right-one")));
     std::fs::write(dir.path().join("password"), "Wr0ng-Secret\n").expect("password file");
@@ -44,7 +25,7 @@ async fn a_wrong_password_delivers_nothing_and_is_never_logged() {
     let cfg = MqttConfig {
         username: Some("tclseg".into()),
         password_file: Some(dir.path().join("password")),
-        port: broker.port,
+        port: Some(broker.port),
         prefix: "cam".into(),
         ..MqttConfig::default()
     };
@@ -63,7 +44,7 @@ async fn a_wrong_password_delivers_nothing_and_is_never_logged() {
         1,
         "refused: the event waits"
     );
-    let text = String::from_utf8_lossy(&logs.0.lock().expect("lock")).to_string();
+    let text = logs.text();
     assert!(text.contains("MQTT connection failed"), "{text}");
     assert!(
         !text.contains("Wr0ng-Secret"),

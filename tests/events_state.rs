@@ -197,7 +197,7 @@ fn the_event_json_has_what_a_consumer_needs() {
 fn validation_reports_every_bad_key_with_its_path() {
     let c: EventsConfig = toml::from_str(
         "min_area = 2\noff_s = -1\noutbox = { capacity = 0 }\n[zones.door]\nline = [[0, 0], [1, 1]]\n\
-         [[webhooks]]\nname = \"a\"\nurl = \"https://x\"\n[[webhooks]]\nname = \"a\"\nurl = \"http://x\"\n",
+         [[webhooks]]\nname = \"a\"\nurl = \"ftp://x\"\n[[webhooks]]\nname = \"a\"\nurl = \"http://x\"\n",
     )
     .expect("parses");
     let paths: Vec<String> = c.validate().into_iter().map(|(p, _)| p).collect();

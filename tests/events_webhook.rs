@@ -1,96 +1,17 @@
 //! Webhook delivery to a local receiver that fails for a while: every event arrives once accepted, in order,
 //! each with a valid HMAC-SHA256 signature over `timestamp.body`.
 
-use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use events_common::event;
-use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use sha2::Sha256;
+use events_common::receiver::{serve, Receiver, SECRET};
 use tclseg::events::webhook::WebhookError;
 use tclseg::events::{Event, EventKind, Outbox, WebhookConfig, WebhookSink};
 use tokio::sync::watch;
 
 mod events_common;
-
-const SECRET: &str = "hush";
-
-#[derive(Default)]
-struct Receiver {
-    requests: AtomicUsize,
-    /// Answer 500 to this many requests first.
-    fail_first: usize,
-    /// Delay every answer by this much.
-    delay: Duration,
-    accepted: Mutex<Vec<String>>,
-    bad_signatures: AtomicUsize,
-}
-
-async fn answer(
-    r: Arc<Receiver>,
-    req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
-    let header = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let (timestamp, signature, id) = (
-        header("x-tclseg-timestamp"),
-        header("x-tclseg-signature"),
-        header("x-tclseg-event-id"),
-    );
-    let body = req
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(SECRET.as_bytes()).expect("key");
-    mac.update(format!("{timestamp}.").as_bytes());
-    mac.update(&body);
-    let expected = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
-    let event: Option<Event> = serde_json::from_slice(&body).ok();
-    if expected != signature || event.as_ref().map(|e| e.id.as_str()) != Some(id.as_str()) {
-        r.bad_signatures.fetch_add(1, Ordering::Relaxed);
-    }
-    tokio::time::sleep(r.delay).await;
-    let n = r.requests.fetch_add(1, Ordering::Relaxed);
-    let status = if n < r.fail_first { 500 } else { 200 };
-    if status == 200 {
-        r.accepted.lock().expect("lock").push(id);
-    }
-    let mut resp = Response::new(Full::new(Bytes::from_static(b"ok")));
-    *resp.status_mut() = hyper::StatusCode::from_u16(status).expect("status");
-    Ok(resp)
-}
-
-async fn serve(r: Arc<Receiver>) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let r = r.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| answer(r.clone(), req));
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    port
-}
 
 fn config(dir: &std::path::Path, port: u16) -> WebhookConfig {
     std::fs::write(dir.join("secret"), format!("{SECRET}\n")).expect("secret");
@@ -100,6 +21,9 @@ fn config(dir: &std::path::Path, port: u16) -> WebhookConfig {
         secret_file: Some(dir.join("secret")),
         timeout_s: 2.0,
         max_backoff_s: 0.5,
+        ca_file: None,
+        client_cert_file: None,
+        client_key_file: None,
     }
 }
 
@@ -110,7 +34,7 @@ async fn a_failing_receiver_gets_every_event_signed_and_in_order() {
         fail_first: 3,
         ..Receiver::default()
     });
-    let port = serve(receiver.clone()).await;
+    let port = serve(receiver.clone(), None).await;
     let cfg = config(dir.path(), port);
     let outbox = Outbox::open(
         &dir.path().join("o.redb"),
@@ -159,13 +83,13 @@ async fn a_failing_receiver_gets_every_event_signed_and_in_order() {
 }
 
 #[tokio::test]
-async fn a_slow_receiver_times_out_and_https_is_refused() {
+async fn a_slow_receiver_times_out_and_other_schemes_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let receiver = Arc::new(Receiver {
         delay: Duration::from_secs(5),
         ..Receiver::default()
     });
-    let port = serve(receiver).await;
+    let port = serve(receiver, None).await;
     let outbox = Outbox::open(&dir.path().join("o.redb"), 10, &["webhook:alerts"]).expect("outbox");
     let mut cfg = config(dir.path(), port);
     cfg.timeout_s = 0.3;
@@ -174,7 +98,7 @@ async fn a_slow_receiver_times_out_and_https_is_refused() {
         sink.post(&event("a", 0, EventKind::Start)).await,
         Err(WebhookError::Timeout)
     ));
-    cfg.url = "https://example.invalid/hook".into();
+    cfg.url = "ftp://example.invalid/hook".into();
     let sink = WebhookSink::new(cfg, outbox);
     assert!(matches!(
         sink.post(&event("a", 0, EventKind::Start)).await,
@@ -201,7 +125,7 @@ fn webhooks_parse_with_defaults_and_refuse_unknown_keys() {
 async fn frames_become_delivered_events_through_the_entry_point() {
     let dir = tempfile::tempdir().expect("tempdir");
     let receiver = Arc::new(Receiver::default());
-    let port = serve(receiver.clone()).await;
+    let port = serve(receiver.clone(), None).await;
     let config = tclseg::events::EventsConfig {
         on_s: 0.0,
         off_s: 0.0,

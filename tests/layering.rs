@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// Top-level library modules by floor, lowest first.
 const FLOORS: &[&[&str]] = &[
-    &["telemetry", "gst", "trainer"],
+    &["telemetry", "gst", "trainer", "shard"],
     &["model"],
     &["queries", "source"],
     &["sink", "events"],

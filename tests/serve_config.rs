@@ -137,7 +137,7 @@ fn events_mistakes_are_refused_naming_the_key() {
             &["events.zones.back", "no [[pipeline]] is named 'back'"],
         ),
         (
-            "[[events.webhooks]]\nname = \"ops\"\nurl = \"https://example.com/hook\"\n",
+            "[[events.webhooks]]\nname = \"ops\"\nurl = \"ftp://example.com/hook\"\n",
             &["events.webhooks[0].url", "http://"],
         ),
         (

@@ -1,7 +1,7 @@
 //! Model swap without a restart: a reload that changes `[model]` loads the new bundle beside the running one while
 //! a folder pipeline keeps receiving images, then swaps it in; frames flow before, during and after, the sidecars
 //! written after the swap and `/status` name the new model, and a reload to a broken bundle keeps the old model
-//! and says why.
+//! and says why; `/metrics` counts each swap by outcome and labels the serving model (`tclseg_model_info`).
 
 mod common;
 
@@ -70,6 +70,26 @@ fn serving(daemon: &Daemon) -> (String, String) {
     )
 }
 
+/// `/metrics`' model series: swaps (ok, failed), and the (sha256, name) of every `tclseg_model_info` series at 1.
+fn model_metrics(daemon: &Daemon) -> ((f64, f64), Vec<(String, String)>) {
+    let metrics = daemon.metrics();
+    let swaps = (
+        common::daemon::metric(&metrics, "tclseg_model_swaps_total", "outcome=\"ok\""),
+        common::daemon::metric(&metrics, "tclseg_model_swaps_total", "outcome=\"failed\""),
+    );
+    let info = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("tclseg_model_info{sha256=\""))
+        .filter(|l| l.ends_with("} 1"))
+        .filter_map(|l| {
+            let (sha, rest) = l.split_once("\",name=\"")?;
+            let (name, _) = rest.split_once("\"}")?;
+            Some((sha.to_string(), name.to_string()))
+        })
+        .collect();
+    (swaps, info)
+}
+
 /// The model sha256 of each sidecar line in `jsonl`, in the order the frames were written.
 fn sidecar_models(jsonl: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(jsonl).unwrap_or_default();
@@ -93,6 +113,10 @@ fn a_reload_swaps_the_model_while_frames_keep_flowing_and_a_broken_bundle_keeps_
     daemon.wait_ready();
     let (old_name, old_sha) = serving(&daemon);
     assert_eq!(old_name, "tiny-random");
+    assert_eq!(
+        model_metrics(&daemon),
+        ((0.0, 0.0), vec![(old_sha.clone(), old_name.clone())])
+    );
 
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -127,6 +151,14 @@ fn a_reload_swaps_the_model_while_frames_keep_flowing_and_a_broken_bundle_keeps_
         assert_eq!(
             serving(&daemon),
             ("tiny-renamed".to_string(), new_sha.clone())
+        );
+        assert_eq!(
+            model_metrics(&daemon),
+            (
+                (1.0, 0.0),
+                vec![(new_sha.clone(), "tiny-renamed".to_string())]
+            ),
+            "one swap, one model serving"
         );
         let at_swap = frames();
         wait_until(
@@ -180,6 +212,21 @@ fn a_reload_swaps_the_model_while_frames_keep_flowing_and_a_broken_bundle_keeps_
             ("tiny-renamed".to_string(), new_sha.clone())
         );
         assert!(daemon.log_text().contains("the model was not swapped"));
+        // The failed load is counted; the model serving, still the renamed one, keeps its series (the config
+        // refused at validation above was no swap at all).
+        assert_eq!(
+            model_metrics(&daemon),
+            (
+                (1.0, 1.0),
+                vec![(new_sha.clone(), "tiny-renamed".to_string())]
+            )
+        );
+        let status: serde_json::Value =
+            serde_json::from_str(&daemon.get("/status").body).expect("status json");
+        assert_eq!(
+            status["model_swaps"],
+            serde_json::json!({ "ok": 1, "failed": 1 })
+        );
         let after_failure = frames();
         wait_until(
             "frames after the failed swap",

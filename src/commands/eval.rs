@@ -15,6 +15,14 @@ use tclseg::eval::run::{evaluate, EvalJob, EvalProgress, EvalReport, Predictor};
 use crate::cli::EvalArgs;
 
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
+    let shard = super::segment::batch_shard(&args.shard)?;
+    if shard.is_some() && args.save_predictions.is_none() && args.predictions.is_none() {
+        tracing::warn!(
+            "--shard without --save-predictions: this shard's mIoU is of its share only, and the shards' scores \
+             cannot be combined; save every shard's predictions in one folder, then score them together with \
+             `tclseg eval --predictions DIR`"
+        );
+    }
     let keys: Vec<String> = match (&args.dataset, &args.suite) {
         (Some(d), None) => vec![d.clone()],
         (None, Some(s)) if s == "paper" => PAPER_SUITE.iter().map(|k| k.to_string()).collect(),
@@ -53,6 +61,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
                 .as_ref()
                 .map(|d| per_dataset(d, key, keys.len())),
             jobs: args.jobs,
+            shard,
         };
         let bar = Bar::new(key);
         let report = evaluate(&job, &bar)?;

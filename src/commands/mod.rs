@@ -24,6 +24,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Eval(args) => eval::run(args),
         Command::Config(ConfigCommand::Check { file }) => config::check(&file),
         Command::Probe { uri, timeout } => probe(&uri, timeout),
+        Command::MergeReports(args) => segment::merge_reports(&args.dir, args.shards),
     }
 }
 

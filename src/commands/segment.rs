@@ -12,11 +12,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tclseg::model::{resolve_bundle_dir, Engine, SegmentSettings, SettingsOverrides};
 use tclseg::queries::QuerySet;
 use tclseg::segment::{self, Outcome, OutputKinds, Progress, SegmentJob};
+use tclseg::shard::{self, Shard};
 use tclseg::sink::overlay::OverlayFormat;
 
-use crate::cli::{EngineArgs, RefineArgs, SegmentArgs};
+use crate::cli::{BatchShardArgs, EngineArgs, RefineArgs, SegmentArgs};
 
 pub fn run(args: SegmentArgs) -> Result<ExitCode> {
+    // Before the model loads: a shard the environment does not name is an error at once.
+    let shard = batch_shard(&args.shard)?;
     let queries = match &args.queries {
         Some(file) => QuerySet::from_file(file)?,
         None => QuerySet::from_names(&args.query)?,
@@ -42,12 +45,17 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         force: args.force,
         max_failures: args.max_failures,
         max_pixels: args.max_pixels,
+        shard,
     };
     let display = Display::new();
     let summary = segment::run(&engine, &job, &display)?;
     display.finish();
     println!(
-        "done {}, skipped {} (up to date), failed {}{}, {:.2} images/s in {:.1} s",
+        "{}done {}, skipped {} (up to date), failed {}{}, {:.2} images/s in {:.1} s",
+        shard.map_or(String::new(), |s| format!(
+            "shard {s} ({} of {} images): ",
+            summary.images, summary.all_images
+        )),
         summary.done,
         summary.skipped,
         summary.failed,
@@ -66,6 +74,83 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+/// The shard a batch command takes (`--shard`, `--shards`), None without `--shard`.
+pub(super) fn batch_shard(args: &BatchShardArgs) -> Result<Option<Shard>> {
+    args.shard
+        .as_deref()
+        .map(|arg| shard::batch_shard(arg, args.shards, &|name| std::env::var(name).ok()))
+        .transpose()
+}
+
+/// `tclseg merge-reports DIR`: the totals of a sharded run and what is left to do; exit status 1 unless every
+/// shard finished with nothing failed.
+pub(super) fn merge_reports(dir: &std::path::Path, shards: Option<u32>) -> Result<ExitCode> {
+    let m = segment::merge_reports(dir, shards)?;
+    let n = m.count;
+    println!(
+        "{} of {n} shards finished: done {}, skipped {} (up to date), failed {}, not attempted {} of {} images",
+        m.finished.len(),
+        m.done,
+        m.skipped,
+        m.failed,
+        m.not_attempted,
+        m.images
+    );
+    if m.all_images.len() > 1 {
+        println!(
+            "note: the shards saw input sets of different sizes ({} images): files were added or removed while \
+             they ran; run every shard again to take the new ones (what is done is skipped)",
+            m.all_images
+                .iter()
+                .map(usize::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    for i in &m.missing {
+        println!(
+            "shard {i}/{n}: missing (no {}): run it with --shard {i}/{n}",
+            segment::report_name(Some(&Shard {
+                index: *i,
+                count: n
+            }))
+        );
+    }
+    for i in &m.unfinished {
+        println!(
+            "shard {i}/{n}: started but did not finish (killed, or still running): run it again with --shard \
+             {i}/{n}; it resumes where it stopped"
+        );
+    }
+    for (i, failed, not_attempted) in &m.incomplete {
+        println!(
+            "shard {i}/{n}: {failed} images failed, {not_attempted} not attempted: see its report; a rerun \
+             with --shard {i}/{n} tries them again"
+        );
+    }
+    for (i, why) in &m.unreadable {
+        println!("shard {i}/{n}: its report cannot be used: {why}");
+    }
+    for failure in m.failures.iter().take(20) {
+        println!(
+            "failed: {}",
+            failure.error.as_deref().unwrap_or(&failure.image)
+        );
+    }
+    if m.failures.len() > 20 {
+        println!(
+            "... and {} more failures (see the shards' reports)",
+            m.failures.len() - 20
+        );
+    }
+    Ok(if m.complete() {
+        println!("complete: every shard finished and nothing failed");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     })
 }
 

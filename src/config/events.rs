@@ -1,10 +1,11 @@
 //! The `[events]` table: checked with the rest of the config (the events library's own checks, prefixed with
 //! `events.`, plus what only the whole config knows: that each zone's pipeline exists and that the secret files
-//! can be read), and where its outbox lives when `events.outbox.path` is not given.
+//! and TLS files can be read and parsed), and where its outbox lives when `events.outbox.path` is not given.
 
 use std::path::{Path, PathBuf};
 
 use super::ServeConfig;
+use crate::events::tls::{self, TlsFiles};
 
 /// Every problem in `[events]`, each with its key path (`events.…`); none when the table is absent.
 pub fn check_events(cfg: &ServeConfig) -> Vec<String> {
@@ -37,7 +38,33 @@ pub fn check_events(cfg: &ServeConfig) -> Vec<String> {
             secret(format!("events.webhooks[{i}].secret_file"), file);
         }
     }
+    // The TLS files are read and parsed as the delivery will: a wrong path, a key that is not the certificate's
+    // or a file that is not PEM is named here, with its key.
+    let mut tls = |table: String, files: TlsFiles<'_>| {
+        if let Err(e) = tls::client_config(files) {
+            errors.push(format!("{table}.{}: {}", e.key, e.detail()));
+        }
+    };
+    if let Some(m) = events.mqtt.as_ref().filter(|m| m.uses_tls()) {
+        tls("events.mqtt".into(), m.tls_files());
+    }
+    for (i, w) in events.webhooks.iter().enumerate() {
+        if w.uses_tls() {
+            tls(format!("events.webhooks[{i}]"), w.tls_files());
+        }
+    }
     errors
+}
+
+/// What a valid `[events]` table may still get wrong, for `config check` and the daemon's start-up log.
+pub fn warnings(cfg: &ServeConfig) -> Vec<String> {
+    let Some(mqtt) = cfg.events.as_ref().and_then(|e| e.mqtt.as_ref()) else {
+        return Vec::new();
+    };
+    mqtt.warnings()
+        .into_iter()
+        .map(|(key, msg)| format!("events.mqtt.{key}: {msg}"))
+        .collect()
 }
 
 /// The folder the events outbox goes in when `events.outbox.path` is not set: systemd's `$STATE_DIRECTORY`

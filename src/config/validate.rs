@@ -392,6 +392,7 @@ pub fn warnings(cfg: &ServeConfig) -> Vec<String> {
             }
         }
     }
+    out.extend(super::events::warnings(cfg));
     out
 }
 

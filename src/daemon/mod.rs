@@ -24,6 +24,7 @@ mod query_edit;
 mod running;
 mod segment;
 mod session;
+mod shard;
 mod status;
 
 use std::path::{Path, PathBuf};
@@ -37,6 +38,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{self, PipelinePlan, ServeConfig};
 use crate::events::{Catalog, Events};
+use crate::shard::Shard;
 use crate::telemetry::Telemetry;
 
 use running::Running;
@@ -50,12 +52,14 @@ const WORKER_STALL_LIMIT_S: f64 = 120.0;
 const EVENTS_STOP_LIMIT: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until SIGTERM/SIGINT. The model is `model.path`, else the default bundle
-/// (`model::resolve_bundle_dir`, as for `segment`).
-pub fn run(config_path: &Path) -> Result<()> {
-    let (config, plans) = config::load(config_path).map_err(|e| anyhow!("{e}"))?;
+/// (`model::resolve_bundle_dir`, as for `segment`). With a `shard`, only the config's pipelines of that shard
+/// run (`daemon/shard.rs`).
+pub fn run(config_path: &Path, shard: Option<Shard>) -> Result<()> {
+    let (mut config, mut plans) = config::load(config_path).map_err(|e| anyhow!("{e}"))?;
     for warning in config::validate::warnings(&config) {
         tracing::warn!("{warning}");
     }
+    let share = shard::keep_share(shard, &mut config, &mut plans);
     crate::gst::init()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -64,7 +68,12 @@ pub fn run(config_path: &Path) -> Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     let model_dir = crate::model::resolve_bundle_dir(config.model.path.clone())?;
-    let result = runtime.block_on(serve(config_path.to_path_buf(), config, plans, model_dir));
+    let result = runtime.block_on(serve(
+        config_path.to_path_buf(),
+        config,
+        (plans, share),
+        model_dir,
+    ));
     // Only a start-up abandoned by SIGTERM leaves a blocking task behind; do not wait for it.
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -73,7 +82,7 @@ pub fn run(config_path: &Path) -> Result<()> {
 async fn serve(
     config_path: PathBuf,
     config: ServeConfig,
-    plans: Vec<PipelinePlan>,
+    (plans, share): (Vec<PipelinePlan>, Option<shard::Share>),
     model_dir: PathBuf,
 ) -> Result<()> {
     // Read again here (validation read it too): the file may have changed since, and start-up must not go on
@@ -99,6 +108,9 @@ async fn serve(
                 .map_or(true, |addr| config::validate::is_loopback(&addr)),
         )),
     );
+    if let Some(share) = &share {
+        state.set_share(share);
+    }
     // Signals first, so a SIGTERM during the model load is not the default (immediate) death.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -245,8 +257,8 @@ fn open_events(
         return Ok(None);
     };
     let dir = config::events_state_dir(config_path);
-    let events =
-        Arc::new(Events::open(cfg.clone(), &dir).context("cannot open the events outbox")?);
+    let cfg = shard::events_config(state.shard(), cfg);
+    let events = Arc::new(Events::open(cfg, &dir).context("cannot open the events outbox")?);
     state.telemetry.deliveries.register(events.clone());
     Ok(Some(events))
 }

@@ -28,6 +28,7 @@ use toml_edit::{Array, DocumentMut, InlineTable, Item, Value};
 use super::http::{authorize, json_reply, run_reload, Ctx};
 use super::session::page_off;
 use crate::config::{self, PipelineConfig};
+use crate::shard::Shard;
 use crate::sink::atomic::temp_file_in;
 
 /// Edits run one at a time: each reads, checks and replaces the whole file.
@@ -147,13 +148,14 @@ pub async fn put(
     };
     let _one_at_a_time = EDITS.lock().await;
     let configs = ctx.state.live.configs();
+    let shard = ctx.state.shard();
     let queries: Vec<EditQuery> = edit
         .queries
         .into_iter()
         .map(EditEntry::into_query)
         .collect();
     let written =
-        tokio::task::spawn_blocking(move || edit_file(&path, &running, &configs, &queries))
+        tokio::task::spawn_blocking(move || edit_file(&path, shard, &running, &configs, &queries))
             .await
             .unwrap_or_else(|e| {
                 Err(Refused::new(
@@ -182,10 +184,12 @@ fn refusal(refused: Refused) -> Response {
     json_reply(refused.code, json!({ "errors": refused.errors }))
 }
 
-/// Checks that the file still holds what runs, writes the new queries of `pipeline` into it and validates the
-/// result before it replaces the file. Returns the file written (the config's real path).
+/// Checks that the file still holds what runs (this daemon's share of it under `serve --shard`), writes the new
+/// queries of `pipeline` into it and validates the result before it replaces the file. Returns the file written
+/// (the config's real path).
 fn edit_file(
     path: &Path,
+    shard: Option<Shard>,
     pipeline: &PipelineConfig,
     running: &[PipelineConfig],
     queries: &[EditQuery],
@@ -197,8 +201,12 @@ fn edit_file(
             path.display()
         ))
     })?;
-    match config::load(&real) {
-        Ok((on_disk, _)) if on_disk.pipelines == running => {}
+    let on_disk = config::load(&real).map(|(mut on_disk, mut plans)| {
+        super::shard::keep_share(shard, &mut on_disk, &mut plans);
+        on_disk
+    });
+    match on_disk {
+        Ok(on_disk) if on_disk.pipelines == running => {}
         Ok(_) => {
             return Err(conflict(format!(
                 "{} changed on disk since it was loaded: reload it first (SIGHUP or POST /reload), then edit",

@@ -184,7 +184,13 @@ impl Running {
     /// file changes nothing: its errors are logged and returned, and the running config stays in effect.
     pub(super) fn reload(&mut self) -> Result<ReloadOutcome, ReloadError> {
         match config::load(&self.config_path) {
-            Ok((new_config, plans)) => Ok(self.apply(new_config, plans)),
+            Ok((mut new_config, mut plans)) => {
+                let shard = self.state.shard();
+                if let Some(share) = super::shard::keep_share(shard, &mut new_config, &mut plans) {
+                    self.state.set_share(&share);
+                }
+                Ok(self.apply(new_config, plans))
+            }
             Err(e) => {
                 self.state
                     .telemetry
@@ -248,7 +254,9 @@ impl Running {
             }
         }
         let (model_swapped, model_error) = if self.config.model != new_config.model {
-            match self.swap_model(&new_config, &plans) {
+            let swapped = self.swap_model(&new_config, &plans);
+            self.state.telemetry.models.swapped(swapped.is_ok());
+            match swapped {
                 Ok(sha) => (Some(sha), None),
                 Err(e) => {
                     tracing::error!(

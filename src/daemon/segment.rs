@@ -1,7 +1,10 @@
-//! `POST /v1/segment`: one image in the body (PNG, JPEG or any format `source::decode` reads), segmented with
-//! the queries of the query string (`?queries=a,b` or repeated `query=`) or of a running pipeline
-//! (`?pipeline=<name>`, its thresholds too). The answer is the JSON sidecar a pipeline writes (same encoder,
-//! `sink::encode`), or with `Accept: image/png` the label PNG, or with `Accept: image/jpeg` the overlay.
+//! `POST /v1/segment`: one image, segmented with the queries the request names (`queries=a,b` or repeated
+//! `query=`) or those of a running pipeline (`pipeline=<name>`, its thresholds too), with optional settings and
+//! per-query thresholds (`params.rs`). The image is the whole body (PNG, JPEG or any format `source::decode`
+//! reads), or the part `image` of a `multipart/form-data` upload whose text fields carry the parameters
+//! (`upload.rs`); the query string's parameters count either way. The answer is the JSON sidecar a pipeline
+//! writes (same encoder, `sink::encode`), or with `Accept: image/png` the label PNG, or with `Accept:
+//! image/jpeg` the overlay.
 //!
 //! The image goes to the inference worker through its request queue (`pipeline::requests`): the worker serves
 //! it in turn with the streams, on its own thread; this handler only waits for the answer. Decoding and encoding
@@ -9,8 +12,11 @@
 //! image's pixels (`http.segment_max_pixels`, 413, checked from the header before decoding), the queue
 //! (`http.segment_queue`: full → 429 with `Retry-After`), and a deadline on reading the body (408).
 
+mod params;
+mod upload;
+
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State as Extract};
@@ -20,8 +26,10 @@ use tokio::sync::oneshot;
 
 use super::http::{authorize, text, Ctx};
 use crate::config::HttpSection;
-use crate::model::SettingsOverrides;
-use crate::pipeline::requests::{RequestQueries, SegmentReply, SegmentRequest};
+use crate::pipeline::requests::{
+    overridden, with_thresholds, RequestQueries, SegmentReply, SegmentRequest,
+};
+use crate::pipeline::worker::Scheduler;
 use crate::queries::QuerySet;
 use crate::sink::encode::{
     encode_image, ImagePaths, Keep, OutputKinds, SegmentedImage, SidecarInfo,
@@ -29,8 +37,6 @@ use crate::sink::encode::{
 use crate::sink::overlay::OverlayFormat;
 use crate::source::decode::{decode_bytes, DecodeError};
 
-/// How long a client has to send the whole body once its head is in.
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a 429 tells the client to wait, in seconds: a queued image is usually served well within it.
 const RETRY_AFTER_S: &str = "1";
 /// What the sidecar's `image` field says: the image came in a request, not from a file or a stream.
@@ -100,47 +106,6 @@ impl Reply {
     }
 }
 
-/// Where the queries come from, as the query string says.
-#[derive(Debug, PartialEq)]
-enum Asked {
-    Names(Vec<String>),
-    Pipeline(String),
-}
-
-/// Reads `queries=a,b`, `query=a&query=b` or `pipeline=name` from the query string.
-fn asked(query: Option<&str>) -> Result<Asked, String> {
-    let mut names = Vec::new();
-    let mut pipeline = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let value = value.replace('+', " ");
-        let value = percent_encoding::percent_decode_str(&value)
-            .decode_utf8()
-            .map_err(|_| format!("the query parameter '{key}' is not UTF-8"))?;
-        match key {
-            "queries" => names.extend(value.split(',').map(|q| q.trim().to_string())),
-            "query" => names.push(value.trim().to_string()),
-            "pipeline" => pipeline = Some(value.into_owned()),
-            other => {
-                return Err(format!(
-                    "unknown parameter '{other}' (queries, query, pipeline)"
-                ))
-            }
-        }
-    }
-    names.retain(|q| !q.is_empty());
-    match (pipeline, names.is_empty()) {
-        (Some(_), false) => Err("give either queries or a pipeline, not both".into()),
-        (Some(name), true) => Ok(Asked::Pipeline(name)),
-        (None, false) => Ok(Asked::Names(names)),
-        (None, true) => Err(
-            "no queries: add ?queries=a,b (or query=a&query=b), or ?pipeline=<name> to use a running \
-             pipeline's queries"
-                .into(),
-        ),
-    }
-}
-
 /// The route: answers, and records the answer's code and time in `/metrics`.
 pub(super) async fn handler(
     Extract(ctx): Extract<Ctx>,
@@ -176,44 +141,10 @@ async fn segment(
             "starting: the model is not loaded yet\n",
         ));
     };
-    let asked = asked(query).map_err(|why| text(StatusCode::BAD_REQUEST, format!("{why}\n")))?;
-    if let Some(kind) = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-    {
-        let kind = kind
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if !kind.starts_with("image/") && kind != "application/octet-stream" {
-            return Err(text(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!(
-                    "Content-Type {kind} is not an image: send the image's bytes as image/* or \
-                     application/octet-stream\n"
-                ),
-            ));
-        }
-    }
-    let queries = match asked {
-        Asked::Pipeline(name) => match scheduler.pipeline_queries(&name) {
-            Some(prepared) => RequestQueries::Pipeline(prepared),
-            None => {
-                return Err(text(
-                    StatusCode::NOT_FOUND,
-                    format!("no running pipeline is named '{name}'\n"),
-                ))
-            }
-        },
-        Asked::Names(names) => match QuerySet::from_names(&names) {
-            Ok(set) => RequestQueries::Given(set, SettingsOverrides::default()),
-            Err(e) => return Err(text(StatusCode::BAD_REQUEST, format!("queries: {e:#}\n"))),
-        },
-    };
+    let mut params = params::Params::from_query(query).map_err(bad_request)?;
     let limits = state.segment_limits;
-    let bytes = read_body(body, headers, limits.max_bytes).await?;
+    let bytes = upload::read(body, headers, limits.max_bytes, &mut params).await?;
+    let queries = request_queries(scheduler, params)?;
     let decode_start = Instant::now();
     let image = blocking(move || decode_bytes(UPLOAD, &bytes, limits.max_pixels))
         .await?
@@ -261,40 +192,35 @@ async fn segment(
         .into_response())
 }
 
-/// The body, at most `max` bytes (413 above: from `Content-Length` before reading, else while reading), read
-/// within `BODY_TIMEOUT` (408).
-async fn read_body(body: Body, headers: &HeaderMap, max: usize) -> Result<Vec<u8>, Response> {
-    let too_large = || {
-        text(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the image is over the limit of {max} bytes (http.segment_max_mb)\n"),
-        )
-    };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(too_large());
-    }
-    match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, max)).await {
-        Err(_) => Err(text(
-            StatusCode::REQUEST_TIMEOUT,
-            "the body did not arrive in time\n",
-        )),
-        Ok(Err(e)) => {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if over {
-                Err(too_large())
-            } else {
-                Err(text(
-                    StatusCode::BAD_REQUEST,
-                    format!("cannot read the body: {e}\n"),
-                ))
-            }
+fn bad_request(why: impl std::fmt::Display) -> Response {
+    text(StatusCode::BAD_REQUEST, format!("{why}\n"))
+}
+
+/// The queries a request is segmented with: the names it gives, or the running pipeline's it names (404 when
+/// none runs by that name), with its settings and thresholds over the defaults.
+fn request_queries(
+    scheduler: &Scheduler,
+    params: params::Params,
+) -> Result<RequestQueries, Response> {
+    let asked = params.asked().map_err(bad_request)?;
+    match asked.queries {
+        params::QuerySource::Pipeline(name) => {
+            let Some(prepared) = scheduler.pipeline_queries(&name) else {
+                return Err(text(
+                    StatusCode::NOT_FOUND,
+                    format!("no running pipeline is named '{name}'\n"),
+                ));
+            };
+            overridden(&prepared, asked.overrides, &asked.thresholds)
+                .map(RequestQueries::Pipeline)
+                .map_err(bad_request)
         }
-        Ok(Ok(bytes)) => Ok(bytes.to_vec()),
+        params::QuerySource::Names(names) => {
+            let set = QuerySet::from_names(&names)
+                .map_err(|e| bad_request(format_args!("queries: {e:#}")))?;
+            let set = with_thresholds(&set, &asked.thresholds).map_err(bad_request)?;
+            Ok(RequestQueries::Given(set, asked.overrides))
+        }
     }
 }
 
@@ -341,31 +267,6 @@ fn encode(segmented: &SegmentReply, format: Reply, decode_ms: f64) -> anyhow::Re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn queries_come_from_the_query_string_or_a_pipeline_never_both() {
-        assert_eq!(
-            asked(Some("queries=red%20square,blue+circle")),
-            Ok(Asked::Names(vec![
-                "red square".into(),
-                "blue circle".into()
-            ]))
-        );
-        assert_eq!(
-            asked(Some("query=a&query=b")),
-            Ok(Asked::Names(vec!["a".into(), "b".into()]))
-        );
-        assert_eq!(
-            asked(Some("pipeline=cam")),
-            Ok(Asked::Pipeline("cam".into()))
-        );
-        assert!(asked(None).expect_err("none").contains("no queries"));
-        assert!(asked(Some("queries=")).is_err());
-        assert!(asked(Some("pipeline=cam&query=a")).is_err());
-        assert!(asked(Some("colour=red"))
-            .expect_err("unknown")
-            .contains("colour"));
-    }
 
     #[test]
     fn accept_picks_the_label_map_the_overlay_or_the_sidecar() {

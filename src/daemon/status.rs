@@ -11,9 +11,11 @@ use std::time::Instant;
 use serde_json::json;
 
 use super::segment::SegmentLimits;
+use super::shard::Share;
 use crate::model::Engine;
 use crate::pipeline::worker::Scheduler;
 use crate::pipeline::Pipeline;
+use crate::shard::Shard;
 use crate::telemetry::Telemetry;
 
 /// What the HTTP endpoints read.
@@ -31,6 +33,8 @@ pub struct State {
     pub(super) segment_limits: SegmentLimits,
     /// The inference worker and the model it runs, once started: where `POST /v1/segment` sends its images.
     worker: OnceLock<Arc<Scheduler>>,
+    /// `serve --shard`: the share of the config's pipelines this daemon runs (fixed until a restart).
+    shard: OnceLock<Shard>,
     /// The live page's switch, listener guard and login sessions (`session.rs`; set by `with_access`).
     pub(super) access: super::session::Access,
     /// What the live page reads of each pipeline (`live.rs`), published with the rest.
@@ -53,14 +57,22 @@ impl State {
             token,
             segment_limits,
             worker: OnceLock::new(),
+            shard: OnceLock::new(),
             access: super::session::Access::default(),
             live: super::live::Board::default(),
         }
     }
 
-    /// Records the inference worker once it runs (it does not change until a restart).
+    /// Records the inference worker once it runs (it does not change until a restart), and shows its request
+    /// queue in `/status` and `/metrics`. The depth reader holds the worker weakly: telemetry outlives it.
     pub(super) fn set_worker(&self, scheduler: &Arc<Scheduler>) {
         let _ = self.worker.set(Arc::clone(scheduler));
+        let worker = Arc::downgrade(scheduler);
+        self.telemetry
+            .segment_requests
+            .register_queue(scheduler.requests.capacity(), move || {
+                worker.upgrade().map_or(0, |w| w.requests.len() as u64)
+            });
     }
 
     /// The inference worker; None until start-up has loaded the model.
@@ -87,7 +99,8 @@ impl State {
         )
     }
 
-    /// The `/status` document: readiness, uptime, what runs (`publish`) and every pipeline's counters.
+    /// The `/status` document: readiness, uptime, what runs (`publish`), every pipeline's counters, the event
+    /// deliveries, `POST /v1/segment`'s queue and answers, and the model swaps.
     pub fn status(&self) -> serde_json::Value {
         let info = self.info.lock().map(|i| i.clone()).unwrap_or_default();
         let metrics = serde_json::to_value(self.telemetry.status()).unwrap_or_default();
@@ -100,12 +113,17 @@ impl State {
             "daemon": info,
             "pipelines": metrics,
             "events": self.telemetry.deliveries.figures(),
+            "segment_requests": self.telemetry.segment_requests.figures(),
+            "model_swaps": self.telemetry.models.swaps(),
         })
     }
 
     /// Records the model serving now: once warm at start-up, and again when a reload swaps in another.
     pub(super) fn set_model(&self, engine: &Engine, model_dir: &Path) {
         let manifest = engine.bundle().manifest();
+        self.telemetry
+            .models
+            .set_serving(&manifest.name, engine.manifest_sha256());
         if let Ok(mut info) = self.info.lock() {
             info["model"] = json!({
                 "name": manifest.name,
@@ -160,5 +178,22 @@ impl State {
             "{} pipelines{failed}, {connected} sources delivering, {out} frames written",
             status.len()
         )
+    }
+}
+
+/// `serve --shard`: which shard this daemon is and which pipelines it leaves to the others (`/status`'s
+/// `daemon.shard`).
+impl State {
+    /// The shard this daemon runs (None: every pipeline of the config).
+    pub(super) fn shard(&self) -> Option<Shard> {
+        self.shard.get().copied()
+    }
+
+    /// Records this daemon's share; at start-up and after each reload (whose new pipelines may be its or not).
+    pub(super) fn set_share(&self, share: &Share) {
+        let _ = self.shard.set(share.shard);
+        if let Ok(mut info) = self.info.lock() {
+            info["shard"] = share.to_json();
+        }
     }
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::datasets::{Background, Dataset, Sample};
 use super::metrics::{IouAccumulator, IGNORE};
 use crate::model::{Engine, Query, SegmentSettings, SettingsOverrides};
+use crate::shard::Shard;
 use crate::sink::encode::OutputFile;
 use crate::sink::files::OutputWriter;
 use crate::sink::label_png::{self, Style};
@@ -40,6 +41,8 @@ pub struct EvalJob<'a> {
     pub save_predictions: Option<PathBuf>,
     /// Decoder threads.
     pub jobs: usize,
+    /// Score only this shard's share of the samples (after `limit`), by a hash of each sample's id.
+    pub shard: Option<Shard>,
 }
 
 /// Callback per scored image (progress display).
@@ -60,6 +63,8 @@ pub struct ClassScore {
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
     pub dataset: String,
+    /// The share scored (None: the whole split); its mIoU is of that share only.
+    pub shard: Option<Shard>,
     pub images: usize,
     pub miou: f64,
     pub pixel_accuracy: f64,
@@ -84,8 +89,16 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
         .samples
         .iter()
         .take(job.limit.unwrap_or(usize::MAX))
+        .filter(|sample| job.shard.is_none_or(|shard| shard.owns(&sample.id)))
         .cloned()
         .collect();
+    if let Some(shard) = job.shard {
+        tracing::info!(
+            dataset = %ds.key,
+            "shard {shard}: {} of the split's images are this shard's; its scores are of them only",
+            samples.len()
+        );
+    }
     if let Some(dir) = &job.save_predictions {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the predictions folder {}", dir.display()))?;
@@ -251,6 +264,7 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
     let pct = |v: f64| (!v.is_nan()).then_some(v * 100.0);
     Ok(EvalReport {
         dataset: ds.key.clone(),
+        shard: job.shard,
         images: samples.len(),
         miou: scores.miou,
         pixel_accuracy: scores.pixel_accuracy,

@@ -1,15 +1,18 @@
 //! Events: what the segmented frames mean for the people watching them.
 //!
 //! Each pipeline keeps a presence state per query (and per zone) in [`state`]; its changes become [`Event`]s that go
-//! through a durable [`outbox`] to MQTT ([`mqtt`]) and webhooks ([`webhook`]). The daemon opens one [`Events`];
+//! through a durable [`outbox`] to MQTT 3.1.1 or 5 ([`mqtt`], over [`link`]) and webhooks ([`webhook`]), over TLS
+//! where configured ([`tls`]). The daemon opens one [`Events`];
 //! its output path calls [`Events::observe`] with each segmented frame's per-query statistics ([`FrameStats`]).
 //! This module sits beside `sink` (floor 3): it consumes a segmented frame and imports only the floors below.
 
 pub mod event;
 pub mod hub;
+pub mod link;
 pub mod mqtt;
 pub mod outbox;
 pub mod state;
+pub mod tls;
 pub mod topics;
 pub mod webhook;
 pub mod zones;
@@ -21,7 +24,7 @@ use tokio::sync::watch;
 
 pub use event::{Event, EventKind, FrameStats, QueryStats};
 pub use hub::{Events, MQTT_DESTINATION};
-pub use mqtt::{Catalog, MqttConfig, MqttSink};
+pub use mqtt::{Catalog, MqttConfig, MqttSink, Protocol};
 pub use outbox::{Outbox, OutboxConfig, OutboxCounters, OutboxError};
 pub use state::{boot_id, PipelineState};
 pub use webhook::{WebhookConfig, WebhookSink};
@@ -127,16 +130,18 @@ impl EventsConfig {
         if self.outbox.capacity == 0 {
             bad("outbox.capacity".into(), "must be at least 1");
         }
+        if let Some(mqtt) = &self.mqtt {
+            for (key, msg) in mqtt.validate() {
+                bad(format!("mqtt.{key}"), &msg);
+            }
+        }
         let mut names = std::collections::BTreeSet::new();
         for (i, w) in self.webhooks.iter().enumerate() {
             if w.name.is_empty() || !names.insert(w.name.clone()) {
                 bad(format!("webhooks[{i}].name"), "must be present and unique");
             }
-            if !w.url.starts_with("http://") {
-                bad(
-                    format!("webhooks[{i}].url"),
-                    "must be an http:// URL (TLS is not built in)",
-                );
+            for (key, msg) in w.validate() {
+                bad(format!("webhooks[{i}].{key}"), &msg);
             }
         }
         errors

@@ -4,11 +4,14 @@
 //! sent as `X-Tclseg-Signature: sha256=<hex>` beside `X-Tclseg-Timestamp` (Unix seconds), so the receiver can
 //! reject a replayed or altered body. Events go out strictly one after another and the next waits until the
 //! receiver answered 2xx, which keeps them in order per pipeline; any other answer, a timeout or a refused
-//! connection is retried with exponential backoff (the bounded outbox caps what piles up meanwhile). Plain
-//! `http://` only: TLS would bring a rustls provider build, left for when a receiver needs it.
+//! connection is retried with exponential backoff (the bounded outbox caps what piles up meanwhile). `https://`
+//! URLs go over TLS with the same rustls config as MQTT ([`super::tls`]): the system's roots, or a `ca_file` for a
+//! receiver with a private CA, and a client certificate where the receiver asks for one. The signature is kept
+//! over TLS too: TLS authenticates the receiver to us, the signature authenticates us to the receiver.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -22,6 +25,7 @@ use tokio::sync::watch;
 
 use super::event::Event;
 use super::outbox::Outbox;
+use super::tls::{self, TlsError, TlsFiles};
 
 /// One `[[events.webhooks]]` entry.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -29,8 +33,18 @@ use super::outbox::Outbox;
 pub struct WebhookConfig {
     /// Names the outbox queue (`webhook:<name>`) and the logs.
     pub name: String,
-    /// `http://host[:port]/path`.
+    /// `http://host[:port]/path` or `https://host[:port]/path`.
     pub url: String,
+    /// For `https://`: PEM certificates of the CA(s) that signed the receiver's certificate, trusted instead of the
+    /// system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// For `https://`: a PEM certificate chain to present to a receiver that requires client certificates.
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    /// The PEM private key of `client_cert_file`.
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
     /// A file holding the signing secret (trailing newline ignored); without it requests go unsigned.
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
@@ -55,13 +69,50 @@ impl WebhookConfig {
     pub fn destination(&self) -> String {
         format!("webhook:{}", self.name)
     }
+
+    /// Whether the URL is `https://`.
+    pub fn uses_tls(&self) -> bool {
+        self.url.starts_with("https://")
+    }
+
+    /// The TLS files given.
+    pub fn tls_files(&self) -> TlsFiles<'_> {
+        TlsFiles::of(&self.ca_file, &self.client_cert_file, &self.client_key_file)
+    }
+
+    /// Problems in the entry as (key, message), for config validation; the files themselves are read by the
+    /// whole-config check.
+    pub fn validate(&self) -> Vec<(String, String)> {
+        let mut errors = Vec::new();
+        if !(self.url.starts_with("http://") || self.uses_tls()) {
+            errors.push(("url".into(), "must be an http:// or https:// URL".into()));
+        } else if !self.uses_tls() {
+            for key in self.tls_files().keys_given() {
+                errors.push((
+                    key.into(),
+                    format!(
+                        "is only used for https:// URLs, and url is {}: make it https:// or remove {key}",
+                        self.url
+                    ),
+                ));
+            }
+        }
+        errors
+    }
 }
 
 /// Why one POST did not deliver.
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    #[error("webhook URL {0:?} is not an http:// URL with a host")]
+    #[error("webhook URL {0:?} is not an http:// or https:// URL with a host")]
     Url(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("TLS handshake: {error}{}", hint.map(|h| format!(" ({h})")).unwrap_or_default())]
+    Handshake {
+        error: std::io::Error,
+        hint: Option<&'static str>,
+    },
     #[error("secret file {0}: {1}")]
     Secret(String, std::io::Error),
     #[error("timed out")]
@@ -90,11 +141,29 @@ pub fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
 pub struct WebhookSink {
     config: WebhookConfig,
     outbox: Outbox,
+    /// The TLS client config of an `https://` URL, built at the first POST (and again after a failed build, so a
+    /// fixed file is picked up by the next retry).
+    tls: Mutex<Option<Arc<rustls::ClientConfig>>>,
 }
 
 impl WebhookSink {
     pub fn new(config: WebhookConfig, outbox: Outbox) -> WebhookSink {
-        WebhookSink { config, outbox }
+        WebhookSink {
+            config,
+            outbox,
+            tls: Mutex::new(None),
+        }
+    }
+
+    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, WebhookError> {
+        // A poisoned lock only means another POST panicked mid-build; the cached value is still whole.
+        let mut cached = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(config) = cached.as_ref() {
+            return Ok(config.clone());
+        }
+        let config = tls::client_config(self.config.tls_files())?;
+        *cached = Some(config.clone());
+        Ok(config)
     }
 
     /// Deliver until `shutdown` turns true (or its sender is dropped).
@@ -159,12 +228,14 @@ impl WebhookSink {
     async fn post_unbounded(&self, event: &Event) -> Result<(), WebhookError> {
         let bad_url = || WebhookError::Url(self.config.url.clone());
         let uri: Uri = self.config.url.parse().map_err(|_| bad_url())?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad_url());
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(bad_url()),
+        };
         let host = uri.host().ok_or_else(bad_url)?.to_string();
         let authority = uri.authority().ok_or_else(bad_url)?.to_string();
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         let body = event.to_json();
         let timestamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -186,25 +257,47 @@ impl WebhookSink {
             );
         }
         let request = request.body(Full::new(Bytes::from(body)))?;
-        let stream = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let driver = tokio::spawn(connection);
-        let response = sender.send_request(request).await;
-        let outcome = match response {
-            Ok(r) => {
-                let status = r.status();
-                // Read the answer so the connection closes cleanly; its content does not matter.
-                let _ = r.into_body().collect().await;
-                if status.is_success() {
-                    Ok(())
-                } else {
-                    Err(WebhookError::Status(status.as_u16()))
-                }
-            }
-            Err(e) => Err(e.into()),
-        };
-        driver.abort();
-        outcome
+        // An IPv6 literal is bracketed in the URL, bare in a socket address and a TLS server name.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let stream = tokio::net::TcpStream::connect((host, port)).await?;
+        if !https {
+            return exchange(stream, request).await;
+        }
+        let name =
+            rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|_| bad_url())?;
+        let stream = tokio_rustls::TlsConnector::from(self.tls_config()?)
+            .connect(name, stream)
+            .await
+            .map_err(|error| WebhookError::Handshake {
+                hint: tls::hint(&error, true),
+                error,
+            })?;
+        exchange(stream, request).await
     }
+}
+
+/// Send `request` over `stream` (plain or TLS) and wait for a 2xx.
+async fn exchange<S>(stream: S, request: Request<Full<Bytes>>) -> Result<(), WebhookError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(connection);
+    let response = sender.send_request(request).await;
+    let outcome = match response {
+        Ok(r) => {
+            let status = r.status();
+            // Read the answer so the connection closes cleanly; its content does not matter.
+            let _ = r.into_body().collect().await;
+            if status.is_success() {
+                Ok(())
+            } else {
+                Err(WebhookError::Status(status.as_u16()))
+            }
+        }
+        Err(e) => Err(e.into()),
+    };
+    driver.abort();
+    outcome
 }

@@ -35,6 +35,73 @@ impl RequestQueries {
     }
 }
 
+/// `queries` with the thresholds a request gives by query name (as `threshold` in a `[[query]]` table: pixels
+/// of that query scoring under it become background). Refuses a name that is no query of the set, and a
+/// background query (its pixels are background already). The values were range-checked by the caller.
+pub fn with_thresholds(
+    queries: &QuerySet,
+    thresholds: &[(String, f32)],
+) -> Result<QuerySet, String> {
+    let mut specs = queries.specs.clone();
+    for (name, threshold) in thresholds {
+        let wanted = name.trim().to_lowercase();
+        let Some(spec) = specs
+            .iter_mut()
+            .find(|s| s.name.trim().to_lowercase() == wanted)
+        else {
+            let known: Vec<&str> = queries.specs.iter().map(|s| s.name.trim()).collect();
+            return Err(format!(
+                "threshold: no query is named '{name}' (the queries: {})",
+                known.join(", ")
+            ));
+        };
+        if spec.background {
+            return Err(format!(
+                "threshold: '{name}' is a background query; its pixels are background already"
+            ));
+        }
+        spec.threshold = Some(*threshold);
+    }
+    QuerySet::new(specs).map_err(|e| format!("{e:#}"))
+}
+
+/// A running pipeline's queries with a request's settings and thresholds over them: what the request gives
+/// replaces the pipeline's resolved value, the rest stays the pipeline's (so `pamr=false` alone keeps its
+/// background threshold). The text embeddings are shared, not recomputed. Unchanged when nothing is given, so
+/// such a request may share a batch with the pipeline's frames.
+pub fn overridden(
+    prepared: &Arc<PipelineQueries>,
+    overrides: SettingsOverrides,
+    thresholds: &[(String, f32)],
+) -> Result<Arc<PipelineQueries>, String> {
+    let SettingsOverrides {
+        pamr,
+        bg_thresh,
+        kp_weight,
+    } = overrides;
+    if pamr.is_none() && bg_thresh.is_none() && kp_weight.is_none() && thresholds.is_empty() {
+        return Ok(Arc::clone(prepared));
+    }
+    let mut settings = prepared.settings;
+    if let Some(t) = bg_thresh {
+        if settings.background.is_none() {
+            return Err(
+                "bg_thresh: this pipeline's background comes from its background queries, not a threshold"
+                    .into(),
+            );
+        }
+        settings.background = Some(t);
+    }
+    settings.pamr = pamr.unwrap_or(settings.pamr);
+    settings.kp_weight = kp_weight.unwrap_or(settings.kp_weight);
+    Ok(Arc::new(PipelineQueries {
+        queries: with_thresholds(&prepared.queries, thresholds)?,
+        text: Arc::clone(&prepared.text),
+        settings,
+        model_sha256: prepared.model_sha256.clone(),
+    }))
+}
+
 /// What the worker answers: the segmentation with the image and queries it belongs to, or why it failed.
 pub type SegmentAnswer = Result<SegmentReply, String>;
 
@@ -110,6 +177,16 @@ impl RequestQueue {
         self.lock().is_empty()
     }
 
+    /// Requests waiting now (some may have been given up on by their clients).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The most that may wait.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Drops every waiting request: their clients see the daemon stopping.
     pub(super) fn discard(&self) {
         self.lock().clear();
@@ -119,6 +196,8 @@ impl RequestQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{SegmentSettings, TextEmbeddings};
+    use crate::queries::QuerySpec;
 
     fn request() -> (SegmentRequest, oneshot::Receiver<SegmentAnswer>) {
         let (reply, answer) = oneshot::channel();
@@ -134,6 +213,79 @@ mod tests {
         )
     }
 
+    fn pipeline_queries(specs: Vec<QuerySpec>, background: Option<f32>) -> Arc<PipelineQueries> {
+        Arc::new(PipelineQueries {
+            queries: QuerySet::new(specs).expect("queries"),
+            text: Arc::new(TextEmbeddings {
+                rows: 0,
+                dim: 0,
+                data: Vec::new(),
+            }),
+            settings: SegmentSettings {
+                pamr: true,
+                kp_weight: 0.3,
+                background,
+                keep_scores: false,
+            },
+            model_sha256: "abc".into(),
+        })
+    }
+
+    fn spec(name: &str, background: bool) -> QuerySpec {
+        QuerySpec {
+            name: name.into(),
+            prompts: Vec::new(),
+            colour: None,
+            threshold: None,
+            background,
+        }
+    }
+
+    #[test]
+    fn thresholds_go_to_the_named_query_and_settings_over_the_pipelines() {
+        let prepared = pipeline_queries(vec![spec("car", false), spec("road", false)], Some(0.4));
+        let same = overridden(&prepared, SettingsOverrides::default(), &[]).expect("same");
+        assert!(
+            Arc::ptr_eq(&same, &prepared),
+            "nothing given: the pipeline's own"
+        );
+
+        let given = SettingsOverrides {
+            pamr: Some(false),
+            bg_thresh: Some(0.8),
+            kp_weight: None,
+        };
+        let changed = overridden(&prepared, given, &[("ROAD".into(), 0.6)]).expect("changed");
+        assert_eq!(changed.settings.background, Some(0.8));
+        assert!(!changed.settings.pamr);
+        assert_eq!(changed.settings.kp_weight, 0.3, "not given: the pipeline's");
+        assert_eq!(changed.queries.specs[1].threshold, Some(0.6));
+        assert_eq!(changed.queries.specs[0].threshold, None);
+        assert!(Arc::ptr_eq(&changed.text, &prepared.text));
+
+        let why = overridden(
+            &prepared,
+            SettingsOverrides::default(),
+            &[("sky".into(), 0.5)],
+        )
+        .expect_err("unknown query");
+        assert!(why.contains("'sky'") && why.contains("car, road"), "{why}");
+
+        let with_prompts = pipeline_queries(vec![spec("car", false), spec("sky", true)], None);
+        let bg = SettingsOverrides {
+            bg_thresh: Some(0.5),
+            ..SettingsOverrides::default()
+        };
+        assert!(overridden(&with_prompts, bg, &[])
+            .expect_err("no threshold background")
+            .contains("bg_thresh"));
+        assert!(
+            with_thresholds(&with_prompts.queries, &[("sky".into(), 0.5)])
+                .expect_err("background query")
+                .contains("background query")
+        );
+    }
+
     #[test]
     fn a_full_queue_refuses_and_abandoned_requests_are_skipped() {
         let doorbell = Arc::new(Doorbell::default());
@@ -144,6 +296,7 @@ mod tests {
         assert!(queue.try_push(first).is_ok());
         assert!(queue.try_push(second).is_ok());
         assert!(queue.try_push(third).is_err(), "over capacity");
+        assert_eq!((queue.len(), queue.capacity()), (2, 2));
         assert_eq!(doorbell.count(), 2, "each queued request wakes the worker");
         drop(first_answer);
         let taken = queue.pop().expect("the second is still wanted");

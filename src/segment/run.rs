@@ -8,10 +8,11 @@ use std::time::{Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 use crossbeam::channel::{bounded, Receiver, Sender};
 use image::RgbImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::{Engine, SegmentSettings, Segmentation};
 use crate::queries::QuerySet;
+use crate::shard::{path_key, Shard};
 use crate::sink::atomic::temp_file_in;
 pub use crate::sink::encode::OutputKinds;
 use crate::sink::encode::{ImagePaths, SegmentedImage, SidecarInfo};
@@ -35,6 +36,9 @@ pub struct SegmentJob {
     /// Stop after this many failed images (None: never stop).
     pub max_failures: Option<usize>,
     pub max_pixels: u64,
+    /// Only this shard's share of the inputs (by the hash of each image's path under its root:
+    /// `shard::Shard::owns`); the report is then `segment-report.<I>-of-<N>.json`.
+    pub shard: Option<Shard>,
 }
 
 /// Callbacks for a progress display; the library itself prints nothing.
@@ -44,16 +48,30 @@ pub trait Progress: Send + Sync {
 }
 
 /// What happened to one image.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
     pub image: String,
     pub ok: bool,
     pub error: Option<String>,
 }
 
-/// Totals of a run; also written to `<out>/segment-report.json`.
-#[derive(Debug, Clone, Serialize)]
+/// Totals of a run; also written to `<out>/segment-report.json` (a shard's: `segment-report.<I>-of-<N>.json`,
+/// which `merge_reports` reads back).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
+    /// The shard this run took (None: all the inputs).
+    #[serde(default)]
+    pub shard: Option<Shard>,
+    /// False in the report a shard writes when it starts, so a shard killed on the way is told from one that
+    /// never ran; true once the run has ended.
+    #[serde(default = "finished_default")]
+    pub finished: bool,
+    /// The images of the whole input set, before the split into shards.
+    #[serde(default)]
+    pub all_images: usize,
+    /// The images this run had to do (its shard's share): done + skipped + failed + not attempted.
+    #[serde(default)]
+    pub images: usize,
     pub done: usize,
     pub skipped: usize,
     pub failed: usize,
@@ -62,6 +80,18 @@ pub struct Summary {
     pub images_per_second: f64,
     pub failures: Vec<Outcome>,
     pub report: Option<PathBuf>,
+}
+
+fn finished_default() -> bool {
+    true
+}
+
+/// The report's file name: `segment-report.json`, or a shard's `segment-report.<I>-of-<N>.json`.
+pub fn report_name(shard: Option<&Shard>) -> String {
+    match shard {
+        Some(s) => format!("segment-report.{}.json", s.file_tag()),
+        None => "segment-report.json".into(),
+    }
 }
 
 struct Decoded {
@@ -89,12 +119,33 @@ pub fn run(engine: &Engine, job: &SegmentJob, progress: &dyn Progress) -> Result
     refuse_output_inside_input(&job.out_dir, &all)?;
     paths::ensure_output_dir(&job.out_dir, "--out")?;
     probe_writable(&job.out_dir)?;
-    let report = job.out_dir.join("segment-report.json");
+    let report = job.out_dir.join(report_name(job.shard.as_ref()));
     let files = OutputWriter::new(None);
     files.claim("the run's report", &report)?;
+    let all_images = all.len();
+    let all = share(all, job.shard.as_ref());
     let (todo, skipped): (Vec<InputImage>, Vec<InputImage>) = all
         .into_iter()
         .partition(|input| job.force || !outputs_fresh(job, input));
+    let images = todo.len() + skipped.len();
+    let mut summary = Summary {
+        shard: job.shard,
+        finished: false,
+        all_images,
+        images,
+        done: 0,
+        skipped: skipped.len(),
+        failed: 0,
+        not_attempted: todo.len(),
+        seconds: 0.0,
+        images_per_second: 0.0,
+        failures: Vec::new(),
+        report: None,
+    };
+    if job.shard.is_some() {
+        // A shard says it started, so `merge_reports` can tell one killed on the way from one never run.
+        write_report(&report, &summary);
+    }
     progress.start(todo.len(), skipped.len());
     let text = engine.embed_queries(&job.queries.engine_queries())?;
     // Throughput counts the image loop: decoding, inference and writing, not the one-off text encoding.
@@ -151,28 +202,50 @@ pub fn run(engine: &Engine, job: &SegmentJob, progress: &dyn Progress) -> Result
     let failures: Vec<Outcome> = outcomes.iter().filter(|o| !o.ok).cloned().collect();
     let seconds = start.elapsed().as_secs_f64();
     let loop_seconds = loop_start.elapsed().as_secs_f64();
-    let mut summary = Summary {
-        done,
-        skipped: skipped.len(),
-        failed: failures.len(),
-        not_attempted: todo.len() - outcomes.len(),
-        seconds,
-        images_per_second: if loop_seconds > 0.0 {
-            done as f64 / loop_seconds
-        } else {
-            0.0
-        },
-        failures,
-        report: None,
+    summary.finished = true;
+    summary.done = done;
+    summary.failed = failures.len();
+    summary.not_attempted = todo.len() - outcomes.len();
+    summary.seconds = seconds;
+    summary.images_per_second = if loop_seconds > 0.0 {
+        done as f64 / loop_seconds
+    } else {
+        0.0
     };
-    match serde_json::to_vec_pretty(&summary)
-        .map_err(anyhow::Error::from)
-        .and_then(|bytes| write_atomic(&report, &bytes))
-    {
-        Ok(()) => summary.report = Some(report),
-        Err(err) => tracing::warn!("cannot write the report {}: {err:#}", report.display()),
+    summary.failures = failures;
+    if write_report(&report, &summary) {
+        summary.report = Some(report);
     }
     Ok(summary)
+}
+
+/// This shard's share of the inputs (all of them without a shard), logged.
+fn share(all: Vec<InputImage>, shard: Option<&Shard>) -> Vec<InputImage> {
+    let Some(shard) = shard else { return all };
+    let total = all.len();
+    let mine: Vec<InputImage> = all
+        .into_iter()
+        .filter(|input| shard.owns(&path_key(&input.name)))
+        .collect();
+    tracing::info!(
+        "shard {shard}: {} of the {total} images are this shard's (by a hash of each path under its folder)",
+        mine.len()
+    );
+    mine
+}
+
+/// Writes the report (temporary file + rename); a failure is logged, not fatal: the outputs are what counts.
+fn write_report(report: &Path, summary: &Summary) -> bool {
+    match serde_json::to_vec_pretty(summary)
+        .map_err(anyhow::Error::from)
+        .and_then(|bytes| write_atomic(report, &bytes))
+    {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!("cannot write the report {}: {err:#}", report.display());
+            false
+        }
+    }
 }
 
 fn decode_worker(

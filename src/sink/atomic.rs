@@ -1,9 +1,11 @@
 //! Atomic file writes: temp file in the target's folder, fsync, rename; and the sweep that removes the
 //! temporaries a killed process left behind.
 //!
-//! Every temporary tclseg creates next to an output is named `.tclseg-<pid>-<8 random>.tmp`: the length does not
-//! depend on the target's name (a 250-byte file name still gets a temporary under the 255-byte limit), the fixed
-//! prefix makes the sweep touch nothing but ours, and the pid says whether its writer can still be running.
+//! Every temporary tclseg creates next to an output is named `.tclseg-h<host>-<pid>-<8 random>.tmp`: the length
+//! does not depend on the target's name (a 250-byte file name still gets a temporary under the 255-byte limit),
+//! the fixed prefix makes the sweep touch nothing but ours, and the host and pid say whether its writer can still
+//! be running. The host matters once shards on several machines write into one shared folder (`--shard`): a pid
+//! says nothing about a process on another machine, so another host's temporary is left to the age rule.
 
 use std::io::Write;
 use std::path::Path;
@@ -22,10 +24,14 @@ pub const TEMP_SUFFIX: &str = ".tmp";
 /// and the pid now names another process (pid reuse, a reboot, another pid namespace).
 pub const STALE_AFTER: Duration = Duration::from_secs(3600);
 
-/// A new temporary file in `dir` (`.tclseg-<pid>-<random>.tmp`, at most 31 bytes); deleted when dropped.
+/// A new temporary file in `dir` (`.tclseg-h<host>-<pid>-<random>.tmp`, at most 39 bytes); deleted when dropped.
 pub fn temp_file_in(dir: &Path) -> std::io::Result<NamedTempFile> {
     tempfile::Builder::new()
-        .prefix(&format!("{TEMP_PREFIX}{}-", std::process::id()))
+        .prefix(&format!(
+            "{TEMP_PREFIX}{}-{}-",
+            host_tag(),
+            std::process::id()
+        ))
         .suffix(TEMP_SUFFIX)
         .rand_bytes(8)
         .tempfile_in(dir)
@@ -57,14 +63,33 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// The pid in a name of ours (`.tclseg-<pid>-<random>.tmp`); None for any other name.
-fn temp_owner(name: &str) -> Option<u32> {
+/// This machine's tag in temporary names: `h` and 6 hex digits of the SHA-256 of the kernel's host name (a
+/// Kubernetes pod's name, a Slurm node's), short so that names stay short.
+fn host_tag() -> &'static str {
+    static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TAG.get_or_init(|| {
+        use sha2::{Digest, Sha256};
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!(
+            "h{}",
+            &hex::encode(Sha256::digest(host.trim().as_bytes()))[..6]
+        )
+    })
+}
+
+/// Who wrote a temporary of ours: the host tag (None in names from before it was added, taken as this host's)
+/// and the pid; None for any other name.
+fn temp_owner(name: &str) -> Option<(Option<&str>, u32)> {
     let inner = name.strip_prefix(TEMP_PREFIX)?.strip_suffix(TEMP_SUFFIX)?;
-    let (pid, random) = inner.split_once('-')?;
+    let (host, rest) = match inner.split_once('-') {
+        Some((tag, rest)) if tag.starts_with('h') => (Some(tag), rest),
+        _ => (None, inner),
+    };
+    let (pid, random) = rest.split_once('-')?;
     if random.is_empty() || !random.chars().all(|c| c.is_ascii_alphanumeric()) {
         return None;
     }
-    pid.parse().ok()
+    Some((host, pid.parse().ok()?))
 }
 
 fn process_running(pid: u32) -> bool {
@@ -95,16 +120,18 @@ pub fn sweep_stale_temps(dir: &Path, recursive: bool) -> usize {
         if !kind.is_file() {
             continue;
         }
-        let Some(pid) = entry.file_name().to_str().and_then(temp_owner) else {
+        let name = entry.file_name();
+        let Some((host, pid)) = name.to_str().and_then(temp_owner) else {
             continue;
         };
+        let here = host.is_none_or(|h| h == host_tag());
         let age = entry
             .metadata()
             .and_then(|m| m.modified())
             .ok()
             .and_then(|t| now.duration_since(t).ok())
             .unwrap_or_default();
-        let stale = age > STALE_AFTER || (pid != me && !process_running(pid));
+        let stale = age > STALE_AFTER || (here && pid != me && !process_running(pid));
         if !stale {
             continue;
         }
@@ -154,8 +181,11 @@ mod tests {
         assert_eq!(std::fs::read(&path).expect("read"), b"{}");
         let tmp = temp_file_in(dir.path()).expect("temp");
         let name = tmp.path().file_name().expect("name").to_string_lossy();
-        assert!(name.len() <= 31, "{name}");
-        assert_eq!(temp_owner(&name), Some(std::process::id()));
+        assert!(name.len() <= 39, "{name}");
+        assert_eq!(
+            temp_owner(&name),
+            Some((Some(host_tag()), std::process::id()))
+        );
     }
 
     /// A pid that no running process has: a child that has exited and been reaped.
@@ -173,10 +203,13 @@ mod tests {
         let sub = dir.path().join("sub");
         std::fs::create_dir_all(&sub).expect("mkdir");
         let dead = dead_pid();
-        let ours_dead = format!(".tclseg-{dead}-abcdEF12.tmp");
-        let ours_live = format!(".tclseg-{}-abcdEF12.tmp", std::process::id());
+        let ours_dead = format!(".tclseg-{}-{dead}-abcdEF12.tmp", host_tag());
+        let ours_live = format!(".tclseg-{}-{}-abcdEF12.tmp", host_tag(), std::process::id());
+        // Another machine's writer (a shard on a shared volume): its pid means nothing here.
+        let other_host = format!(".tclseg-h000000-{dead}-abcdEF12.tmp");
         let keep = [
             ours_live.as_str(),
+            other_host.as_str(),
             ".frame.png.x1y2z3.tmp",
             ".tclseg-notapid-abc.tmp",
             "tclseg-1-abc.tmp",

@@ -12,9 +12,13 @@ use serde::Serialize;
 
 mod deliveries;
 mod prometheus;
+mod serving;
 
 pub use deliveries::{Deliveries, Delivery, DeliverySource};
 pub use prometheus::PROMETHEUS_CONTENT_TYPE;
+pub use serving::{
+    ModelLabel, Models, SegmentFigures, SegmentOutcome, SegmentRequests, SwapFigures,
+};
 
 /// Why a frame was not segmented. Each reason is its own series, so a stalled camera never looks like a slow model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,42 +315,10 @@ pub struct Telemetry {
     pub reload_failures: AtomicU64,
     /// The event deliveries, when `[events]` is configured.
     pub deliveries: Deliveries,
-    /// `POST /v1/segment`'s answers.
+    /// `POST /v1/segment`'s answers and request queue.
     pub segment_requests: SegmentRequests,
-}
-
-/// `POST /v1/segment`: answers by status code, and how long each took.
-#[derive(Debug)]
-pub struct SegmentRequests {
-    by_code: Mutex<BTreeMap<u16, u64>>,
-    pub latency: Histogram,
-}
-
-impl Default for SegmentRequests {
-    fn default() -> Self {
-        SegmentRequests {
-            by_code: Mutex::new(BTreeMap::new()),
-            latency: Histogram::new(&LATENCY_BUCKETS),
-        }
-    }
-}
-
-impl SegmentRequests {
-    pub fn record(&self, code: u16, took: Duration) {
-        *self
-            .by_code
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(code)
-            .or_default() += 1;
-        self.latency.observe(took.as_secs_f64());
-    }
-
-    /// (status code, answers) for every code answered so far.
-    pub fn by_code(&self) -> Vec<(u16, u64)> {
-        let counts = self.by_code.lock().unwrap_or_else(|e| e.into_inner());
-        counts.iter().map(|(c, n)| (*c, *n)).collect()
-    }
+    /// The model serving now and the swaps reloads attempted.
+    pub models: Models,
 }
 
 impl Default for Telemetry {
@@ -359,6 +331,7 @@ impl Default for Telemetry {
             reload_failures: AtomicU64::new(0),
             deliveries: Deliveries::default(),
             segment_requests: SegmentRequests::default(),
+            models: Models::default(),
         }
     }
 }

@@ -13,7 +13,10 @@ use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use super::{Delivery, DropReason, Histogram, PipelineMetrics, Stage, Telemetry};
+use super::{
+    Delivery, DropReason, Histogram, ModelLabel, PipelineMetrics, SegmentFigures, SegmentOutcome,
+    Stage, SwapFigures, Telemetry,
+};
 
 /// The `Content-Type` of `Telemetry::render_prometheus`'s text (Prometheus text format 0.0.4).
 pub const PROMETHEUS_CONTENT_TYPE: &str =
@@ -35,6 +38,9 @@ impl Telemetry {
             deliveries: self.deliveries.figures(),
             segment_requests: self.segment_requests.by_code(),
             segment_latency: self.segment_requests.latency.snapshot(),
+            segment_queue: self.segment_requests.figures(),
+            model: self.models.serving(),
+            swaps: self.models.swaps(),
             totals: [
                 (
                     "tclseg_inference_errors",
@@ -105,6 +111,11 @@ struct Scrape {
     /// `POST /v1/segment`: (status code, answers), and the time to answer.
     segment_requests: Vec<(u16, u64)>,
     segment_latency: Snapshot,
+    /// `POST /v1/segment`'s request queue and answers by outcome.
+    segment_queue: SegmentFigures,
+    /// The model serving now (None before it is loaded) and the swaps reloads attempted.
+    model: Option<ModelLabel>,
+    swaps: SwapFigures,
     /// Process-wide counters: name (the encoder adds `_total`), help, value.
     totals: [(&'static str, &'static str, u64); 3],
 }
@@ -193,6 +204,77 @@ impl Scrape {
                     series.encode_counter::<NoLabelSet, _, u64>(&pick(d), None)?;
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl Scrape {
+    /// `POST /v1/segment`'s answers by outcome and its queue's depth and capacity.
+    fn segment_queue(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let q = &self.segment_queue;
+        let mut requests = encoder.encode_descriptor(
+            "tclseg_segment_requests",
+            "POST /v1/segment requests by outcome: served, rejected (429, queue full), invalid (other 4xx), \
+             failed (5xx).",
+            None,
+            MetricType::Counter,
+        )?;
+        for outcome in SegmentOutcome::ALL {
+            let n = match outcome {
+                SegmentOutcome::Served => q.served,
+                SegmentOutcome::Rejected => q.rejected,
+                SegmentOutcome::Invalid => q.invalid,
+                SegmentOutcome::Failed => q.failed,
+            };
+            requests
+                .encode_family(&[("outcome", outcome.key())])?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        encoder
+            .encode_descriptor(
+                "tclseg_segment_queue_depth",
+                "POST /v1/segment images waiting for the inference worker.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&q.depth)?;
+        encoder
+            .encode_descriptor(
+                "tclseg_segment_queue_capacity",
+                "The most POST /v1/segment images that may wait (http.segment_queue); more get 429.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&q.capacity)
+    }
+
+    /// The model serving now (`tclseg_model_info` = 1, labelled) and the swaps reloads attempted.
+    fn model(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {
+        let mut swaps = encoder.encode_descriptor(
+            "tclseg_model_swaps",
+            "Reloads that changed [model]: swapped in (ok), or the new model failed to load and the old one \
+             kept serving (failed).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (outcome, n) in [("ok", self.swaps.ok), ("failed", self.swaps.failed)] {
+            swaps
+                .encode_family(&[("outcome", outcome)])?
+                .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
+        }
+        let mut info = encoder.encode_descriptor(
+            "tclseg_model_info",
+            "The model serving now (1): its manifest sha256 and name.",
+            None,
+            MetricType::Gauge,
+        )?;
+        if let Some(model) = &self.model {
+            info.encode_family(&[
+                ("sha256", model.sha256.as_str()),
+                ("name", model.name.as_str()),
+            ])?
+            .encode_gauge(&1u64)?;
         }
         Ok(())
     }
@@ -297,6 +379,8 @@ impl Collector for Scrape {
             None,
             MetricType::Histogram,
         )?)?;
+        self.segment_queue(e)?;
+        self.model(e)?;
         for (name, help, v) in self.totals {
             e.encode_descriptor(name, help, None, MetricType::Counter)?
                 .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
@@ -366,5 +450,36 @@ mod tests {
         );
         t.retain(&[]);
         assert!(!t.render_prometheus().contains("door"));
+    }
+
+    #[test]
+    fn the_segment_queue_and_the_serving_model_have_their_series() {
+        let t = Telemetry::default();
+        t.segment_requests.record(200, Duration::from_millis(3));
+        t.segment_requests.record(429, Duration::from_millis(1));
+        t.segment_requests.register_queue(2, || 1);
+        let text = t.render_prometheus();
+        for line in [
+            "tclseg_segment_requests_total{outcome=\"served\"} 1",
+            "tclseg_segment_requests_total{outcome=\"rejected\"} 1",
+            "tclseg_segment_requests_total{outcome=\"failed\"} 0",
+            "tclseg_segment_queue_depth 1",
+            "tclseg_segment_queue_capacity 2",
+            "tclseg_model_swaps_total{outcome=\"ok\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
+        assert!(!text.contains("tclseg_model_info{"), "no model yet: {text}");
+        t.models.set_serving("tiny", "ab12");
+        t.models.swapped(true);
+        t.models.swapped(false);
+        t.models.set_serving("tiny \"2\"", "cd34");
+        let text = t.render_prometheus();
+        assert!(
+            text.contains("tclseg_model_info{sha256=\"cd34\",name=\"tiny \\\"2\\\"\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("ab12"), "one model at a time: {text}");
+        assert!(text.contains("tclseg_model_swaps_total{outcome=\"failed\"} 1"));
     }
 }

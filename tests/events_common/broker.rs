@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
+use tclseg::events::{Catalog, MqttConfig, MqttSink, Outbox};
 use tokio::sync::watch;
 
 /// A mosquitto on a loopback port, with its config and persistence in a temp dir.
@@ -20,6 +21,11 @@ pub struct Broker {
 
 impl Broker {
     pub fn start(dir: &Path, users: Option<(&str, &str)>) -> Broker {
+        Broker::start_with(dir, users, "")
+    }
+
+    /// `start` with more mosquitto config lines (more listeners, TLS files, an ACL file).
+    pub fn start_with(dir: &Path, users: Option<(&str, &str)>, extra: &str) -> Broker {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -50,6 +56,7 @@ impl Broker {
         if std::fs::metadata(dir).is_ok_and(|m| m.uid() == 0) {
             conf += "user root\n";
         }
+        conf += extra;
         std::fs::write(dir.join("mosquitto.conf"), conf).expect("write conf");
         let mut b = Broker {
             dir: dir.to_path_buf(),
@@ -76,6 +83,18 @@ impl Broker {
                 self.port
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGHUP: mosquitto reads its ACL and password files again.
+    pub fn reload(&self) {
+        if let Some(c) = &self.child {
+            let ok = Command::new("kill")
+                .arg("-HUP")
+                .arg(c.id().to_string())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "could not signal mosquitto");
         }
     }
 
@@ -159,4 +178,20 @@ pub async fn subscribe_as(
         "the test subscriber could not subscribe"
     );
     got
+}
+
+/// An MQTT sink for `cfg` delivering the outbox's `mqtt` destination, as its own task; send `true` to stop it.
+pub fn run_sink(
+    cfg: MqttConfig,
+    outbox: &Outbox,
+    catalog: Catalog,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let (stop, stop_rx) = watch::channel(false);
+    let (cat, cat_rx) = watch::channel(catalog);
+    let sink = MqttSink::new(cfg, outbox.clone(), "mqtt");
+    let task = tokio::spawn(async move {
+        let _keep = cat;
+        sink.run(cat_rx, stop_rx).await
+    });
+    (stop, task)
 }

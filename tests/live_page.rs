@@ -338,7 +338,7 @@ fn the_page_shows_the_source_reconnecting_and_recovers_when_it_returns() {
 #[test]
 fn try_an_image_shows_the_overlay_and_the_area_of_each_query() {
     let dir = tempfile::tempdir().expect("tmp");
-    let (setup, browser) = page_open(dir.path());
+    let (_running, browser) = page_open(dir.path());
     let picture = dir.path().join("try.png");
     write_png(&picture, 80, 60);
 

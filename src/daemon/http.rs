@@ -77,6 +77,10 @@ fn router(state: Arc<State>, reload: mpsc::Sender<ReloadRequest>) -> Router {
             "/v1/pipelines/{name}/queries",
             put(super::query_edit::put).layer(DefaultBodyLimit::max(QUERY_EDIT_BODY)),
         )
+        // The live page (page.rs): files compiled into the binary.
+        .route("/", get(super::page::index))
+        .route("/ui/app.js", get(super::page::app_js))
+        .route("/ui/style.css", get(super::page::style_css))
         .method_not_allowed_fallback(|| async {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         })

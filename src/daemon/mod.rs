@@ -19,6 +19,7 @@
 pub mod http;
 mod live;
 pub mod notify;
+mod page;
 mod query_edit;
 mod running;
 mod segment;

@@ -1,9 +1,10 @@
 //! Helpers shared by the integration tests that run the `tclseg` binary on the tiny fixture bundle: running the
 //! CLI, checking its exit, small images, polling, signals. The daemon harness is in `daemon`, its config builder
-//! in `config`, staged writes in `staged`.
+//! in `config`, staged writes in `staged`, the browser (chromium through chromedriver) in `browser`.
 // Each test crate compiles its own copy and uses only some of these.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod config;
 pub mod daemon;
 pub mod staged;

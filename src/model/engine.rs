@@ -73,6 +73,12 @@ impl Engine {
             .with_context(|| format!("cannot read {}", manifest_path.display()))?;
         let device = match options.device {
             DeviceChoice::Cpu => Device::Cpu,
+            // int8 and bf16 are CPU modes: `auto` need not try CUDA first to be refused.
+            DeviceChoice::Auto
+                if matches!(options.precision, Precision::Int8 | Precision::Bf16) =>
+            {
+                Device::Cpu
+            }
             DeviceChoice::Cuda | DeviceChoice::Auto => Device::Cuda,
             DeviceChoice::TensorRt => Device::TensorRt,
         };

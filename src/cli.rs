@@ -270,7 +270,7 @@ pub struct ExportArgs {
     /// Bundle name (default: the output folder's name).
     #[arg(long)]
     pub name: Option<String>,
-    /// Precisions of the image graphs, comma-separated.
+    /// Precisions of the image graphs, comma-separated: fp32 (always), fp16, int8 (quantized from fp32).
     #[arg(long, default_value = "fp32,fp16")]
     pub precision: String,
     /// Replace an existing bundle at --out.
@@ -336,7 +336,8 @@ pub struct EngineArgs {
     /// without it.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
-    /// Precision of the image graphs.
+    /// Precision of the image graphs: int8 (CPU; needs int8 graphs in the bundle), bf16 (ARM64 CPUs only), auto
+    /// (from the CPU's flags and the graphs the bundle holds: int8 on AVX2/VNNI/AMX CPUs, fp16 on a GPU).
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
     pub precision: Precision,
     /// Crops per ONNX Runtime run, across images (0: 1 on the CPU, where bigger batches only cost memory; on a
@@ -385,4 +386,5 @@ pub enum PrecisionArg {
     All,
     Fp32,
     Fp16,
+    Int8,
 }

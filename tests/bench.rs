@@ -69,6 +69,12 @@ fn one_json_line_per_batch_size_and_labels_equal_segment() {
         assert_eq!(line["image_size"], size, "{line}");
         assert_eq!(line["device"], "cpu");
         assert_eq!(line["precision"], "fp32");
+        assert_eq!(line["precision_reason"], "asked for", "{line}");
+        assert!(line["cpu_flags"].is_array(), "{line}");
+        assert!(
+            line["kernels"].as_str().is_some_and(|k| !k.is_empty()),
+            "{line}"
+        );
         assert_eq!(line["pamr"], true);
         assert_eq!(line["queries"], 3, "the default queries");
         assert_eq!(line["model_sha256"].as_str().expect("sha").len(), 64);

@@ -195,3 +195,41 @@ fn missing_onnx_runtime_is_an_error_not_a_panic() {
     assert!(stderr.contains("scripts/setup"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn manifests_take_int8_graphs_and_refuse_run_modes_as_graph_precisions() {
+    let text = fs::read_to_string(fixture().join("model.toml")).expect("fixture manifest");
+    let trunk =
+        r#"image_trunk = { fp32 = "image_trunk.fp32.onnx", fp16 = "image_trunk.fp16.onnx" }"#;
+    assert!(text.contains(trunk), "the fixture's trunk line");
+    let with = |extra: &str| {
+        text.replace(
+            trunk,
+            &format!(
+                r#"image_trunk = {{ fp32 = "image_trunk.fp32.onnx", {extra} = "image_trunk.fp16.onnx" }}"#
+            ),
+        )
+    };
+    // int8 is a graph precision (here pointed at a listed file: the manifest check is about names and listing).
+    let parsed = tclseg::model::Manifest::parse(&with("int8")).expect("int8 graphs are accepted");
+    assert_eq!(
+        parsed.graphs["image_trunk"]["int8"],
+        "image_trunk.fp16.onnx"
+    );
+    // bf16 and auto are run modes, never files.
+    for mode in ["bf16", "auto"] {
+        let err = tclseg::model::Manifest::parse(&with(mode)).expect_err(mode);
+        assert!(
+            err.contains(&format!("precision '{mode}'")) && err.contains("int8"),
+            "{err}"
+        );
+    }
+    // bf16 runs the fp32 graphs; an unresolved auto would too.
+    let (_tmp, dir) = fixture_copy();
+    let bundle = Bundle::open(&dir).expect("fixture opens");
+    assert_eq!(
+        bundle.graph("image_trunk", Precision::Bf16),
+        bundle.graph("image_trunk", Precision::Fp32)
+    );
+    assert_eq!(bundle.graph("image_trunk", Precision::Int8), None);
+}

@@ -61,6 +61,16 @@ fn serving(daemon: &Daemon) -> (String, String) {
     let status: serde_json::Value =
         serde_json::from_str(&daemon.get("/status").body).expect("status json");
     let model = &status["daemon"]["model"];
+    // The precision the engine runs, why, the CPU flags and kernels behind it (the config asks for fp32).
+    assert_eq!(model["precision"], "fp32", "{model}");
+    assert_eq!(model["precision_reason"], "asked for", "{model}");
+    assert!(model["cpu_flags"].is_array(), "{model}");
+    assert!(
+        model["kernels"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("MLAS")),
+        "{model}"
+    );
     (
         model["name"].as_str().expect("model name").to_string(),
         model["manifest_sha256"]

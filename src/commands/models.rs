@@ -106,14 +106,19 @@ pub(super) fn verify(dir: &Path, precision: PrecisionArg, threads: usize) -> Res
     let loaded = verify::load_all_graphs(&bundle, threads)?;
     tracing::info!("all {loaded} graphs load");
 
-    let has_fp16 = m.graphs.values().any(|p| p.contains_key("fp16"));
+    let holds = |p: Precision| m.graphs.values().any(|by| by.contains_key(p.graph_key()));
     let precisions: Vec<Precision> = match precision {
         PrecisionArg::Fp32 => vec![Precision::Fp32],
-        PrecisionArg::Fp16 if !has_fp16 => bail!("bundle {} has no fp16 graphs", dir.display()),
         PrecisionArg::Fp16 => vec![Precision::Fp16],
-        PrecisionArg::All if has_fp16 => vec![Precision::Fp32, Precision::Fp16],
-        PrecisionArg::All => vec![Precision::Fp32],
+        PrecisionArg::Int8 => vec![Precision::Int8],
+        PrecisionArg::All => [Precision::Fp32, Precision::Fp16, Precision::Int8]
+            .into_iter()
+            .filter(|&p| holds(p))
+            .collect(),
     };
+    if let Some(p) = precisions.iter().find(|&&p| !holds(p)) {
+        bail!("bundle {} has no {p} graphs", dir.display());
+    }
     for p in precisions {
         for run in verify::run_one_crop(&bundle, p, threads)? {
             let outputs: Vec<String> = run

@@ -193,11 +193,13 @@ pub(super) fn segment_settings(
 /// One log line: model, device, precision, PAMR and background.
 pub(super) fn log_model(engine: &Engine, settings: &SegmentSettings) {
     tracing::info!(
-        "model {} v{} on {} ({}, {} processing), PAMR {}, background {}",
+        "model {} v{} on {} ({}: {}; {}; {} processing), PAMR {}, background {}",
         engine.bundle().manifest().name,
         engine.bundle().manifest().version,
         engine.device().name(),
         engine.precision().key(),
+        engine.precision_reason(),
+        engine.kernels(),
         engine.processing(),
         if settings.pamr { "on" } else { "off" },
         settings

@@ -87,7 +87,7 @@ mod tests {
         let bad: Choice<Precision> = "fp8".into();
         assert_eq!(
             bad.get("model.precision"),
-            Err("model.precision: 'fp8' is not one of fp32, fp16".to_string())
+            Err("model.precision: 'fp8' is not one of fp32, fp16, int8, bf16, auto".to_string())
         );
         assert_eq!(bad.to_string(), "fp8");
     }

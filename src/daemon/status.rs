@@ -131,6 +131,10 @@ impl State {
                 "dir": model_dir.display().to_string(),
                 "manifest_sha256": engine.manifest_sha256(),
                 "device": format!("{:?}", engine.device()).to_lowercase(),
+                "precision": engine.precision().key(),
+                "precision_reason": engine.precision_reason(),
+                "kernels": engine.kernels(),
+                "cpu_flags": engine.cpu_features().names(),
             });
         }
     }

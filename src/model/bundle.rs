@@ -159,22 +159,50 @@ pub struct FileEntry {
     pub bytes: u64,
 }
 
-/// Graph precision. fp16 graphs keep LayerNorm in fp32 and have fp32 inputs and outputs. One type for the
-/// daemon's `model.precision`, the `--precision` flag and the engine.
+/// Precision of the image graphs. fp16 graphs keep LayerNorm in fp32 and have fp32 inputs and outputs; int8
+/// graphs quantize only the weight matrix products (per-channel int8 weights, activations quantized at run time)
+/// and keep LayerNorm, softmax and GELU in fp32. `bf16` runs the fp32 graphs with ONNX Runtime's bf16 fast math,
+/// which its CPU provider has on ARM64 only; `auto` is resolved when the engine opens (`model::cpu`). One type
+/// for the daemon's `model.precision`, the `--precision` flag and the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
     Fp32,
     Fp16,
+    Int8,
+    Bf16,
+    Auto,
 }
+
+/// Graph precisions a manifest may list (`bf16` and `auto` are run modes, not graphs).
+pub const GRAPH_PRECISIONS: [&str; 3] = ["fp32", "fp16", "int8"];
 
 impl Precision {
     pub fn key(self) -> &'static str {
         match self {
             Precision::Fp32 => "fp32",
             Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+            Precision::Bf16 => "bf16",
+            Precision::Auto => "auto",
         }
+    }
+
+    /// The manifest's key of the graphs this precision runs: bf16 fast math (and an unresolved auto) run the
+    /// fp32 graphs.
+    pub fn graph_key(self) -> &'static str {
+        match self {
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+            Precision::Fp32 | Precision::Bf16 | Precision::Auto => "fp32",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
     }
 }
 
@@ -231,7 +259,7 @@ impl Bundle {
         self.manifest
             .graphs
             .get(role)
-            .and_then(|by_precision| by_precision.get(precision.key()))
+            .and_then(|by_precision| by_precision.get(precision.graph_key()))
             .map(|file| self.dir.join(file))
     }
 
@@ -343,9 +371,10 @@ impl Manifest {
         }
         for (role, by_precision) in &self.graphs {
             for (precision, file) in by_precision {
-                if precision != "fp32" && precision != "fp16" {
+                if !GRAPH_PRECISIONS.contains(&precision.as_str()) {
                     return Err(format!(
-                        "[graphs] '{role}' has precision '{precision}'; known: fp32, fp16"
+                        "[graphs] '{role}' has precision '{precision}'; known: {}",
+                        GRAPH_PRECISIONS.join(", ")
                     ));
                 }
                 if !listed.contains_key(file.as_str()) {

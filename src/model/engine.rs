@@ -18,6 +18,7 @@ use ort::session::Session;
 use ort::value::Tensor;
 
 use super::bundle::{Bundle, Precision};
+use super::cpu::{CpuFeatures, PrecisionChoice};
 use super::device_path::DevicePath;
 use super::host_path;
 use super::preprocess;
@@ -46,6 +47,9 @@ pub struct Engine {
     /// How the engine's sessions run on `device` (the text encoder's, opened per query set, derives from it).
     spec: SessionSpec,
     options: EngineOptions,
+    /// `options.precision` resolved for `device` (never `Auto`), and why.
+    precision: PrecisionChoice,
+    cpu: CpuFeatures,
     manifest_sha256: String,
     model: Mutex<ModelGraphs>,
     /// Present when pre- and postprocessing run on the device, not on the host. Locked before `model`.
@@ -55,19 +59,10 @@ pub struct Engine {
 
 impl Engine {
     /// Opens (and verifies) the bundle in `dir` and starts the engine on it: the one way `segment`, `serve`,
-    /// `eval` and `models bench` open a model. fp16 on a bundle without fp16 image graphs is refused here
-    /// (the engine would otherwise run the fp32 graphs while reporting fp16).
+    /// `eval` and `models bench` open a model. A precision whose image graphs the bundle lacks is refused when
+    /// the engine resolves it (`cpu::choose`), never run as fp32 while reported as asked.
     pub fn open(dir: &Path, options: EngineOptions) -> Result<Engine> {
-        let bundle = Bundle::open(dir)?;
-        if options.precision == Precision::Fp16
-            && bundle.graph("image_trunk", Precision::Fp16).is_none()
-        {
-            bail!(
-                "bundle {} has no fp16 graphs; export it with --precision fp32,fp16",
-                dir.display()
-            );
-        }
-        Engine::new(bundle, options)
+        Engine::new(Bundle::open(dir)?, options)
     }
 
     pub fn new(bundle: Bundle, options: EngineOptions) -> Result<Engine> {
@@ -78,21 +73,47 @@ impl Engine {
             .with_context(|| format!("cannot read {}", manifest_path.display()))?;
         let device = match options.device {
             DeviceChoice::Cpu => Device::Cpu,
+            // int8 and bf16 are CPU modes: `auto` need not try CUDA first to be refused.
+            DeviceChoice::Auto
+                if matches!(options.precision, Precision::Int8 | Precision::Bf16) =>
+            {
+                Device::Cpu
+            }
             DeviceChoice::Cuda | DeviceChoice::Auto => Device::Cuda,
             DeviceChoice::TensorRt => Device::TensorRt,
         };
-        let open = |device: Device| -> Result<(ModelGraphs, Option<DevicePath>, SessionSpec)> {
+        let cpu = CpuFeatures::detect();
+        let open = |device: Device| -> Result<(
+            ModelGraphs,
+            Option<DevicePath>,
+            SessionSpec,
+            PrecisionChoice,
+        )> {
+            let has = |p: Precision| bundle.graph("image_trunk", p).is_some();
+            let choice = super::cpu::choose(options.precision, device, has, &cpu).map_err(|e| {
+                anyhow!(
+                    "bundle {}: --precision {}: {e}",
+                    bundle.dir().display(),
+                    options.precision
+                )
+            })?;
+            let precision = choice.precision;
             if device.is_gpu() {
                 // Before anything is logged about building engines: a missing library is the likelier news.
                 super::cuda::prepare(runtime.library(), device == Device::TensorRt)?;
             }
-            let spec = session_spec(&options, device, &bundle, &manifest_sha256, runtime);
+            let spec = session_spec(
+                &options,
+                precision,
+                device,
+                &bundle,
+                &manifest_sha256,
+                runtime,
+            );
             let graph = |role: &str| {
-                bundle
-                    .graph_or_fp32(role, options.precision)
-                    .ok_or_else(|| {
-                        anyhow!("bundle {} has no '{role}' graph", bundle.dir().display())
-                    })
+                bundle.graph_or_fp32(role, precision).ok_or_else(|| {
+                    anyhow!("bundle {} has no '{role}' graph", bundle.dir().display())
+                })
             };
             let session = |role: &str, input: &str, shape: Vec<usize>| -> Result<Session> {
                 let mut spec = spec.clone();
@@ -126,9 +147,9 @@ impl Engine {
             let device_path = on_device
                 .then(|| DevicePath::new(&bundle, &spec))
                 .transpose()?;
-            Ok((model, device_path, spec))
+            Ok((model, device_path, spec, choice))
         };
-        let (model, device_path, spec) = match open(device) {
+        let (model, device_path, spec, precision) = match open(device) {
             Ok(opened) => opened,
             Err(err) if options.device == DeviceChoice::Auto => {
                 // No NVIDIA driver at all: the CPU is what `auto` is expected to pick. A driver that is there
@@ -151,6 +172,8 @@ impl Engine {
             device: spec.device,
             spec,
             options,
+            precision,
+            cpu,
             model: Mutex::new(model),
             device_path: device_path.map(Mutex::new),
             text_cache: Mutex::new(HashMap::new()),
@@ -158,6 +181,8 @@ impl Engine {
         tracing::debug!(
             device = engine.device.name(),
             processing = %engine.processing(),
+            precision = %engine.precision.precision,
+            why = %engine.precision.reason,
             "engine ready"
         );
         Ok(engine)
@@ -186,9 +211,28 @@ impl Engine {
         }
     }
 
-    /// Precision of the image graphs in use.
+    /// Precision of the image graphs in use (`auto` resolved).
     pub fn precision(&self) -> Precision {
-        self.options.precision
+        self.precision.precision
+    }
+
+    /// Why the engine runs at `precision()`: asked for, or what `auto` saw.
+    pub fn precision_reason(&self) -> &str {
+        &self.precision.reason
+    }
+
+    /// The CPU flags that decide the matrix kernels.
+    pub fn cpu_features(&self) -> &CpuFeatures {
+        &self.cpu
+    }
+
+    /// The kernels the image graphs run on, in words: MLAS's choice on the CPU, the provider on a GPU.
+    pub fn kernels(&self) -> &'static str {
+        match self.device {
+            Device::Cpu => self.cpu.kernels(self.precision()),
+            Device::Cuda => "CUDA execution provider",
+            Device::TensorRt => "TensorRT execution provider",
+        }
     }
 
     /// Default settings of the bundle: PAMR on, its kp weight and background threshold.
@@ -361,6 +405,7 @@ impl Engine {
 /// The session settings for the engine's graphs on `device`.
 fn session_spec(
     options: &EngineOptions,
+    precision: Precision,
     device: Device,
     bundle: &Bundle,
     manifest_sha256: &str,
@@ -370,10 +415,11 @@ fn session_spec(
         device,
         threads: options.threads,
         spin: options.spin,
-        tf32: options.precision == Precision::Fp16,
+        tf32: precision == Precision::Fp16,
+        bf16_fastmath: precision == Precision::Bf16,
         tensorrt: (device == Device::TensorRt).then(|| TensorRtSpec {
-            cache_dir: tensorrt_cache_dir(bundle, manifest_sha256, runtime, options.precision),
-            fp16: options.precision == Precision::Fp16,
+            cache_dir: tensorrt_cache_dir(bundle, manifest_sha256, runtime, precision),
+            fp16: precision == Precision::Fp16,
             profile: None,
         }),
     }

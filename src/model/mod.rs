@@ -1,6 +1,7 @@
 //! The model side of tclseg: bundles, ONNX Runtime, the tokenizer, pre/post-processing and the engine.
 
 pub mod bundle;
+pub mod cpu;
 pub mod cuda;
 pub mod default;
 pub mod device_path;
@@ -16,6 +17,7 @@ pub mod types;
 pub mod verify;
 
 pub use bundle::{Bundle, BundleError, Manifest, Precision};
+pub use cpu::{CpuFeatures, PrecisionChoice};
 pub use default::resolve_bundle_dir;
 pub use engine::Engine;
 pub use runtime::{Device, Graph, Runtime, SessionSpec};

@@ -88,6 +88,8 @@ pub struct SessionSpec {
     /// CUDA may run fp32 matrix products as TF32 (10-bit mantissa). Off for fp32 graphs, whose numbers must
     /// match the reference; on for fp16 runs, whose inputs are rounded harder than that anyway.
     pub tf32: bool,
+    /// CPU only: let MLAS run fp32 matrix products in bf16 (ONNX Runtime's ARM64 fast math; `Precision::Bf16`).
+    pub bf16_fastmath: bool,
     /// TensorRT only: where engines are cached, and the largest batch the engine's profile covers.
     pub tensorrt: Option<TensorRtSpec>,
 }
@@ -99,6 +101,7 @@ impl SessionSpec {
             threads,
             spin: true,
             tf32: false,
+            bf16_fastmath: false,
             tensorrt: None,
         }
     }
@@ -184,6 +187,11 @@ impl Runtime {
         if !spec.spin {
             builder = builder
                 .with_intra_op_spinning(false)
+                .map_err(|e| anyhow!("{e}"))?;
+        }
+        if spec.bf16_fastmath {
+            builder = builder
+                .with_config_entry("mlas.enable_gemm_fastmath_arm64_bfloat16", "1")
                 .map_err(|e| anyhow!("{e}"))?;
         }
         let cuda = || {

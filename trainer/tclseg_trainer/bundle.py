@@ -70,7 +70,7 @@ class BundleDefaults:
 
 # Graph roles every bundle provides, in the order they run.
 REQUIRED_GRAPHS = ("text_encoder", "image_trunk", "tcl_head", "mask_head", "pamr")
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 # The tables of a manifest and the keys each must have (more keys are tolerated inside a table).
 REQUIRED_KEYS = {
@@ -291,7 +291,9 @@ def check_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> list[FileEntry
             raise _malformed(bundle_dir, f"[graphs] '{role}' must map precision to file")
         for precision, file in by_precision.items():
             if precision not in PRECISIONS:
-                raise _malformed(bundle_dir, f"[graphs] '{role}' has precision {precision!r}; known: fp32, fp16")
+                raise _malformed(
+                    bundle_dir, f"[graphs] '{role}' has precision {precision!r}; known: {', '.join(PRECISIONS)}"
+                )
             if file not in listed:
                 raise _malformed(bundle_dir, f"[graphs] '{role}'.{precision} = {file!r} is not listed in [[files]]")
     if manifest["text"]["vocabulary"] not in listed:

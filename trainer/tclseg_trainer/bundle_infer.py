@@ -125,8 +125,8 @@ class BundleRunner:
         verify: bool = True,
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle, verify=verify)
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16, not {precision!r}")
+        if precision not in ("fp32", "fp16", "int8"):
+            raise ValueError(f"precision must be fp32, fp16 or int8, not {precision!r}")
         for role in ("image_trunk", "tcl_head"):
             if precision not in self.bundle.precisions(role):
                 raise ValueError(f"model bundle {self.bundle.dir}: no {precision} '{role}' graph")

@@ -15,7 +15,7 @@ directory is renamed into place, so a reader never sees half a bundle.
 Command line:
     python -m tclseg_trainer.export (--random {tiny,vit-b16} [--seed N] | --clip ViT-B-16.pt --tcl tcl.pth
                                      [--allow-unverified-clip] | --checkpoint CKPT) --out DIR [--name NAME]
-                                     [--precision fp32,fp16] [--force]
+                                     [--precision fp32,fp16,int8] [--force]
 Exit status: 0 written, 1 failed (one message naming the file and the problem), 2 usage error.
 
 This module writes the whole bundle and holds the command line; one graph's export and the op allow-list are in
@@ -58,6 +58,7 @@ from .export_manifest import (
 )
 from .export_onnx import CUDA_SAFE_OPS, ExportError, export_graph, graph_op_types, graph_op_types_of
 from .export_sources import defaults_from_config_file, load_model, log
+from .quantize import quantize_graph
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, default_vocab_path
 from .tokenizer import VOCAB_FILENAME as VOCAB_FILE
 
@@ -67,13 +68,18 @@ __all__ = ["CUDA_SAFE_OPS", "ExportError", "export_bundle", "graph_op_types", "g
 # role -> precision -> file name in the bundle.
 GRAPH_FILES = {
     "text_encoder": {"fp32": "text_encoder.onnx"},
-    "image_trunk": {"fp32": "image_trunk.fp32.onnx", "fp16": "image_trunk.fp16.onnx"},
-    "tcl_head": {"fp32": "tcl_head.fp32.onnx", "fp16": "tcl_head.fp16.onnx"},
+    "image_trunk": {
+        "fp32": "image_trunk.fp32.onnx",
+        "fp16": "image_trunk.fp16.onnx",
+        "int8": "image_trunk.int8.onnx",
+    },
+    "tcl_head": {"fp32": "tcl_head.fp32.onnx", "fp16": "tcl_head.fp16.onnx", "int8": "tcl_head.int8.onnx"},
     "mask_head": {"fp32": "mask_head.onnx"},
     "pamr": {"fp32": "pamr.onnx"},
 }
-# Roles that get an fp16 variant; the others are small or precision-sensitive and stay fp32.
+# Roles that get fp16 and int8 variants; the others are small or precision-sensitive and stay fp32.
 FP16_ROLES = ("image_trunk", "tcl_head")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def export_bundle(
@@ -104,8 +110,8 @@ def export_bundle(
     precisions = list(dict.fromkeys(precisions))
     if "fp32" not in precisions:
         raise ExportError("the fp32 graphs are always exported: precisions must include fp32")
-    if unknown := [p for p in precisions if p not in ("fp32", "fp16")]:
-        raise ExportError(f"unknown precision(s) {', '.join(unknown)}; known: fp32, fp16")
+    if unknown := [p for p in precisions if p not in PRECISIONS]:
+        raise ExportError(f"unknown precision(s) {', '.join(unknown)}; known: {', '.join(PRECISIONS)}")
     vocab_path = Path(vocab_path)
     if not vocab_path.is_file():
         raise ExportError(f"{vocab_path}: the BPE vocabulary file does not exist")
@@ -213,7 +219,7 @@ def _write_graphs(
     pixels = rand(2, 3, crop_size, crop_size)
     trunk_tokens = rand(2, 1 + grid * grid, width)
     half_model = half_with_fp32_layernorms(model) if "fp16" in precisions else None
-    for precision in precisions:
+    for precision in [p for p in precisions if p != "int8"]:
         dtype = torch.float32 if precision == "fp32" else torch.float16
         variant = model if precision == "fp32" else half_model
         timed(
@@ -241,6 +247,14 @@ def _write_graphs(
             ),
         )
     del half_model
+    if "int8" in precisions:
+        # Quantized from the fp32 graphs just written (weights per channel, activations at run time).
+        for role in FP16_ROLES:
+            timed(
+                role,
+                "int8",
+                lambda p, r=role: quantize_graph(tmp_dir / GRAPH_FILES[r]["fp32"], p, mode="dynamic"),
+            )
 
     w, b = sim2mask_params(model)
     timed(
@@ -308,7 +322,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="bundle name (default: the output directory's name)")
     p.add_argument("--version", default="1", help="bundle version string (default 1)")
     p.add_argument("--description", default=None, help="one-line description")
-    p.add_argument("--precision", default="fp32,fp16", help="image-graph precisions, comma-separated (fp32 required)")
+    p.add_argument(
+        "--precision",
+        default="fp32,fp16",
+        help="image-graph precisions, comma-separated: fp32 (required), fp16, int8 (quantized from fp32)",
+    )
     p.add_argument("--crop-size", type=int, default=CROP_SIZE, help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=Path, default=None, help="BPE vocabulary (default: .deps/clip or TCLSEG_BPE_VOCAB)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
@@ -329,8 +347,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.seed is not None and args.random is None:
         p.error("--seed only applies to --random")
     precisions = [s.strip() for s in args.precision.split(",") if s.strip()]
-    if not precisions or any(s not in ("fp32", "fp16") for s in precisions):
-        p.error(f"--precision {args.precision!r}: give fp32 or fp32,fp16")
+    if not precisions or any(s not in PRECISIONS for s in precisions):
+        p.error(f"--precision {args.precision!r}: give fp32 and any of fp16, int8 (e.g. fp32,fp16,int8)")
     if "fp32" not in precisions:
         p.error("--precision must include fp32 (every bundle has fp32 graphs)")
     args.precisions = precisions

@@ -152,6 +152,23 @@ mod tests {
     }
 
     #[test]
+    fn a_head_change_is_applied_in_place() {
+        let old = ServeConfig {
+            model: Default::default(),
+            inference: Default::default(),
+            http: Default::default(),
+            events: None,
+            pipelines: vec![pipeline("cam", "rtsp://a", "cat")],
+        };
+        let mut new = old.clone();
+        new.pipelines[0].head = Some("naclip".into());
+        assert_eq!(
+            diff(&old, &new).changed,
+            vec![("cam".to_string(), PipelineChange::Queries)]
+        );
+    }
+
+    #[test]
     fn a_source_option_change_restarts_the_source() {
         let old = ServeConfig {
             model: Default::default(),

@@ -59,38 +59,39 @@ class Protocol:
     datasets: dict[str, DatasetProtocol]
 
 
-def _nac(dataset_cfg: str, short: int, short_line: int, **overrides) -> DatasetProtocol:
-    """NACLIP: defaults from naclip.py:20-22 (window 224, stride 112, logit scale 40, prob_thd 0), per-dataset
-    overrides from configs/cfg_<dataset>.py. PAMR on as in its README's headline row (`test_all.sh reduced naclip 5
-    on`, README.md:54; eval.py:56-57 sets pamr_steps=10 with naclip.py:21's pamr_stride (8, 16))."""
-    base = f"{NACLIP}:naclip.py:21-22"
-    cfg = f"{NACLIP}:configs/{dataset_cfg}"
-    values = {"window": 224, "stride": 112, "logit_scale": 40.0, "prob_thresh": 0.0, "pamr": True}
-    sources = {
-        "window": base,
-        "stride": base,
-        "logit_scale": base,
-        "prob_thresh": base,
-        "pamr": f"{NACLIP}:README.md:54, eval.py:56-57",
-        "short_side": f"{cfg}:{short_line}",
-    }
+def _dataset(
+    defaults: dict, default_sources: dict[str, str], cfg: str, short: int, short_line: int, **overrides
+) -> DatasetProtocol:
+    """One dataset: the method's defaults, the short side from its config file `cfg`, and (value, line) overrides
+    from the same file."""
+    values = dict(defaults)
+    sources = dict(default_sources) | {"short_side": f"{cfg}:{short_line}"}
     for key, (value, line) in overrides.items():
         values[key] = value
         sources[key] = f"{cfg}:{line}"
     return DatasetProtocol(short_side=short, sources=sources, **values)
+
+
+# NACLIP: defaults from naclip.py:20-22 (window 224, stride 112, logit scale 40, prob_thd 0). PAMR on as in its
+# README's headline row (`test_all.sh reduced naclip 5 on`, README.md:54; eval.py:56-57 sets pamr_steps=10 with
+# naclip.py:21's pamr_stride (8, 16)).
+_NACLIP_DEFAULTS = {"window": 224, "stride": 112, "logit_scale": 40.0, "prob_thresh": 0.0, "pamr": True}
+_NACLIP_SOURCES = {k: f"{NACLIP}:naclip.py:21-22" for k in _NACLIP_DEFAULTS} | {
+    "pamr": f"{NACLIP}:README.md:54, eval.py:56-57"
+}
+# SCLIP: defaults from clip_segmentor.py:19-21 (window 224, stride 112, logit scale 40, prob_thd 0, no PAMR).
+_SCLIP_DEFAULTS = {"window": 224, "stride": 112, "logit_scale": 40.0, "prob_thresh": 0.0, "pamr": False}
+_SCLIP_SOURCES = {k: f"{SCLIP}:clip_segmentor.py:20-21" for k in _SCLIP_DEFAULTS}
+
+
+def _nac(dataset_cfg: str, short: int, short_line: int, **overrides) -> DatasetProtocol:
+    cfg = f"{NACLIP}:configs/{dataset_cfg}"
+    return _dataset(_NACLIP_DEFAULTS, _NACLIP_SOURCES, cfg, short, short_line, **overrides)
 
 
 def _sclip(dataset_cfg: str, short: int, short_line: int, **overrides) -> DatasetProtocol:
-    """SCLIP: defaults from clip_segmentor.py:19-21 (window 224, stride 112, logit scale 40, prob_thd 0, no PAMR),
-    per-dataset overrides from configs/cfg_<dataset>.py."""
-    base = f"{SCLIP}:clip_segmentor.py:20-21"
     cfg = f"{SCLIP}:configs/{dataset_cfg}"
-    values = {"window": 224, "stride": 112, "logit_scale": 40.0, "prob_thresh": 0.0, "pamr": False}
-    sources = {k: base for k in values} | {"short_side": f"{cfg}:{short_line}"}
-    for key, (value, line) in overrides.items():
-        values[key] = value
-        sources[key] = f"{cfg}:{line}"
-    return DatasetProtocol(short_side=short, sources=sources, **values)
+    return _dataset(_SCLIP_DEFAULTS, _SCLIP_SOURCES, cfg, short, short_line, **overrides)
 
 
 PROTOCOLS: dict[str, Protocol] = {

@@ -143,6 +143,10 @@ pub(super) fn verify(dir: &Path, precision: PrecisionArg, threads: usize) -> Res
 }
 
 fn export(args: ExportArgs) -> Result<ExitCode> {
+    if args.allow_unverified_clip && args.clip.is_none() {
+        tracing::error!("--allow-unverified-clip only applies to --clip");
+        return Ok(ExitCode::from(2));
+    }
     let mut py: Vec<String> = Vec::new();
     if let Some(size) = &args.random {
         py.extend([

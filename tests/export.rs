@@ -82,12 +82,22 @@ fn export_with_a_missing_checkpoint_names_it_and_writes_nothing() {
 fn export_needs_exactly_one_source() {
     let out = tclseg(&["models", "export", "--out", "/tmp/x"]);
     assert_eq!(out.status.code(), Some(2));
-    let out = tclseg(&["models", "export", "--clip", "a.pt", "--out", "/tmp/x"]);
+    let out = tclseg(&["models", "export", "--tcl", "t.pth", "--out", "/tmp/x"]);
     assert_eq!(
         out.status.code(),
         Some(2),
-        "--clip without --tcl is a usage error"
+        "--tcl without --clip is a usage error"
     );
+    // --clip alone gives the training-free heads; asking for TCL's head then needs --tcl.
+    let out = tclseg(&[
+        "models", "export", "--clip", "a.pt", "--heads", "tcl", "--out", "/tmp/x",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "the tcl head without --tcl is a usage error"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the tcl head needs --tcl"));
 }
 
 /// A --clip file that is not OpenAI's ViT-B/16 (by sha256) is refused with a message naming its hash and the

@@ -176,17 +176,20 @@ pub(super) fn segment_settings(
         bail!("--kp-weight {k} is outside 0..1");
     }
     let overrides = SettingsOverrides {
-        pamr: Some(!refine.no_pamr),
+        pamr: refine.pamr_override(),
         bg_thresh: refine.bg_thresh,
         kp_weight,
     };
+    let resolved = SegmentSettings::resolve_head(
+        engine.bundle().manifest(),
+        refine.head.as_deref(),
+        overrides,
+        background_prompts,
+    )
+    .map_err(|e| anyhow::anyhow!("--head: {e}"))?;
     Ok(SegmentSettings {
         keep_scores,
-        ..SegmentSettings::resolve(
-            &engine.bundle().manifest().mask,
-            overrides,
-            background_prompts,
-        )
+        ..resolved
     })
 }
 
@@ -206,6 +209,14 @@ pub(super) fn log_model(engine: &Engine, settings: &SegmentSettings) {
             .background
             .map_or("from prompts".to_string(), |t| format!("below {t}")),
     );
+    let m = engine.bundle().manifest();
+    let head = settings
+        .head
+        .or_else(|| m.find_head(None).ok())
+        .and_then(|id| m.head(id));
+    if let Some((name, _)) = head {
+        tracing::info!("head {name} (the bundle has {})", m.head_names().join(", "));
+    }
 }
 
 fn parse_outputs(format: &str, overlay: OverlayFormat) -> Result<OutputKinds> {

@@ -6,7 +6,8 @@ use super::{PipelineConfig, ServeConfig};
 /// How one pipeline that exists in both configs changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PipelineChange {
-    /// Only queries or thresholds: the running source and sink stay; new text embeddings are swapped in.
+    /// Only queries, thresholds or the head: the running source and sink stay; new text embeddings and settings
+    /// are swapped in.
     Queries,
     /// The source, queue, rate or outputs changed: the pipeline is stopped and started again.
     Restart,
@@ -66,6 +67,7 @@ fn change_kind(old: &PipelineConfig, new: &PipelineConfig) -> PipelineChange {
         pamr: None,
         bg_thresh: None,
         kp_weight: None,
+        head: None,
         ..p.clone()
     };
     if strip(old) == strip(new) {
@@ -90,6 +92,7 @@ mod tests {
             pamr: None,
             bg_thresh: None,
             kp_weight: None,
+            head: None,
             max_fps: None,
             queue: None,
             watchdog_s: 10.0,
@@ -149,7 +152,7 @@ mod tests {
     }
 
     #[test]
-    fn a_source_option_change_restarts_the_source() {
+    fn a_source_option_change_restarts_the_source_and_a_head_change_does_not() {
         let old = ServeConfig {
             model: Default::default(),
             inference: Default::default(),
@@ -157,6 +160,12 @@ mod tests {
             events: None,
             pipelines: vec![pipeline("cam", "rtsp://a", "cat")],
         };
+        let mut new = old.clone();
+        new.pipelines[0].head = Some("naclip".into());
+        assert_eq!(
+            diff(&old, &new).changed,
+            [("cam".to_string(), PipelineChange::Queries)]
+        );
         let mut new = old.clone();
         new.pipelines[0].rtsp_transport = Some("udp".into());
         assert_eq!(

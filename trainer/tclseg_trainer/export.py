@@ -64,8 +64,8 @@ from .export_manifest import (
 )
 from .export_onnx import CUDA_SAFE_OPS, ExportError, export_graph, graph_op_types, graph_op_types_of
 from .export_sources import defaults_from_config_file, load_model, log
-from .quantize import quantize_graph
 from .heads import HEAD_DEFAULTS, HEADS, HeadGraph
+from .quantize import quantize_graph
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, default_vocab_path
 from .tokenizer import VOCAB_FILENAME as VOCAB_FILE
 

@@ -129,14 +129,18 @@ METHODS: dict[str, dict] = {
     },
 }
 
-# The test images: (name, photo, crop box or None, size (w, h) after the crop or None). The sizes exercise one
-# window at the native 14x14 grid (224x224), several overlapping windows with a grid the position embedding is
-# resized to (336 short side, as the methods' VOC protocol rescales), and a side that is no multiple of 16.
+# The test images: (name, photo, size (w, h) to resize to, or None to keep it). They exercise one window at the
+# native 14x14 grid (224x224); overlapping windows with the last one pushed back inside and, for ClearCLIP's 448
+# windows, a side shorter than the window and no multiple of 16 (chelsea as it is, 451x300: ClearCLIP pads that
+# window to whole patches, the others' patch embedding drops the remainder), with a grid the position embedding is
+# resized to; and 336 on the short side, as the methods' VOC protocol rescales.
 IMAGES = [
-    ("astronaut-224", "astronaut.png", None, (224, 224)),
-    ("coffee-336", "coffee.png", None, (504, 336)),
-    ("chelsea-336", "chelsea.png", None, (505, 336)),
+    ("astronaut-224", "astronaut.png", (224, 224)),
+    ("chelsea", "chelsea.png", None),
+    ("coffee-336", "coffee.png", (504, 336)),
 ]
+# `--quick` (scripts/test): the one image that covers every path above but the native grid.
+QUICK_IMAGES = ["chelsea"]
 
 # CLIP's normalisation as every method's SegDataPreProcessor has it (RGB, on the 0..255 scale).
 PIXEL_MEAN = (122.771, 116.746, 104.094)
@@ -313,18 +317,18 @@ def official_main(argv: list[str]) -> None:
 # The driver (runs in the trainer's venv).
 
 
-def make_images(photos: Path, folder: Path) -> list[Path]:
+def make_images(photos: Path, folder: Path, only: list[str] | None = None) -> list[Path]:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, source, box, size in IMAGES:
+    for name, source, size in IMAGES:
+        if only is not None and name not in only:
+            continue
         src = photos / source
         if not src.is_file():
             raise SystemExit(f"{src}: missing (scripts/setup-heads-official unpacks the photos)")
         image = Image.open(src).convert("RGB")
-        if box is not None:
-            image = image.crop(box)
         if size is not None and image.size != size:
             image = image.resize(size, Image.Resampling.BILINEAR)
         path = folder / f"{name}.png"
@@ -412,13 +416,19 @@ def run_ours(model, method: str, pixels, text) -> dict:
         for y1, y2, x1, x2 in windows(h, w, crop, stride):
             window = pixels[:, :, y1:y2, x1:x2]
             wh, ww = window.shape[-2:]
-            # ClearCLIP pads a window to whole patches (zeros, split left/right and top/bottom), then cuts back.
-            pad_w, pad_h = -ww % patch, -wh % patch
-            left, top = pad_w // 2, pad_h // 2
-            window = F.pad(window, (left, pad_w - left, top, pad_h - top))
+            if METHODS[method]["repo"] == "clearclip":
+                # ClearCLIP pads a window to whole patches (zeros, split left/right and top/bottom), cuts back after.
+                pad_w, pad_h = -ww % patch, -wh % patch
+                left, top = pad_w // 2, pad_h // 2
+                window = F.pad(window, (left, pad_w - left, top, pad_h - top))
+                full = window.shape[-2:]
+            else:
+                # The others' stride-16 patch embedding drops a remainder; logits still stretch over the window.
+                left, top, full = 0, 0, (wh, ww)
+                window = window[:, :, : wh - wh % patch, : ww - ww % patch]
             feats = dense_features(model.visual, method, window)
             logits = torch.einsum("behw,ne->bnhw", feats, text.float())
-            logits = F.interpolate(logits, size=window.shape[-2:], mode="bilinear", align_corners=False)
+            logits = F.interpolate(logits, size=full, mode="bilinear", align_corners=False)
             preds[:, :, y1:y2, x1:x2] += logits[:, :, top : top + wh, left : left + ww]
             count[:, :, y1:y2, x1:x2] += 1
     logits = (preds / count)[0]
@@ -453,6 +463,7 @@ def main() -> None:
     ap.add_argument("--work", default="target/heads-parity", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_IMAGES)} (scripts/test)")
     ap.add_argument("--reuse-official", action="store_true", help="keep the official outputs of an earlier run")
     ap.add_argument("--max-score-diff", type=float, default=MAX_SCORE_DIFF)
     ap.add_argument("--min-label-agreement", type=float, default=MIN_LABEL_AGREEMENT)
@@ -468,7 +479,7 @@ def main() -> None:
     work = args.work
     for stale in ("images", "tclseg", "bundle") + (() if args.reuse_official else ("official",)):
         shutil.rmtree(work / stale, ignore_errors=True)
-    images = make_images(args.photos, work / "images")
+    images = make_images(args.photos, work / "images", QUICK_IMAGES if args.quick else None)
     clip, _ = write_official_weights(work / "weights", seed=args.seed)
     trainer_dir = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=trainer_dir)

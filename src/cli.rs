@@ -213,12 +213,16 @@ pub struct ExportArgs {
     /// Seed for --random.
     #[arg(long, requires = "random", default_value_t = 0)]
     pub seed: u64,
-    /// OpenAI's CLIP ViT-B/16 file (ViT-B-16.pt); needs --tcl.
-    #[arg(long, value_name = "FILE", requires = "tcl")]
+    /// OpenAI's CLIP ViT-B/16 file (ViT-B-16.pt). Alone it gives the training-free heads; with --tcl, TCL too.
+    #[arg(long, value_name = "FILE")]
     pub clip: Option<PathBuf>,
-    /// The official TCL checkpoint (tcl.pth); needs --clip.
+    /// The official TCL checkpoint (tcl.pth); needs --clip. Adds the TCL head.
     #[arg(long, value_name = "FILE", requires = "clip")]
     pub tcl: Option<PathBuf>,
+    /// Heads on the shared trunk, comma-separated, the first the bundle's default: tcl, maskclip, sclip,
+    /// clearclip, naclip, pearl (default: tcl; with --clip alone, every training-free head).
+    #[arg(long, value_name = "LIST")]
+    pub heads: Option<String>,
     /// Accept a --clip file whose sha256 is not OpenAI's ViT-B/16 (a re-hosted copy, a fine-tuned CLIP). Its
     /// weights are then vouched for by nobody; the bundle records `clip_verified = false` and the file's sha256.
     #[arg(long, requires = "clip")]
@@ -334,9 +338,27 @@ pub struct RefineArgs {
     /// Skip PAMR (faster; background threshold default becomes the bundle's no-PAMR value).
     #[arg(long)]
     pub no_pamr: bool,
-    /// Background threshold (default: the bundle's, 0.4 with PAMR and 0.5 without).
+    /// Background threshold (default: the bundle's, 0.4 with PAMR and 0.5 without; a training-free head's
+    /// probability threshold, 0 unless its [heads] table says otherwise).
     #[arg(long, value_name = "SCORE")]
     pub bg_thresh: Option<f32>,
+    /// The bundle head that scores the classes: tcl, maskclip, sclip, clearclip, naclip, pearl (default: the
+    /// bundle's default head; `tclseg models info` lists a bundle's heads).
+    #[arg(long, value_name = "NAME")]
+    pub head: Option<String>,
+}
+
+impl RefineArgs {
+    /// PAMR as asked: on with --pamr, off with --no-pamr, else the head's default (TCL: on).
+    pub fn pamr_override(&self) -> Option<bool> {
+        if self.no_pamr {
+            Some(false)
+        } else if self.pamr {
+            Some(true)
+        } else {
+            None
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

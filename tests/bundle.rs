@@ -51,7 +51,7 @@ fn fixture_bundle_runs_one_crop_with_the_promised_shapes() {
     let bundle = Bundle::open(&fixture()).expect("fixture bundle verifies");
     let m = bundle.manifest();
     let runs = verify::run_one_crop(&bundle, Precision::Fp32, 1).expect("one crop runs");
-    let roles: Vec<&str> = runs.iter().map(|r| r.role).collect();
+    let roles: Vec<&str> = runs.iter().map(|r| r.role.as_str()).collect();
     assert_eq!(
         roles,
         [

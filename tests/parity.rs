@@ -119,6 +119,7 @@ fn matches_the_pytorch_reference(processing: Processing) {
             kp_weight: case["kp_w"].as_f64().expect("kp_w") as f32,
             background: Some(case["bg_thresh"].as_f64().expect("bg") as f32),
             keep_scores: true,
+            head: None,
         };
         let seg = engine
             .segment_batch(&[&image], &text, &settings)
@@ -252,6 +253,7 @@ fn device_path_batches_mixed_sizes_like_the_host_path() {
             kp_weight: 0.3,
             background,
             keep_scores: true,
+            head: None,
         };
         let want = host.segment_batch(&frames, &text, &settings).expect("host");
         let got = device

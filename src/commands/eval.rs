@@ -38,8 +38,9 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         let predictor = match (&engine, &args.predictions) {
             (Some(engine), _) => Predictor::Engine {
                 engine,
-                pamr: !args.refine.no_pamr,
+                pamr: args.refine.pamr_override(),
                 bg_thresh: args.refine.bg_thresh,
+                head: args.refine.head.clone(),
             },
             (None, Some(dir)) => Predictor::Files(per_dataset(dir, key, keys.len())),
             (None, None) => bail!("no predictor"),

@@ -59,11 +59,12 @@ fn list(dirs: Vec<PathBuf>) -> Result<ExitCode> {
                         .map(|p| p.keys().map(String::as_str).collect())
                         .unwrap_or_default();
                     println!(
-                        "{:<24} v{:<6} {:<10} {:<10} {:>9.1} MB  {}",
+                        "{:<24} v{:<6} {:<10} {:<10} {:<16} {:>9.1} MB  {}",
                         m.name,
                         m.version,
                         source,
                         precisions.join(","),
+                        m.head_names().join(","),
                         bundle.total_bytes() as f64 / 1e6,
                         path.display()
                     );
@@ -151,13 +152,11 @@ fn export(args: ExportArgs) -> Result<ExitCode> {
             args.seed.to_string(),
         ]);
     }
-    if let (Some(clip), Some(tcl)) = (&args.clip, &args.tcl) {
-        py.extend([
-            "--clip".into(),
-            path_arg(clip),
-            "--tcl".into(),
-            path_arg(tcl),
-        ]);
+    if let Some(clip) = &args.clip {
+        py.extend(["--clip".into(), path_arg(clip)]);
+        if let Some(tcl) = &args.tcl {
+            py.extend(["--tcl".into(), path_arg(tcl)]);
+        }
         if args.allow_unverified_clip {
             py.push("--allow-unverified-clip".into());
         }
@@ -171,6 +170,9 @@ fn export(args: ExportArgs) -> Result<ExitCode> {
         "--precision".into(),
         args.precision.clone(),
     ]);
+    if let Some(heads) = &args.heads {
+        py.extend(["--heads".into(), heads.clone()]);
+    }
     if let Some(name) = &args.name {
         py.extend(["--name".into(), name.clone()]);
     }

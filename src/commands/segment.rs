@@ -91,17 +91,20 @@ pub(super) fn segment_settings(
         bail!("--kp-weight {k} is outside 0..1");
     }
     let overrides = SettingsOverrides {
-        pamr: Some(!refine.no_pamr),
+        pamr: refine.pamr_override(),
         bg_thresh: refine.bg_thresh,
         kp_weight,
     };
+    let resolved = SegmentSettings::resolve_head(
+        engine.bundle().manifest(),
+        refine.head.as_deref(),
+        overrides,
+        background_prompts,
+    )
+    .map_err(|e| anyhow::anyhow!("--head: {e}"))?;
     Ok(SegmentSettings {
         keep_scores,
-        ..SegmentSettings::resolve(
-            &engine.bundle().manifest().mask,
-            overrides,
-            background_prompts,
-        )
+        ..resolved
     })
 }
 

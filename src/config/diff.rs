@@ -6,7 +6,8 @@ use super::{PipelineConfig, ServeConfig};
 /// How one pipeline that exists in both configs changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PipelineChange {
-    /// Only queries or thresholds: the running source and sink stay; new text embeddings are swapped in.
+    /// Only queries, thresholds or the head: the running source and sink stay; new text embeddings and settings
+    /// are swapped in.
     Queries,
     /// The source, queue, rate or outputs changed: the pipeline is stopped and started again.
     Restart,
@@ -66,6 +67,7 @@ fn change_kind(old: &PipelineConfig, new: &PipelineConfig) -> PipelineChange {
         pamr: None,
         bg_thresh: None,
         kp_weight: None,
+        head: None,
         ..p.clone()
     };
     if strip(old) == strip(new) {
@@ -90,6 +92,7 @@ mod tests {
             pamr: None,
             bg_thresh: None,
             kp_weight: None,
+            head: None,
             max_fps: None,
             queue: None,
             watchdog_s: 10.0,

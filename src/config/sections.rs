@@ -161,6 +161,9 @@ pub struct PipelineConfig {
     pub pamr: Option<bool>,
     pub bg_thresh: Option<f32>,
     pub kp_weight: Option<f32>,
+    /// The bundle head that scores this pipeline's queries (`tcl`, `naclip`, ...; None: the bundle's default).
+    /// A change is applied in place, like the queries and thresholds.
+    pub head: Option<String>,
     /// Frames per second (of stream time) to segment; None: every frame.
     pub max_fps: Option<f64>,
     /// Default: latest for live sources, lossless for files and folders.

@@ -24,9 +24,12 @@ pub enum Predictor<'a> {
     /// Run the model.
     Engine {
         engine: &'a Engine,
-        pamr: bool,
+        /// PAMR on or off (None: the head's default; TCL: on).
+        pamr: Option<bool>,
         /// Background threshold (None: the bundle's, for PAMR on or off).
         bg_thresh: Option<f32>,
+        /// The bundle head to score with (None: the bundle's default head).
+        head: Option<String>,
     },
     /// Read `<dir>/<id>.png` label maps (class indices in the dataset's evaluation space).
     Files(PathBuf),
@@ -96,8 +99,8 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
             engine,
             pamr,
             bg_thresh,
+            head,
         } => {
-            let mask = &engine.bundle().manifest().mask;
             if let Some(pipeline) = &ds.pipeline {
                 let differences = pipeline.differences(&engine.bundle().manifest().input);
                 if !differences.is_empty() {
@@ -125,14 +128,20 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
             let text = engine.embed_queries(&queries)?;
             // Datasets without a background class take no threshold: a --bg-thresh is not used there.
             let overrides = SettingsOverrides {
-                pamr: Some(*pamr),
+                pamr: *pamr,
                 bg_thresh: *bg_thresh,
                 kp_weight: None,
             };
-            let settings = SegmentSettings::resolve(mask, overrides, !with_bg);
             let m = engine.bundle().manifest();
+            let settings = SegmentSettings::resolve_head(m, head.as_deref(), overrides, !with_bg)
+                .map_err(|e| anyhow!("--head: {e}"))?;
+            let head_name = settings
+                .head
+                .and_then(|id| m.head(id))
+                .map(|(name, _)| name.to_string());
             let model = serde_json::json!({
                 "name": m.name, "version": m.version, "manifest_sha256": engine.manifest_sha256(),
+                "head": head_name,
             });
             (Some(settings), Some(text), Some(model))
         }

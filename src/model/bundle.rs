@@ -18,13 +18,12 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "model.toml";
 
 /// Graph roles every bundle must provide, in the order they run.
-pub const REQUIRED_GRAPHS: [&str; 5] = [
-    "text_encoder",
-    "image_trunk",
-    "tcl_head",
-    "mask_head",
-    "pamr",
-];
+pub const REQUIRED_GRAPHS: [&str; 3] = ["text_encoder", "image_trunk", "pamr"];
+/// The graphs of the TCL head: in every bundle without a `[heads]` table, and in any whose `[heads]` has a
+/// `kind = "tcl"` head.
+pub const TCL_GRAPHS: [&str; 2] = ["tcl_head", "mask_head"];
+/// The head of a bundle without a `[heads]` table.
+pub const TCL_HEAD: &str = "tcl";
 
 /// Why a bundle can't be used. Each variant names the bundle directory and, where it applies, the file.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +83,63 @@ pub struct Manifest {
     /// role → precision → file name.
     pub graphs: BTreeMap<String, BTreeMap<String, String>>,
     pub files: Vec<FileEntry>,
+    /// The heads on the shared trunk by name (absent: TCL's head alone, as before heads existed).
+    #[serde(default)]
+    pub heads: BTreeMap<String, HeadSpec>,
+    /// The head used when none is asked for (absent: "tcl" if the bundle has it, else the first by name).
+    #[serde(default)]
+    pub default_head: Option<String>,
 }
+
+/// What kind of graph a head is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeadKind {
+    /// TCL's grounder: `tcl_head` (dense + kp features) then `mask_head` (sigmoid masks), settings from [mask].
+    Tcl,
+    /// A training-free head (`trainer/tclseg_trainer/heads.py`): tokens -> L2-normalized dense features
+    /// [B,E,G,G]; class probabilities are softmax(logit_scale · cos) over the queries.
+    Dense,
+}
+
+/// One `[heads.<name>]` table: its graph role and, for a dense head, its method's own defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadSpec {
+    pub kind: HeadKind,
+    /// The [graphs] role of the head's graph ("tcl_head" for TCL).
+    #[serde(default)]
+    pub graph: String,
+    /// Multiplies the cosines before the softmax over classes (dense heads).
+    #[serde(default = "default_logit_scale")]
+    pub logit_scale: f32,
+    /// Whether PAMR refines the scores by default.
+    #[serde(default)]
+    pub pamr: bool,
+    /// Background below this best-class probability (0: never), by default.
+    #[serde(default)]
+    pub prob_thresh: f32,
+}
+
+fn default_logit_scale() -> f32 {
+    40.0
+}
+
+impl HeadSpec {
+    fn tcl() -> HeadSpec {
+        HeadSpec {
+            kind: HeadKind::Tcl,
+            graph: "tcl_head".to_string(),
+            logit_scale: default_logit_scale(),
+            pamr: true,
+            prob_thresh: 0.0,
+        }
+    }
+}
+
+/// A head of one bundle, by its position in `Manifest::head_names` (cheap to copy into per-call settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HeadId(pub usize);
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Architecture {
@@ -333,7 +388,36 @@ impl Manifest {
                 ));
             }
         }
-        for role in REQUIRED_GRAPHS {
+        let mut required: Vec<String> = REQUIRED_GRAPHS.iter().map(|r| r.to_string()).collect();
+        for name in self.head_names() {
+            let spec = self
+                .head_spec(name)
+                .ok_or_else(|| format!("no head '{name}'"))?;
+            match spec.kind {
+                HeadKind::Tcl => required.extend(TCL_GRAPHS.iter().map(|r| r.to_string())),
+                HeadKind::Dense => {
+                    if spec.graph.is_empty() {
+                        return Err(format!("[heads.{name}] has no graph"));
+                    }
+                    if !(spec.logit_scale.is_finite() && spec.logit_scale > 0.0) {
+                        return Err(format!("[heads.{name}] logit_scale must be positive"));
+                    }
+                    if !(0.0..1.0).contains(&spec.prob_thresh) {
+                        return Err(format!("[heads.{name}] prob_thresh must be in [0, 1)"));
+                    }
+                    required.push(spec.graph.clone());
+                }
+            }
+        }
+        if let Some(d) = &self.default_head {
+            if !self.heads.contains_key(d) {
+                return Err(format!(
+                    "default_head '{d}' is not one of the heads ({})",
+                    self.head_names().join(", ")
+                ));
+            }
+        }
+        for role in &required {
             let Some(by_precision) = self.graphs.get(role) else {
                 return Err(format!("[graphs] has no '{role}' graph"));
             };
@@ -391,6 +475,56 @@ impl Manifest {
             return Err("[architecture] context_length must be at least 2".to_string());
         }
         Ok(())
+    }
+
+    /// The bundle's heads, sorted by name ("tcl" alone for a bundle without a `[heads]` table). A `HeadId` is a
+    /// position in this list.
+    pub fn head_names(&self) -> Vec<&str> {
+        if self.heads.is_empty() {
+            vec![TCL_HEAD]
+        } else {
+            self.heads.keys().map(String::as_str).collect()
+        }
+    }
+
+    /// The spec of a head by name.
+    pub fn head_spec(&self, name: &str) -> Option<HeadSpec> {
+        if self.heads.is_empty() {
+            (name == TCL_HEAD).then(HeadSpec::tcl)
+        } else {
+            self.heads.get(name).cloned()
+        }
+    }
+
+    /// The head `name` (None: the bundle's default head), or an error naming the heads the bundle has.
+    pub fn find_head(&self, name: Option<&str>) -> Result<HeadId, String> {
+        let names = self.head_names();
+        let wanted = match name {
+            Some(n) => n,
+            None => self
+                .default_head
+                .as_deref()
+                .or_else(|| names.iter().copied().find(|n| *n == TCL_HEAD))
+                .unwrap_or(names[0]),
+        };
+        names
+            .iter()
+            .position(|n| *n == wanted)
+            .map(HeadId)
+            .ok_or_else(|| {
+                format!(
+                    "model '{}' has no head '{wanted}'; its heads: {} (export one with `tclseg models export \
+                     --heads`)",
+                    self.name,
+                    names.join(", ")
+                )
+            })
+    }
+
+    /// Name and spec of a head found by `find_head`.
+    pub fn head(&self, id: HeadId) -> Option<(&str, HeadSpec)> {
+        let name = *self.head_names().get(id.0)?;
+        Some((name, self.head_spec(name)?))
     }
 
     /// Patch grid of one crop (G in ARCHITECTURE.md).

@@ -207,6 +207,9 @@ impl DevicePath {
             .as_ref()
             .ok_or_else(|| anyhow!("the text embeddings are not on the device"))?
             .1;
+        let tcl = model.tcl.as_mut().ok_or_else(|| {
+            anyhow!("the device path runs TCL's head only, and this bundle has none")
+        })?;
         let [tokens] = outputs(run(
             &mut model.trunk,
             "image trunk",
@@ -214,14 +217,14 @@ impl DevicePath {
             &[("tokens", resident)],
         )?)?;
         let [dense, kp_feat] = outputs(run(
-            &mut model.head,
+            &mut tcl.head,
             "TCL head",
             &[("tokens", &tokens)],
             &[("dense", resident), ("kp_feat", resident)],
         )?)?;
         drop(tokens);
         let [masks, kp_masks] = outputs(run(
-            &mut model.mask_head,
+            &mut tcl.mask_head,
             "mask head",
             &[("dense", &dense), ("kp_feat", &kp_feat), ("text", text)],
             &[("masks", resident), ("kp_masks", resident)],

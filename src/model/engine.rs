@@ -17,7 +17,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ort::session::Session;
 use ort::value::Tensor;
 
-use super::bundle::{Bundle, Precision};
+use super::bundle::{Bundle, HeadId, HeadKind, Precision};
 use super::device_path::DevicePath;
 use super::host_path;
 use super::preprocess;
@@ -27,7 +27,7 @@ use super::runtime::{
 use super::tokenizer::Tokenizer;
 use super::types::{
     lock, DeviceChoice, EngineOptions, ModelGraphs, Processing, Query, SegmentSettings,
-    Segmentation, SettingsOverrides, TextEmbeddings,
+    Segmentation, SettingsOverrides, TclGraphs, TextEmbeddings,
 };
 
 /// L2 normalization eps of the official code (`us.normalize`).
@@ -111,18 +111,33 @@ impl Engine {
             let (crop, grid) = (m.input.crop_size, m.crop_grid());
             let width = m.architecture.vision_width;
             // The text graph is not loaded here: it runs once per query set (see embed_queries).
+            let has_tcl = m
+                .head_names()
+                .into_iter()
+                .any(|h| m.head_spec(h).is_some_and(|s| s.kind == HeadKind::Tcl));
+            let tcl = if has_tcl {
+                Some(TclGraphs {
+                    head: session("tcl_head", "tokens", vec![1 + grid * grid, width])?,
+                    // The mask head's inputs include the query count: TensorRT would need a profile per count.
+                    mask_head: runtime
+                        .session(Graph::File(&graph("mask_head")?), &spec.without_tensorrt())?,
+                })
+            } else {
+                None
+            };
             let model = ModelGraphs {
                 trunk: session("image_trunk", "pixels", vec![3, crop, crop])?,
-                head: session("tcl_head", "tokens", vec![1 + grid * grid, width])?,
-                // The mask head's inputs include the query count: TensorRT would need a profile per count.
-                mask_head: runtime
-                    .session(Graph::File(&graph("mask_head")?), &spec.without_tensorrt())?,
+                tcl,
+                dense: Default::default(),
             };
-            let on_device = match options.processing {
-                Processing::Auto => device.is_gpu(),
-                Processing::Host => false,
-                Processing::Device => true,
-            };
+            // The device path runs TCL's head; the training-free heads run on the host path (their graphs on the
+            // same device), so a bundle without TCL's head has no use for it.
+            let on_device = has_tcl
+                && match options.processing {
+                    Processing::Auto => device.is_gpu(),
+                    Processing::Host => false,
+                    Processing::Device => true,
+                };
             let device_path = on_device
                 .then(|| DevicePath::new(&bundle, &spec))
                 .transpose()?;
@@ -191,13 +206,48 @@ impl Engine {
         self.options.precision
     }
 
-    /// Default settings of the bundle: PAMR on, its kp weight and background threshold.
+    /// Default settings of the bundle's default head (TCL: PAMR on, its kp weight and background threshold).
     pub fn default_settings(&self) -> SegmentSettings {
-        SegmentSettings::resolve(
-            &self.bundle.manifest().mask,
-            SettingsOverrides::default(),
-            false,
+        let m = self.bundle.manifest();
+        SegmentSettings::resolve_head(m, None, SettingsOverrides::default(), false).unwrap_or_else(
+            |_| SegmentSettings::resolve(&m.mask, SettingsOverrides::default(), false),
         )
+    }
+
+    /// Opens a training-free head's graph on its first use (the TCL head is opened with the engine).
+    fn ensure_head(&self, id: HeadId) -> Result<()> {
+        let m = self.bundle.manifest();
+        let (name, spec) = m
+            .head(id)
+            .ok_or_else(|| anyhow!("model '{}' has no head {}", m.name, id.0))?;
+        if spec.kind == HeadKind::Tcl || lock(&self.model)?.dense.contains_key(&id) {
+            return Ok(());
+        }
+        let path = self
+            .bundle
+            .graph_or_fp32(&spec.graph, self.options.precision)
+            .ok_or_else(|| {
+                anyhow!(
+                    "bundle {} has no '{}' graph",
+                    self.bundle.dir().display(),
+                    spec.graph
+                )
+            })?;
+        let grid = m.crop_grid();
+        let mut spec_run = self.spec.clone();
+        if let Some(trt) = spec_run.tensorrt.as_mut() {
+            trt.profile = Some((
+                "tokens".to_string(),
+                vec![1 + grid * grid, m.architecture.vision_width],
+                TENSORRT_MAX_CROPS,
+            ));
+        }
+        let session = Runtime::get()?
+            .session(Graph::File(&path), &spec_run)
+            .with_context(|| format!("opening head '{name}'"))?;
+        tracing::debug!(head = name, "head graph opened");
+        lock(&self.model)?.dense.insert(id, session);
+        Ok(())
     }
 
     /// Embeddings of a query set, computed once and cached.
@@ -293,9 +343,26 @@ impl Engine {
         text: &TextEmbeddings,
         settings: &SegmentSettings,
     ) -> Result<Vec<Segmentation>> {
-        if let Some(path) = &self.device_path {
-            return self.segment_on_device(&mut *lock(path)?, images, text, settings);
+        let m = self.bundle.manifest();
+        let id = match settings.head {
+            Some(id) => id,
+            None => m.find_head(None).map_err(|e| anyhow!(e))?,
+        };
+        let (_, spec) = m
+            .head(id)
+            .ok_or_else(|| anyhow!("model '{}' has no head {}", m.name, id.0))?;
+        if spec.kind == HeadKind::Tcl {
+            if let Some(path) = &self.device_path {
+                return self.segment_on_device(&mut *lock(path)?, images, text, settings);
+            }
+        } else {
+            self.ensure_head(id)?;
         }
+        let head = host_path::HostHead {
+            id,
+            kind: spec.kind,
+            logit_scale: spec.logit_scale,
+        };
         // Crops per run: compute bound on the CPU (measured no faster batched, and each extra crop costs ~120 MB
         // of activations); a GPU wants several.
         let crop_batch = match (self.options.crop_batch, self.device) {
@@ -310,6 +377,7 @@ impl Engine {
             images,
             text,
             settings,
+            head,
         )
     }
 

@@ -4,18 +4,31 @@
 //! trunk → TCL head → mask head, refine with native PAMR, blend the kp masks, upsample each crop's masks to the
 //! crop, average the overlapping crops, resize to the original size, prepend the background, argmax. This is
 //! what the CPU runs (and the GPU with `--processing host`); `device_path.rs` does the same as graphs.
+//!
+//! A training-free head (`[heads.<name>] kind = "dense"`) replaces TCL head → mask head: its graph gives
+//! L2-normalized features per patch, and the crop's class probabilities are softmax over the queries of
+//! logit_scale · cos(feature, text), computed here on the bilinearly upsampled (stride-4) logits; PAMR, the crop
+//! averaging and the background threshold then run as for TCL, on those probabilities.
 
 use std::sync::Mutex;
 
 use anyhow::{anyhow, Result};
 use ort::value::Tensor;
 
-use super::bundle::Manifest;
+use super::bundle::{HeadId, HeadKind, Manifest};
 use super::pamr;
 use super::preprocess::{self, Prepared};
 use super::resample::{self, resize_planes, AxisWeights, Coordinates};
 use super::runtime::output;
 use super::types::{lock, ModelGraphs, SegmentSettings, Segmentation, TextEmbeddings};
+
+/// The head a batch is scored with.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HostHead {
+    pub id: HeadId,
+    pub kind: HeadKind,
+    pub logit_scale: f32,
+}
 
 /// Segments several images, their crops batched together `crop_batch` at a time. The model's sessions are
 /// locked per batch of crops only, not during PAMR and the averaging, so other threads' crops run meanwhile.
@@ -26,6 +39,7 @@ pub(crate) fn segment(
     images: &[&image::RgbImage],
     text: &TextEmbeddings,
     settings: &SegmentSettings,
+    head: HostHead,
 ) -> Result<Vec<Segmentation>> {
     let input = &manifest.input;
     let prepared: Vec<Prepared> = images
@@ -51,7 +65,7 @@ pub(crate) fn segment(
             .iter()
             .flat_map(|(i, b)| preprocess::cut_crop(&prepared[*i], b, input.crop_size))
             .collect();
-        let masks = crop_masks(model, manifest, pixels, chunk.len(), text, settings)?;
+        let masks = crop_masks(model, manifest, pixels, chunk.len(), text, settings, head)?;
         let side = manifest.mask_side();
         let crop = input.crop_size;
         for (k, (i, b)) in chunk.iter().enumerate() {
@@ -81,6 +95,7 @@ fn crop_masks(
     crops: usize,
     text: &TextEmbeddings,
     settings: &SegmentSettings,
+    head: HostHead,
 ) -> Result<Vec<f32>> {
     let (crop, grid, side) = (m.input.crop_size, m.crop_grid(), m.mask_side());
     let (width, dim) = (m.architecture.vision_width, m.architecture.embed_dim);
@@ -107,7 +122,36 @@ fn crop_masks(
     let t1 = std::time::Instant::now();
     let input = Tensor::from_array((vec![crops, 1 + grid * grid, width], tokens))
         .map_err(|e| anyhow!("{e}"))?;
-    let out = sessions
+    if head.kind == HeadKind::Dense {
+        let session = sessions
+            .dense
+            .get_mut(&head.id)
+            .ok_or_else(|| anyhow!("head {} was not opened", head.id.0))?;
+        let out = session
+            .run(ort::inputs!["tokens" => input])
+            .map_err(|e| anyhow!("head graph: {e}"))?;
+        let dense = output(&out, "dense", &[crops, dim, grid, grid])?.to_vec();
+        drop(out);
+        drop(sessions);
+        let t2 = std::time::Instant::now();
+        let mut probs = class_probabilities(&dense, crops, text, grid, side, head.logit_scale);
+        if settings.pamr {
+            refine_crops(&pixels, crop, &mut probs, n, side, m);
+        }
+        tracing::trace!(
+            crops,
+            "crop timings (ms): trunk {:.1}, head {:.1}, scores + PAMR {:.1}",
+            (t1 - t0).as_secs_f64() * 1e3,
+            (t2 - t1).as_secs_f64() * 1e3,
+            t2.elapsed().as_secs_f64() * 1e3
+        );
+        return Ok(probs);
+    }
+    let tcl = sessions
+        .tcl
+        .as_mut()
+        .ok_or_else(|| anyhow!("this bundle has no TCL head"))?;
+    let out = tcl
         .head
         .run(ort::inputs!["tokens" => input])
         .map_err(|e| anyhow!("TCL head: {e}"))?;
@@ -116,7 +160,7 @@ fn crop_masks(
     drop(out);
     let t2 = std::time::Instant::now();
 
-    let out = sessions
+    let out = tcl
         .mask_head
         .run(ort::inputs![
             "dense" => Tensor::from_array((vec![crops, dim, side, side], dense)).map_err(|e| anyhow!("{e}"))?,
@@ -131,19 +175,7 @@ fn crop_masks(
 
     drop(sessions);
     if settings.pamr {
-        let plane = 3 * crop * crop;
-        let per_crop = n * side * side;
-        for (c, crop_masks) in masks.chunks_exact_mut(per_crop).enumerate() {
-            pamr::refine(
-                &pixels[c * plane..(c + 1) * plane],
-                crop,
-                crop_masks,
-                n,
-                side,
-                &m.mask.pamr_dilations,
-                m.mask.pamr_iterations,
-            );
-        }
+        refine_crops(&pixels, crop, &mut masks, n, side, m);
     }
     let t4 = std::time::Instant::now();
     tracing::trace!(
@@ -161,6 +193,89 @@ fn crop_masks(
         }
     }
     Ok(masks)
+}
+
+/// Native PAMR over each crop's [N, side, side] scores.
+fn refine_crops(
+    pixels: &[f32],
+    crop: usize,
+    scores: &mut [f32],
+    n: usize,
+    side: usize,
+    m: &Manifest,
+) {
+    let plane = 3 * crop * crop;
+    for (c, crop_scores) in scores.chunks_exact_mut(n * side * side).enumerate() {
+        pamr::refine(
+            &pixels[c * plane..(c + 1) * plane],
+            crop,
+            crop_scores,
+            n,
+            side,
+            &m.mask.pamr_dilations,
+            m.mask.pamr_iterations,
+        );
+    }
+}
+
+/// A training-free head's class probabilities [B, N, side, side] from its normalized features [B, E, G, G]:
+/// logit_scale · cos with each (normalized) query, bilinearly upsampled (half-pixel) from the patch grid to the
+/// stride-4 side, then softmax over the queries per pixel.
+fn class_probabilities(
+    dense: &[f32],
+    crops: usize,
+    text: &TextEmbeddings,
+    grid: usize,
+    side: usize,
+    logit_scale: f32,
+) -> Vec<f32> {
+    let (n, dim, cells) = (text.rows, text.dim, grid * grid);
+    let mut out = Vec::with_capacity(crops * n * side * side);
+    for b in 0..crops {
+        let feats = &dense[b * dim * cells..(b + 1) * dim * cells];
+        let mut logits = vec![0f32; n * cells];
+        for (q, row) in logits.chunks_exact_mut(cells).enumerate() {
+            let t = &text.data[q * dim..(q + 1) * dim];
+            for (e, &te) in t.iter().enumerate() {
+                let w = te * logit_scale;
+                for (l, f) in row.iter_mut().zip(&feats[e * cells..(e + 1) * cells]) {
+                    *l += w * f;
+                }
+            }
+        }
+        let mut up = resize_planes(
+            &logits,
+            n,
+            (grid, grid),
+            (side, side),
+            Coordinates::HalfPixel,
+        );
+        softmax_over_planes(&mut up, n, side * side);
+        out.extend(up);
+    }
+    out
+}
+
+/// Softmax over `n` planes of `px` values each, per position, in place.
+fn softmax_over_planes(planes: &mut [f32], n: usize, px: usize) {
+    let mut max = vec![f32::NEG_INFINITY; px];
+    for plane in planes.chunks_exact(px).take(n) {
+        for (m, v) in max.iter_mut().zip(plane) {
+            *m = m.max(*v);
+        }
+    }
+    let mut sum = vec![0f32; px];
+    for plane in planes.chunks_exact_mut(px).take(n) {
+        for ((v, m), s) in plane.iter_mut().zip(&max).zip(sum.iter_mut()) {
+            *v = (*v - m).exp();
+            *s += *v;
+        }
+    }
+    for plane in planes.chunks_exact_mut(px).take(n) {
+        for (v, s) in plane.iter_mut().zip(&sum) {
+            *v /= s;
+        }
+    }
 }
 
 /// Sum and count of crop scores over one prepared image, [N, h, w].
@@ -269,5 +384,37 @@ impl Accumulator {
             best: best_all,
             scores,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_probabilities_are_a_softmax_of_scaled_cosines() {
+        // Two classes, E = 2, one crop on a 1x1 grid: cos = (0.6, -0.8) against text rows e0 and e1.
+        let text = TextEmbeddings {
+            rows: 2,
+            dim: 2,
+            data: vec![1.0, 0.0, 0.0, 1.0],
+        };
+        let dense = vec![0.6, -0.8];
+        let p = class_probabilities(&dense, 1, &text, 1, 2, 10.0);
+        assert_eq!(p.len(), 2 * 4);
+        let want0 = 1.0 / (1.0 + (-8.0f32 - 6.0).exp());
+        for px in 0..4 {
+            assert!((p[px] - want0).abs() < 1e-6, "{}", p[px]);
+            assert!((p[px] + p[4 + px] - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn softmax_keeps_order_and_sums_to_one() {
+        let mut planes = vec![1.0, 5.0, 3.0, 0.0];
+        softmax_over_planes(&mut planes, 2, 2);
+        assert!(planes[2] > planes[0] && planes[1] > planes[3]);
+        assert!((planes[0] + planes[2] - 1.0).abs() < 1e-6);
+        assert!((planes[1] + planes[3] - 1.0).abs() < 1e-6);
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard};
 use anyhow::{anyhow, Result};
 use ort::session::Session;
 
-use super::bundle::{MaskSpec, Precision};
+use super::bundle::{HeadId, HeadKind, Manifest, MaskSpec, Precision};
 
 /// Which execution device to use: one type for the daemon's `model.device`, the `--device` flag and the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, clap::ValueEnum)]
@@ -127,6 +127,8 @@ pub struct SegmentSettings {
     pub background: Option<f32>,
     /// Keep the per-class soft scores at the original size (memory: classes × H × W floats).
     pub keep_scores: bool,
+    /// The head that scores the classes (None: the bundle's default head). See `Manifest::find_head`.
+    pub head: Option<HeadId>,
 }
 
 /// What a command line or a pipeline's config sets of `SegmentSettings`; None takes the bundle's default.
@@ -159,7 +161,40 @@ impl SegmentSettings {
             kp_weight: overrides.kp_weight.unwrap_or(mask.kp_weight),
             background,
             keep_scores: false,
+            head: None,
         }
+    }
+
+    /// `resolve` for a named head (None: the bundle's default). TCL's head takes [mask]'s defaults as above; a
+    /// training-free head takes its own from [heads.<name>]: PAMR as its method evaluates, background below its
+    /// probability threshold (0: none wins), no kp blend. An unknown head is an error naming the bundle's heads.
+    pub fn resolve_head(
+        manifest: &Manifest,
+        head: Option<&str>,
+        overrides: SettingsOverrides,
+        background_prompts: bool,
+    ) -> Result<SegmentSettings, String> {
+        let id = manifest.find_head(head)?;
+        let (_, spec) = manifest
+            .head(id)
+            .ok_or_else(|| format!("head {} of '{}' is missing", id.0, manifest.name))?;
+        let settings = match spec.kind {
+            HeadKind::Tcl => {
+                SegmentSettings::resolve(&manifest.mask, overrides, background_prompts)
+            }
+            HeadKind::Dense => SegmentSettings {
+                pamr: overrides.pamr.unwrap_or(spec.pamr),
+                kp_weight: 0.0,
+                background: (!background_prompts)
+                    .then(|| overrides.bg_thresh.unwrap_or(spec.prob_thresh)),
+                keep_scores: false,
+                head: None,
+            },
+        };
+        Ok(SegmentSettings {
+            head: Some(id),
+            ..settings
+        })
     }
 }
 
@@ -178,10 +213,17 @@ pub struct Segmentation {
     pub scores: Option<Vec<f32>>,
 }
 
-/// The model's three image graphs as sessions, run by both paths (the text encoder is opened per query set). The
+/// The model's image graphs as sessions, run by both paths (the text encoder is opened per query set). The
 /// engine owns them behind a mutex: one run at a time per graph.
 pub(crate) struct ModelGraphs {
     pub trunk: Session,
+    /// TCL's head and mask head (None in a bundle of training-free heads only).
+    pub tcl: Option<TclGraphs>,
+    /// The training-free heads' graphs opened so far, by head (each opened on its first use).
+    pub dense: std::collections::BTreeMap<HeadId, Session>,
+}
+
+pub(crate) struct TclGraphs {
     pub head: Session,
     pub mask_head: Session,
 }

@@ -1,7 +1,7 @@
 //! One crop through every graph of a bundle: the check behind `tclseg models verify`.
 //!
 //! It feeds a deterministic synthetic crop and the empty prompt (SOT, EOT) through
-//! text encoder → trunk → TCL head → mask head → PAMR, and checks that every output has the shape
+//! text encoder → trunk → TCL head → mask head (and each training-free head) → PAMR, and checks that every output has the shape
 //! ARCHITECTURE.md promises and holds finite numbers (masks within [0, 1]). It proves the bundle loads and runs
 //! on this machine's ONNX Runtime; numerical parity with the PyTorch reference is the parity tests' job.
 
@@ -12,13 +12,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use ort::session::Session;
 use ort::value::Tensor;
 
-use super::bundle::{Bundle, Precision};
+use super::bundle::{Bundle, HeadKind, Precision};
 use super::runtime::{Graph, Runtime, SessionSpec};
 
 /// What one graph did in the verify run.
 #[derive(Debug, Clone)]
 pub struct GraphRun {
-    pub role: &'static str,
+    pub role: String,
     pub precision: Precision,
     pub load_ms: f64,
     pub run_ms: f64,
@@ -52,7 +52,7 @@ pub fn run_one_crop(
     let width = m.architecture.vision_width;
     let mut runs = Vec::new();
 
-    let graph = |role: &'static str| {
+    let graph = |role: &str| {
         bundle
             .graph_or_fp32(role, precision)
             .ok_or_else(|| anyhow!("bundle {} has no '{role}' graph", bundle.dir().display()))
@@ -112,6 +112,67 @@ pub fn run_one_crop(
         &[("tokens", &trunk)],
     ));
 
+    // PAMR below refines the TCL masks, else a flat 0.5 mask (a bundle of training-free heads only).
+    let mut masks = HostTensor {
+        shape: vec![1, 1, side, side],
+        data: vec![0.5; side * side],
+    };
+    for name in m.head_names() {
+        let Some(spec) = m.head_spec(name) else {
+            continue;
+        };
+        if spec.kind == HeadKind::Tcl {
+            masks = run_tcl(runtime, &mut runs, &graph, &used, threads, &trunk, &text, m)?;
+            continue;
+        }
+        let role = spec.graph.as_str();
+        let (mut session, load_ms) = load(runtime, &graph(role)?, threads)?;
+        let start = Instant::now();
+        let out = session
+            .run(ort::inputs!["tokens" => trunk.to_ort()?])
+            .map_err(|e| anyhow!("{role}: {e}"))?;
+        let dense = take(&out, "dense", role, &[1, embed, grid, grid])?;
+        check_unit_norm(&dense, embed, grid * grid, role)?;
+        runs.push(record(
+            role,
+            used(role),
+            load_ms,
+            start,
+            &[("dense", &dense)],
+        ));
+    }
+
+    let (mut session, load_ms) = load(runtime, &graph("pamr")?, threads)?;
+    let start = Instant::now();
+    let out = session
+        .run(ort::inputs!["pixels" => pixels.to_ort()?, "masks" => masks.to_ort()?])
+        .map_err(|e| anyhow!("pamr: {e}"))?;
+    let refined = take(&out, "refined", "pamr", &[1, 1, side, side])?;
+    check_unit_interval(&refined, "pamr", "refined")?;
+    runs.push(record(
+        "pamr",
+        used("pamr"),
+        load_ms,
+        start,
+        &[("refined", &refined)],
+    ));
+
+    Ok(runs)
+}
+
+/// TCL's head and mask head on the trunk's tokens; returns the masks.
+#[allow(clippy::too_many_arguments)]
+fn run_tcl(
+    runtime: &Runtime,
+    runs: &mut Vec<GraphRun>,
+    graph: &dyn Fn(&str) -> Result<std::path::PathBuf>,
+    used: &dyn Fn(&str) -> Precision,
+    threads: usize,
+    trunk: &HostTensor,
+    text: &HostTensor,
+    m: &super::bundle::Manifest,
+) -> Result<HostTensor> {
+    let (grid, side, embed) = (m.crop_grid(), m.mask_side(), m.architecture.embed_dim);
     let (mut session, load_ms) = load(runtime, &graph("tcl_head")?, threads)?;
     let start = Instant::now();
     let out = session
@@ -148,22 +209,21 @@ pub fn run_one_crop(
         &[("masks", &masks), ("kp_masks", &kp_masks)],
     ));
 
-    let (mut session, load_ms) = load(runtime, &graph("pamr")?, threads)?;
-    let start = Instant::now();
-    let out = session
-        .run(ort::inputs!["pixels" => pixels.to_ort()?, "masks" => masks.to_ort()?])
-        .map_err(|e| anyhow!("pamr: {e}"))?;
-    let refined = take(&out, "refined", "pamr", &[1, 1, side, side])?;
-    check_unit_interval(&refined, "pamr", "refined")?;
-    runs.push(record(
-        "pamr",
-        used("pamr"),
-        load_ms,
-        start,
-        &[("refined", &refined)],
-    ));
+    Ok(masks)
+}
 
-    Ok(runs)
+/// Every patch's feature has unit length (the head graphs normalize).
+fn check_unit_norm(t: &HostTensor, dim: usize, cells: usize, graph: &str) -> Result<()> {
+    for c in 0..cells {
+        let norm: f32 = (0..dim)
+            .map(|e| t.data[e * cells + c].powi(2))
+            .sum::<f32>()
+            .sqrt();
+        if (norm - 1.0).abs() > 1e-2 {
+            bail!("graph {graph} output 'dense' has a feature of length {norm} at cell {c}, not 1");
+        }
+    }
+    Ok(())
 }
 
 fn load(runtime: &Runtime, graph: &Path, threads: usize) -> Result<(Session, f64)> {
@@ -204,14 +264,14 @@ fn l2_normalize_rows(mut t: HostTensor) -> HostTensor {
 }
 
 fn record(
-    role: &'static str,
+    role: &str,
     precision: Precision,
     load_ms: f64,
     start: Instant,
     outputs: &[(&str, &HostTensor)],
 ) -> GraphRun {
     GraphRun {
-        role,
+        role: role.to_string(),
         precision,
         load_ms,
         run_ms: start.elapsed().as_secs_f64() * 1e3,

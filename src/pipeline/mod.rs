@@ -48,7 +48,7 @@ pub struct PipelineQueries {
 impl PipelineQueries {
     /// Embeds the queries (cached by the engine) and resolves thresholds against the bundle's defaults.
     pub fn prepare(engine: &Engine, plan: &PipelinePlan) -> Result<PipelineQueries> {
-        PipelineQueries::embed(
+        PipelineQueries::embed_for_head(
             engine,
             &plan.queries,
             SettingsOverrides {
@@ -56,6 +56,7 @@ impl PipelineQueries {
                 bg_thresh: plan.config.bg_thresh,
                 kp_weight: plan.config.kp_weight,
             },
+            plan.config.head.as_deref(),
         )
         .with_context(|| format!("pipeline '{}': cannot embed its queries", plan.config.name))
     }
@@ -66,14 +67,28 @@ impl PipelineQueries {
         queries: &QuerySet,
         overrides: SettingsOverrides,
     ) -> Result<PipelineQueries> {
+        PipelineQueries::embed_for_head(engine, queries, overrides, None)
+    }
+
+    /// `embed` scored by a named head of the bundle (None: its default head); a head the bundle lacks is an
+    /// error naming the heads it has.
+    pub fn embed_for_head(
+        engine: &Engine,
+        queries: &QuerySet,
+        overrides: SettingsOverrides,
+        head: Option<&str>,
+    ) -> Result<PipelineQueries> {
+        let settings = SegmentSettings::resolve_head(
+            engine.bundle().manifest(),
+            head,
+            overrides,
+            queries.has_background_prompts(),
+        )
+        .map_err(|e| anyhow::anyhow!(e))?;
         Ok(PipelineQueries {
             queries: queries.clone(),
             text: engine.embed_queries(&queries.engine_queries())?,
-            settings: SegmentSettings::resolve(
-                &engine.bundle().manifest().mask,
-                overrides,
-                queries.has_background_prompts(),
-            ),
+            settings,
             model_sha256: engine.manifest_sha256().to_string(),
         })
     }

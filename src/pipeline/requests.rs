@@ -226,6 +226,7 @@ mod tests {
                 kp_weight: 0.3,
                 background,
                 keep_scores: false,
+                head: None,
             },
             model_sha256: "abc".into(),
         })

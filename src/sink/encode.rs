@@ -221,6 +221,7 @@ mod tests {
             kp_weight: 0.3,
             background: Some(0.5),
             keep_scores: true,
+            head: None,
         };
         let image = RgbImage::new(2, 1);
         let item = SegmentedImage {

@@ -69,7 +69,11 @@ class BundleDefaults:
 
 
 # Graph roles every bundle provides, in the order they run.
-REQUIRED_GRAPHS = ("text_encoder", "image_trunk", "tcl_head", "mask_head", "pamr")
+REQUIRED_GRAPHS = ("text_encoder", "image_trunk", "pamr")
+# The graphs the TCL head needs: in every bundle without a [heads] table, and in one whose [heads] has "tcl".
+TCL_GRAPHS = ("tcl_head", "mask_head")
+# [heads.<name>] kinds: "tcl" (tcl_head + mask_head) or "dense" (a graph tokens -> dense [B,E,G,G], see heads.py).
+HEAD_KINDS = ("tcl", "dense")
 PRECISIONS = ("fp32", "fp16")
 
 # The tables of a manifest and the keys each must have (more keys are tolerated inside a table).
@@ -116,6 +120,8 @@ TOP_LEVEL_KEYS = {
     "provenance",
     "graphs",
     "files",
+    "heads",
+    "default_head",
 }
 
 
@@ -281,8 +287,19 @@ def check_manifest(bundle_dir: Path, manifest: dict[str, Any]) -> list[FileEntry
     graphs = manifest["graphs"]
     if not isinstance(graphs, dict):
         raise _malformed(bundle_dir, "[graphs] must be a table")
-    for role in REQUIRED_GRAPHS:
-        if not isinstance(graphs.get(role), dict):
+    heads = manifest.get("heads", {"tcl": {"kind": "tcl"}})
+    if not isinstance(heads, dict) or not heads:
+        raise _malformed(bundle_dir, "[heads] must be a table with at least one head")
+    required = list(REQUIRED_GRAPHS)
+    for head, spec in heads.items():
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in HEAD_KINDS:
+            raise _malformed(bundle_dir, f"[heads.{head}] kind must be one of {', '.join(HEAD_KINDS)}")
+        required += TCL_GRAPHS if kind == "tcl" else [spec.get("graph")]
+    if manifest.get("default_head", next(iter(heads))) not in heads:
+        raise _malformed(bundle_dir, f"default_head {manifest['default_head']!r} is not in [heads]")
+    for role in required:
+        if not isinstance(role, str) or not isinstance(graphs.get(role), dict):
             raise _malformed(bundle_dir, f"[graphs] has no '{role}' graph")
         if "fp32" not in graphs[role]:
             raise _malformed(bundle_dir, f"[graphs] '{role}' has no fp32 graph")

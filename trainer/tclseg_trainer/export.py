@@ -8,6 +8,11 @@ ships) so that the exported numbers are the reference's numbers:
     tcl_head      tokens [B,1+G*G,W]             -> dense [B,E,4G,4G], kp_feat [B,E,G,G]  (both L2-normalized)
     mask_head     dense, kp_feat, text [N,E]     -> masks [B,N,h,w], kp_masks [B,N,h,w]
     pamr          pixels [B,3,S,S], masks        -> refined [B,N,h,w]
+    <head>_head   tokens [B,1+G*G,W]             -> dense [B,E,G,G]  (L2-normalized; one per training-free head)
+
+`heads` picks what the bundle carries on the one trunk: "tcl" (tcl_head + mask_head) and any of `heads.HEADS`
+(maskclip, sclip, clearclip, naclip, pearl), each a `<head>_head` graph; model.toml lists them under [heads] with
+the defaults each method's own evaluation uses (logit scale, PAMR, probability threshold).
 
 The bundle is written into a temporary sibling directory, every file is hashed into `model.toml`, and the
 directory is renamed into place, so a reader never sees half a bundle.
@@ -15,7 +20,8 @@ directory is renamed into place, so a reader never sees half a bundle.
 Command line:
     python -m tclseg_trainer.export (--random {tiny,vit-b16} [--seed N] | --clip ViT-B-16.pt --tcl tcl.pth
                                      [--allow-unverified-clip] | --checkpoint CKPT) --out DIR [--name NAME]
-                                     [--precision fp32,fp16] [--force]
+                                     [--precision fp32,fp16] [--heads tcl,naclip,...] [--force]
+    python -m tclseg_trainer.export --clip ViT-B-16.pt --heads naclip,sclip --out DIR   (no TCL file needed)
 Exit status: 0 written, 1 failed (one message naming the file and the problem), 2 usage error.
 
 This module writes the whole bundle and holds the command line; one graph's export and the op allow-list are in
@@ -58,6 +64,7 @@ from .export_manifest import (
 )
 from .export_onnx import CUDA_SAFE_OPS, ExportError, export_graph, graph_op_types, graph_op_types_of
 from .export_sources import defaults_from_config_file, load_model, log
+from .heads import HEAD_DEFAULTS, HEADS, HeadGraph
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, default_vocab_path
 from .tokenizer import VOCAB_FILENAME as VOCAB_FILE
 
@@ -74,6 +81,46 @@ GRAPH_FILES = {
 }
 # Roles that get an fp16 variant; the others are small or precision-sensitive and stay fp32.
 FP16_ROLES = ("image_trunk", "tcl_head")
+# Every head a bundle can carry: TCL's own and the training-free ones.
+ALL_HEADS = ("tcl", *HEADS)
+
+
+def head_role(head: str) -> str:
+    """The [graphs] role of a head's graph."""
+    return "tcl_head" if head == "tcl" else f"{head}_head"
+
+
+def graph_file(role: str, precision: str) -> str:
+    if role in GRAPH_FILES:
+        return GRAPH_FILES[role][precision]
+    return f"{role}.{precision}.onnx"
+
+
+def heads_table(heads: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """model.toml's [heads]: kind, graph and each training-free head's defaults (`heads.HEAD_DEFAULTS`)."""
+    table: dict[str, dict[str, Any]] = {}
+    for head in heads:
+        if head == "tcl":
+            table[head] = {"kind": "tcl", "graph": "tcl_head"}
+        else:
+            d = HEAD_DEFAULTS[head]
+            table[head] = {
+                "kind": "dense",
+                "graph": head_role(head),
+                "logit_scale": float(d["logit_scale"]),
+                "pamr": bool(d["pamr"]),
+                "prob_thresh": float(d["prob_thresh"]),
+            }
+    return table
+
+
+def check_heads(heads: Iterable[str]) -> list[str]:
+    heads = list(dict.fromkeys(heads))
+    if not heads:
+        raise ExportError("no heads asked for: give at least one of " + ", ".join(ALL_HEADS))
+    if unknown := [h for h in heads if h not in ALL_HEADS]:
+        raise ExportError(f"unknown head(s) {', '.join(unknown)}; known: {', '.join(ALL_HEADS)}")
+    return heads
 
 
 def export_bundle(
@@ -90,8 +137,12 @@ def export_bundle(
     force: bool = False,
     log: Callable[[str], None] | None = log,
     defaults: BundleDefaults | None = None,
+    heads: Sequence[str] = ("tcl",),
 ) -> dict[str, Any]:
     """Exports `model` into a bundle at `out_dir` and returns the manifest (as written to model.toml).
+
+    `heads` are the heads on the shared trunk, the first being the bundle's default: "tcl" needs a TCL model's
+    trained grounder; the training-free ones read only the frozen CLIP (`heads.py`).
 
     `precisions` chooses the image graphs' variants; fp32 is required. An existing `out_dir` is refused unless
     `force` is set; nothing is left behind when the export fails. `defaults` are the inference settings written
@@ -117,13 +168,16 @@ def export_bundle(
     if not out_dir.parent.is_dir():
         raise ExportError(f"{out_dir.parent}: the output's parent directory does not exist")
     name = name or out_dir.name
+    heads = check_heads(heads)
     grid = crop_size // patch
     pamr = pamr_module(model)
 
     model = model.eval()
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        graphs = _write_graphs(model, pamr, tmp_dir, grid=grid, crop_size=crop_size, precisions=precisions, log=log)
+        graphs = _write_graphs(
+            model, pamr, tmp_dir, grid=grid, crop_size=crop_size, precisions=precisions, log=log, heads=heads
+        )
         shutil.copyfile(vocab_path, tmp_dir / VOCAB_FILE)
 
         files = []
@@ -142,6 +196,8 @@ def export_bundle(
             files=files,
             defaults=defaults,
         )
+        manifest["heads"] = heads_table(heads)
+        manifest["default_head"] = heads[0]
         manifest_path = tmp_dir / MANIFEST_FILE
         manifest_path.write_text(manifest_to_toml(manifest), encoding="utf-8")
         fsync_file(manifest_path)
@@ -168,6 +224,7 @@ def _write_graphs(
     crop_size: int,
     precisions: list[str],
     log: Callable[[str], None],
+    heads: Sequence[str] = ("tcl",),
 ) -> dict[str, dict[str, str]]:
     """Exports every graph into tmp_dir; returns the [graphs] table."""
     cfg = model.config
@@ -186,7 +243,7 @@ def _write_graphs(
     graphs: dict[str, dict[str, str]] = {}
 
     def timed(role: str, precision: str, fn: Callable[[Path], None]) -> None:
-        file = GRAPH_FILES[role][precision]
+        file = graph_file(role, precision)
         start = time.perf_counter()
         fn(tmp_dir / file)
         size = (tmp_dir / file).stat().st_size
@@ -228,19 +285,35 @@ def _write_graphs(
                 {"pixels": {0: "B"}, "tokens": {0: "B"}},
             ),
         )
-        timed(
-            "tcl_head",
-            precision,
-            lambda p, v=variant, d=dtype: export_graph(
-                TclHeadGraph(v, grid, d),
-                (trunk_tokens,),
-                p,
-                ["tokens"],
-                ["dense", "kp_feat"],
-                {"tokens": {0: "B"}, "dense": {0: "B"}, "kp_feat": {0: "B"}},
-            ),
-        )
+        if "tcl" in heads:
+            timed(
+                "tcl_head",
+                precision,
+                lambda p, v=variant, d=dtype: export_graph(
+                    TclHeadGraph(v, grid, d),
+                    (trunk_tokens,),
+                    p,
+                    ["tokens"],
+                    ["dense", "kp_feat"],
+                    {"tokens": {0: "B"}, "dense": {0: "B"}, "kp_feat": {0: "B"}},
+                ),
+            )
+        for head in (h for h in heads if h != "tcl"):
+            timed(
+                head_role(head),
+                precision,
+                lambda p, v=variant, d=dtype, h=head: export_graph(
+                    HeadGraph(v, h, grid, d),
+                    (trunk_tokens,),
+                    p,
+                    ["tokens"],
+                    ["dense"],
+                    {"tokens": {0: "B"}, "dense": {0: "B"}},
+                ),
+            )
     del half_model
+    if "tcl" not in heads:
+        return _write_shared_graphs(graphs, timed, pamr, pixels, rand, crop_size=crop_size, side=side)
 
     w, b = sim2mask_params(model)
     timed(
@@ -261,6 +334,20 @@ def _write_graphs(
             },
         ),
     )
+    return _write_shared_graphs(graphs, timed, pamr, pixels, rand, crop_size=crop_size, side=side)
+
+
+def _write_shared_graphs(
+    graphs: dict[str, dict[str, str]],
+    timed: Callable[[str, str, Callable[[Path], None]], None],
+    pamr: nn.Module,
+    pixels: torch.Tensor,
+    rand: Callable[..., torch.Tensor],
+    *,
+    crop_size: int,
+    side: int,
+) -> dict[str, dict[str, str]]:
+    """The graphs every head uses after its scores: PAMR."""
     timed(
         "pamr",
         "fp32",
@@ -296,7 +383,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     src.add_argument("--random", choices=["tiny", "vit-b16"], help="random weights of a named size")
     src.add_argument("--clip", type=Path, metavar="FILE", help="OpenAI CLIP ViT-B-16.pt (with --tcl)")
     src.add_argument("--checkpoint", type=Path, metavar="FILE", help="a trainer checkpoint")
-    p.add_argument("--tcl", type=Path, metavar="FILE", help="the official TCL checkpoint tcl.pth (with --clip)")
+    p.add_argument(
+        "--tcl",
+        type=Path,
+        metavar="FILE",
+        help="the official TCL checkpoint tcl.pth (with --clip); adds the TCL head",
+    )
+    p.add_argument(
+        "--heads",
+        default=None,
+        metavar="LIST",
+        help=f"heads on the shared trunk, comma-separated, the first is the default ({', '.join(ALL_HEADS)}); "
+        "default: tcl, with --clip alone: all training-free heads",
+    )
     p.add_argument(
         "--allow-unverified-clip",
         action="store_true",
@@ -320,8 +419,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(default: the checkpoint's own training config, else the official settings)",
     )
     args = p.parse_args(argv)
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads is not None else None
     if args.clip is not None and args.tcl is None:
-        p.error("--clip needs --tcl")
+        if heads is None:
+            heads = list(HEADS)
+        if "tcl" in heads:
+            p.error("the tcl head needs --tcl")
+    if heads is None:
+        heads = ["tcl"]
+    if unknown := [h for h in heads if h not in ALL_HEADS]:
+        p.error(f"--heads: unknown head(s) {', '.join(unknown)}; known: {', '.join(ALL_HEADS)}")
+    if not heads:
+        p.error("--heads: give at least one head")
+    args.head_list = heads
     if args.tcl is not None and args.clip is None:
         p.error("--tcl needs --clip")
     if args.allow_unverified_clip and args.clip is None:
@@ -363,6 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             vocab_path=vocab,
             force=args.force,
             defaults=args.defaults,
+            heads=args.head_list,
         )
     except (ExportError, CheckpointError) as e:
         print(f"export: error: {e}", file=sys.stderr)

@@ -65,9 +65,11 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], str
         from .checkpoints import build_official
 
         for path in (args.clip, args.tcl):
-            if not path.is_file():
+            if path is not None and not path.is_file():
                 raise ExportError(f"{path}: no such file")
         clip_sha256, verified = check_clip_hash(args.clip, allow_unverified=args.allow_unverified_clip)
+        if args.tcl is None:
+            return _clip_only(args.clip, clip_sha256, verified, torch_version)
         # The hash was checked (or knowingly waived) above; build_official need not read the file twice for it.
         built = build_official(args.clip, args.tcl, clip_sha256=None)
         model, hashes = _split_model_and_meta(built)
@@ -97,6 +99,23 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, dict[str, Any], str
         "torch_version": torch_version,
     }
     return model, provenance, f"TCL trained by tclseg ({args.checkpoint.name})"
+
+
+def _clip_only(path: Path, clip_sha256: str, verified: bool, torch_version: str) -> tuple[nn.Module, dict, str]:
+    """OpenAI's CLIP alone, in a TCL model's frame (its grounder is never exported: the bundle has training-free
+    heads only)."""
+    from . import checkpoints
+    from .model import TCL
+
+    model = TCL(checkpoints.SIZES["vit-b16"], seed=0)
+    checkpoints.apply_openai_clip(model, checkpoints.load_openai_clip(path, None))
+    provenance = {
+        "source": "official",  # the official CLIP weights; tcl_sha256 stays empty (no TCL file)
+        "clip_sha256": clip_sha256,
+        "clip_verified": verified,
+        "torch_version": torch_version,
+    }
+    return model.eval(), provenance, "training-free heads on OpenAI CLIP ViT-B/16"
 
 
 def check_clip_hash(path: Path, *, allow_unverified: bool) -> tuple[str, bool]:

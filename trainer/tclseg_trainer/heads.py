@@ -52,14 +52,19 @@ from .clip import ResidualAttentionBlock, resize_pos_embed
 
 HEADS = ("maskclip", "sclip", "clearclip", "naclip", "pearl")
 
-# Per-method defaults from each method's official evaluation setup (logit scale applied to cosines before the
-# class softmax; PAMR after it or not). Written into a bundle's manifest next to each head graph.
+# Per-method defaults from each method's official segmentor (the probabilities are softmax(logit_scale * cos) over
+# the classes; a pixel whose best probability is below `prob_thresh` is background; PAMR after or not). Written into
+# a bundle's [heads] table; every one is overridable at inference. Sources (repository @ the commit in
+# reference/landscape.md §8): SCLIP clip_segmentor.py:20-21 (logit_scale=40, prob_thd=0.0, pamr_steps=0);
+# ClearCLIP clearclip_segmentor.py:23 (logit_scale=50, prob_thd=0.0); NACLIP naclip.py:21-22 (logit_scale=40,
+# prob_thd=0.0; its README's 39.4 row is without PAMR); PEARL pearl_ovss.py:22 (logit_scale=40, prob_thd=0.0).
+# MaskCLIP: CLIP's own logit scale 100.
 HEAD_DEFAULTS: dict[str, dict[str, float | bool]] = {
-    "maskclip": {"logit_scale": 100.0, "pamr": False},
-    "sclip": {"logit_scale": 40.0, "pamr": False},
-    "clearclip": {"logit_scale": 50.0, "pamr": False},
-    "naclip": {"logit_scale": 40.0, "pamr": False},
-    "pearl": {"logit_scale": 40.0, "pamr": False},
+    "maskclip": {"logit_scale": 100.0, "pamr": False, "prob_thresh": 0.0},
+    "sclip": {"logit_scale": 40.0, "pamr": False, "prob_thresh": 0.0},
+    "clearclip": {"logit_scale": 50.0, "pamr": False, "prob_thresh": 0.0},
+    "naclip": {"logit_scale": 40.0, "pamr": False, "prob_thresh": 0.0},
+    "pearl": {"logit_scale": 40.0, "pamr": False, "prob_thresh": 0.0},
 }
 
 NACLIP_GAUSSIAN_STD = 5.0
@@ -127,7 +132,9 @@ def polar_factor(m: torch.Tensor, iters: int, eps: float = 1e-6) -> torch.Tensor
     square root, and Z / sqrt(n) undoes the scaling. A fixed iteration count keeps it a plain graph.
     """
     d = m.shape[-1]
-    eye = torch.eye(d, dtype=m.dtype, device=m.device).expand(m.shape[:-2] + (d, d))
+    # The identity as a comparison of two ranges (folded to a constant on export; torch.eye traces to EyeLike).
+    idx = torch.arange(d, device=m.device)
+    eye = (idx[:, None] == idx[None, :]).to(m.dtype).expand(m.shape[:-2] + (d, d))
     gram = m.transpose(-2, -1) @ m
     norm = gram.flatten(-2).norm(dim=-1).clamp_min(eps)[..., None, None]
     y = gram / norm + eps * eye

@@ -1,0 +1,235 @@
+//! Training-free heads end to end: `tclseg models export --heads` writes head graphs on the shared trunk, `models
+//! verify` runs each, `segment --head`, `eval`-style settings and `models bench --head` score with the head asked
+//! for, and a head the bundle lacks is refused naming the heads it has. Also the manifest's [heads] checks.
+//! Needs the setup's `.venv` (the export runs the Python trainer).
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+
+use common::{arg, assert_ok, fixture_bundle, stderr, stdout, tclseg, write_png};
+use tclseg::model::bundle::{Bundle, HeadKind, Manifest};
+use tclseg::model::types::{SegmentSettings, SettingsOverrides};
+
+const HEADS: &str = "naclip,tcl,maskclip,sclip,clearclip,pearl";
+
+fn export(out: &Path) {
+    let run = tclseg(&[
+        "models",
+        "export",
+        "--random",
+        "tiny",
+        "--seed",
+        "5",
+        "--precision",
+        "fp32",
+        "--heads",
+        HEADS,
+        "--out",
+        arg(out),
+    ]);
+    assert_ok(&run);
+}
+
+#[test]
+fn a_bundle_of_heads_exports_verifies_segments_and_benches_with_each() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let bundle_dir = tmp.path().join("heads");
+    export(&bundle_dir);
+
+    let bundle = Bundle::open(&bundle_dir).expect("bundle verifies");
+    let m = bundle.manifest();
+    assert_eq!(
+        m.head_names(),
+        ["clearclip", "maskclip", "naclip", "pearl", "sclip", "tcl"]
+    );
+    assert_eq!(
+        m.default_head.as_deref(),
+        Some("naclip"),
+        "the first asked for"
+    );
+    let naclip = m.head_spec("naclip").expect("naclip");
+    assert_eq!(
+        (naclip.kind, naclip.graph.as_str()),
+        (HeadKind::Dense, "naclip_head")
+    );
+
+    let verify = tclseg(&["models", "verify", arg(&bundle_dir), "--precision", "fp32"]);
+    assert_ok(&verify);
+    for role in [
+        "naclip_head",
+        "sclip_head",
+        "pearl_head",
+        "tcl_head",
+        "mask_head",
+    ] {
+        assert!(
+            stdout(&verify).contains(role),
+            "{role} ran: {}",
+            stdout(&verify)
+        );
+    }
+
+    let listed = tclseg(&["models", "list", "--dir", arg(tmp.path())]);
+    assert_ok(&listed);
+    assert!(
+        stdout(&listed).contains("clearclip,maskclip,naclip,pearl,sclip,tcl"),
+        "{}",
+        stdout(&listed)
+    );
+
+    let input = tmp.path().join("a.png");
+    write_png(&input, 70, 50);
+    let mut fractions = Vec::new();
+    for head in ["naclip", "sclip", "tcl", "pearl"] {
+        let out = tmp.path().join(format!("out-{head}"));
+        let run = tclseg(&[
+            "segment",
+            arg(&input),
+            "--out",
+            arg(&out),
+            "--model",
+            arg(&bundle_dir),
+            "-q",
+            "red square",
+            "-q",
+            "grey wall",
+            "--head",
+            head,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ]);
+        assert_ok(&run);
+        let png = image::open(out.join("a.labels.png")).expect("labels");
+        assert_eq!((png.width(), png.height()), (70, 50));
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(out.join("a.json")).expect("json")).expect("json");
+        let classes = json["classes"].as_array().expect("classes");
+        assert_eq!(classes.len(), 3, "{head}: background + 2 queries");
+        let total: f64 = classes
+            .iter()
+            .map(|c| c["pixel_fraction"].as_f64().expect("fraction"))
+            .sum();
+        assert!((total - 1.0).abs() < 1e-6, "{head}: {total}");
+        fractions.push(classes[0]["pixel_fraction"].as_f64().expect("fraction"));
+        assert_eq!(
+            json["settings"]["pamr"],
+            head == "tcl",
+            "{head}: its own PAMR default"
+        );
+    }
+    // A training-free head's default threshold is 0: its pixels all go to a query, never to background.
+    assert_eq!(fractions[0], 0.0, "naclip: no background");
+
+    let bad = tclseg(&[
+        "segment",
+        arg(&input),
+        "--out",
+        arg(&tmp.path().join("bad")),
+        "--model",
+        arg(&bundle_dir),
+        "-q",
+        "red square",
+        "--head",
+        "gem",
+        "--device",
+        "cpu",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("no head 'gem'")
+            && stderr(&bad).contains("clearclip, maskclip, naclip, pearl, sclip, tcl"),
+        "{}",
+        stderr(&bad)
+    );
+
+    let bench = tclseg(&[
+        "models",
+        "bench",
+        "--model",
+        arg(&bundle_dir),
+        "--images",
+        arg(&input),
+        "--batch",
+        "1",
+        "--warmup",
+        "0",
+        "--iterations",
+        "1",
+        "--head",
+        "clearclip",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ]);
+    assert_ok(&bench);
+    assert!(stdout(&bench).contains("\"batch\""), "{}", stdout(&bench));
+}
+
+#[test]
+fn head_settings_come_from_the_head_unless_overridden() {
+    let text = fs::read_to_string(fixture_bundle().join("model.toml")).expect("manifest");
+    let with_heads = format!(
+        "{text}\n[heads.tcl]\nkind = \"tcl\"\ngraph = \"tcl_head\"\n\n[heads.naclip]\nkind = \"dense\"\n\
+         graph = \"image_trunk\"\nlogit_scale = 40.0\npamr = false\nprob_thresh = 0.2\n"
+    );
+    let m = Manifest::parse(&with_heads).expect("parses");
+    // Without default_head, TCL is the default where the bundle has it.
+    let tcl =
+        SegmentSettings::resolve_head(&m, None, SettingsOverrides::default(), false).expect("tcl");
+    assert_eq!(m.head(tcl.head.expect("id")).expect("head").0, "tcl");
+    assert!(tcl.pamr);
+    let nac =
+        SegmentSettings::resolve_head(&m, Some("naclip"), SettingsOverrides::default(), false)
+            .expect("naclip");
+    assert_eq!(
+        (nac.pamr, nac.background, nac.kp_weight),
+        (false, Some(0.2), 0.0)
+    );
+    let given = SettingsOverrides {
+        pamr: Some(true),
+        bg_thresh: Some(0.5),
+        kp_weight: None,
+    };
+    let nac = SegmentSettings::resolve_head(&m, Some("naclip"), given, false).expect("naclip");
+    assert_eq!((nac.pamr, nac.background), (true, Some(0.5)));
+    let err = SegmentSettings::resolve_head(&m, Some("sclip"), given, false).expect_err("no sclip");
+    assert!(
+        err.contains("no head 'sclip'") && err.contains("naclip, tcl"),
+        "{err}"
+    );
+
+    // A fixture without [heads] is TCL's head alone.
+    let plain = Manifest::parse(&text).expect("parses");
+    assert_eq!(plain.head_names(), ["tcl"]);
+}
+
+#[test]
+fn a_head_without_its_graph_or_a_wrong_default_is_refused() {
+    let text = fs::read_to_string(fixture_bundle().join("model.toml")).expect("manifest");
+    let missing = format!("{text}\n[heads.naclip]\nkind = \"dense\"\ngraph = \"naclip_head\"\n");
+    let err = Manifest::parse(&missing).expect_err("no graph");
+    assert!(err.contains("no 'naclip_head' graph"), "{err}");
+
+    let bad_default = format!(
+        "default_head = \"sclip\"\n{text}\n[heads.naclip]\nkind = \"dense\"\ngraph = \"image_trunk\"\n"
+    );
+    let err = Manifest::parse(&bad_default).expect_err("bad default");
+    assert!(err.contains("default_head 'sclip'"), "{err}");
+
+    // Without a TCL head, the TCL graphs are not required.
+    let no_tcl: String = text
+        .lines()
+        .filter(|l| !l.starts_with("tcl_head") && !l.starts_with("mask_head"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dense_only =
+        format!("{no_tcl}\n[heads.naclip]\nkind = \"dense\"\ngraph = \"image_trunk\"\n");
+    let m =
+        Manifest::parse(&dense_only).expect("a bundle of training-free heads needs no TCL graphs");
+    assert_eq!(m.head_names(), ["naclip"]);
+}

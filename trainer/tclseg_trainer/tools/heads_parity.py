@@ -9,8 +9,8 @@ pinned commits in .official/<name>, the official venv and photos of the TCL comp
 1. writes seeded random CLIP ViT-B/16 weights under OpenAI's key names, fp16 like OpenAI's `ViT-B-16.pt` (the
    file every official loader here reads: their `clip.load`, or open_clip's `load_openai_model` for ClearCLIP);
 2. cuts scikit-image's photos to a few sizes (PNG files both sides read, so no resampler differs);
-3. runs each method's official segmentor (the `official` subcommand, one process per method in the official venv,
-   because three of the repositories ship different packages named `clip`) through its own dense path: sliding
+3. runs each method's official segmentor (the `official` subcommand in the official venv, one process per
+   repository, all at once: three of them ship different packages named `clip`) through its own dense path: sliding
    window, logits resized to the image, its refinement (PEARL's text-aware Laplacian propagation), its softmax at its
    logit scale; the logits before the softmax, the probabilities and the labels are saved;
 4. runs our heads (`tclseg_trainer.heads`) in PyTorch on the same pixels and, where the binary has the head, `tclseg
@@ -280,7 +280,7 @@ def run_official(segmentor, method: str, pixels) -> dict:
 
 def official_main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(prog="heads_parity official", description="one method's official code")
-    ap.add_argument("--method", required=True, choices=sorted(METHODS))
+    ap.add_argument("--methods", required=True, help="comma-separated methods of one official repository")
     ap.add_argument("--official", required=True, type=Path, help="the folder holding the checkouts")
     ap.add_argument("--clip", required=True, type=Path)
     ap.add_argument("--images", required=True, type=Path)
@@ -295,19 +295,31 @@ def official_main(argv: list[str]) -> None:
     images = sorted(args.images.resolve().glob("*.png"))
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    names = out / "names.txt"
+    names = out / f"names-{args.methods.replace(',', '-')}.txt"
     names.write_text("".join(f"{q}\n" for q in json.loads(args.queries)))
-    repo = (args.official / METHODS[args.method]["repo"]).resolve()
+    methods = args.methods.split(",")
+    repos = {METHODS[m]["repo"] for m in methods}
+    if len(repos) != 1:
+        raise SystemExit(f"heads-parity: {methods} are not all from one official repository")
+    repo = (args.official / repos.pop()).resolve()
     started = time.perf_counter()
-    segmentor = build_official(args.method, repo, args.clip.resolve(), names)
-    np.save(out / "text.npy", segmentor.query_features.float().numpy())
+    segmentor = build_official(methods[0], repo, args.clip.resolve(), names)
     built = time.perf_counter() - started
-    for path in images:
-        result = run_official(segmentor, args.method, load_pixels(path))
-        for key, value in result.items():
-            np.save(out / f"{path.stem}.{key}.npy", value)
+    for method in methods:
+        # ClearCLIP's MaskCLIP is the same segmentor with another `model_type`, an attribute its forward reads:
+        # set it rather than build (and encode the 80 x N prompts) again.
+        for key, value in METHODS[method]["kwargs"].items():
+            if key in ("model_type", "logit_scale", "slide_stride", "slide_crop"):
+                setattr(segmentor, key, value)
+        folder = out / method
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / "text.npy", segmentor.query_features.float().numpy())
+        for path in images:
+            result = run_official(segmentor, method, load_pixels(path))
+            for key, value in result.items():
+                np.save(folder / f"{path.stem}.{key}.npy", value)
     print(
-        f"heads-parity: official {args.method}: built in {built:.1f} s, {len(images)} images in "
+        f"heads-parity: official {args.methods}: built in {built:.1f} s, {len(images)} images in "
         f"{time.perf_counter() - started - built:.1f} s",
         file=sys.stderr,
     )
@@ -335,16 +347,6 @@ def make_images(photos: Path, folder: Path, only: list[str] | None = None) -> li
         image.save(path)
         paths.append(path)
     return paths
-
-
-def _run(cmd: list[str], what: str, env: dict[str, str] | None = None) -> float:
-    print(f"heads-parity: {what}: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout)
-        raise SystemExit(f"heads-parity: {what} failed (exit status {proc.returncode})")
-    return time.perf_counter() - start
 
 
 def official_templates(checkout: Path) -> list:
@@ -463,7 +465,9 @@ def main() -> None:
     ap.add_argument("--work", default="target/heads-parity", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=SEED)
-    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_IMAGES)} (scripts/test)")
+    ap.add_argument(
+        "--quick", action="store_true", help=f"only {', '.join(QUICK_IMAGES)} and two classes (scripts/test)"
+    )
     ap.add_argument("--reuse-official", action="store_true", help="keep the official outputs of an earlier run")
     ap.add_argument("--max-score-diff", type=float, default=MAX_SCORE_DIFF)
     ap.add_argument("--min-label-agreement", type=float, default=MIN_LABEL_AGREEMENT)
@@ -483,35 +487,49 @@ def main() -> None:
     clip, _ = write_official_weights(work / "weights", seed=args.seed)
     trainer_dir = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=trainer_dir)
-    t_official = 0.0
-    for method in methods if not args.reuse_official else []:
-        t_official += _run(
-            [args.python_official, "-m", "tclseg_trainer.tools.heads_parity", "official", "--method", method]
-            + ["--official", str(args.official), "--clip", str(clip), "--images", str(work / "images")]
-            + ["--queries", json.dumps(QUERIES), "--out", str(work / "official" / method)]
-            + ["--threads", str(args.threads)],
-            f"official {method}",
-            env=env,
-        )
+    queries = QUERIES[:2] if args.quick else QUERIES
+    t_official = time.perf_counter()
+    if not args.reuse_official:
+        groups: dict[str, list[str]] = {}
+        for method in methods:
+            groups.setdefault(METHODS[method]["repo"], []).append(method)
+        # One process per repository (three ship different packages named `clip`), all at once.
+        threads = max(1, args.threads // len(groups))
+        procs = []
+        for group in groups.values():
+            cmd = [args.python_official, "-m", "tclseg_trainer.tools.heads_parity", "official"]
+            cmd += ["--methods", ",".join(group), "--official", str(args.official), "--clip", str(clip)]
+            cmd += ["--images", str(work / "images"), "--queries", json.dumps(queries)]
+            cmd += ["--out", str(work / "official"), "--threads", str(threads)]
+            print(f"heads-parity: official {','.join(group)}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+            procs.append((group, subprocess.Popen(cmd, env=env)))
+        failed = [",".join(group) for group, proc in procs if proc.wait() != 0]
+        if failed:
+            raise SystemExit(f"heads-parity: the official code of {', '.join(failed)} failed (its output is above)")
+    t_official = time.perf_counter() - t_official
     model = load_our_clip(clip)
-    rows, failures = [], []
+    rows, failures, texts = [], [], {}
     t_ours = time.perf_counter()
     for method in methods:
         official = work / "official" / method
         templates = official_templates(args.official / METHODS[method]["repo"])
-        text = our_text(model, QUERIES, templates)
+        key = tuple(t("{}") for t in templates)
+        if key not in texts:
+            texts[key] = our_text(model, queries, templates)
+        text = texts[key]
         text_diff = float(np.abs(text.numpy() - np.load(official / "text.npy")).max())
         for path in images:
             ours = run_ours(model, method, load_pixels(path), text)
             row = {"method": method, "image": path.stem, "text": text_diff, **compare(official, ours, path.stem)}
             row["size"] = f"{ours['labels'].shape[1]}x{ours['labels'].shape[0]}"
             rows.append(row)
+            print(f"heads-parity: {method} {path.stem}: {row}", file=sys.stderr, flush=True)
     t_ours = time.perf_counter() - t_ours
 
     print(
         f"official heads (NACLIP, SCLIP, ClearCLIP + its MaskCLIP, PEARL; pinned commits) vs tclseg_trainer.heads: "
         f"seeded random ViT-B/16 weights (seed {args.seed}) in OpenAI's format, {len(images)} scikit-image photos, "
-        f"{len(QUERIES)} classes x 80 templates, fp32 CPU; max |Δ| over every pixel and class"
+        f"{len(queries)} classes x 80 templates, fp32 CPU; max |Δ| over every pixel and class"
     )
     print(
         f"{'method':<10} {'image':<14} {'size':>8} {'|Δtext|':>9} {'|Δlogits|':>10} {'|Δprobs|':>9} "

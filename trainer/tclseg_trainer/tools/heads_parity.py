@@ -52,45 +52,33 @@ QUERIES = ["person", "cat", "coffee cup", "sky"]
 MAX_SCORE_DIFF = 1e-4
 MIN_LABEL_AGREEMENT = 0.999
 
+# ClearCLIP's segmentor, which also runs MaskCLIP (model_type="MaskCLIP": the value path, no residual, no FFN).
+CLEARCLIP = {
+    "repo": "clearclip",
+    "module": "clearclip_segmentor",
+    "class": "ClearCLIPSegmentation",
+    "kwargs": {
+        "clip_type": "CLIP",
+        "vit_type": "ViT-B/16",
+        "model_type": "ClearCLIP",
+        "ignore_residual": True,
+        "prob_thd": 0.0,
+        "logit_scale": 50,
+        "slide_stride": 224,
+        "slide_crop": 448,
+    },
+}
 # Per method: the official repository folder (in .official), the module and class of its segmentor, and the
 # keyword arguments it is built with (besides clip_path/name_path/device): each class's defaults, written out.
 METHODS: dict[str, dict] = {
-    "maskclip": {
-        "repo": "clearclip",
-        "module": "clearclip_segmentor",
-        "class": "ClearCLIPSegmentation",
-        "kwargs": {
-            "clip_type": "CLIP",
-            "vit_type": "ViT-B/16",
-            "model_type": "MaskCLIP",
-            "ignore_residual": True,
-            "prob_thd": 0.0,
-            "logit_scale": 50,
-            "slide_stride": 224,
-            "slide_crop": 448,
-        },
-    },
+    "maskclip": {**CLEARCLIP, "kwargs": {**CLEARCLIP["kwargs"], "model_type": "MaskCLIP"}},
     "sclip": {
         "repo": "sclip",
         "module": "clip_segmentor",
         "class": "CLIPForSegmentation",
         "kwargs": {"pamr_steps": 0, "prob_thd": 0.0, "logit_scale": 40, "slide_stride": 112, "slide_crop": 224},
     },
-    "clearclip": {
-        "repo": "clearclip",
-        "module": "clearclip_segmentor",
-        "class": "ClearCLIPSegmentation",
-        "kwargs": {
-            "clip_type": "CLIP",
-            "vit_type": "ViT-B/16",
-            "model_type": "ClearCLIP",
-            "ignore_residual": True,
-            "prob_thd": 0.0,
-            "logit_scale": 50,
-            "slide_stride": 224,
-            "slide_crop": 448,
-        },
-    },
+    "clearclip": CLEARCLIP,
     "naclip": {
         "repo": "naclip",
         "module": "naclip",

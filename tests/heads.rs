@@ -32,6 +32,28 @@ fn export(out: &Path) {
     assert_ok(&run);
 }
 
+/// `segment INPUT` with two queries on `bundle`, scored by `head`, on one CPU thread.
+fn segment(bundle: &Path, input: &Path, out: &Path, head: &str) -> std::process::Output {
+    tclseg(&[
+        "segment",
+        arg(input),
+        "--out",
+        arg(out),
+        "--model",
+        arg(bundle),
+        "-q",
+        "red square",
+        "-q",
+        "grey wall",
+        "--head",
+        head,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ])
+}
+
 #[test]
 fn a_bundle_of_heads_exports_verifies_segments_and_benches_with_each() {
     let tmp = tempfile::tempdir().expect("temp dir");
@@ -84,24 +106,7 @@ fn a_bundle_of_heads_exports_verifies_segments_and_benches_with_each() {
     let mut fractions = Vec::new();
     for head in ["naclip", "sclip", "tcl", "pearl"] {
         let out = tmp.path().join(format!("out-{head}"));
-        let run = tclseg(&[
-            "segment",
-            arg(&input),
-            "--out",
-            arg(&out),
-            "--model",
-            arg(&bundle_dir),
-            "-q",
-            "red square",
-            "-q",
-            "grey wall",
-            "--head",
-            head,
-            "--device",
-            "cpu",
-            "--threads",
-            "1",
-        ]);
+        let run = segment(&bundle_dir, &input, &out, head);
         assert_ok(&run);
         let png = image::open(out.join("a.labels.png")).expect("labels");
         assert_eq!((png.width(), png.height()), (70, 50));
@@ -124,20 +129,7 @@ fn a_bundle_of_heads_exports_verifies_segments_and_benches_with_each() {
     // A training-free head's default threshold is 0: its pixels all go to a query, never to background.
     assert_eq!(fractions[0], 0.0, "naclip: no background");
 
-    let bad = tclseg(&[
-        "segment",
-        arg(&input),
-        "--out",
-        arg(&tmp.path().join("bad")),
-        "--model",
-        arg(&bundle_dir),
-        "-q",
-        "red square",
-        "--head",
-        "gem",
-        "--device",
-        "cpu",
-    ]);
+    let bad = segment(&bundle_dir, &input, &tmp.path().join("bad"), "gem");
     assert!(!bad.status.success());
     assert!(
         stderr(&bad).contains("no head 'gem'")

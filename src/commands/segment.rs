@@ -122,6 +122,14 @@ pub(super) fn log_model(engine: &Engine, settings: &SegmentSettings) {
             .background
             .map_or("from prompts".to_string(), |t| format!("below {t}")),
     );
+    let m = engine.bundle().manifest();
+    let head = settings
+        .head
+        .or_else(|| m.find_head(None).ok())
+        .and_then(|id| m.head(id));
+    if let Some((name, _)) = head {
+        tracing::info!("head {name} (the bundle has {})", m.head_names().join(", "));
+    }
 }
 
 fn parse_outputs(format: &str, overlay: OverlayFormat) -> Result<OutputKinds> {

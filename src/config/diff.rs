@@ -152,7 +152,7 @@ mod tests {
     }
 
     #[test]
-    fn a_source_option_change_restarts_the_source() {
+    fn a_source_option_change_restarts_the_source_and_a_head_change_does_not() {
         let old = ServeConfig {
             model: Default::default(),
             inference: Default::default(),
@@ -160,6 +160,12 @@ mod tests {
             events: None,
             pipelines: vec![pipeline("cam", "rtsp://a", "cat")],
         };
+        let mut new = old.clone();
+        new.pipelines[0].head = Some("naclip".into());
+        assert_eq!(
+            diff(&old, &new).changed,
+            [("cam".to_string(), PipelineChange::Queries)]
+        );
         let mut new = old.clone();
         new.pipelines[0].rtsp_transport = Some("udp".into());
         assert_eq!(

@@ -169,10 +169,15 @@ def init_transformer_(transformer: Transformer) -> None:
         nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+def resize_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int], rule: str = "size") -> torch.Tensor:
     """Resize a ViT positional table [1 + g*g, C] to a new patch grid (h, w).
 
-    The CLS row is kept; the g x g grid part is resized bicubically with align_corners=False, as TCL does.
+    The CLS row is kept; the g x g grid part is resized bicubically with align_corners=False. Two rules exist in
+    the field and they give different tables whenever the grid changes:
+    - "size" (TCL's): interpolate to the output size (h, w), i.e. sample at the size ratio h / g;
+    - "scale" (the training-free heads' official code: NACLIP, SCLIP, ClearCLIP, PEARL all take DINO's
+      `interpolate_pos_encoding`): interpolate with the scale factor (h + 0.1) / g used as given
+      (`recompute_scale_factor=False`), which samples at a slightly different ratio for the same output size.
     The table is returned unchanged when the grid already matches.
     """
     h, w = int(grid_hw[0]), int(grid_hw[1])
@@ -183,9 +188,17 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid_hw: tuple[int, int]) -> torch
     if (h, w) == (g, g):
         return pos_embed
     cls, grid = pos_embed[:1], pos_embed[1:]
-    grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
-    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos_embed.dtype)
-    grid = grid.permute(0, 2, 3, 1).reshape(h * w, -1)
+    grid = grid.reshape(1, g, g, -1).permute(0, 3, 1, 2).float()  # [1, C, g, g]
+    if rule == "size":
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    elif rule == "scale":
+        scale = ((h + 0.1) / g, (w + 0.1) / g)
+        grid = F.interpolate(
+            grid, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False
+        )
+    else:
+        raise ValueError(f"unknown position-embedding resize rule {rule!r}; known: size, scale")
+    grid = grid.to(pos_embed.dtype).permute(0, 2, 3, 1).reshape(h * w, -1)
     return torch.cat([cls, grid], dim=0)
 
 

@@ -197,7 +197,9 @@ def last_block(
 def _trunk_tokens(parts: _Parts, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     patch = parts.trunk.patch_size
     grid_hw = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
-    x = parts.trunk.embed(pixels, resize_pos_embed(parts.trunk.positional_embedding, grid_hw))
+    # The training-free methods' own resize rule (clip.resize_pos_embed "scale"), not TCL's: it differs from
+    # TCL's wherever a window's grid is not CLIP's 14x14 (e.g. ClearCLIP's 448 windows).
+    x = parts.trunk.embed(pixels, resize_pos_embed(parts.trunk.positional_embedding, grid_hw, rule="scale"))
     for block in parts.trunk.transformer.resblocks[:-1]:
         x = block(x)
     return x, grid_hw

@@ -388,24 +388,6 @@ def windows(h: int, w: int, crop: int, stride: int) -> list[tuple[int, int, int,
     return out
 
 
-def official_pos_resize(pos_embed, grid_hw: tuple[int, int]):
-    """The position-embedding resize of the methods' own `interpolate_pos_encoding`: bicubic with the scale factor
-    (g + 0.1) / 14 taken as given, not the size ratio g / 14 that TCL (and `clip.resize_pos_embed`) resize with.
-    The two differ wherever a window's grid is not 14x14 (ClearCLIP's 448 windows; slide_crop=0 configs)."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = int(grid_hw[0]), int(grid_hw[1])
-    g = int(round((pos_embed.shape[0] - 1) ** 0.5))
-    if (h, w) == (g, g):
-        return pos_embed
-    grid = pos_embed[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
-    scale = ((h + 0.1) / g, (w + 0.1) / g)
-    grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", align_corners=False, recompute_scale_factor=False)
-    grid = grid.permute(0, 2, 3, 1).reshape(h * w, -1).to(pos_embed.dtype)
-    return torch.cat([pos_embed[:1], grid], dim=0)
-
-
 def run_ours(model, method: str, pixels, text) -> dict:
     """Our head (`heads.dense_features`) under the method's protocol: per window, cosine logits at the patch grid
     upsampled bilinearly to the window, averaged where windows overlap, softmax at the method's logit scale."""
@@ -474,12 +456,6 @@ def main() -> None:
     ap.add_argument(
         "--quick", action="store_true", help=f"only {', '.join(QUICK_IMAGES)} and two classes (scripts/test)"
     )
-    ap.add_argument(
-        "--official-pos-resize",
-        action="store_true",
-        help="run our heads with the methods' own position-embedding resize (official_pos_resize): shows whether "
-        "that resize is the whole difference",
-    )
     ap.add_argument("--reuse-official", action="store_true", help="keep the official outputs of an earlier run")
     ap.add_argument("--max-score-diff", type=float, default=MAX_SCORE_DIFF)
     ap.add_argument("--min-label-agreement", type=float, default=MIN_LABEL_AGREEMENT)
@@ -519,10 +495,6 @@ def main() -> None:
         if failed:
             raise SystemExit(f"heads-parity: the official code of {', '.join(failed)} failed (its output is above)")
     t_official = time.perf_counter() - t_official
-    if args.official_pos_resize:
-        from .. import heads
-
-        heads.resize_pos_embed = official_pos_resize
     model = load_our_clip(clip)
     rows, failures, texts = [], [], {}
     t_ours = time.perf_counter()
@@ -546,7 +518,6 @@ def main() -> None:
         f"official heads (NACLIP, SCLIP, ClearCLIP + its MaskCLIP, PEARL; pinned commits) vs tclseg_trainer.heads: "
         f"seeded random ViT-B/16 weights (seed {args.seed}) in OpenAI's format, {len(images)} scikit-image photos, "
         f"{len(queries)} classes x 80 templates, fp32 CPU; max |Δ| over every pixel and class"
-        + ("; our heads with the official position-embedding resize" if args.official_pos_resize else "")
     )
     print(
         f"{'method':<10} {'image':<14} {'size':>8} {'|Δtext|':>9} {'|Δlogits|':>10} {'|Δprobs|':>9} "

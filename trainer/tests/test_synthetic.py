@@ -7,11 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tclseg_trainer import data as D
 from tclseg_trainer import train as T
+from tclseg_trainer.model import SIZES, TCL
 from tclseg_trainer.tools import synthetic as S
+from tclseg_trainer.tools import synthetic_diag as G
 
 # 1 torch thread for these tests (cores are shared), restored afterwards: other modules assume 2.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,6 +59,36 @@ def test_generate_and_score(tmp_path: Path):
     (tmp_path / "eval" / "classes.txt").write_text("red\ngreen\n")
     with pytest.raises(D.DataError, match=r"classes.txt: the first class must be 'background'.*'red'"):
         D.load_eval_set(str(tmp_path / "eval"))
+
+
+def test_diagnosis_helpers():
+    # caption parsing: a "colour shape" phrase names that object only; a bare shape names the object of that shape
+    assert G.named_by("a red circle and blue square", "red", "circle")
+    assert not G.named_by("a red circle and blue square", "green", "circle")
+    assert G.named_by("there is cross; a white square", "green", "cross")
+    assert not G.named_by("a red circle", "red", "square")
+    # patch majority: a 2x2 grid of 4-pixel patches, the top-left patch three-quarters class 2
+    lab = np.zeros((1, 8, 8), dtype=np.uint8)
+    lab[0, :3, :4] = 2
+    lab[0, 4:, 4:] = 1
+    assert G.patch_majority(lab, 4, 3).tolist() == [[[2, 0], [0, 1]]]
+    # AUROC: perfect, inverted and tied rankings
+    pos = np.array([True, True, False, False])
+    assert G.auroc(np.array([0.9, 0.8, 0.1, 0.2]), pos) == 1.0
+    assert G.auroc(np.array([0.1, 0.2, 0.9, 0.8]), pos) == 0.0
+    assert G.auroc(np.array([0.5, 0.4, 0.5, 0.4]), pos) == 0.5
+
+
+def test_dense_pretraining_objective_adds_a_pooled_patch_term():
+    model = TCL(SIZES["tiny"], seed=0)
+    images = torch.randn(2, 3, 64, 64)
+    (cls,) = S.pretrain_image_embeddings(model, images, "cls")
+    cls2, pooled = S.pretrain_image_embeddings(model, images, "dense")
+    assert cls.shape == pooled.shape == (2, model.config.vision.embed_dim)
+    # the dense objective's CLS term is CLIP's own embedding; its second term is the mean of the MaskCLIP map
+    torch.testing.assert_close(cls2, cls)
+    tokens = model.trunk_tokens(images)
+    torch.testing.assert_close(pooled, model.kp_features(tokens, (4, 4)).mean(dim=(2, 3)))
 
 
 @pytest.mark.slow

@@ -192,8 +192,35 @@ class SceneStream(torch.utils.data.IterableDataset):
             yield to_normalized_tensor(Image.fromarray(img)), caption_for(objects, rng), (0, {})
 
 
+# Pretraining objectives: which image embedding meets the caption in the contrastive loss.
+# - "cls": CLIP's own, the CLS token after all blocks (nothing asks the patch tokens to say what they show);
+# - "dense": the CLS loss plus the same loss on the mean over patches of the MaskCLIP features (the self-only last
+#   block + ln_post/proj, i.e. exactly what the grounder starts from), so each patch's own embedding has to carry
+#   the words for what lies under it.
+OBJECTIVES = ("cls", "dense")
+
+
+def pretrain_image_embeddings(model: TCL, images: torch.Tensor, objective: str) -> list[torch.Tensor]:
+    """The image embeddings [B, C] the contrastive loss compares with the captions, one per term (see OBJECTIVES)."""
+    if objective == "cls":
+        return [clip_image_embedding(model, images)]
+    trunk = model.trunk
+    grid = (images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size)
+    tokens = model.trunk_tokens(images)
+    cls = model.clip_image_encoder.clip_proj(trunk.transformer.resblocks[-1](tokens)[:, 0])
+    dense = model.kp_features(tokens, grid)  # [B, C, h, w]
+    return [cls, dense.mean(dim=(2, 3))]
+
+
 def pretrain_clip(
-    out: Path, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 0, log_every: int = 50, workers: int = 1
+    out: Path,
+    steps: int,
+    batch: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    log_every: int = 50,
+    workers: int = 1,
+    objective: str = "cls",
 ) -> dict:
     """Contrastive CLIP pretraining of the tiny model's encoders on fresh pairs (`SceneStream`); the grounder is
     then re-copied from the trained CLIP, so the checkpoint is step 0 of TCL (= MaskCLIP)."""
@@ -220,9 +247,10 @@ def pretrain_clip(
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         images, captions, _ = next(it)
-        img = clip_image_embedding(model, images)
+        embs = pretrain_image_embeddings(model, images, objective)
+        img = embs[0]
         txt = model.encode_text(tok(captions))
-        loss = info_nce(img, txt, img, txt, 0, scale)
+        loss = sum(info_nce(e, txt, e, txt, 0, scale) for e in embs) / len(embs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -244,7 +272,7 @@ def pretrain_clip(
     model.clip_image_encoder.requires_grad_(False)
     model.clip_text_encoder.requires_grad_(False)
     model.init_grounder_from_clip()
-    model.provenance = {"source": "synthetic-clip-pretrain", "steps": steps, "seed": seed}
+    model.provenance = {"source": "synthetic-clip-pretrain", "steps": steps, "seed": seed, "objective": objective}
     save_checkpoint(out, model, model.config, pretrain={"steps": steps, "final_loss": loss.item()})
     return {"final_loss": loss.item()}
 
@@ -287,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--batch", type=int, default=64)
     pr.add_argument("--lr", type=float, default=1e-3)
     pr.add_argument("--seed", type=int, default=0)
+    pr.add_argument("--objective", choices=OBJECTIVES, default="cls", help="see OBJECTIVES")
     sa = sub.add_parser("samples", help="the README's sample images and their queries")
     sa.add_argument("--out", type=Path, required=True)
     sa.add_argument("--n", type=int, default=4)
@@ -302,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "generate":
         generate(args.out, args.train, args.eval, args.seed)
     else:
-        pretrain_clip(args.out, args.steps, args.batch, args.lr, args.seed)
+        pretrain_clip(args.out, args.steps, args.batch, args.lr, args.seed, objective=args.objective)
     return 0
 
 

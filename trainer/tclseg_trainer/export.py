@@ -32,7 +32,6 @@ comes from in `export_sources.py`.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -55,7 +54,6 @@ from .export_graphs import (
 )
 from .export_manifest import (
     build_manifest,
-    fsync_dir,
     fsync_file,
     install,
     manifest_to_toml,
@@ -208,10 +206,6 @@ def export_bundle(
         manifest_path.write_text(manifest_to_toml(manifest), encoding="utf-8")
         fsync_file(manifest_path)
         open_bundle(tmp_dir, verify=False)  # the manifest reads back and passes the loader's checks
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp made it private; a bundle is an ordinary directory
-        fsync_dir(tmp_dir)
         install(tmp_dir, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -189,7 +189,14 @@ def fsync_file(path: Path) -> None:
 
 def install(tmp_dir: Path, out_dir: Path, force: bool) -> None:
     """Renames the finished `tmp_dir` to `out_dir`; with force, replaces an existing out_dir atomically enough:
-    the old one is renamed away first, the new one renamed in, then the old one deleted."""
+    the old one is renamed away first, the new one renamed in, then the old one deleted.
+
+    First the folder gets the mode of an ordinary directory (mkdtemp made it private) and is fsync'd, so every
+    writer of a bundle (export, quantize) publishes it the same way."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_dir, 0o777 & ~umask)
+    fsync_dir(tmp_dir)
     if not out_dir.exists() and not out_dir.is_symlink():
         os.rename(tmp_dir, out_dir)
         fsync_dir(out_dir.parent)

@@ -194,12 +194,10 @@ def last_block(
     return _mix(block, weights, v)
 
 
-def _trunk_tokens(parts: _Parts, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+def _trunk_tokens(parts: _Parts, pixels: torch.Tensor, pos_resize: str) -> tuple[torch.Tensor, tuple[int, int]]:
     patch = parts.trunk.patch_size
     grid_hw = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
-    # The training-free methods' own resize rule (clip.resize_pos_embed "scale"), not TCL's: it differs from
-    # TCL's wherever a window's grid is not CLIP's 14x14 (e.g. ClearCLIP's 448 windows).
-    x = parts.trunk.embed(pixels, resize_pos_embed(parts.trunk.positional_embedding, grid_hw, rule="scale"))
+    x = parts.trunk.embed(pixels, resize_pos_embed(parts.trunk.positional_embedding, grid_hw, rule=pos_resize))
     for block in parts.trunk.transformer.resblocks[:-1]:
         x = block(x)
     return x, grid_hw
@@ -223,12 +221,18 @@ def dense_features(
     head: str,
     tokens_or_image: torch.Tensor,
     grid: tuple[int, int] | int | None = None,
+    *,
+    pos_resize: str = "scale",
     **options: float,
 ) -> torch.Tensor:
-    """Dense joint-space features [B, E, h, w], L2-normalised over E, of `head` (see the module docstring)."""
+    """Dense joint-space features [B, E, h, w], L2-normalised over E, of `head` (see the module docstring).
+
+    From pixels, the position embedding is resized by `pos_resize`: "scale" is the training-free methods' own rule
+    (`clip.resize_pos_embed`; NACLIP, SCLIP, ClearCLIP and PEARL all use it), "size" TCL's, which a bundle's trunk
+    graph bakes in today. The two differ wherever the grid is not CLIP's 14x14 (e.g. ClearCLIP's 448 windows)."""
     parts = _Parts(visual)
     if tokens_or_image.ndim == 4:
-        tokens, grid_hw = _trunk_tokens(parts, tokens_or_image)
+        tokens, grid_hw = _trunk_tokens(parts, tokens_or_image, pos_resize)
     else:
         tokens, grid_hw = tokens_or_image, _grid_of(tokens_or_image, grid)
     x = last_block(parts.block, head, tokens, grid_hw, **options)

@@ -162,7 +162,7 @@ def add_int8(bundle_dir: Path, out_dir: Path, *, mode: str = "dynamic", force: b
     import tomllib
 
     from .bundle import MANIFEST_FILE, open_bundle, sha256_file
-    from .export_manifest import fsync_dir, install, manifest_to_toml
+    from .export_manifest import install, manifest_to_toml
 
     src = open_bundle(bundle_dir, verify=True)
     manifest = tomllib.loads((src.dir / MANIFEST_FILE).read_text(encoding="utf-8"))
@@ -198,10 +198,6 @@ def add_int8(bundle_dir: Path, out_dir: Path, *, mode: str = "dynamic", force: b
         manifest["files"] = [f for f in manifest["files"] if f["path"] != MANIFEST_FILE]
         (tmp / MANIFEST_FILE).write_text(manifest_to_toml(manifest), encoding="utf-8")
         open_bundle(tmp, verify=True)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp made it private; a bundle is an ordinary directory
-        fsync_dir(tmp)
         install(tmp, out_dir, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -112,7 +112,8 @@ def test_clip_alone_makes_a_bundle_of_training_free_heads(tmp_path, monkeypatch,
     (tokens,) = session(b.graph("image_trunk")).run(None, {"pixels": pixels.numpy()})
     (got,) = session(b.graph("naclip_head")).run(None, {"tokens": tokens})
     with torch.no_grad():
-        want = dense_features(clip_model.visual, "naclip", pixels).numpy()
+        # The bundle's trunk graph resizes the position embedding by TCL's rule (issue 19: not yet the heads' own).
+        want = dense_features(clip_model.visual, "naclip", pixels, pos_resize="size").numpy()
     assert got.shape == (1, tiny.vision.embed_dim, g, g)
     assert float(np.abs(got - want).max()) < 1e-4
 

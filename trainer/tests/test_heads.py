@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tclseg_trainer.clip import CLIP, TextConfig, VisionConfig
+from tclseg_trainer.clip import CLIP, TextConfig, VisionConfig, resize_pos_embed
 from tclseg_trainer.heads import (
     HEADS,
     HeadGraph,
@@ -103,9 +103,23 @@ def test_pixels_and_tokens_agree(visual, sample):
     pixels, tokens, grid = sample
     for head in HEADS:
         with torch.no_grad():
-            a = dense_features(visual, head, pixels)
+            # the fixture's tokens come from the trunk with TCL's resize rule ("size")
+            a = dense_features(visual, head, pixels, pos_resize="size")
             b = dense_features(visual, head, tokens, grid)
         assert torch.allclose(a, b, atol=1e-6), head
+
+
+def test_the_heads_resize_the_position_embedding_by_their_methods_rule(visual, sample):
+    pixels, _, _ = sample
+    with torch.no_grad():
+        own = dense_features(visual, "naclip", pixels)  # default: the methods' "scale" rule
+        tcl = dense_features(visual, "naclip", pixels, pos_resize="size")
+        assert not torch.allclose(own, tcl, atol=1e-4)  # the fixture's grid is not the table's own
+        table = visual.positional_embedding
+        g = int(round((table.shape[0] - 1) ** 0.5))
+        assert torch.equal(resize_pos_embed(table, (g, g), rule="scale"), table)  # unchanged at the native grid
+        with pytest.raises(ValueError, match="known: size, scale"):
+            resize_pos_embed(table, (g + 1, g), rule="ratio")
 
 
 def test_maskclip_is_the_value_path_without_mixing(visual, sample):
@@ -217,7 +231,7 @@ def test_a_tcl_model_gives_its_frozen_clip_features():
     with torch.no_grad():
         tokens = model.trunk_tokens(pixels)
         f = dense_features(model, "naclip", tokens)
-        from_pixels = dense_features(model, "naclip", pixels)
+        from_pixels = dense_features(model, "naclip", pixels, pos_resize="size")  # trunk_tokens: TCL's rule
     assert f.shape == (1, model.config.vision.embed_dim, g, g)
     assert torch.allclose(f, from_pixels, atol=1e-5)
 

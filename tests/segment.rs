@@ -188,7 +188,14 @@ fn over_long_prompts_are_cut_with_a_warning() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let input = tmp.path().join("a.png");
     write_png(&input, 20, 20);
+    // A short name (names are held to 64 characters) with a prompt far past the text encoder's 77 tokens.
     let long = "very ".repeat(100) + "long query";
+    let queries = tmp.path().join("queries.toml");
+    std::fs::write(
+        &queries,
+        format!("[[query]]\nname = \"long one\"\nprompts = [\"{long}\"]\n"),
+    )
+    .expect("queries file");
     let out = tmp.path().join("out");
     let run = tclseg(&[
         "segment",
@@ -197,8 +204,8 @@ fn over_long_prompts_are_cut_with_a_warning() {
         arg(&out),
         "--model",
         arg(&fixture_bundle()),
-        "-q",
-        &long,
+        "--queries",
+        arg(&queries),
     ]);
     assert_ok(&run);
     assert!(stderr(&run).contains("tokens"), "warned: {}", stderr(&run));

@@ -73,10 +73,13 @@ pub fn run_once(
 struct Built {
     pipeline: gst::Pipeline,
     appsink: gst_app::AppSink,
-    /// Decoded frames that reached the conversion chain, and frames that passed it (the rate cap drops the
-    /// difference); counted by pad probes.
+    /// Decoded frames that reached the conversion chain, counted by a pad probe.
     arrived: Arc<AtomicU64>,
-    passed: Arc<AtomicU64>,
+    /// The rate cap's `videorate`, when `max_fps` is set. Its `in` and `out` counters give the frames the cap
+    /// dropped (in drop-only mode it leaves its `drop` counter at 0). Counting "arrived minus reached the appsink"
+    /// instead would also count a frame that is inside `videoconvert` at that moment, and report a drop on a
+    /// lossless file under load.
+    rate: Option<gst::Element>,
 }
 
 pub(super) fn make(factory: &str) -> Result<gst::Element> {
@@ -114,19 +117,14 @@ fn build(spec: &SourceSpec, settings: &StreamSettings) -> Result<Built> {
     chain.push(appsink.clone().upcast());
     pipeline.add_many(chain.iter())?;
     gst::Element::link_many(chain.iter()).context("cannot link the conversion chain")?;
-    let count = |element: &gst::Element| {
-        let counter = Arc::new(AtomicU64::new(0));
-        if let Some(pad) = element.static_pad("sink") {
-            let c = Arc::clone(&counter);
-            pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-                c.fetch_add(1, Ordering::Relaxed);
-                gst::PadProbeReturn::Ok
-            });
-        }
-        counter
-    };
-    let arrived = count(&chain[0]);
-    let passed = count(appsink.upcast_ref());
+    let arrived = Arc::new(AtomicU64::new(0));
+    if let Some(pad) = chain[0].static_pad("sink") {
+        let counter = Arc::clone(&arrived);
+        pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+            counter.fetch_add(1, Ordering::Relaxed);
+            gst::PadProbeReturn::Ok
+        });
+    }
     let first = chain[0].clone();
     let pipeline_weak = pipeline.downgrade();
     // Video goes to the chain; any other stream (audio, subtitles) to a fakesink, so it never stalls the source.
@@ -158,8 +156,17 @@ fn build(spec: &SourceSpec, settings: &StreamSettings) -> Result<Built> {
         pipeline,
         appsink,
         arrived,
-        passed,
+        rate,
     })
+}
+
+/// Frames `videorate` has taken in but not let out. `in` is read before `out`: a frame counts in `in` before
+/// it counts in `out`, so this order can only undercount for a moment (the caller keeps the running maximum),
+/// never report a frame that is still on its way through as dropped.
+fn rate_capped(rate: &gst::Element) -> u64 {
+    let taken = rate.property::<u64>("in");
+    let passed = rate.property::<u64>("out");
+    taken.saturating_sub(passed)
 }
 
 /// The pipeline's source and decoder, added to `pipeline`: `uridecodebin` (RTSP over `transport` with a short
@@ -275,7 +282,7 @@ fn pull_loop(
             Some(sample) => {
                 let received = Instant::now();
                 let arrived = built.arrived.load(Ordering::Relaxed);
-                let capped = arrived.saturating_sub(built.passed.load(Ordering::Relaxed));
+                let capped = built.rate.as_ref().map_or(0, rate_capped);
                 metrics.frames_in_n(arrived.saturating_sub(arrived_seen));
                 if capped > capped_seen {
                     metrics.drop_frames(DropReason::RateCap, capped - capped_seen);

@@ -135,7 +135,7 @@ pub fn save_labels(
                 image: owner.clone(),
                 frame: None,
                 captured: None,
-                model: engine.model_info(),
+                model: engine.model_info(settings),
                 decode_ms: 0.0,
                 inference_ms: 0.0,
             };

@@ -161,13 +161,27 @@ fn a_bundle_of_heads_exports_verifies_segments_and_benches_with_each() {
         "1",
         "--head",
         "clearclip",
+        "--against",
+        "tcl",
         "--device",
         "cpu",
         "--threads",
         "1",
     ]);
     assert_ok(&bench);
-    assert!(stdout(&bench).contains("\"batch\""), "{}", stdout(&bench));
+    let line: serde_json::Value =
+        serde_json::from_str(stdout(&bench).lines().next().unwrap_or_default())
+            .expect("a JSON line");
+    assert_eq!(line["batch"], 1, "{line}");
+    assert_eq!(
+        (&line["head"], &line["against"]["head"]),
+        (&serde_json::json!("clearclip"), &serde_json::json!("tcl")),
+        "{line}"
+    );
+    let ratio = line["crops_per_s_ratio"].as_f64().expect("a ratio");
+    let want = line["crops_per_s"].as_f64().expect("crops/s")
+        / line["against"]["crops_per_s"].as_f64().expect("crops/s");
+    assert!(ratio > 0.0 && (ratio - want).abs() < 1e-9, "{line}");
 }
 
 #[test]

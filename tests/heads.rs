@@ -1,6 +1,8 @@
 //! Training-free heads end to end: `tclseg models export --heads` writes head graphs on the shared trunk, `models
 //! verify` runs each, `segment --head`, `eval`-style settings and `models bench --head` score with the head asked
-//! for, and a head the bundle lacks is refused naming the heads it has. Also the manifest's [heads] checks.
+//! for (`--against` timing another in turn), each sidecar names its head, and a head the bundle lacks is refused
+//! naming the heads it has; groups of images on different heads share the trunk runs. Also the manifest's [heads]
+//! checks.
 //! Needs the setup's `.venv` (the export runs the Python trainer).
 
 mod common;
@@ -248,6 +250,14 @@ fn a_head_without_its_graph_or_a_wrong_default_is_refused() {
     assert_eq!(m.head_names(), ["naclip"]);
 }
 
+/// max |a − b| over the pairs.
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f32::max)
+}
+
 /// An image with a red square on grey, `w` × `h`.
 fn picture(w: u32, h: u32) -> image::RgbImage {
     image::RgbImage::from_fn(w, h, |x, y| {
@@ -351,12 +361,7 @@ fn groups_with_different_heads_share_the_trunk_runs() {
             for (x, y) in got.iter().zip(want) {
                 assert_eq!(x.classes, y.classes, "group {k}");
                 assert_eq!(x.labels, y.labels, "group {k}, crop_batch {crop_batch}");
-                let max = x
-                    .best
-                    .iter()
-                    .zip(&y.best)
-                    .map(|(p, q)| (p - q).abs())
-                    .fold(0f32, f32::max);
+                let max = largest_difference(&x.best, &y.best);
                 assert!(max <= 1e-5, "group {k}: sharing changed scores by {max}");
             }
         }

@@ -233,8 +233,8 @@ pub struct BenchArgs {
     pub iterations: usize,
     #[command(flatten)]
     pub refine: RefineArgs,
-    /// Also time this head of the bundle (at its own defaults, e.g. `tcl`) on the same batches, call by call in
-    /// turn with --head's, and report --head's crops/s as a ratio to it (`crops_per_s_ratio`): measured in the
+    /// Also time this head of the bundle (e.g. `tcl`; its own threshold, PAMR as --pamr/--no-pamr say, else its
+    /// default) on the same batches, call by call in turn with --head's, and report --head's crops/s as a ratio to it (`crops_per_s_ratio`): measured in the
     /// same run, the ratio holds where a shared machine's load moves the absolute figures.
     #[arg(long, value_name = "HEAD")]
     pub against: Option<String>,

@@ -165,6 +165,7 @@ fn a_bundle_of_heads_exports_verifies_segments_and_benches_with_each() {
         "clearclip",
         "--against",
         "tcl",
+        "--no-pamr",
         "--device",
         "cpu",
         "--threads",
@@ -179,6 +180,11 @@ fn a_bundle_of_heads_exports_verifies_segments_and_benches_with_each() {
         (&line["head"], &line["against"]["head"]),
         (&serde_json::json!("clearclip"), &serde_json::json!("tcl")),
         "{line}"
+    );
+    assert_eq!(
+        (&line["pamr"], &line["against"]["pamr"]),
+        (&serde_json::json!(false), &serde_json::json!(false)),
+        "--no-pamr holds for both heads (TCL's default is on): {line}"
     );
     let ratio = line["crops_per_s_ratio"].as_f64().expect("a ratio");
     let want = line["crops_per_s"].as_f64().expect("crops/s")

@@ -51,7 +51,8 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let engine = open_engine(args.model.clone(), &args.engine)?;
     let settings = segment_settings(&engine, &queries, &args.refine, None, false)?;
     log_model(&engine, &settings);
-    // The reference head takes its own defaults (PAMR, threshold): each head as it would run.
+    // The reference head takes its own threshold, and PAMR as --pamr/--no-pamr say (else its own default), so
+    // `--pamr` or `--no-pamr` compares like for like.
     let reference = args
         .against
         .as_deref()
@@ -59,7 +60,10 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             SegmentSettings::resolve_head(
                 engine.bundle().manifest(),
                 Some(head),
-                SettingsOverrides::default(),
+                SettingsOverrides {
+                    pamr: args.refine.pamr_override(),
+                    ..SettingsOverrides::default()
+                },
                 queries.has_background_prompts(),
             )
             .map_err(|e| anyhow!("--against: {e}"))

@@ -30,15 +30,17 @@ pub struct BatchTiming {
     pub crops_per_s: f64,
 }
 
-/// Runs `warmup` untimed and `iterations` timed calls of `Engine::segment_batch` on `batch`.
+/// Runs `warmup` untimed and `iterations` timed calls of `Engine::segment_batch` on `batch` for each of `runs`
+/// (query embeddings and settings: a head each), call by call in turn: a change of the machine's load during
+/// the measurement falls on every run alike, so their ratio holds where the absolute figures drift. Returns one
+/// timing per run, in order.
 pub fn time_batch(
     engine: &Engine,
     batch: &[&RgbImage],
-    text: &TextEmbeddings,
-    settings: &SegmentSettings,
+    runs: &[(&TextEmbeddings, &SegmentSettings)],
     warmup: usize,
     iterations: usize,
-) -> Result<BatchTiming> {
+) -> Result<Vec<BatchTiming>> {
     let b = batch.len();
     if iterations == 0 {
         bail!("--iterations 0: time at least one call");
@@ -46,34 +48,44 @@ pub fn time_batch(
     let input = &engine.bundle().manifest().input;
     let crops: usize = batch.iter().map(|img| crop_count(img, input)).sum();
     tracing::info!(
-        "batch {b}: {crops} crops per call, {warmup} warm-up and {iterations} timed calls"
+        "batch {b}: {crops} crops per call, {warmup} warm-up and {iterations} timed calls of each of {} runs",
+        runs.len()
     );
     for _ in 0..warmup {
-        engine
-            .segment_batch(batch, text, settings)
-            .with_context(|| format!("batch {b}, warm-up call"))?;
-    }
-    let mut latencies_ms = Vec::with_capacity(iterations);
-    for i in 0..iterations {
-        let start = Instant::now();
-        let out = engine
-            .segment_batch(batch, text, settings)
-            .with_context(|| format!("batch {b}, timed call {}", i + 1))?;
-        latencies_ms.push(start.elapsed().as_secs_f64() * 1e3);
-        if out.len() != b {
-            bail!("batch {b}: the engine returned {} results", out.len());
+        for (text, settings) in runs {
+            engine
+                .segment_batch(batch, text, settings)
+                .with_context(|| format!("batch {b}, warm-up call"))?;
         }
     }
-    let seconds = latencies_ms.iter().sum::<f64>() / 1e3;
-    let calls = iterations as f64;
-    Ok(BatchTiming {
-        images_per_call: b,
-        crops_per_call: crops,
-        calls: iterations,
-        latency_ms: LatencyStats::of(&latencies_ms),
-        images_per_s: calls * b as f64 / seconds,
-        crops_per_s: calls * crops as f64 / seconds,
-    })
+    let mut latencies_ms = vec![Vec::with_capacity(iterations); runs.len()];
+    for i in 0..iterations {
+        for ((text, settings), latencies) in runs.iter().zip(&mut latencies_ms) {
+            let start = Instant::now();
+            let out = engine
+                .segment_batch(batch, text, settings)
+                .with_context(|| format!("batch {b}, timed call {}", i + 1))?;
+            latencies.push(start.elapsed().as_secs_f64() * 1e3);
+            if out.len() != b {
+                bail!("batch {b}: the engine returned {} results", out.len());
+            }
+        }
+    }
+    Ok(latencies_ms
+        .iter()
+        .map(|latencies| {
+            let seconds = latencies.iter().sum::<f64>() / 1e3;
+            let calls = iterations as f64;
+            BatchTiming {
+                images_per_call: b,
+                crops_per_call: crops,
+                calls: iterations,
+                latency_ms: LatencyStats::of(latencies),
+                images_per_s: calls * b as f64 / seconds,
+                crops_per_s: calls * crops as f64 / seconds,
+            }
+        })
+        .collect())
 }
 
 /// `--batch 1,8,32` → [1, 8, 32]; every entry a whole number of at least 1.
@@ -135,7 +147,7 @@ pub fn save_labels(
                 image: owner.clone(),
                 frame: None,
                 captured: None,
-                model: engine.model_info(),
+                model: engine.model_info(settings),
                 decode_ms: 0.0,
                 inference_ms: 0.0,
             };

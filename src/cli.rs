@@ -233,6 +233,11 @@ pub struct BenchArgs {
     pub iterations: usize,
     #[command(flatten)]
     pub refine: RefineArgs,
+    /// Also time this head of the bundle (e.g. `tcl`; its own threshold, PAMR as --pamr/--no-pamr say, else its
+    /// default) on the same batches, call by call in turn with --head's, and report --head's crops/s as a ratio to it (`crops_per_s_ratio`): measured in the
+    /// same run, the ratio holds where a shared machine's load moves the absolute figures.
+    #[arg(long, value_name = "HEAD")]
+    pub against: Option<String>,
     /// Before timing each batch size, segment every image once (untimed) and write its label map as
     /// `<DIR>/b<batch>/<image>.png`, the label PNG `segment` writes (class indices; 0 is background).
     #[arg(long, value_name = "DIR")]

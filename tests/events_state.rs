@@ -17,6 +17,7 @@ fn frame(at_ms: u64, fraction: f64) -> FrameStats {
             mean_score: (fraction > 0.0).then_some(0.8),
         }],
         model: "abc123".into(),
+        head: Some("naclip".into()),
         outputs: Some("/out/door/000001.json".into()),
     }
 }
@@ -115,6 +116,11 @@ fn start_updates_and_end_follow_frame_time() {
         (closed[0].kind, closed[0].end_ms),
         (EventKind::End, Some(60_000))
     );
+    assert_eq!(
+        closed[0].head.as_deref(),
+        Some("naclip"),
+        "the last frame's head"
+    );
 }
 
 #[test]
@@ -182,11 +188,13 @@ fn the_event_json_has_what_a_consumer_needs() {
         "bbox",
         "mean_score",
         "model",
+        "head",
         "outputs",
     ] {
         assert!(v.get(key).is_some(), "{key} missing in {v}");
     }
     assert_eq!(v["kind"], "start");
+    assert_eq!(v["head"], "naclip", "the frame's head");
     assert_eq!(v["bbox"], serde_json::json!([0, 0, 2, 2]));
     assert!(v.get("zone").is_none() && v.get("end_ms").is_none());
     let back: tclseg::events::Event = serde_json::from_value(v).expect("round trip");

@@ -1,6 +1,8 @@
 //! Training-free heads end to end: `tclseg models export --heads` writes head graphs on the shared trunk, `models
 //! verify` runs each, `segment --head`, `eval`-style settings and `models bench --head` score with the head asked
-//! for, and a head the bundle lacks is refused naming the heads it has. Also the manifest's [heads] checks.
+//! for (`--against` timing another in turn), each sidecar names its head, and a head the bundle lacks is refused
+//! naming the heads it has; groups of images on different heads share the trunk runs. Also the manifest's [heads]
+//! checks.
 //! Needs the setup's `.venv` (the export runs the Python trainer).
 
 mod common;
@@ -9,12 +11,19 @@ use std::fs;
 use std::path::Path;
 
 use common::{arg, assert_ok, fixture_bundle, stderr, stdout, tclseg, write_png};
-use tclseg::model::bundle::{Bundle, HeadKind, Manifest};
+use tclseg::model::bundle::{Bundle, HeadId, HeadKind, Manifest};
 use tclseg::model::types::{SegmentSettings, SettingsOverrides};
+use tclseg::model::{
+    DeviceChoice, Engine, EngineOptions, ImageGroup, Precision, Processing, Query,
+};
 
 const HEADS: &str = "naclip,tcl,maskclip,sclip,clearclip,pearl";
 
 fn export(out: &Path) {
+    export_heads(out, HEADS);
+}
+
+fn export_heads(out: &Path, heads: &str) {
     let run = tclseg(&[
         "models",
         "export",
@@ -25,7 +34,7 @@ fn export(out: &Path) {
         "--precision",
         "fp32",
         "--heads",
-        HEADS,
+        heads,
         "--out",
         arg(out),
     ]);
@@ -125,6 +134,7 @@ fn a_bundle_of_heads_exports_verifies_segments_and_benches_with_each() {
             head == "tcl",
             "{head}: its own PAMR default"
         );
+        assert_eq!(json["model"]["head"], head, "the sidecar names its head");
     }
     // A training-free head's default threshold is 0: its pixels all go to a query, never to background.
     assert_eq!(fractions[0], 0.0, "naclip: no background");
@@ -153,13 +163,33 @@ fn a_bundle_of_heads_exports_verifies_segments_and_benches_with_each() {
         "1",
         "--head",
         "clearclip",
+        "--against",
+        "tcl",
+        "--no-pamr",
         "--device",
         "cpu",
         "--threads",
         "1",
     ]);
     assert_ok(&bench);
-    assert!(stdout(&bench).contains("\"batch\""), "{}", stdout(&bench));
+    let line: serde_json::Value =
+        serde_json::from_str(stdout(&bench).lines().next().unwrap_or_default())
+            .expect("a JSON line");
+    assert_eq!(line["batch"], 1, "{line}");
+    assert_eq!(
+        (&line["head"], &line["against"]["head"]),
+        (&serde_json::json!("clearclip"), &serde_json::json!("tcl")),
+        "{line}"
+    );
+    assert_eq!(
+        (&line["pamr"], &line["against"]["pamr"]),
+        (&serde_json::json!(false), &serde_json::json!(false)),
+        "--no-pamr holds for both heads (TCL's default is on): {line}"
+    );
+    let ratio = line["crops_per_s_ratio"].as_f64().expect("a ratio");
+    let want = line["crops_per_s"].as_f64().expect("crops/s")
+        / line["against"]["crops_per_s"].as_f64().expect("crops/s");
+    assert!(ratio > 0.0 && (ratio - want).abs() < 1e-9, "{line}");
 }
 
 #[test]
@@ -224,4 +254,142 @@ fn a_head_without_its_graph_or_a_wrong_default_is_refused() {
     let m =
         Manifest::parse(&dense_only).expect("a bundle of training-free heads needs no TCL graphs");
     assert_eq!(m.head_names(), ["naclip"]);
+}
+
+/// max |a − b| over the pairs.
+fn largest_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f32::max)
+}
+
+/// An image with a red square on grey, `w` × `h`.
+fn picture(w: u32, h: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        if x > w / 4 && x < w / 2 && y > h / 4 && y < h / 2 {
+            image::Rgb([220, 30, 30])
+        } else {
+            image::Rgb([120, 120, 120 + (x % 7) as u8])
+        }
+    })
+}
+
+#[test]
+fn groups_with_different_heads_share_the_trunk_runs() {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().join("heads");
+    export_heads(&dir, "naclip,tcl,sclip");
+    let engine = |crop_batch| {
+        Engine::open(
+            &dir,
+            EngineOptions {
+                device: DeviceChoice::Cpu,
+                precision: Precision::Fp32,
+                threads: 1,
+                crop_batch,
+                spin: false,
+                processing: Processing::Host,
+            },
+        )
+        .expect("engine")
+    };
+    let (a, b) = (picture(70, 50), picture(90, 90));
+    let probe = engine(64);
+    let m = probe.bundle().manifest();
+    let settings = |head: &str| {
+        SegmentSettings::resolve_head(m, Some(head), SettingsOverrides::default(), false)
+            .expect(head)
+    };
+    let (naclip, tcl, sclip) = (settings("naclip"), settings("tcl"), settings("sclip"));
+    let two = probe
+        .embed_queries(&[Query::named("red square"), Query::named("grey wall")])
+        .expect("text");
+    let three = probe
+        .embed_queries(&[
+            Query::named("red square"),
+            Query::named("grey wall"),
+            Query::named("sky"),
+        ])
+        .expect("text");
+    let (one_a, b_a, one_b) = ([&a], [&b, &a], [&b]);
+    let groups = [
+        ImageGroup {
+            images: &one_a,
+            text: &two,
+            settings: &naclip,
+        },
+        ImageGroup {
+            images: &b_a,
+            text: &three,
+            settings: &tcl,
+        },
+        ImageGroup {
+            images: &one_b,
+            text: &two,
+            settings: &sclip,
+        },
+    ];
+    let crops: usize = [&a, &b, &a, &b]
+        .iter()
+        .map(|img| tclseg::bench::crop_count(img, &m.input))
+        .sum();
+    assert!(crops >= 4, "{crops} crops");
+
+    // Each group alone, all crops of a group in one run: one trunk run per group.
+    let alone: Vec<_> = groups
+        .iter()
+        .map(|g| {
+            let run = probe.segment_groups(std::slice::from_ref(g));
+            assert_eq!(run.trunk_runs, 1);
+            run.results
+                .into_iter()
+                .next()
+                .expect("one group")
+                .expect("segments")
+        })
+        .collect();
+    assert_eq!(probe.trunk_runs(), 3);
+
+    // Together: one trunk run for all three heads; and in runs of 3 crops (runs that straddle groups), as many
+    // runs as the crops need — with the labels each group got alone.
+    for (crop_batch, runs) in [(64, 1), (3, crops.div_ceil(3))] {
+        let e = engine(crop_batch);
+        let shared = e.segment_groups(&groups);
+        assert_eq!(
+            shared.trunk_runs, runs as u64,
+            "crop_batch {crop_batch}: {crops} crops"
+        );
+        assert_eq!(e.trunk_runs(), runs as u64);
+        for (k, (result, want)) in shared.results.into_iter().zip(&alone).enumerate() {
+            let got = result.expect("segments");
+            assert_eq!(got.len(), want.len());
+            for (x, y) in got.iter().zip(want) {
+                assert_eq!(x.classes, y.classes, "group {k}");
+                assert_eq!(x.labels, y.labels, "group {k}, crop_batch {crop_batch}");
+                let max = largest_difference(&x.best, &y.best);
+                assert!(max <= 1e-5, "group {k}: sharing changed scores by {max}");
+            }
+        }
+    }
+
+    // A group whose head the bundle lacks fails alone; the others still run.
+    let bad = SegmentSettings {
+        head: Some(HeadId(99)),
+        ..naclip
+    };
+    let run = probe.segment_groups(&[
+        ImageGroup {
+            settings: &bad,
+            ..groups[0]
+        },
+        groups[1],
+    ]);
+    assert!(run.results[0]
+        .as_ref()
+        .is_err_and(|e| e.to_string().contains("no head 99")));
+    assert_eq!(
+        run.results[1].as_ref().expect("tcl runs")[0].labels,
+        alone[1][0].labels
+    );
 }

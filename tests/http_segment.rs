@@ -157,6 +157,7 @@ fn an_image_comes_back_as_the_sidecar_the_label_map_or_the_overlay() {
         "pixel fractions sum to {total}"
     );
     assert!(sidecar["model"]["manifest_sha256"].is_string(), "{sidecar}");
+    assert_eq!(sidecar["model"]["head"], "tcl", "the bundle's only head");
 
     // Repeated `query=`, and a running pipeline's queries.
     let reply = post(&daemon, "?query=red%20square&query=sky", "", &image);
@@ -199,6 +200,11 @@ fn an_image_comes_back_as_the_sidecar_the_label_map_or_the_overlay() {
     );
     assert!(
         metrics.contains("tclseg_http_segment_latency_seconds_count 6"),
+        "{metrics}"
+    );
+    // Every answer took at least one trunk run (the pipeline's frames take more).
+    assert!(
+        common::daemon::metric(&metrics, "tclseg_trunk_runs_total", "") >= 6.0,
         "{metrics}"
     );
     assert_eq!(

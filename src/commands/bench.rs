@@ -2,15 +2,17 @@
 //!
 //! The images are decoded and the queries embedded once; per batch size b, one fixed batch (the images taken in
 //! turn, cycling when there are fewer than b) is timed by `tclseg::bench::time_batch` (untimed warm-up calls,
-//! then timed ones). Each batch size prints one JSON object on stdout; progress goes to the log.
+//! then timed ones; with `--against HEAD`, that head's calls in turn with --head's, and their crops/s ratio).
+//! Each batch size prints one JSON object on stdout; progress goes to the log.
 
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use image::RgbImage;
 use serde_json::json;
 
 use tclseg::bench::{parse_batches, save_labels, time_batch};
+use tclseg::model::{SegmentSettings, SettingsOverrides};
 use tclseg::queries::QuerySet;
 use tclseg::source::decode::decode;
 use tclseg::source::inputs::{self, InputImage};
@@ -49,6 +51,24 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     let engine = open_engine(args.model.clone(), &args.engine)?;
     let settings = segment_settings(&engine, &queries, &args.refine, None, false)?;
     log_model(&engine, &settings);
+    // The reference head takes its own threshold, and PAMR as --pamr/--no-pamr say (else its own default), so
+    // `--pamr` or `--no-pamr` compares like for like.
+    let reference = args
+        .against
+        .as_deref()
+        .map(|head| {
+            SegmentSettings::resolve_head(
+                engine.bundle().manifest(),
+                Some(head),
+                SettingsOverrides {
+                    pamr: args.refine.pamr_override(),
+                    ..SettingsOverrides::default()
+                },
+                queries.has_background_prompts(),
+            )
+            .map_err(|e| anyhow!("--against: {e}"))
+        })
+        .transpose()?;
     let text = engine.embed_queries(&queries.engine_queries())?;
     let device = engine.device().name();
 
@@ -65,16 +85,12 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
                 &dir.join(format!("b{b}")),
             )?;
         }
-        let timing = time_batch(
-            &engine,
-            &batch,
-            &text,
-            &settings,
-            args.warmup,
-            args.iterations,
-        )?;
+        let mut runs = vec![(&*text, &settings)];
+        runs.extend(reference.as_ref().map(|r| (&*text, r)));
+        let timings = time_batch(&engine, &batch, &runs, args.warmup, args.iterations)?;
+        let timing = &timings[0];
         let stats = timing.latency_ms;
-        let line = json!({
+        let mut line = json!({
             "batch": b,
             "images_per_call": timing.images_per_call,
             "crops_per_call": timing.crops_per_call,
@@ -99,8 +115,18 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
             "queries": text.rows,
             "model": engine.bundle().manifest().name,
             "model_sha256": engine.manifest_sha256(),
+            "head": engine.head_name(&settings),
             "image_size": image_size(&batch),
         });
+        if let (Some(r), Some(t)) = (&reference, timings.get(1)) {
+            line["against"] = json!({
+                "head": engine.head_name(r),
+                "pamr": r.pamr,
+                "crops_per_s": t.crops_per_s,
+                "latency_ms": { "p50": t.latency_ms.p50, "mean": t.latency_ms.mean },
+            });
+            line["crops_per_s_ratio"] = json!(timing.crops_per_s / t.crops_per_s);
+        }
         println!("{line}");
     }
     Ok(ExitCode::SUCCESS)

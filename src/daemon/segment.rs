@@ -250,7 +250,7 @@ fn encode(segmented: &SegmentReply, format: Reply, decode_ms: f64) -> anyhow::Re
         frame: None,
         captured: None,
         // The engine that answered (after a model swap, the new one).
-        model: segmented.engine.model_info(),
+        model: segmented.engine.model_info(&q.settings),
         decode_ms,
         inference_ms: segmented.infer.as_secs_f64() * 1e3,
     };

@@ -154,6 +154,8 @@ impl State {
                         "output": plan.config.output.dir.display().to_string(),
                         // The queries running now: a reload may have changed them in place.
                         "queries": p.shared.queries().queries.specs.iter().map(|s| s.name.clone()).collect::<Vec<_>>(),
+                        // The configured head (null: the bundle's default head).
+                        "head": plan.config.head,
                     }),
                 )
             })

@@ -47,6 +47,9 @@ pub struct Event {
     pub mean_score: Option<f64>,
     /// The model bundle's hash, so a consumer can tell results of different models apart.
     pub model: String,
+    /// The bundle head that scored the frame (`tcl`, `naclip`, ...), when known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub head: Option<String>,
     /// Where the frame's outputs were written, if they were.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub outputs: Option<String>,
@@ -84,5 +87,7 @@ pub struct FrameStats {
     pub labels: Vec<u16>,
     pub queries: Vec<QueryStats>,
     pub model: String,
+    /// The bundle head that scored it.
+    pub head: Option<String>,
     pub outputs: Option<String>,
 }

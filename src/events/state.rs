@@ -37,6 +37,8 @@ pub struct PipelineState {
     boot: String,
     next_event: u64,
     states: BTreeMap<(String, Option<String>), Presence>,
+    /// The head of the last frame observed: the `end` events of `close` name it, as that frame's events did.
+    head: Option<String>,
 }
 
 /// One (query, zone) measurement of a frame.
@@ -61,11 +63,13 @@ impl PipelineState {
             boot: boot.to_string(),
             next_event: 0,
             states: BTreeMap::new(),
+            head: None,
         }
     }
 
     /// Feed one segmented frame; returns the events it makes, in order.
     pub fn observe(&mut self, frame: &FrameStats) -> Vec<Event> {
+        self.head.clone_from(&frame.head);
         let mut measured: Vec<((String, Option<String>), Sighting)> = frame
             .queries
             .iter()
@@ -131,6 +135,7 @@ impl PipelineState {
             pipeline: self.pipeline.clone(),
             at_ms,
             model: model.to_string(),
+            head: self.head.clone(),
             ..FrameStats::default()
         };
         let keys: Vec<_> = self.states.keys().cloned().collect();
@@ -255,6 +260,7 @@ impl PipelineState {
             bbox: s.bbox,
             mean_score: s.mean_score,
             model: frame.model.clone(),
+            head: frame.head.clone(),
             outputs: frame.outputs.clone(),
         }
     }

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -55,6 +56,23 @@ pub struct Engine {
     /// Present when pre- and postprocessing run on the device, not on the host. Locked before `model`.
     device_path: Option<Mutex<DevicePath>>,
     text_cache: Mutex<HashMap<Vec<Query>, Arc<TextEmbeddings>>>,
+    /// Image trunk runs so far (see `trunk_runs`).
+    trunk_runs: AtomicU64,
+}
+
+/// One group of a shared run (`Engine::segment_groups`): images segmented with one query set and settings.
+#[derive(Clone, Copy)]
+pub struct ImageGroup<'a> {
+    pub images: &'a [&'a image::RgbImage],
+    pub text: &'a TextEmbeddings,
+    pub settings: &'a SegmentSettings,
+}
+
+/// What `Engine::segment_groups` did: each group's segmentations (in the groups' order) and how many trunk runs
+/// they took between them.
+pub struct SharedRun {
+    pub results: Vec<Result<Vec<Segmentation>>>,
+    pub trunk_runs: u64,
 }
 
 impl Engine {
@@ -192,6 +210,7 @@ impl Engine {
             model: Mutex::new(model),
             device_path: device_path.map(Mutex::new),
             text_cache: Mutex::new(HashMap::new()),
+            trunk_runs: AtomicU64::new(0),
         };
         tracing::debug!(
             device = engine.device.name(),
@@ -256,6 +275,19 @@ impl Engine {
         SegmentSettings::resolve_head(m, None, SettingsOverrides::default(), false).unwrap_or_else(
             |_| SegmentSettings::resolve(&m.mask, SettingsOverrides::default(), false),
         )
+    }
+
+    /// The name of the head `settings` select (its `head`, else the bundle's default head).
+    pub fn head_name(&self, settings: &SegmentSettings) -> String {
+        let m = self.bundle.manifest();
+        settings
+            .head
+            .or_else(|| m.find_head(None).ok())
+            .and_then(|id| m.head(id))
+            .map_or_else(
+                || super::bundle::TCL_HEAD.to_string(),
+                |(name, _)| name.to_string(),
+            )
     }
 
     /// Opens a training-free head's graph on its first use (the TCL head is opened with the engine).
@@ -387,6 +419,100 @@ impl Engine {
         text: &TextEmbeddings,
         settings: &SegmentSettings,
     ) -> Result<Vec<Segmentation>> {
+        let run = self.segment_groups(&[ImageGroup {
+            images,
+            text,
+            settings,
+        }]);
+        run.results
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Err(anyhow!("the engine returned no result")))
+    }
+
+    /// Segments several groups of images, each with its own queries and settings (and so possibly its own
+    /// head), in one run: on the host path the crops of every group go through the trunk together, `crop_batch`
+    /// at a time, and each head graph then runs on its own groups' rows of the trunk's tokens — two pipelines
+    /// that differ only in head pay for one trunk, not two. TCL groups on the device path run there, apart (its
+    /// graphs take the trunk from the frames themselves). A group whose head cannot run fails alone; a failed
+    /// trunk run fails every group that shared it.
+    pub fn segment_groups(&self, groups: &[ImageGroup]) -> SharedRun {
+        let m = self.bundle.manifest();
+        let mut results: Vec<Option<Result<Vec<Segmentation>>>> =
+            groups.iter().map(|_| None).collect();
+        let mut trunk_runs = 0;
+        let mut host: Vec<(usize, host_path::HostGroup)> = Vec::new();
+        for (g, group) in groups.iter().enumerate() {
+            let head = match self.host_head(group.settings) {
+                Ok(head) => head,
+                Err(e) => {
+                    results[g] = Some(Err(e));
+                    continue;
+                }
+            };
+            if head.kind == HeadKind::Tcl {
+                if let Some(path) = &self.device_path {
+                    let run = lock(path).and_then(|mut path| {
+                        self.segment_on_device(&mut path, group.images, group.text, group.settings)
+                    });
+                    results[g] = Some(run.map(|(segs, runs)| {
+                        trunk_runs += runs;
+                        segs
+                    }));
+                    continue;
+                }
+            }
+            host.push((
+                g,
+                host_path::HostGroup {
+                    images: group.images,
+                    text: group.text,
+                    settings: group.settings,
+                    head,
+                },
+            ));
+        }
+        if !host.is_empty() {
+            // Crops per run: compute bound on the CPU (measured no faster batched, and each extra crop costs
+            // ~120 MB of activations); a GPU wants several.
+            let crop_batch = match (self.options.crop_batch, self.device) {
+                (0, Device::Cpu) => 1,
+                (0, Device::Cuda | Device::TensorRt) => 8,
+                (n, _) => n,
+            };
+            let parts: Vec<host_path::HostGroup> = host.iter().map(|(_, h)| *h).collect();
+            match host_path::segment(&self.model, m, crop_batch, &parts) {
+                Ok((segs, runs)) => {
+                    trunk_runs += runs;
+                    for ((g, _), segs) in host.iter().zip(segs) {
+                        results[*g] = Some(Ok(segs));
+                    }
+                }
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    for (g, _) in &host {
+                        results[*g] = Some(Err(anyhow!("{why}")));
+                    }
+                }
+            }
+        }
+        self.trunk_runs.fetch_add(trunk_runs, Ordering::Relaxed);
+        SharedRun {
+            results: results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Err(anyhow!("a group was left out of the run"))))
+                .collect(),
+            trunk_runs,
+        }
+    }
+
+    /// Image trunk runs since the engine opened (each on a batch of crops, shared by every head in it).
+    pub fn trunk_runs(&self) -> u64 {
+        self.trunk_runs.load(Ordering::Relaxed)
+    }
+
+    /// The head `settings` select, its graph opened.
+    fn host_head(&self, settings: &SegmentSettings) -> Result<host_path::HostHead> {
         let m = self.bundle.manifest();
         let id = match settings.head {
             Some(id) => id,
@@ -395,34 +521,14 @@ impl Engine {
         let (_, spec) = m
             .head(id)
             .ok_or_else(|| anyhow!("model '{}' has no head {}", m.name, id.0))?;
-        if spec.kind == HeadKind::Tcl {
-            if let Some(path) = &self.device_path {
-                return self.segment_on_device(&mut *lock(path)?, images, text, settings);
-            }
-        } else {
+        if spec.kind != HeadKind::Tcl {
             self.ensure_head(id)?;
         }
-        let head = host_path::HostHead {
+        Ok(host_path::HostHead {
             id,
             kind: spec.kind,
             logit_scale: spec.logit_scale,
-        };
-        // Crops per run: compute bound on the CPU (measured no faster batched, and each extra crop costs ~120 MB
-        // of activations); a GPU wants several.
-        let crop_batch = match (self.options.crop_batch, self.device) {
-            (0, Device::Cpu) => 1,
-            (0, Device::Cuda | Device::TensorRt) => 8,
-            (n, _) => n,
-        };
-        host_path::segment(
-            &self.model,
-            self.bundle.manifest(),
-            crop_batch,
-            images,
-            text,
-            settings,
-            head,
-        )
+        })
     }
 
     /// The device path: frames grouped by size (in order of first appearance), each group in runs of at most
@@ -433,7 +539,7 @@ impl Engine {
         images: &[&image::RgbImage],
         text: &TextEmbeddings,
         settings: &SegmentSettings,
-    ) -> Result<Vec<Segmentation>> {
+    ) -> Result<(Vec<Segmentation>, u64)> {
         let manifest = self.bundle.manifest();
         let input = &manifest.input;
         let cap = match (self.options.crop_batch, self.device) {
@@ -452,21 +558,24 @@ impl Engine {
         }
         let mut model = lock(&self.model)?;
         let mut results: Vec<Option<Segmentation>> = images.iter().map(|_| None).collect();
+        let mut trunk_runs = 0;
         for ((w, h), members) in groups {
             let windows = preprocess::windows(h as usize, w as usize, input).1.len();
             let per_run = (cap / windows).max(1);
             for chunk in members.chunks(per_run) {
                 let frames: Vec<&image::RgbImage> = chunk.iter().map(|&i| images[i]).collect();
                 let segs = path.segment(&mut model, manifest, &frames, text, settings)?;
+                trunk_runs += 1;
                 for (&i, seg) in chunk.iter().zip(segs) {
                     results[i] = Some(seg);
                 }
             }
         }
-        results
+        let segs = results
             .into_iter()
             .map(|r| r.ok_or_else(|| anyhow!("an image was left out of the device batches")))
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok((segs, trunk_runs))
     }
 }
 

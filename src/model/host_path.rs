@@ -5,6 +5,9 @@
 //! crop, average the overlapping crops, resize to the original size, prepend the background, argmax. This is
 //! what the CPU runs (and the GPU with `--processing host`); `device_path.rs` does the same as graphs.
 //!
+//! Several groups of images (each its own queries, settings and head) share the trunk runs: their crops are
+//! batched together, and each head then runs on its own rows of the trunk's tokens (`Engine::segment_groups`).
+//!
 //! A training-free head (`[heads.<name>] kind = "dense"`) replaces TCL head → mask head: its graph gives
 //! L2-normalized features per patch, and the crop's class probabilities are softmax over the queries of
 //! logit_scale · cos(feature, text), computed here on the bilinearly upsampled (stride-4) logits; PAMR, the crop
@@ -30,98 +33,158 @@ pub(crate) struct HostHead {
     pub logit_scale: f32,
 }
 
-/// Segments several images, their crops batched together `crop_batch` at a time. The model's sessions are
-/// locked per batch of crops only, not during PAMR and the averaging, so other threads' crops run meanwhile.
+/// Images segmented with one query set, settings and head: one part of a shared run.
+#[derive(Clone, Copy)]
+pub(crate) struct HostGroup<'a> {
+    pub images: &'a [&'a image::RgbImage],
+    pub text: &'a TextEmbeddings,
+    pub settings: &'a SegmentSettings,
+    pub head: HostHead,
+}
+
+/// Segments the images of several groups, the crops of all of them through the trunk together `crop_batch` at
+/// a time (in group order, so one run may hold the last crops of one group and the first of the next); each
+/// group's head then runs on its rows of the trunk's tokens. Returns each group's segmentations and the number
+/// of trunk runs. The model's sessions are locked per graph run only, not during PAMR and the averaging, so
+/// other threads' crops run meanwhile.
 pub(crate) fn segment(
     model: &Mutex<ModelGraphs>,
     manifest: &Manifest,
     crop_batch: usize,
-    images: &[&image::RgbImage],
-    text: &TextEmbeddings,
-    settings: &SegmentSettings,
-    head: HostHead,
-) -> Result<Vec<Segmentation>> {
+    groups: &[HostGroup],
+) -> Result<(Vec<Vec<Segmentation>>, u64)> {
     let input = &manifest.input;
-    let prepared: Vec<Prepared> = images
+    let (crop, side) = (input.crop_size, manifest.mask_side());
+    let prepared: Vec<Vec<Prepared>> = groups
         .iter()
-        .map(|img| preprocess::prepare(img, input))
-        .collect();
-    let classes = text.rows;
-    let mut accumulators: Vec<Accumulator> = prepared
-        .iter()
-        .map(|p| Accumulator::new(classes, p.height, p.width))
-        .collect();
-    let crops: Vec<(usize, preprocess::CropBox)> = prepared
-        .iter()
-        .enumerate()
-        .flat_map(|(i, p)| {
-            preprocess::crop_boxes(p.height, p.width, input.crop_size, input.crop_stride)
-                .into_iter()
-                .map(move |b| (i, b))
+        .map(|g| {
+            g.images
+                .iter()
+                .map(|img| preprocess::prepare(img, input))
+                .collect()
         })
         .collect();
+    let mut accumulators: Vec<Vec<Accumulator>> = groups
+        .iter()
+        .zip(&prepared)
+        .map(|(g, images)| {
+            images
+                .iter()
+                .map(|p| Accumulator::new(g.text.rows, p.height, p.width))
+                .collect()
+        })
+        .collect();
+    // (group, image, window) of every crop, group by group.
+    let crops: Vec<(usize, usize, preprocess::CropBox)> = prepared
+        .iter()
+        .enumerate()
+        .flat_map(|(g, images)| {
+            images.iter().enumerate().flat_map(move |(i, p)| {
+                preprocess::crop_boxes(p.height, p.width, input.crop_size, input.crop_stride)
+                    .into_iter()
+                    .map(move |b| (g, i, b))
+            })
+        })
+        .collect();
+    let mut trunk_runs = 0;
     for chunk in crops.chunks(crop_batch.max(1)) {
         let pixels: Vec<f32> = chunk
             .iter()
-            .flat_map(|(i, b)| preprocess::cut_crop(&prepared[*i], b, input.crop_size))
+            .flat_map(|(g, i, b)| preprocess::cut_crop(&prepared[*g][*i], b, crop))
             .collect();
-        let masks = crop_masks(model, manifest, pixels, chunk.len(), text, settings, head)?;
-        let side = manifest.mask_side();
-        let crop = input.crop_size;
-        for (k, (i, b)) in chunk.iter().enumerate() {
-            let m = &masks[k * classes * side * side..(k + 1) * classes * side * side];
-            let up = resize_planes(
-                m,
-                classes,
-                (side, side),
-                (crop, crop),
-                Coordinates::HalfPixel,
-            );
-            accumulators[*i].add(&up, crop, b);
+        let tokens = trunk_tokens(model, manifest, &pixels, chunk.len())?;
+        trunk_runs += 1;
+        let (plane, row) = (3 * crop * crop, tokens.len() / chunk.len());
+        // The chunk's crops of one group after another: each head on its own rows.
+        let mut at = 0;
+        for part in chunk.chunk_by(|a, b| a.0 == b.0) {
+            let (n, group) = (part.len(), &groups[part[0].0]);
+            let classes = group.text.rows;
+            let masks = crop_masks(
+                model,
+                manifest,
+                &tokens[at * row..(at + n) * row],
+                &pixels[at * plane..(at + n) * plane],
+                n,
+                group,
+            )?;
+            at += n;
+            for (k, (g, i, b)) in part.iter().enumerate() {
+                let m = &masks[k * classes * side * side..(k + 1) * classes * side * side];
+                let up = resize_planes(
+                    m,
+                    classes,
+                    (side, side),
+                    (crop, crop),
+                    Coordinates::HalfPixel,
+                );
+                accumulators[*g][*i].add(&up, crop, b);
+            }
         }
     }
-    images
+    let segs = groups
         .iter()
         .zip(accumulators)
-        .map(|(img, acc)| acc.finish(img.height() as usize, img.width() as usize, settings))
-        .collect()
+        .map(|(g, accs)| {
+            g.images
+                .iter()
+                .zip(accs)
+                .map(|(img, acc)| {
+                    acc.finish(img.height() as usize, img.width() as usize, g.settings)
+                })
+                .collect::<Result<Vec<_>>>()
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((segs, trunk_runs))
 }
 
-/// Final stride-4 masks of a batch of crops, [B, N, side, side]: mask head, PAMR, kp blend.
-fn crop_masks(
+/// The trunk's tokens of a batch of crops, [B, 1 + G², width].
+fn trunk_tokens(
     model: &Mutex<ModelGraphs>,
     m: &Manifest,
-    mut pixels: Vec<f32>,
+    pixels: &[f32],
     crops: usize,
-    text: &TextEmbeddings,
-    settings: &SegmentSettings,
-    head: HostHead,
 ) -> Result<Vec<f32>> {
-    let (crop, grid, side) = (m.input.crop_size, m.crop_grid(), m.mask_side());
-    let (width, dim) = (m.architecture.vision_width, m.architecture.embed_dim);
-    let n = text.rows;
-    let mut sessions = lock(model)?;
-    let pixel_shape = vec![crops, 3, crop, crop];
-
-    // PAMR needs the crops again after the trunk; copy them only then.
-    let trunk_pixels = if settings.pamr {
-        pixels.clone()
-    } else {
-        std::mem::take(&mut pixels)
-    };
+    let (crop, grid, width) = (
+        m.input.crop_size,
+        m.crop_grid(),
+        m.architecture.vision_width,
+    );
     let t0 = std::time::Instant::now();
-    let input =
-        Tensor::from_array((pixel_shape.clone(), trunk_pixels)).map_err(|e| anyhow!("{e}"))?;
+    let input = Tensor::from_array((vec![crops, 3, crop, crop], pixels.to_vec()))
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut sessions = lock(model)?;
     let out = sessions
         .trunk
         .run(ort::inputs!["pixels" => input])
         .map_err(|e| anyhow!("image trunk: {e}"))?;
     let tokens = output(&out, "tokens", &[crops, 1 + grid * grid, width])?.to_vec();
-    drop(out);
+    tracing::trace!(
+        crops,
+        "crop timings (ms): trunk {:.1}",
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(tokens)
+}
 
+/// Final stride-4 masks of a batch of crops from the trunk's tokens, [B, N, side, side]: the group's head (TCL:
+/// head, mask head, PAMR, kp blend; a training-free head: its graph, class probabilities, PAMR).
+fn crop_masks(
+    model: &Mutex<ModelGraphs>,
+    m: &Manifest,
+    tokens: &[f32],
+    pixels: &[f32],
+    crops: usize,
+    group: &HostGroup,
+) -> Result<Vec<f32>> {
+    let (crop, grid, side) = (m.input.crop_size, m.crop_grid(), m.mask_side());
+    let (width, dim) = (m.architecture.vision_width, m.architecture.embed_dim);
+    let (text, settings, head) = (group.text, group.settings, group.head);
+    let n = text.rows;
     let t1 = std::time::Instant::now();
-    let input = Tensor::from_array((vec![crops, 1 + grid * grid, width], tokens))
+    let input = Tensor::from_array((vec![crops, 1 + grid * grid, width], tokens.to_vec()))
         .map_err(|e| anyhow!("{e}"))?;
+    let mut sessions = lock(model)?;
     if head.kind == HeadKind::Dense {
         let session = sessions
             .dense
@@ -136,12 +199,11 @@ fn crop_masks(
         let t2 = std::time::Instant::now();
         let mut probs = class_probabilities(&dense, crops, text, grid, side, head.logit_scale);
         if settings.pamr {
-            refine_crops(&pixels, crop, &mut probs, n, side, m);
+            refine_crops(pixels, crop, &mut probs, n, side, m);
         }
         tracing::trace!(
             crops,
-            "crop timings (ms): trunk {:.1}, head {:.1}, scores + PAMR {:.1}",
-            (t1 - t0).as_secs_f64() * 1e3,
+            "crop timings (ms): head {:.1}, scores + PAMR {:.1}",
             (t2 - t1).as_secs_f64() * 1e3,
             t2.elapsed().as_secs_f64() * 1e3
         );
@@ -175,13 +237,12 @@ fn crop_masks(
 
     drop(sessions);
     if settings.pamr {
-        refine_crops(&pixels, crop, &mut masks, n, side, m);
+        refine_crops(pixels, crop, &mut masks, n, side, m);
     }
     let t4 = std::time::Instant::now();
     tracing::trace!(
         crops,
-        "crop timings (ms): trunk {:.1}, head {:.1}, mask head {:.1}, PAMR {:.1}",
-        (t1 - t0).as_secs_f64() * 1e3,
+        "crop timings (ms): head {:.1}, mask head {:.1}, PAMR {:.1}",
         (t2 - t1).as_secs_f64() * 1e3,
         (t3 - t2).as_secs_f64() * 1e3,
         (t4 - t3).as_secs_f64() * 1e3

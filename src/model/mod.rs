@@ -19,7 +19,7 @@ pub mod verify;
 pub use bundle::{Bundle, BundleError, Manifest, Precision};
 pub use cpu::{CpuFeatures, PrecisionChoice};
 pub use default::resolve_bundle_dir;
-pub use engine::Engine;
+pub use engine::{Engine, ImageGroup, SharedRun};
 pub use runtime::{Device, Graph, Runtime, SessionSpec};
 pub use types::{
     DeviceChoice, EngineOptions, Processing, Query, SegmentSettings, Segmentation,

@@ -148,8 +148,8 @@ fn write_frame(
         labels: events.is_some() && (zones || !sidecar_built),
     };
     // The engine that produced this frame: after a model swap, frames still queued name the model they ran on.
-    let model = item.engine.model_info();
-    let model_hash = model.manifest_sha256.clone();
+    let model = item.engine.model_info(&q.settings);
+    let (model_hash, head) = (model.manifest_sha256.clone(), model.head.clone());
     let info = SidecarInfo {
         image: match &item.frame.file {
             Some((_, path)) => path.display().to_string(),
@@ -243,7 +243,7 @@ fn write_frame(
             (seg.width, seg.height),
             &classes,
             labels.filter(|_| zones),
-            model_hash,
+            (model_hash, head),
             sidecar_path.map(|p| p.display().to_string()),
         );
         // A full disk or a broken outbox must not stop the files: the frame's outputs are written already.
@@ -262,7 +262,7 @@ fn frame_stats(
     (width, height): (usize, usize),
     classes: &[ClassStats],
     labels: Option<Vec<u16>>,
-    model: String,
+    (model, head): (String, String),
     outputs: Option<String>,
 ) -> FrameStats {
     FrameStats {
@@ -283,6 +283,7 @@ fn frame_stats(
             })
             .collect(),
         model,
+        head: Some(head),
         outputs,
     }
 }

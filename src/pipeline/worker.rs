@@ -3,8 +3,9 @@
 //! Each round takes at most one frame per pipeline in turn (fairness: a busy file never starves a camera; the
 //! queue of `POST /v1/segment` requests is one more participant, not a priority lane) until
 //! the batch is full (`max_batch` on CUDA, 1 on the CPU) or `max_wait` has passed since the first; frames that
-//! share a query set and settings run through the engine together. A lossless pipeline whose output is full is skipped until it has
-//! room, so one slow disk never blocks the worker.
+//! share a query set and settings form a group, and the round's groups run through the engine together: their
+//! crops share the trunk runs whatever head each group's settings select (`Engine::segment_groups`). A lossless
+//! pipeline whose output is full is skipped until it has room, so one slow disk never blocks the worker.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use super::queue::Doorbell;
 use super::requests::{RequestQueue, SegmentReply, SegmentRequest};
 use super::{PipelineQueries, PipelineState, Segmented};
-use crate::model::Engine;
+use crate::model::{Engine, ImageGroup, Segmentation};
 use crate::source::Frame;
 use crate::telemetry::{unix_ms, DropReason, Stage, Telemetry};
 
@@ -124,14 +125,14 @@ impl Scheduler {
                 *p.queries.lock().unwrap_or_else(|e| e.into_inner()) = Arc::clone(q);
             }
         }
-        let info = swap.engine.model_info();
-        *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = swap.engine;
+        let manifest = swap.engine.bundle().manifest();
         tracing::info!(
             "model swapped in: {} v{} ({})",
-            info.name,
-            info.version,
-            info.manifest_sha256
+            manifest.name,
+            manifest.version,
+            swap.engine.manifest_sha256()
         );
+        *self.engine.lock().unwrap_or_else(|e| e.into_inner()) = swap.engine;
     }
 
     pub fn add(&self, pipeline: Arc<PipelineState>) {
@@ -297,31 +298,65 @@ impl Scheduler {
                 },
             }
         }
-        for (_, group) in groups {
-            self.run_group(&engine, group);
-        }
+        self.run_groups(&engine, groups.into_values().collect());
     }
 
-    fn run_group(&self, engine: &Arc<Engine>, group: QueryGroup) {
-        let q = &group.queries;
-        if q.model_sha256 != engine.manifest_sha256() {
+    /// Runs the round's groups through the engine in one shared run: their crops share the trunk, whatever
+    /// head each group's queries select.
+    fn run_groups(&self, engine: &Arc<Engine>, groups: Vec<QueryGroup>) {
+        let (groups, stale): (Vec<QueryGroup>, Vec<QueryGroup>) = groups
+            .into_iter()
+            .partition(|g| g.queries.model_sha256 == engine.manifest_sha256());
+        for group in stale {
             // Queries embedded by another model (a request queued before a swap, or a pipeline the swap left
             // out): never run them on this one.
             fail(
                 group,
                 "not segmented: its queries were embedded by the model before the swap; retry",
             );
+        }
+        if groups.is_empty() {
             return;
         }
-        let images: Vec<&image::RgbImage> = group
-            .frames
+        let images: Vec<Vec<&image::RgbImage>> = groups
             .iter()
-            .map(|t| &t.frame.image)
-            .chain(group.requests.iter().map(|(r, _)| &r.image))
+            .map(|g| {
+                g.frames
+                    .iter()
+                    .map(|t| &t.frame.image)
+                    .chain(g.requests.iter().map(|(r, _)| &r.image))
+                    .collect()
+            })
+            .collect();
+        let parts: Vec<ImageGroup> = groups
+            .iter()
+            .zip(&images)
+            .map(|(g, images)| ImageGroup {
+                images,
+                text: &g.queries.text,
+                settings: &g.queries.settings,
+            })
             .collect();
         let start = Instant::now();
-        let result = engine.segment_batch(&images, &q.text, &q.settings);
-        let infer = start.elapsed() / images.len().max(1) as u32;
+        let run = engine.segment_groups(&parts);
+        let count: usize = images.iter().map(Vec::len).sum();
+        let infer = start.elapsed() / count.max(1) as u32;
+        self.telemetry
+            .trunk_runs
+            .fetch_add(run.trunk_runs, Ordering::Relaxed);
+        for (group, result) in groups.into_iter().zip(run.results) {
+            self.deliver(engine, group, result, infer);
+        }
+    }
+
+    /// Hands a group's segmentations to its pipelines' output threads and its requests' callers.
+    fn deliver(
+        &self,
+        engine: &Arc<Engine>,
+        group: QueryGroup,
+        result: anyhow::Result<Vec<Segmentation>>,
+        infer: Duration,
+    ) {
         match result {
             Ok(mut segs) => {
                 let answers = segs.split_off(group.frames.len().min(segs.len()));

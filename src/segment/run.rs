@@ -452,7 +452,7 @@ fn write_outputs(
         image: image.clone(),
         frame: None,
         captured: None,
-        model: engine.model_info(),
+        model: engine.model_info(&job.settings),
         decode_ms: item.decode_ms,
         inference_ms: item.inference_ms,
     };

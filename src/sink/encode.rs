@@ -244,6 +244,7 @@ mod tests {
                 name: "m".into(),
                 version: "1".into(),
                 manifest_sha256: String::new(),
+                head: "tcl".into(),
                 device: "cpu".into(),
                 precision: "fp32".into(),
             },

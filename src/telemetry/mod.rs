@@ -310,6 +310,8 @@ impl PipelineMetrics {
 pub struct Telemetry {
     pipelines: RwLock<BTreeMap<String, Arc<PipelineMetrics>>>,
     pub batch_size: Histogram,
+    /// Image trunk runs: each on a batch of crops, shared by every head whose frames are in it.
+    pub trunk_runs: AtomicU64,
     pub inference_errors: AtomicU64,
     pub reloads: AtomicU64,
     pub reload_failures: AtomicU64,
@@ -326,6 +328,7 @@ impl Default for Telemetry {
         Telemetry {
             pipelines: RwLock::new(BTreeMap::new()),
             batch_size: Histogram::new(&BATCH_BUCKETS),
+            trunk_runs: AtomicU64::new(0),
             inference_errors: AtomicU64::new(0),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),

@@ -43,6 +43,11 @@ impl Telemetry {
             swaps: self.models.swaps(),
             totals: [
                 (
+                    "tclseg_trunk_runs",
+                    "Image trunk runs (each on a batch of crops, shared by the heads of the frames in it).",
+                    self.trunk_runs.load(Ordering::Relaxed),
+                ),
+                (
                     "tclseg_inference_errors",
                     "Failed inference runs.",
                     self.inference_errors.load(Ordering::Relaxed),
@@ -117,7 +122,7 @@ struct Scrape {
     model: Option<ModelLabel>,
     swaps: SwapFigures,
     /// Process-wide counters: name (the encoder adds `_total`), help, value.
-    totals: [(&'static str, &'static str, u64); 3],
+    totals: [(&'static str, &'static str, u64); 4],
 }
 
 type Read<T> = fn(&PipelineMetrics) -> T;
@@ -432,6 +437,7 @@ mod tests {
         m.drop_frames(DropReason::Superseded, 3);
         m.observe(Stage::Total, Duration::from_millis(40));
         t.batch_size.observe(2.0);
+        t.trunk_runs.fetch_add(5, Ordering::Relaxed);
         let text = t.render_prometheus();
         assert!(
             text.contains("tclseg_frames_in_total{pipeline=\"door\"} 1"),
@@ -448,6 +454,7 @@ mod tests {
             text.contains("tclseg_batch_size_bucket{le=\"2\"} 1"),
             "{text}"
         );
+        assert!(text.contains("tclseg_trunk_runs_total 5"), "{text}");
         t.retain(&[]);
         assert!(!t.render_prometheus().contains("door"));
     }

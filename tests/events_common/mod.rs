@@ -28,6 +28,7 @@ pub fn event(pipeline: &str, n: u64, kind: EventKind) -> Event {
         bbox: Some([1, 2, 3, 4]),
         mean_score: Some(0.9),
         model: "hash".into(),
+        head: Some("tcl".into()),
         outputs: None,
     }
 }

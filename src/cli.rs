@@ -391,7 +391,7 @@ pub struct RefineArgs {
     /// The evaluation protocol: `tcl` (default: the bundle's own input, prompts and scoring, for every head) or
     /// a training-free method's own (naclip, sclip, clearclip, maskclip, pearl: its window and stride, scale,
     /// CLIP's normalisation, the 80 ImageNet templates, its logit scale and threshold, logits fused over
-    /// windows), which runs that method's head. `tclseg models info` lists a bundle's protocols.
+    /// windows), which runs that method's head. An unknown name is refused with the bundle's protocols listed.
     #[arg(long, value_name = "NAME")]
     pub protocol: Option<String>,
 }

@@ -9,7 +9,7 @@ mod common;
 use std::fs;
 use std::path::Path;
 
-use common::{arg, assert_ok, fixture_bundle, stderr, tclseg, write_png};
+use common::{arg, assert_ok, fixture_bundle, segment_with, stderr, tclseg, write_png};
 use tclseg::model::bundle::{Fusion, Manifest, PromptAverage, TCL_PROTOCOL};
 
 /// A [protocols.naclip] table on the bundle's own trunk and `graph`, at `crop` with 40 templates of one kind.
@@ -109,26 +109,9 @@ fn an_unknown_protocol_or_one_the_bundle_cannot_run_is_refused() {
 
 /// `segment` of `input` on `bundle` with two queries, labels and scores, plus `extra`.
 fn segment(bundle: &Path, input: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    let mut args = vec![
-        "segment",
-        arg(input),
-        "--out",
-        arg(out),
-        "--model",
-        arg(bundle),
-        "-q",
-        "red square",
-        "-q",
-        "grey wall",
-        "--format",
-        "labels,scores",
-        "--device",
-        "cpu",
-        "--threads",
-        "1",
-    ];
+    let mut args = vec!["--format", "labels,scores"];
     args.extend_from_slice(extra);
-    tclseg(&args)
+    segment_with(bundle, &[input], out, &["red square", "grey wall"], &args)
 }
 
 #[test]

@@ -393,16 +393,20 @@ impl Accumulator {
                 s[oy * out_w..(oy + 1) * out_w].fill(v);
             }
             let (r0, r1) = (ys.lo[oy] * w, ys.hi[oy] * w);
+            // Class c's averaged plane, resized, on output row oy.
+            let resized_row = |c: usize, out: &mut [f32]| {
+                let plane = &mean[c * h * w..(c + 1) * h * w];
+                resample::interpolate_row(
+                    &plane[r0..r0 + w],
+                    &plane[r1..r1 + w],
+                    ys.frac[oy],
+                    &xs,
+                    out,
+                );
+            };
             if let Some(scale) = logit_scale {
                 for (c, out) in fused.chunks_exact_mut(out_w).enumerate() {
-                    let plane = &mean[c * h * w..(c + 1) * h * w];
-                    resample::interpolate_row(
-                        &plane[r0..r0 + w],
-                        &plane[r1..r1 + w],
-                        ys.frac[oy],
-                        &xs,
-                        out,
-                    );
+                    resized_row(c, out);
                     out.iter_mut().for_each(|v| *v *= scale);
                 }
                 softmax_over_planes(&mut fused, n, out_w);
@@ -411,14 +415,7 @@ impl Accumulator {
                 if logit_scale.is_some() {
                     row.copy_from_slice(&fused[c * out_w..(c + 1) * out_w]);
                 } else {
-                    let plane = &mean[c * h * w..(c + 1) * h * w];
-                    resample::interpolate_row(
-                        &plane[r0..r0 + w],
-                        &plane[r1..r1 + w],
-                        ys.frac[oy],
-                        &xs,
-                        &mut row,
-                    );
+                    resized_row(c, &mut row);
                 }
                 let label = (c + offset) as u16;
                 for ((b, l), v) in best.iter_mut().zip(labels_row.iter_mut()).zip(&row) {

@@ -227,6 +227,20 @@ def _pearl(dataset_cfg: str, short: int, short_line: int, **overrides) -> Datase
     return _dataset(_PEARL_DEFAULTS, _PEARL_SOURCES, cfg, short, short_line, **overrides)
 
 
+def _clear_protocol(head: str) -> Protocol:
+    """ClearCLIP's protocol for `head` (ClearCLIP's own, or MaskCLIP as ClearCLIP's code runs it)."""
+    return Protocol(
+        name=head,
+        head=head,
+        templates="imagenet80",
+        templates_source=f"{CLEARCLIP}:clearclip_segmentor.py (prompts/imagenet_template.py)",
+        background_words_source=f"{CLEARCLIP}:configs/cls_voc21.txt:1 (first line: background words)",
+        datasets=_clear_datasets(),
+        defaults=_clear("cfg_ade20k.py", 448, 14),
+        pos_resize_source=f"{CLEARCLIP}:open_clip/transformer.py:569 (interpolate_pos_encoding)",
+    )
+
+
 def _clear_datasets() -> dict[str, DatasetProtocol]:
     return {
         "voc21": _clear("cfg_voc21.py", 448, 15, prob_thresh=(0.5, 6)),
@@ -280,27 +294,9 @@ PROTOCOLS: dict[str, Protocol] = {
         defaults=_sclip("cfg_ade20k.py", 336, 14),
         pos_resize_source=f"{SCLIP}:clip/model.py:263 (interpolate_pos_encoding)",
     ),
-    "clearclip": Protocol(
-        name="clearclip",
-        head="clearclip",
-        templates="imagenet80",
-        templates_source=f"{CLEARCLIP}:clearclip_segmentor.py (prompts/imagenet_template.py)",
-        background_words_source=f"{CLEARCLIP}:configs/cls_voc21.txt:1 (first line: background words)",
-        datasets=_clear_datasets(),
-        defaults=_clear("cfg_ade20k.py", 448, 14),
-        pos_resize_source=f"{CLEARCLIP}:open_clip/transformer.py:569 (interpolate_pos_encoding)",
-    ),
+    "clearclip": _clear_protocol("clearclip"),
     # MaskCLIP as ClearCLIP's repository runs it (model_type='MaskCLIP': the value path), under ClearCLIP's protocol.
-    "maskclip": Protocol(
-        name="maskclip",
-        head="maskclip",
-        templates="imagenet80",
-        templates_source=f"{CLEARCLIP}:clearclip_segmentor.py (prompts/imagenet_template.py)",
-        background_words_source=f"{CLEARCLIP}:configs/cls_voc21.txt:1 (first line: background words)",
-        datasets=_clear_datasets(),
-        defaults=_clear("cfg_ade20k.py", 448, 14),
-        pos_resize_source=f"{CLEARCLIP}:open_clip/transformer.py:569 (interpolate_pos_encoding)",
-    ),
+    "maskclip": _clear_protocol("maskclip"),
     "pearl": Protocol(
         name="pearl",
         head="pearl",

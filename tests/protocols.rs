@@ -2,7 +2,8 @@
 //! written by the exporter from `trainer/tclseg_trainer/head_protocols.py`). The manifest's checks and what
 //! `Manifest::with_protocol` makes of a bundle; `segment --protocol tcl` leaves the output as it was, byte for
 //! byte; a method's protocol runs its head with logit fusion; an unknown protocol lists the choices; a protocol
-//! whose graphs or head the bundle lacks is refused. The end-to-end test needs the setup's `.venv` (the export).
+//! whose graphs or head the bundle lacks is refused; `eval --protocol` takes the protocol's settings for the dataset.
+//! The end-to-end test needs the setup's `.venv` (the export).
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::fs;
 use std::path::Path;
 
 use common::{arg, assert_ok, fixture_bundle, segment_with, stderr, tclseg, write_png};
+use tclseg::eval::datasets::spec;
 use tclseg::model::bundle::{Fusion, Manifest, PromptAverage, TCL_PROTOCOL};
 
 /// A [protocols.naclip] table on the bundle's own trunk and `graph`, at `crop` with 40 templates of one kind.
@@ -114,8 +116,25 @@ fn segment(bundle: &Path, input: &Path, out: &Path, extra: &[&str]) -> std::proc
     segment_with(bundle, &[input], out, &["red square", "grey wall"], &args)
 }
 
+/// A VOC-layout dataset of one 64x48 image under `root`.
+fn write_voc(root: &Path) {
+    let l = spec("voc").expect("voc").layout;
+    let image = root.join(l.images).join(format!("a{}", l.image_suffix));
+    let label = root.join(l.labels).join(format!("a{}", l.label_suffix));
+    for path in [&image, &label] {
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+    }
+    write_png(&image, 64, 48);
+    image::GrayImage::from_fn(64, 48, |x, _| image::Luma([u8::from(x > 31) * 15]))
+        .save(&label)
+        .expect("label");
+    let split = root.join(l.split.expect("split"));
+    fs::create_dir_all(split.parent().expect("parent")).expect("mkdir");
+    fs::write(&split, "a\n").expect("split");
+}
+
 #[test]
-fn segment_runs_a_protocol_and_tcl_leaves_the_output_as_it_was() {
+fn segment_and_eval_run_a_protocol_and_tcl_leaves_the_output_as_it_was() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let bundle = tmp.path().join("heads");
     assert_ok(&tclseg(&[
@@ -201,5 +220,39 @@ fn segment_runs_a_protocol_and_tcl_leaves_the_output_as_it_was() {
         stderr(&pamr).contains("--pamr under --protocol naclip"),
         "{}",
         stderr(&pamr)
+    );
+
+    // eval: the protocol's settings for the dataset (the table's [protocols.naclip.datasets.voc]).
+    let root = tmp.path().join("data");
+    write_voc(&root);
+    let report = tmp.path().join("voc.json");
+    let run = tclseg(&[
+        "eval",
+        "--dataset",
+        "voc",
+        "--root",
+        arg(&root),
+        "--model",
+        arg(&bundle),
+        "--protocol",
+        "naclip",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out",
+        arg(&report),
+    ]);
+    assert_ok(&run);
+    let r: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&report).expect("report")).expect("json");
+    assert_eq!(r["images"], 1);
+    assert_eq!(r["pamr"], false);
+    assert_eq!(
+        r["background_threshold"]
+            .as_f64()
+            .map(|v| (v * 10.0).round()),
+        Some(1.0),
+        "voc's threshold under the protocol: {r}"
     );
 }

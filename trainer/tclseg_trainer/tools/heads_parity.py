@@ -132,7 +132,8 @@ IMAGES = [
     ("chelsea", "chelsea.png", None),
     ("coffee-336", "coffee.png", (504, 336)),
 ]
-# `--quick` (scripts/test): the one image that covers every path above but the native grid.
+# `--quick` without the binary: the one image that covers every path above but the native grid. With the binary,
+# `--quick` (scripts/test) compares all three sides on one photo per head, the binary's at its protocol's short side.
 QUICK_IMAGES = ["chelsea"]
 # The binary's photos (name, photo, short side): cut to each protocol's short side (head_protocols.py) keeping the
 # photo's aspect ratio. coffee is 3:2 (several windows in both directions), astronaut square.
@@ -544,7 +545,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument(
-        "--quick", action="store_true", help=f"only {', '.join(QUICK_IMAGES)} and two classes (scripts/test)"
+        "--quick",
+        action="store_true",
+        help=f"one photo per head ({', '.join(QUICK_BINARY_PHOTOS)} at its protocol's short side; "
+        f"{', '.join(QUICK_IMAGES)} without the binary) and two classes (scripts/test)",
     )
     ap.add_argument("--reuse-official", action="store_true", help="keep the official outputs of an earlier run")
     ap.add_argument("--max-score-diff", type=float, default=MAX_SCORE_DIFF)
@@ -561,9 +565,12 @@ def main() -> None:
     work = args.work
     for stale in ("images", "images-binary", "tclseg") + (() if args.reuse_official else ("official",)):
         shutil.rmtree(work / stale, ignore_errors=True)
-    images = make_images(args.photos, work / "images", QUICK_IMAGES if args.quick else None)
     # The binary's photos, at each compared method's protocol short side.
     binary = bool(args.tclseg)
+    if args.quick and binary:
+        images = []
+    else:
+        images = make_images(args.photos, work / "images", QUICK_IMAGES if args.quick else None)
     if binary and not Path(args.tclseg).is_file():
         raise SystemExit(f"heads-parity: {args.tclseg}: no such binary (build it, or --tclseg '' to skip it)")
     shorts = {protocol_short_side(m) for m in methods} if binary else set()
@@ -621,8 +628,7 @@ def main() -> None:
         text_diff = float(np.abs(text.numpy() - np.load(official / "text.npy")).max())
         if templates_differ(templates):
             raise SystemExit(f"heads-parity: {method}: head_protocols.IMAGENET_TEMPLATES differ from the checkout's")
-        # --quick: PyTorch on the quick photo only; the binary's photos are for the binary (time, scripts/test).
-        for path in images if args.quick else method_images[method]:
+        for path in method_images[method]:
             ours = run_ours(model, method, load_pixels(path), text)
             row = {"method": method, "image": path.stem, "text": text_diff, **compare(official, ours, path.stem)}
             row["size"] = f"{ours['labels'].shape[1]}x{ours['labels'].shape[0]}"
@@ -644,10 +650,11 @@ def main() -> None:
             print(f"heads-parity: binary {method} {path.stem}: {row}", file=sys.stderr, flush=True)
     t_binary = time.perf_counter() - t_binary
 
+    photos = len({p.name for paths in method_images.values() for p in paths})
     print(
         "official heads (NACLIP, SCLIP, ClearCLIP + its MaskCLIP, PEARL; pinned commits) vs tclseg_trainer.heads "
         "and, as <method>/bin, `tclseg segment --head M --protocol M` (no logits output: |Δlogits| 0 there); "
-        f"seeded random ViT-B/16 weights (seed {args.seed}) in OpenAI's format, {len(images)} scikit-image photos, "
+        f"seeded random ViT-B/16 weights (seed {args.seed}) in OpenAI's format, {photos} scikit-image photos, "
         f"{len(queries)} classes x 80 templates, fp32 CPU; max |Δ| over every pixel and class"
     )
     print(

@@ -393,6 +393,12 @@ pub struct RefineArgs {
     /// bundle's default head; `tclseg models info` lists a bundle's heads).
     #[arg(long, value_name = "NAME")]
     pub head: Option<String>,
+    /// The evaluation protocol: `tcl` (default: the bundle's own input, prompts and scoring, for every head) or
+    /// a training-free method's own (naclip, sclip, clearclip, maskclip, pearl: its window and stride, scale,
+    /// CLIP's normalisation, the 80 ImageNet templates, its logit scale and threshold, logits fused over
+    /// windows), which runs that method's head. An unknown name is refused with the bundle's protocols listed.
+    #[arg(long, value_name = "NAME")]
+    pub protocol: Option<String>,
 }
 
 impl RefineArgs {

@@ -48,7 +48,7 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
     }
     tracing::info!("{} images decoded", images.len());
 
-    let engine = open_engine(args.model.clone(), &args.engine)?;
+    let engine = open_engine(args.model.clone(), &args.engine, &args.refine, None)?;
     let settings = segment_settings(&engine, &queries, &args.refine, None, false)?;
     log_model(&engine, &settings);
     // The reference head takes its own threshold, and PAMR as --pamr/--no-pamr say (else its own default), so

@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tclseg::eval::datasets::{self, Dataset, PAPER_SUITE};
 use tclseg::eval::report;
 use tclseg::eval::run::{evaluate, EvalJob, EvalProgress, EvalReport, Predictor};
+use tclseg::model::bundle::TCL_PROTOCOL;
 
 use crate::cli::EvalArgs;
 
@@ -34,16 +35,26 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     for key in &keys {
         sets.push(open(key, &args.root)?);
     }
-    let engine = match &args.predictions {
+    // A method's protocol has settings per dataset (its short side, logit scale, threshold): one engine per
+    // dataset then, else one for all.
+    let engine_per_dataset =
+        args.refine.protocol.as_deref().unwrap_or(TCL_PROTOCOL) != TCL_PROTOCOL && keys.len() > 1;
+    let open_engine = |dataset: Option<&str>| {
+        super::segment::open_engine(args.model.clone(), &args.engine, &args.refine, dataset)
+    };
+    let shared = match &args.predictions {
         Some(_) => None,
-        None => Some(super::segment::open_engine(
-            args.model.clone(),
-            &args.engine,
-        )?),
+        None if engine_per_dataset => None,
+        None => Some(open_engine(keys.first().map(String::as_str))?),
     };
     let mut reports: Vec<EvalReport> = Vec::new();
     for (key, ds) in keys.iter().zip(&sets) {
-        let predictor = match (&engine, &args.predictions) {
+        let own = match (&args.predictions, engine_per_dataset) {
+            (None, true) => Some(open_engine(Some(key))?),
+            _ => None,
+        };
+        let engine = own.as_ref().or(shared.as_ref());
+        let predictor = match (engine, &args.predictions) {
             (Some(engine), _) => Predictor::Engine {
                 engine,
                 pamr: args.refine.pamr_override(),

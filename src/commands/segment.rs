@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use tclseg::model::bundle::{Bundle, TCL_PROTOCOL};
 use tclseg::model::{resolve_bundle_dir, Engine, SegmentSettings, SettingsOverrides};
 use tclseg::queries::QuerySet;
 use tclseg::segment::{self, Outcome, OutputKinds, Progress, SegmentJob};
@@ -25,7 +26,7 @@ pub fn run(args: SegmentArgs) -> Result<ExitCode> {
         None => QuerySet::from_names(&args.query)?,
     };
     let outputs = parse_outputs(&args.format, args.overlay_format)?;
-    let engine = open_engine(args.model.clone(), &args.engine)?;
+    let engine = open_engine(args.model.clone(), &args.engine, &args.refine, None)?;
     let settings = segment_settings(
         &engine,
         &queries,
@@ -154,10 +155,49 @@ pub(super) fn merge_reports(dir: &std::path::Path, shards: Option<u32>) -> Resul
     })
 }
 
-/// Opens the bundle (`--model`, else the default: `model::resolve_bundle_dir`) and starts the engine on the
+/// Opens the bundle (`--model`, else the default: `model::resolve_bundle_dir`) as `--protocol` runs it (for
+/// `dataset`, eval's dataset name, where the protocol has settings per dataset) and starts the engine on the
 /// device and precision asked for.
-pub(super) fn open_engine(model: Option<PathBuf>, args: &EngineArgs) -> Result<Engine> {
-    Engine::open(&resolve_bundle_dir(model)?, args.options())
+pub(super) fn open_engine(
+    model: Option<PathBuf>,
+    args: &EngineArgs,
+    refine: &RefineArgs,
+    dataset: Option<&str>,
+) -> Result<Engine> {
+    let bundle = Bundle::open(&resolve_bundle_dir(model)?)?;
+    let bundle = apply_protocol(bundle, refine, dataset)?;
+    Engine::new(bundle, args.options())
+}
+
+/// The bundle under `--protocol` (default "tcl": unchanged). A method's protocol runs its own head: a different
+/// `--head` is refused, and so is `--pamr` (the methods refine their whole-image logits; see
+/// `Manifest::with_protocol`).
+pub(super) fn apply_protocol(
+    bundle: Bundle,
+    refine: &RefineArgs,
+    dataset: Option<&str>,
+) -> Result<Bundle> {
+    let name = refine.protocol.as_deref().unwrap_or(TCL_PROTOCOL);
+    if name == TCL_PROTOCOL {
+        return Ok(bundle);
+    }
+    if let Some(spec) = bundle.manifest().protocols.get(name) {
+        if let Some(head) = refine.head.as_deref().filter(|h| *h != spec.head) {
+            bail!(
+                "--protocol {name} runs head '{}', not --head {head}",
+                spec.head
+            );
+        }
+    }
+    if refine.pamr {
+        bail!(
+            "--pamr under --protocol {name}: the method's PAMR refines its whole-image logits, which the bundle \
+             does not do; leave --pamr out"
+        );
+    }
+    bundle
+        .with_protocol(name, dataset)
+        .map_err(|e| anyhow::anyhow!("--protocol: {e}"))
 }
 
 /// PAMR, background and kp weight from the command line, else the bundle's defaults (`SegmentSettings::resolve`).

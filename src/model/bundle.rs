@@ -89,6 +89,85 @@ pub struct Manifest {
     /// The head used when none is asked for (absent: "tcl" if the bundle has it, else the first by name).
     #[serde(default)]
     pub default_head: Option<String>,
+    /// The training-free methods' own evaluation protocols by name (`--protocol`), written by the exporter from
+    /// `trainer/tclseg_trainer/head_protocols.py` (absent: the bundle's own settings only, protocol "tcl").
+    #[serde(default)]
+    pub protocols: BTreeMap<String, ProtocolSpec>,
+}
+
+/// The protocol that is the bundle's own [input], [text] and [heads] settings: TCL's evaluation.
+pub const TCL_PROTOCOL: &str = "tcl";
+
+/// How a dense head's per-window scores become the image's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fusion {
+    /// Softmax per window at the stride-4 side, probabilities averaged over windows (the bundle's own path).
+    #[default]
+    Probabilities,
+    /// Cosine logits upsampled to the window, averaged over windows, resized to the image, then the softmax at
+    /// the logit scale: the training-free methods' `forward_slide` + `postprocess_result`.
+    Logits,
+}
+
+/// How a query's prompt embeddings are averaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromptAverage {
+    /// The mean of the raw embeddings, then normalised (TCL's recipe).
+    #[default]
+    Raw,
+    /// The mean of the L2-normalised embeddings, then normalised (the training-free methods').
+    Unit,
+}
+
+/// One `[protocols.<name>]` table: a method's own input, prompts and scoring, and the graphs that run it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolSpec {
+    /// The head the protocol is the method of.
+    pub head: String,
+    /// [graphs] role of the trunk at the protocol's window and position-embedding rule.
+    pub trunk: String,
+    /// [graphs] role of the head's graph at the window's grid.
+    pub graph: String,
+    /// The position-embedding resize rule baked into `trunk` ("scale" or "size"), for the record.
+    #[serde(default)]
+    pub pos_resize: String,
+    pub crop_size: usize,
+    pub crop_stride: usize,
+    pub short_side: usize,
+    pub long_side_max: usize,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub logit_scale: f32,
+    pub prob_thresh: f32,
+    /// The method's PAMR setting (not run under a protocol: see `Manifest::with_protocol`).
+    #[serde(default)]
+    pub pamr: bool,
+    #[serde(default)]
+    pub fusion: Fusion,
+    #[serde(default)]
+    pub prompt_average: PromptAverage,
+    pub templates: Vec<String>,
+    /// Per-dataset overrides of the method's configs (eval's dataset names).
+    #[serde(default)]
+    pub datasets: BTreeMap<String, ProtocolDataset>,
+    /// Where each value comes from (repository@commit:path:line).
+    #[serde(default)]
+    pub sources: BTreeMap<String, String>,
+}
+
+/// A dataset's settings under a protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtocolDataset {
+    pub short_side: usize,
+    pub logit_scale: f32,
+    pub prob_thresh: f32,
+    /// The method runs this dataset on the whole image in one pass; a bundle runs it at the protocol's window.
+    #[serde(default)]
+    pub whole_image: bool,
 }
 
 /// What kind of graph a head is.
@@ -119,6 +198,9 @@ pub struct HeadSpec {
     /// Background below this best-class probability (0: never), by default.
     #[serde(default)]
     pub prob_thresh: f32,
+    /// How window scores are fused (set by a protocol; a bundle's own heads average probabilities).
+    #[serde(default)]
+    pub fusion: Fusion,
 }
 
 fn default_logit_scale() -> f32 {
@@ -133,6 +215,7 @@ impl HeadSpec {
             logit_scale: default_logit_scale(),
             pamr: true,
             prob_thresh: 0.0,
+            fusion: Fusion::Probabilities,
         }
     }
 }
@@ -204,6 +287,9 @@ pub struct TextSpec {
     pub sot_token: i64,
     pub eot_token: i64,
     pub templates: Vec<String>,
+    /// How a query's prompt embeddings are averaged (absent: TCL's raw mean; a protocol sets its method's).
+    #[serde(default)]
+    pub prompt_average: PromptAverage,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -303,6 +389,15 @@ impl Bundle {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// This bundle as `protocol` runs it (`Manifest::with_protocol`); "tcl" is the bundle as it is.
+    pub fn with_protocol(self, protocol: &str, dataset: Option<&str>) -> Result<Bundle, String> {
+        let manifest = self.manifest.with_protocol(protocol, dataset)?;
+        Ok(Bundle {
+            dir: self.dir,
+            manifest,
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -437,6 +532,37 @@ impl Manifest {
                 }
             }
         }
+        for (name, p) in &self.protocols {
+            if !self.heads.contains_key(&p.head) {
+                return Err(format!(
+                    "[protocols.{name}] runs head '{}', which [heads] lacks",
+                    p.head
+                ));
+            }
+            for role in [&p.trunk, &p.graph] {
+                if !self
+                    .graphs
+                    .get(role)
+                    .is_some_and(|g| g.contains_key("fp32"))
+                {
+                    return Err(format!(
+                        "[protocols.{name}] needs the fp32 '{role}' graph, which [graphs] lacks"
+                    ));
+                }
+            }
+            if p.crop_size == 0
+                || p.crop_stride == 0
+                || p.crop_stride > p.crop_size
+                || p.short_side == 0
+            {
+                return Err(format!(
+                    "[protocols.{name}] window, stride or short side is out of range"
+                ));
+            }
+            if p.templates.is_empty() {
+                return Err(format!("[protocols.{name}] has no templates"));
+            }
+        }
         if let Some(d) = &self.default_head {
             if !self.heads.contains_key(d) {
                 return Err(format!(
@@ -554,6 +680,88 @@ impl Manifest {
     pub fn head(&self, id: HeadId) -> Option<(&str, HeadSpec)> {
         let name = *self.head_names().get(id.0)?;
         Some((name, self.head_spec(name)?))
+    }
+
+    /// The protocols `--protocol` takes: "tcl" (the bundle's own settings) and its [protocols].
+    pub fn protocol_names(&self) -> Vec<&str> {
+        std::iter::once(TCL_PROTOCOL)
+            .chain(
+                self.protocols
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|n| *n != TCL_PROTOCOL),
+            )
+            .collect()
+    }
+
+    /// The manifest as `protocol` runs it: "tcl" returns it unchanged; a method's protocol becomes the bundle's
+    /// input (window, stride, scale, CLIP's statistics), prompt templates and averaging, and its head alone, on
+    /// the protocol's trunk and head graphs, with the method's logit scale, threshold and logit fusion.
+    /// `dataset` (eval's dataset name) takes that dataset's overrides where the protocol has them. PAMR is off:
+    /// the methods refine the whole image's logits, which the per-window path does not do. An unknown protocol
+    /// is an error listing the bundle's protocols.
+    pub fn with_protocol(&self, protocol: &str, dataset: Option<&str>) -> Result<Manifest, String> {
+        if protocol == TCL_PROTOCOL {
+            return Ok(self.clone());
+        }
+        let Some(p) = self.protocols.get(protocol) else {
+            return Err(format!(
+                "model '{}' has no protocol '{protocol}'; its protocols: {} (a CLIP ViT-B/16 bundle exported \
+                 with `tclseg models export --heads {protocol}` carries the head's own)",
+                self.name,
+                self.protocol_names().join(", ")
+            ));
+        };
+        let mut m = self.clone();
+        let Some(mut head) = self.heads.get(&p.head).cloned() else {
+            return Err(format!(
+                "protocol '{protocol}' runs head '{}', which model '{}' does not have",
+                p.head, self.name
+            ));
+        };
+        let overrides = dataset.and_then(|d| p.datasets.get(d));
+        if let Some(d) = overrides.filter(|d| d.whole_image) {
+            tracing::warn!(
+                "protocol {protocol}: the method runs dataset {} on the whole image in one pass; this bundle \
+                 runs it in {} windows at stride {} (short side {})",
+                dataset.unwrap_or_default(),
+                p.crop_size,
+                p.crop_stride,
+                d.short_side
+            );
+        }
+        m.input.crop_size = p.crop_size;
+        m.input.crop_stride = p.crop_stride;
+        m.input.short_side = overrides.map_or(p.short_side, |d| d.short_side);
+        m.input.long_side_max = p.long_side_max;
+        m.input.mean = p.mean;
+        m.input.std = p.std;
+        m.text.templates = p.templates.clone();
+        m.text.prompt_average = p.prompt_average;
+        // The roles the engine opens now name the protocol's graphs (their fp32 only: the bundle's other
+        // precisions are its own trunk, at TCL's rule and crop).
+        for (role, from) in [("image_trunk", &p.trunk), (&*head.graph, &p.graph)] {
+            let Some(graphs) = self.graphs.get(from) else {
+                return Err(format!(
+                    "protocol '{protocol}': [graphs] has no '{from}' graph"
+                ));
+            };
+            m.graphs.insert(role.to_string(), graphs.clone());
+        }
+        head.logit_scale = overrides.map_or(p.logit_scale, |d| d.logit_scale);
+        head.prob_thresh = overrides.map_or(p.prob_thresh, |d| d.prob_thresh);
+        head.pamr = false;
+        head.fusion = p.fusion;
+        if p.pamr {
+            tracing::info!(
+                "protocol {protocol}: the method's PAMR (on its whole-image logits) is not run by the bundle"
+            );
+        }
+        m.heads = BTreeMap::from([(p.head.clone(), head)]);
+        m.default_head = Some(p.head.clone());
+        m.protocols.clear();
+        m.check()?;
+        Ok(m)
     }
 
     /// Patch grid of one crop (G in ARCHITECTURE.md).

@@ -18,7 +18,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use ort::session::Session;
 use ort::value::Tensor;
 
-use super::bundle::{Bundle, HeadId, HeadKind, Precision};
+use super::bundle::{Bundle, HeadId, HeadKind, Precision, PromptAverage};
 use super::cpu::{CpuFeatures, PrecisionChoice};
 use super::device_path::DevicePath;
 use super::host_path;
@@ -388,13 +388,19 @@ impl Engine {
                 emb.extend_from_slice(output(&out, "text_emb", &[rows, dim])?);
             }
         }
-        // Average the un-normalized prompt embeddings of each query, then normalize (TCL's recipe).
+        // Average the un-normalized prompt embeddings of each query, then normalize (TCL's recipe); under a
+        // training-free method's protocol, average the normalized ones (`PromptAverage::Unit`).
+        let unit = self.bundle.manifest().text.prompt_average == PromptAverage::Unit;
         let mut data = Vec::with_capacity(queries.len() * dim);
         let mut row = 0;
         for n in counts {
             let mut mean = vec![0f32; dim];
             for r in row..row + n {
-                for (m, v) in mean.iter_mut().zip(&emb[r * dim..(r + 1) * dim]) {
+                let mut prompt = emb[r * dim..(r + 1) * dim].to_vec();
+                if unit {
+                    normalize(&mut prompt);
+                }
+                for (m, v) in mean.iter_mut().zip(&prompt) {
                     *m += v;
                 }
             }
@@ -528,6 +534,7 @@ impl Engine {
             id,
             kind: spec.kind,
             logit_scale: spec.logit_scale,
+            fusion: spec.fusion,
         })
     }
 

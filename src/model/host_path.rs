@@ -11,14 +11,17 @@
 //! A training-free head (`[heads.<name>] kind = "dense"`) replaces TCL head → mask head: its graph gives
 //! L2-normalized features per patch, and the crop's class probabilities are softmax over the queries of
 //! logit_scale · cos(feature, text), computed here on the bilinearly upsampled (stride-4) logits; PAMR, the crop
-//! averaging and the background threshold then run as for TCL, on those probabilities.
+//! averaging and the background threshold then run as for TCL, on those probabilities. Under a training-free
+//! method's own protocol (`Fusion::Logits`, `tclseg segment --protocol`), the head's cosine logits are instead
+//! upsampled to the window, averaged over windows, resized to the image and only then put through the softmax at
+//! the logit scale, as the methods' `forward_slide` and `postprocess_result` do.
 
 use std::sync::Mutex;
 
 use anyhow::{anyhow, Result};
 use ort::value::Tensor;
 
-use super::bundle::{HeadId, HeadKind, Manifest};
+use super::bundle::{Fusion, HeadId, HeadKind, Manifest};
 use super::pamr;
 use super::preprocess::{self, Prepared};
 use super::resample::{self, resize_planes, AxisWeights, Coordinates};
@@ -31,6 +34,14 @@ pub(crate) struct HostHead {
     pub id: HeadId,
     pub kind: HeadKind,
     pub logit_scale: f32,
+    pub fusion: Fusion,
+}
+
+impl HostHead {
+    /// The logit scale of the softmax after fusion (None: the scores are probabilities already).
+    fn fused_logit_scale(&self) -> Option<f32> {
+        (self.kind == HeadKind::Dense && self.fusion == Fusion::Logits).then_some(self.logit_scale)
+    }
 }
 
 /// Images segmented with one query set, settings and head: one part of a shared run.
@@ -54,7 +65,7 @@ pub(crate) fn segment(
     groups: &[HostGroup],
 ) -> Result<(Vec<Vec<Segmentation>>, u64)> {
     let input = &manifest.input;
-    let (crop, side) = (input.crop_size, manifest.mask_side());
+    let crop = input.crop_size;
     let prepared: Vec<Vec<Prepared>> = groups
         .iter()
         .map(|g| {
@@ -100,7 +111,7 @@ pub(crate) fn segment(
         for part in chunk.chunk_by(|a, b| a.0 == b.0) {
             let (n, group) = (part.len(), &groups[part[0].0]);
             let classes = group.text.rows;
-            let masks = crop_masks(
+            let (masks, side) = crop_masks(
                 model,
                 manifest,
                 &tokens[at * row..(at + n) * row],
@@ -130,7 +141,12 @@ pub(crate) fn segment(
                 .iter()
                 .zip(accs)
                 .map(|(img, acc)| {
-                    acc.finish(img.height() as usize, img.width() as usize, g.settings)
+                    acc.finish(
+                        img.height() as usize,
+                        img.width() as usize,
+                        g.settings,
+                        g.head.fused_logit_scale(),
+                    )
                 })
                 .collect::<Result<Vec<_>>>()
         })
@@ -167,8 +183,9 @@ fn trunk_tokens(
     Ok(tokens)
 }
 
-/// Final stride-4 masks of a batch of crops from the trunk's tokens, [B, N, side, side]: the group's head (TCL:
-/// head, mask head, PAMR, kp blend; a training-free head: its graph, class probabilities, PAMR).
+/// Final stride-4 masks of a batch of crops from the trunk's tokens, [B, N, side, side], and `side`: the group's
+/// head (TCL: head, mask head, PAMR, kp blend; a training-free head: its graph, class probabilities, PAMR). Under
+/// logit fusion: the cosine logits at the patch grid, [B, N, G, G], and G.
 fn crop_masks(
     model: &Mutex<ModelGraphs>,
     m: &Manifest,
@@ -176,7 +193,7 @@ fn crop_masks(
     pixels: &[f32],
     crops: usize,
     group: &HostGroup,
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, usize)> {
     let (crop, grid, side) = (m.input.crop_size, m.crop_grid(), m.mask_side());
     let (width, dim) = (m.architecture.vision_width, m.architecture.embed_dim);
     let (text, settings, head) = (group.text, group.settings, group.head);
@@ -197,6 +214,9 @@ fn crop_masks(
         drop(out);
         drop(sessions);
         let t2 = std::time::Instant::now();
+        if head.fused_logit_scale().is_some() {
+            return Ok((cosine_logits(&dense, crops, text, grid, 1.0), grid));
+        }
         let mut probs = class_probabilities(&dense, crops, text, grid, side, head.logit_scale);
         if settings.pamr {
             refine_crops(pixels, crop, &mut probs, n, side, m);
@@ -207,7 +227,7 @@ fn crop_masks(
             (t2 - t1).as_secs_f64() * 1e3,
             t2.elapsed().as_secs_f64() * 1e3
         );
-        return Ok(probs);
+        return Ok((probs, side));
     }
     let tcl = sessions
         .tcl
@@ -253,7 +273,7 @@ fn crop_masks(
             *m = kp * k + (1.0 - kp) * *m;
         }
     }
-    Ok(masks)
+    Ok((masks, side))
 }
 
 /// Native PAMR over each crop's [N, side, side] scores.
@@ -290,11 +310,36 @@ fn class_probabilities(
     side: usize,
     logit_scale: f32,
 ) -> Vec<f32> {
-    let (n, dim, cells) = (text.rows, text.dim, grid * grid);
+    let n = text.rows;
+    let cells = grid * grid;
+    let all = cosine_logits(dense, crops, text, grid, logit_scale);
     let mut out = Vec::with_capacity(crops * n * side * side);
-    for b in 0..crops {
+    for logits in all.chunks_exact(n * cells) {
+        let mut up = resize_planes(
+            logits,
+            n,
+            (grid, grid),
+            (side, side),
+            Coordinates::HalfPixel,
+        );
+        softmax_over_planes(&mut up, n, side * side);
+        out.extend(up);
+    }
+    out
+}
+
+/// logit_scale · cos of each crop's features [B, E, G, G] with each (normalized) query: [B, N, G, G].
+fn cosine_logits(
+    dense: &[f32],
+    crops: usize,
+    text: &TextEmbeddings,
+    grid: usize,
+    logit_scale: f32,
+) -> Vec<f32> {
+    let (n, dim, cells) = (text.rows, text.dim, grid * grid);
+    let mut out = vec![0f32; crops * n * cells];
+    for (b, logits) in out.chunks_exact_mut(n * cells).enumerate() {
         let feats = &dense[b * dim * cells..(b + 1) * dim * cells];
-        let mut logits = vec![0f32; n * cells];
         for (q, row) in logits.chunks_exact_mut(cells).enumerate() {
             let t = &text.data[q * dim..(q + 1) * dim];
             for (e, &te) in t.iter().enumerate() {
@@ -304,15 +349,6 @@ fn class_probabilities(
                 }
             }
         }
-        let mut up = resize_planes(
-            &logits,
-            n,
-            (grid, grid),
-            (side, side),
-            Coordinates::HalfPixel,
-        );
-        softmax_over_planes(&mut up, n, side * side);
-        out.extend(up);
     }
     out
 }
@@ -380,12 +416,14 @@ impl Accumulator {
         }
     }
 
-    /// Averages, resizes to the original size row by row, prepends the background and takes the argmax.
+    /// Averages, resizes to the original size row by row, prepends the background and takes the argmax. With
+    /// `logit_scale` the averages are logits: each row's classes go through softmax(logit_scale · logits) first.
     fn finish(
         self,
         out_h: usize,
         out_w: usize,
         settings: &SegmentSettings,
+        logit_scale: Option<f32>,
     ) -> Result<Segmentation> {
         let (h, w, n) = (self.height, self.width, self.classes);
         let mut mean = self.total;
@@ -405,6 +443,7 @@ impl Accumulator {
             .then(|| vec![0f32; classes * out_h * out_w]);
         let mut best_all = vec![0f32; out_h * out_w];
         let mut row = vec![0f32; out_w];
+        let mut fused = vec![0f32; if logit_scale.is_some() { n * out_w } else { 0 }];
         for oy in 0..out_h {
             let best = &mut best_all[oy * out_w..(oy + 1) * out_w];
             best.fill(bg.unwrap_or(f32::NEG_INFINITY));
@@ -413,16 +452,31 @@ impl Accumulator {
             if let (Some(s), Some(v)) = (scores.as_mut(), bg) {
                 s[oy * out_w..(oy + 1) * out_w].fill(v);
             }
-            for c in 0..n {
+            let (r0, r1) = (ys.lo[oy] * w, ys.hi[oy] * w);
+            // Class c's averaged plane, resized, on output row oy.
+            let resized_row = |c: usize, out: &mut [f32]| {
                 let plane = &mean[c * h * w..(c + 1) * h * w];
-                let (r0, r1) = (ys.lo[oy] * w, ys.hi[oy] * w);
                 resample::interpolate_row(
                     &plane[r0..r0 + w],
                     &plane[r1..r1 + w],
                     ys.frac[oy],
                     &xs,
-                    &mut row,
+                    out,
                 );
+            };
+            if let Some(scale) = logit_scale {
+                for (c, out) in fused.chunks_exact_mut(out_w).enumerate() {
+                    resized_row(c, out);
+                    out.iter_mut().for_each(|v| *v *= scale);
+                }
+                softmax_over_planes(&mut fused, n, out_w);
+            }
+            for c in 0..n {
+                if logit_scale.is_some() {
+                    row.copy_from_slice(&fused[c * out_w..(c + 1) * out_w]);
+                } else {
+                    resized_row(c, &mut row);
+                }
                 let label = (c + offset) as u16;
                 for ((b, l), v) in best.iter_mut().zip(labels_row.iter_mut()).zip(&row) {
                     // Strictly greater: the first class wins ties, as torch.argmax does.

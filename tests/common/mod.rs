@@ -29,10 +29,20 @@ pub fn tclseg(args: &[&str]) -> Output {
 
 /// `tclseg segment INPUTS --out OUT` on the fixture bundle (CPU, one thread), one `-q` per query, then `extra`.
 pub fn segment(inputs: &[&Path], out: &Path, queries: &[&str], extra: &[&str]) -> Output {
-    let bundle = fixture_bundle();
+    segment_with(&fixture_bundle(), inputs, out, queries, extra)
+}
+
+/// `segment` on `bundle`.
+pub fn segment_with(
+    bundle: &Path,
+    inputs: &[&Path],
+    out: &Path,
+    queries: &[&str],
+    extra: &[&str],
+) -> Output {
     let mut args: Vec<&str> = vec!["segment"];
     args.extend(inputs.iter().map(|p| arg(p)));
-    args.extend_from_slice(&["--out", arg(out), "--model", arg(&bundle)]);
+    args.extend_from_slice(&["--out", arg(out), "--model", arg(bundle)]);
     for query in queries {
         args.extend_from_slice(&["-q", query]);
     }

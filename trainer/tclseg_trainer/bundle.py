@@ -122,6 +122,7 @@ TOP_LEVEL_KEYS = {
     "files",
     "heads",
     "default_head",
+    "protocols",
 }
 
 

@@ -14,6 +14,11 @@ ships) so that the exported numbers are the reference's numbers:
 (maskclip, sclip, clearclip, naclip, pearl), each a `<head>_head` graph; model.toml lists them under [heads] with
 the defaults each method's own evaluation uses (logit scale, PAMR, probability threshold).
 
+A CLIP ViT-B/16 bundle also carries each exported training-free head's own protocol (`head_protocols.py`,
+`tclseg segment --protocol NAME`): model.toml's [protocols.<name>] and, where the protocol's window or
+position-embedding rule differs from the bundle's trunk, fp32 graphs `image_trunk_<window>[_<rule>]` and
+`<head>_head_<window>` (one trunk per window and rule, shared by the protocols that need it).
+
 The bundle is written into a temporary sibling directory, every file is hashed into `model.toml`, and the
 directory is renamed into place, so a reader never sees half a bundle.
 
@@ -62,6 +67,7 @@ from .export_manifest import (
 )
 from .export_onnx import CUDA_SAFE_OPS, ExportError, export_graph, graph_op_types, graph_op_types_of
 from .export_sources import defaults_from_config_file, load_model, log
+from .head_protocols import ProtocolGraphs, bundle_protocols
 from .heads import HEAD_DEFAULTS, HEADS, HeadGraph
 from .quantize import quantize_graph
 from .tokenizer import EOT_TOKEN, SOT_TOKEN, default_vocab_path
@@ -175,6 +181,7 @@ def export_bundle(
     heads = check_heads(heads)
     grid = crop_size // patch
     pamr = pamr_module(model)
+    protocols = _protocols_for(model, heads, crop_size)
 
     model = model.eval()
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -182,6 +189,7 @@ def export_bundle(
         graphs = _write_graphs(
             model, pamr, tmp_dir, grid=grid, crop_size=crop_size, precisions=precisions, log=log, heads=heads
         )
+        graphs |= _write_protocol_graphs(model, tmp_dir, [g for _, g in protocols.values()], graphs, log)
         shutil.copyfile(vocab_path, tmp_dir / VOCAB_FILE)
 
         files = []
@@ -202,6 +210,8 @@ def export_bundle(
         )
         manifest["heads"] = heads_table(heads)
         manifest["default_head"] = heads[0]
+        if protocols:
+            manifest["protocols"] = {name: table for name, (table, _) in protocols.items()}
         manifest_path = tmp_dir / MANIFEST_FILE
         manifest_path.write_text(manifest_to_toml(manifest), encoding="utf-8")
         fsync_file(manifest_path)
@@ -213,6 +223,66 @@ def export_bundle(
     total = sum(f["bytes"] for f in manifest["files"])
     log(f"wrote {out_dir} ({len(manifest['files'])} files, {total / 1e6:.1f} MB)")
     return manifest
+
+
+def _protocols_for(model: nn.Module, heads: Sequence[str], crop_size: int) -> dict[str, tuple[dict, ProtocolGraphs]]:
+    """The training-free heads' own protocols, for a model of the architecture they were written for (CLIP
+    ViT-B/16 at 224: width 768, patch 16); none for others (the synthetic world's tiny CLIP has its own world)."""
+    vision = model.config.vision
+    patch = int(vision.patch_size)
+    train_grid = int(vision.image_size) // patch
+    if (int(vision.width), patch, train_grid) != (768, 16, 14):
+        return {}
+    return bundle_protocols(list(heads), crop_size, patch, train_grid)
+
+
+def _write_protocol_graphs(
+    model: nn.Module,
+    tmp_dir: Path,
+    needs: list[ProtocolGraphs],
+    graphs: dict[str, dict[str, str]],
+    log: Callable[[str], None],
+) -> dict[str, dict[str, str]]:
+    """The protocols' trunks and head graphs the bundle does not have yet, fp32 only (a protocol is a reference
+    setting, not a speed one); returns their [graphs] entries."""
+    width = int(model.config.vision.width)
+    patch = int(model.config.vision.patch_size)
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, dict[str, str]] = {}
+    for need in needs:
+        grid = need.window // patch
+        todo = []
+        if need.trunk not in graphs and need.trunk not in out:
+            pixels = torch.randn(2, 3, need.window, need.window, generator=gen)
+            todo.append(
+                (
+                    need.trunk,
+                    ImageTrunkGraph(model, grid, torch.float32, pos_embed_model=model, pos_resize=need.pos_resize),
+                    (pixels,),
+                    ["pixels"],
+                    ["tokens"],
+                    {"pixels": {0: "B"}, "tokens": {0: "B"}},
+                )
+            )
+        if need.head not in graphs and need.head not in out:
+            tokens = torch.randn(2, 1 + grid * grid, width, generator=gen)
+            todo.append(
+                (
+                    need.head,
+                    HeadGraph(model, need.method_head, grid),
+                    (tokens,),
+                    ["tokens"],
+                    ["dense"],
+                    {"tokens": {0: "B"}, "dense": {0: "B"}},
+                )
+            )
+        for role, module, args, inputs, outputs, axes in todo:
+            file = graph_file(role, "fp32")
+            start = time.perf_counter()
+            export_graph(module, args, tmp_dir / file, inputs, outputs, axes)
+            log(f"{file}: {time.perf_counter() - start:.1f} s, {(tmp_dir / file).stat().st_size / 1e6:.1f} MB")
+            out[role] = {"fp32": file}
+    return out
 
 
 def _write_graphs(

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .bundle import KP_SCALE, KP_SHIFT
+from .clip import resize_pos_embed
 
 
 def _l2_normalize(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -41,16 +42,29 @@ class ImageTrunkGraph(nn.Module):
     """pixels [B,3,S,S] -> tokens [B,1+G*G,W], the output of CLIP block 11.
 
     The positional embedding, resized bicubically from the training grid to the crop grid, is computed once (in
-    fp32, from `pos_embed_model`) and baked in as a constant, so the graph has no data-dependent resize.
+    fp32, from `pos_embed_model`) and baked in as a constant, so the graph has no data-dependent resize. `pos_resize`
+    is the rule (`clip.resize_pos_embed`): TCL's "size" for the bundle's own trunk, a method's "scale" for a
+    protocol's trunk (`head_protocols.protocol_graphs`).
     """
 
-    def __init__(self, model: nn.Module, grid: int, dtype: torch.dtype, pos_embed_model: nn.Module | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        grid: int,
+        dtype: torch.dtype,
+        pos_embed_model: nn.Module | None = None,
+        pos_resize: str = "size",
+    ):
         super().__init__()
         self.model = model
         self.dtype = dtype
         source = pos_embed_model if pos_embed_model is not None else model
         with torch.no_grad():
-            pos = source.resized_pos_embed((grid, grid)).detach().float()
+            if pos_resize == "size":  # TCL's rule, the bundle's own trunk (unchanged)
+                pos = source.resized_pos_embed((grid, grid)).detach().float()
+            else:  # a training-free method's protocol trunk (head_protocols.protocol_graphs)
+                table = source.trunk.positional_embedding.detach().float()
+                pos = resize_pos_embed(table, (grid, grid), rule=pos_resize)
         self.register_buffer("pos_embed", pos.to(dtype), persistent=False)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,15 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 
-from tclseg_trainer.head_protocols import PAPER_DATASETS, PROTOCOLS, DatasetProtocol
+from tclseg_trainer.head_protocols import (
+    CLIP_MEAN,
+    EVAL_KEYS,
+    IMAGENET_TEMPLATES,
+    PAPER_DATASETS,
+    PROTOCOLS,
+    DatasetProtocol,
+    bundle_protocols,
+)
 from tclseg_trainer.heads import HEADS
 
 SOURCE = re.compile(r"^[\w-]+/[\w-]+@[0-9a-f]{10}:[\w/.]+\.(py|md|txt):\d+")
@@ -32,3 +40,34 @@ def test_the_protocols_differ_where_the_methods_do():
     assert nac["ade"].pamr and not scl["ade"].pamr
     assert nac["cityscapes"].short_side == scl["cityscapes"].short_side == 560
     assert (scl["stuff"].short_side, nac["stuff"].short_side) == (448, 336)
+
+
+def test_each_head_has_its_protocol_with_defaults_and_the_80_templates():
+    assert set(PROTOCOLS) == set(HEADS)
+    assert len(IMAGENET_TEMPLATES) == 80 and all(t.count("{}") == 1 for t in IMAGENET_TEMPLATES)
+    for name, protocol in PROTOCOLS.items():
+        assert protocol.defaults is not None and protocol.defaults.window is not None, name
+        assert SOURCE.match(protocol.pos_resize_source), (name, protocol.pos_resize_source)
+        assert protocol.pos_resize == "scale", name
+    clear, pearl = PROTOCOLS["clearclip"], PROTOCOLS["pearl"]
+    assert (clear.defaults.window, clear.defaults.stride, clear.defaults.logit_scale) == (448, 224, 50.0)
+    assert clear.datasets["voc21"].prob_thresh == 0.5 and clear.datasets["cityscapes"].window == 224
+    assert (pearl.defaults.window, pearl.defaults.short_side) == (224, 336)
+    assert PROTOCOLS["maskclip"].datasets == clear.datasets  # ClearCLIP's code runs MaskCLIP
+
+
+def test_a_bundle_gets_a_trunk_per_window_and_rule_and_the_eval_dataset_names():
+    tables = bundle_protocols(["naclip", "sclip", "clearclip", "tcl"], crop_size=448, patch=16, train_grid=14)
+    assert set(tables) == {"naclip", "sclip", "clearclip"}
+    nac, scl, clear = (tables[n][1] for n in ("naclip", "sclip", "clearclip"))
+    # 224 windows are CLIP's native grid, where both rules leave the table as it is: one trunk for both.
+    assert nac.trunk == scl.trunk == "image_trunk_224" and nac.head == "naclip_head_224"
+    # 448 windows: the bundle's trunk has TCL's "size" rule, the methods need "scale".
+    assert (clear.trunk, clear.head) == ("image_trunk_448_scale", "clearclip_head")
+    at224 = bundle_protocols(["naclip"], crop_size=224, patch=16, train_grid=14)["naclip"][1]
+    assert (at224.trunk, at224.head) == ("image_trunk", "naclip_head")
+    table = tables["naclip"][0]
+    assert set(table["datasets"]) == set(EVAL_KEYS.values())
+    assert table["datasets"]["voc"]["whole_image"] and table["datasets"]["voc"]["prob_thresh"] == 0.1
+    assert (table["crop_size"], table["crop_stride"], table["short_side"]) == (224, 112, 336)
+    assert abs(table["mean"][0] * 255 - CLIP_MEAN[0]) < 1e-9 and table["templates"] == list(IMAGENET_TEMPLATES)

@@ -13,9 +13,14 @@ pinned commits in .official/<name>, the official venv and photos of the TCL comp
    repository, all at once: three of them ship different packages named `clip`) through its own dense path: sliding
    window, logits resized to the image, its refinement (PEARL's text-aware Laplacian propagation), its softmax at its
    logit scale; the logits before the softmax, the probabilities and the labels are saved;
-4. runs our heads (`tclseg_trainer.heads`) in PyTorch on the same pixels and, where the binary has the head, `tclseg
-   segment --head` through an exported bundle;
-5. prints, per method, photo and size, the largest |Δ| of the logits (cosine similarities, what the heads output)
+4. runs our heads (`tclseg_trainer.heads`) in PyTorch on the same pixels;
+5. runs the binary, `tclseg segment --head X --protocol X`, on a bundle exported from the same weights file
+   (`export --clip`, every compared head on one trunk) under each method's own protocol as the bundle carries it
+   (head_protocols.py: window, stride, short side, CLIP's statistics, the 80 templates, logit fusion), on photos
+   already at the protocol's short side (its rescale is then the identity: both sides see the same pixels); its
+   probabilities come from the 16-bit score PNGs (`--format scores`, steps of 1.5e-5), its labels from the label
+   PNG (class + 1: a training-free head's threshold class 0 comes first);
+6. prints, per method, photo and size, the largest |Δ| of the logits (cosine similarities, what the heads output)
    and of the probabilities, and the share of equal labels; fails unless every case meets the goal.
 
 The official model code runs unchanged. What stands in for its frameworks (mmengine, mmseg 1.x: a registry, the
@@ -127,8 +132,13 @@ IMAGES = [
     ("chelsea", "chelsea.png", None),
     ("coffee-336", "coffee.png", (504, 336)),
 ]
-# `--quick` (scripts/test): the one image that covers every path above but the native grid.
+# `--quick` without the binary: the one image that covers every path above but the native grid. With the binary,
+# `--quick` (scripts/test) compares all three sides on one photo per head, the binary's at its protocol's short side.
 QUICK_IMAGES = ["chelsea"]
+# The binary's photos (name, photo, short side): cut to each protocol's short side (head_protocols.py) keeping the
+# photo's aspect ratio. coffee is 3:2 (several windows in both directions), astronaut square.
+BINARY_PHOTOS = [("coffee", "coffee.png"), ("astronaut", "astronaut.png")]
+QUICK_BINARY_PHOTOS = ["coffee"]
 
 # CLIP's normalisation as every method's SegDataPreProcessor has it (RGB, on the 0..255 scale).
 PIXEL_MEAN = (122.771, 116.746, 104.094)
@@ -337,6 +347,80 @@ def make_images(photos: Path, folder: Path, only: list[str] | None = None) -> li
     return paths
 
 
+def protocol_short_side(method: str) -> int:
+    """The short side of `method`'s own protocol without a dataset (what `segment --protocol` rescales to)."""
+    from ..head_protocols import PROTOCOLS
+
+    defaults = PROTOCOLS[method].defaults
+    assert defaults is not None
+    return defaults.short_side
+
+
+def make_binary_images(photos: Path, folder: Path, shorts: set[int], only: list[str] | None) -> dict[int, list[Path]]:
+    """Per short side: the photos resized (bilinear, PIL) so that their short side is it, long side in proportion."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[int, list[Path]] = {}
+    for short in sorted(shorts):
+        for name, source in BINARY_PHOTOS:
+            if only is not None and name not in only:
+                continue
+            image = Image.open(photos / source).convert("RGB")
+            w, h = image.size
+            size = (round(w * short / h), short) if w >= h else (short, round(h * short / w))
+            path = folder / f"{name}-{short}.png"
+            image.resize(size, Image.Resampling.BILINEAR).save(path)
+            out.setdefault(short, []).append(path)
+    return out
+
+
+def export_bundle_cmd(clip: Path, methods: list[str], out: Path) -> list[str]:
+    """The export of one bundle with every compared head on one trunk from the official-format weights file."""
+    cmd = [sys.executable, "-m", "tclseg_trainer.export", "--clip", str(clip), "--allow-unverified-clip"]
+    cmd += ["--heads", ",".join(methods), "--crop-size", "224", "--precision", "fp32", "--out", str(out)]
+    return cmd + ["--force"]
+
+
+def run_binary(tclseg: str, bundle: Path, method: str, images: list[Path], queries: list[str], out: Path, threads: int):
+    """`tclseg segment --head M --protocol M` on `images`; per image: probabilities [N, H, W] and labels [H, W]
+    (the label PNG less one: its class 0 is the threshold class)."""
+    from PIL import Image
+
+    cmd = [tclseg, "segment", "--model", str(bundle), "--head", method, "--protocol", method]
+    cmd += ["--format", "labels,scores", "--threads", str(threads), "--out", str(out), "--force"]
+    for q in queries:
+        cmd += ["--query", q]
+    cmd += [str(p) for p in images]
+    print(f"heads-parity: binary {method}: {' '.join(cmd)}", file=sys.stderr, flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    results = {}
+    for path in images:
+        labels = np.asarray(Image.open(out / f"{path.stem}.labels.png")).astype(np.int64) - 1
+        probs = np.stack(
+            [
+                np.asarray(Image.open(out / f"{path.stem}.score{q + 1}.png"), dtype=np.float64) / 65535.0
+                for q in range(len(queries))
+            ]
+        )
+        results[path.stem] = {"probs": probs, "labels": labels}
+    return results
+
+
+def compare_binary(official: Path, ours: dict[str, np.ndarray], name: str) -> dict:
+    """As `compare`, for the binary: probabilities (from 16-bit PNGs) and labels; it has no logits output."""
+    ref = {k: np.load(official / f"{name}.{k}.npy") for k in ("probs", "labels")}
+    for key in ("probs", "labels"):
+        if ours[key].shape != ref[key].shape:
+            raise SystemExit(f"heads-parity: binary {name}: our {key} {ours[key].shape} vs official {ref[key].shape}")
+    return {
+        "logits": 0.0,
+        "probs": float(np.abs(ours["probs"] - ref["probs"]).max()),
+        "labels_equal": float((ours["labels"] == ref["labels"]).mean()),
+        "classes": int(len(np.unique(ref["labels"]))),
+    }
+
+
 def official_templates(checkout: Path) -> list:
     """The 80 ImageNet prompt templates every method encodes its class names with, read from the official
     checkout's `prompts/imagenet_template.py` at run time (never copied here)."""
@@ -346,6 +430,13 @@ def official_templates(checkout: Path) -> list:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return list(module.openai_imagenet_template)
+
+
+def templates_differ(templates: list) -> bool:
+    """Whether the checkout's templates differ from the ones the bundle's protocols carry."""
+    from ..head_protocols import IMAGENET_TEMPLATES
+
+    return [t("{}") for t in templates] != list(IMAGENET_TEMPLATES)
 
 
 def load_our_clip(clip: Path):
@@ -454,7 +545,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument(
-        "--quick", action="store_true", help=f"only {', '.join(QUICK_IMAGES)} and two classes (scripts/test)"
+        "--quick",
+        action="store_true",
+        help=f"one photo per head ({', '.join(QUICK_BINARY_PHOTOS)} at its protocol's short side; "
+        f"{', '.join(QUICK_IMAGES)} without the binary) and two classes (scripts/test)",
     )
     ap.add_argument("--reuse-official", action="store_true", help="keep the official outputs of an earlier run")
     ap.add_argument("--max-score-diff", type=float, default=MAX_SCORE_DIFF)
@@ -469,25 +563,49 @@ def main() -> None:
 
     started = time.perf_counter()
     work = args.work
-    for stale in ("images", "tclseg", "bundle") + (() if args.reuse_official else ("official",)):
+    for stale in ("images", "images-binary", "tclseg") + (() if args.reuse_official else ("official",)):
         shutil.rmtree(work / stale, ignore_errors=True)
-    images = make_images(args.photos, work / "images", QUICK_IMAGES if args.quick else None)
+    # The binary's photos, at each compared method's protocol short side.
+    binary = bool(args.tclseg)
+    if args.quick and binary:
+        images = []
+    else:
+        images = make_images(args.photos, work / "images", QUICK_IMAGES if args.quick else None)
+    if binary and not Path(args.tclseg).is_file():
+        raise SystemExit(f"heads-parity: {args.tclseg}: no such binary (build it, or --tclseg '' to skip it)")
+    shorts = {protocol_short_side(m) for m in methods} if binary else set()
+    binary_images = make_binary_images(
+        args.photos, work / "images-binary", shorts, QUICK_BINARY_PHOTOS if args.quick else None
+    )
     clip, _ = write_official_weights(work / "weights", seed=args.seed)
     trainer_dir = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=trainer_dir)
     queries = QUERIES[:2] if args.quick else QUERIES
+    groups: dict[str, list[str]] = {}
+    for method in methods:
+        groups.setdefault(METHODS[method]["repo"], []).append(method)
+    # Per method: the photos it is compared on (the binary's only at its protocol's short side).
+    method_images = {m: images + (binary_images.get(protocol_short_side(m), []) if binary else []) for m in methods}
     t_official = time.perf_counter()
+    exporter = None
+    if binary:
+        # The bundle is exported while the official code runs.
+        export_cmd = export_bundle_cmd(clip, methods, work / "bundle")
+        print(f"heads-parity: export: {' '.join(export_cmd)}", file=sys.stderr, flush=True)
+        exporter = subprocess.Popen(export_cmd, env=env, stdout=subprocess.DEVNULL)
     if not args.reuse_official:
-        groups: dict[str, list[str]] = {}
-        for method in methods:
-            groups.setdefault(METHODS[method]["repo"], []).append(method)
-        # One process per repository (three ship different packages named `clip`), all at once.
+        # One process per repository (three ship different packages named `clip`), all at once, each on its
+        # methods' photos.
         threads = max(1, args.threads // len(groups))
         procs = []
-        for group in groups.values():
+        for repo, group in groups.items():
+            folder = work / "images" / f"for-{repo}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in {p for m in group for p in method_images[m]}:
+                shutil.copyfile(path, folder / path.name)
             cmd = [args.python_official, "-m", "tclseg_trainer.tools.heads_parity", "official"]
             cmd += ["--methods", ",".join(group), "--official", str(args.official), "--clip", str(clip)]
-            cmd += ["--images", str(work / "images"), "--queries", json.dumps(queries)]
+            cmd += ["--images", str(folder), "--queries", json.dumps(queries)]
             cmd += ["--out", str(work / "official"), "--threads", str(threads)]
             print(f"heads-parity: official {','.join(group)}: {' '.join(cmd)}", file=sys.stderr, flush=True)
             procs.append((group, subprocess.Popen(cmd, env=env)))
@@ -495,6 +613,8 @@ def main() -> None:
         if failed:
             raise SystemExit(f"heads-parity: the official code of {', '.join(failed)} failed (its output is above)")
     t_official = time.perf_counter() - t_official
+    if exporter is not None and exporter.wait() != 0:
+        raise SystemExit("heads-parity: the bundle export failed (its output is above)")
     model = load_our_clip(clip)
     rows, failures, texts = [], [], {}
     t_ours = time.perf_counter()
@@ -506,17 +626,35 @@ def main() -> None:
             texts[key] = our_text(model, queries, templates)
         text = texts[key]
         text_diff = float(np.abs(text.numpy() - np.load(official / "text.npy")).max())
-        for path in images:
+        if templates_differ(templates):
+            raise SystemExit(f"heads-parity: {method}: head_protocols.IMAGENET_TEMPLATES differ from the checkout's")
+        for path in method_images[method]:
             ours = run_ours(model, method, load_pixels(path), text)
             row = {"method": method, "image": path.stem, "text": text_diff, **compare(official, ours, path.stem)}
             row["size"] = f"{ours['labels'].shape[1]}x{ours['labels'].shape[0]}"
             rows.append(row)
             print(f"heads-parity: {method} {path.stem}: {row}", file=sys.stderr, flush=True)
     t_ours = time.perf_counter() - t_ours
+    t_binary = time.perf_counter()
+    for method in methods if binary else []:
+        official = work / "official" / method
+        shots = binary_images.get(protocol_short_side(method), [])
+        out = work / "tclseg" / method
+        results = run_binary(args.tclseg, work / "bundle", method, shots, queries, out, args.threads)
+        for path in shots:
+            ours = results[path.stem]
+            row = {"method": f"{method}/bin", "image": path.stem, "text": 0.0}
+            row |= compare_binary(official, ours, path.stem)
+            row["size"] = f"{ours['labels'].shape[1]}x{ours['labels'].shape[0]}"
+            rows.append(row)
+            print(f"heads-parity: binary {method} {path.stem}: {row}", file=sys.stderr, flush=True)
+    t_binary = time.perf_counter() - t_binary
 
+    photos = len({p.name for paths in method_images.values() for p in paths})
     print(
-        f"official heads (NACLIP, SCLIP, ClearCLIP + its MaskCLIP, PEARL; pinned commits) vs tclseg_trainer.heads: "
-        f"seeded random ViT-B/16 weights (seed {args.seed}) in OpenAI's format, {len(images)} scikit-image photos, "
+        "official heads (NACLIP, SCLIP, ClearCLIP + its MaskCLIP, PEARL; pinned commits) vs tclseg_trainer.heads "
+        "and, as <method>/bin, `tclseg segment --head M --protocol M` (no logits output: |Δlogits| 0 there); "
+        f"seeded random ViT-B/16 weights (seed {args.seed}) in OpenAI's format, {photos} scikit-image photos, "
         f"{len(queries)} classes x 80 templates, fp32 CPU; max |Δ| over every pixel and class"
     )
     print(
@@ -535,7 +673,7 @@ def main() -> None:
     (work / "summary.json").write_text(json.dumps(rows, indent=2))
     print(
         f"wall time {time.perf_counter() - started:.0f} s: official code {t_official:.0f} s, "
-        f"ours {t_ours:.0f} s ({args.threads} threads)"
+        f"ours {t_ours:.0f} s, binary {t_binary:.0f} s ({args.threads} threads)"
     )
     goal = (
         f"max |Δ| of logits and probabilities <= {args.max_score_diff:g}, "

@@ -129,12 +129,15 @@ def test_short_recipe_beats_step0(tmp_path: Path):
     cfg.data.workers = 0
     cfg.eval.data = str(tmp_path / "world/val")
     cfg.checkpoint.dir = str(tmp_path / "run")
-    # 120 steps (unfreezing at 80) clear the bar by far: step 0 scores 0.129 and the best of the three evaluations
-    # 0.360 (300 steps reached 0.396 for twice the time); the step-0 CLIP is the same 300-step pretraining.
-    cfg.optim.steps = 120
+    # The recipe's schedule (trainer/configs/synthetic.toml: 100 steps at 16x the paper's scaled LR, unfreezing at
+    # 80), evaluated at 50 and 100 only to save time. Measured 2026-12-07: step 0 scores 0.129, the evaluations 0.504
+    # (step 50) and 0.351 (step 100). The margin, 0.25, sits above what the old 1x-LR recipe reached (0.360 = step 0
+    # + 0.23, in 120 steps), so a return to its under-confident masks fails, and 0.125 under this measurement.
+    # 11 min under load (3.7 CPU-minutes).
+    cfg.optim.steps = 100
     cfg.optim.warmup_steps = 20
     cfg.optim.unfreeze_step = 80
-    cfg.eval.every = 40
+    cfg.eval.every = 50
     step0 = T.evaluate(T.build_model(cfg), cfg.eval, T.Tokenizer(), cfg.bundle.templates)
     summary = T.train(cfg)
-    assert summary["best_miou"] > step0 + 0.02, (step0, summary)
+    assert summary["best_miou"] > step0 + 0.25, (step0, summary)

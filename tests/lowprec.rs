@@ -128,12 +128,13 @@ fn int8_bundle_verifies_segments_like_fp32_and_auto_follows_the_cpu() {
         );
     }
 
-    // Labels on the synthetic world's eval scenes, int8 against fp32. Measured: 97.5 % of pixels as the argmax
-    // of the class scores (background 0; one scene of the 8 at 85 %, where two colours score alike over a whole
-    // object), 98.8 % with the bundle's background threshold 0.4. This tiny model (width 32) quantizes worse than
-    // ViT-B/16 (BENCHMARKS.md); the floors sit half a point under the measurement, so a regression in what is
-    // quantized (an attention product, a LayerNorm) fails here.
-    for (bg, floor) in [("0", 0.97), ("0.4", 0.98)] {
+    // Labels on the synthetic world's eval scenes, int8 against fp32. Measured on the bundle of 2026-12-07 (16x-LR
+    // recipe, issue 21): 99.7 % of pixels as the argmax of the class scores (background 0), 99.9 % with the bundle's
+    // background threshold 0.4; the previous bundle gave 97.5 % (one scene at 85 %, where two colours scored alike
+    // over a whole object) and 98.8 % (likely fewer near-ties now that masks are confident). This tiny model (width 32)
+    // quantizes worse than ViT-B/16 (BENCHMARKS.md); the floors sit half a point or more under the measurement, so a
+    // regression in what is quantized (an attention product, a LayerNorm) fails here.
+    for (bg, floor) in [("0", 0.99), ("0.4", 0.99)] {
         let (fp32, int8) = (
             tmp.path().join(format!("fp32-bg{bg}")),
             tmp.path().join(format!("int8-bg{bg}")),

@@ -431,6 +431,13 @@ def load_eval_set(root: str, max_images: int = 0) -> tuple[list[str], list[tuple
 
 def miou(preds: list[np.ndarray], labels: list[np.ndarray], n_classes: int) -> float:
     """Mean over classes present (union > 0) of intersection / union, accumulated over the set; 255 ignored."""
+    ious = class_iou(preds, labels, n_classes)
+    present = ~np.isnan(ious)
+    return float(ious[present].mean()) if present.any() else float("nan")
+
+
+def class_iou(preds: list[np.ndarray], labels: list[np.ndarray], n_classes: int) -> np.ndarray:
+    """IoU per class [n_classes], accumulated over the set, 255 ignored (NaN where the union is empty)."""
     inter = np.zeros(n_classes)
     union = np.zeros(n_classes)
     for p, g in zip(preds, labels, strict=True):
@@ -440,5 +447,5 @@ def miou(preds: list[np.ndarray], labels: list[np.ndarray], n_classes: int) -> f
             pk, gk = p == k, g == k
             inter[k] += np.logical_and(pk, gk).sum()
             union[k] += np.logical_or(pk, gk).sum()
-    present = union > 0
-    return float((inter[present] / union[present]).mean()) if present.any() else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / np.maximum(union, 1), np.nan)

@@ -13,6 +13,7 @@ from PIL import Image
 from tclseg_trainer import data as D
 from tclseg_trainer import train as T
 from tclseg_trainer.model import SIZES, TCL
+from tclseg_trainer.tools import sample_sheet as SS
 from tclseg_trainer.tools import synthetic as S
 from tclseg_trainer.tools import synthetic_diag as G
 
@@ -55,10 +56,36 @@ def test_generate_and_score(tmp_path: Path):
         Image.open(lab).save(pred / f"{img.stem}.labels.png")
     r = S.score(pred, tmp_path / "eval")
     assert r["miou"] == 1.0 and r["chance_uniform"] < 0.5 and r["all_background"] < 1.0
+    assert r["per_class"]["all_background"]["background"] > 0 and not r["per_class"]["all_background"]["red"] > 0
+    # the held-out table: header, rule, the two baselines, then one row per prediction, per class background first
+    lines = S.table(tmp_path / "eval", [("perfect", pred)]).splitlines()
+    assert lines[0].startswith("| predictor | mIoU | background | red |") and len(lines) == 5
+    assert lines[2].startswith("| chance") and lines[3].startswith("| all background | ")
+    perfect = lines[4].split(" | ")
+    assert perfect[:2] == ["| perfect", "100.0"] and set(perfect[2:-1]) <= {"100.0", "-"}
     # the layout is `tclseg eval --dataset folder`'s: background first, by threshold
     (tmp_path / "eval" / "classes.txt").write_text("red\ngreen\n")
     with pytest.raises(D.DataError, match=r"classes.txt: the first class must be 'background'.*'red'"):
         D.load_eval_set(str(tmp_path / "eval"))
+
+
+def test_sample_sheet_counts_found_objects_and_stacks_inputs_over_outputs(tmp_path: Path):
+    S.write_samples(tmp_path / "in", 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    drawn = SS.sample_labels(2)
+    for i, (img, labels, _) in enumerate(drawn):  # perfect labels for shapes-0, nothing found in shapes-1
+        Image.fromarray(labels if i == 0 else np.zeros_like(labels)).save(out / f"shapes-{i}.labels.png")
+        Image.fromarray(img).save(out / f"shapes-{i}.overlay.jpg")
+    rows = SS.objects_found(tmp_path / "in", out)
+    assert [r["image"] for r in rows] == ["shapes-0.png"] * len(drawn[0][2]) + ["shapes-1.png"] * len(drawn[1][2])
+    assert all(r["found"] == (r["image"] == "shapes-0.png") for r in rows)
+    sheet = SS.contact_sheet(tmp_path / "in", out, tmp_path / "sheet.png")
+    assert (tmp_path / "sheet.png").is_file() and sheet.height > 3 * S.SIZE and sheet.width > SS.COLUMNS * S.SIZE
+    # a sample that is not the generator's cannot be labelled
+    Image.fromarray(np.zeros((S.SIZE, S.SIZE, 3), np.uint8)).save(tmp_path / "in" / "shapes-1.png")
+    with pytest.raises(ValueError, match="not the generator's sample"):
+        SS.objects_found(tmp_path / "in", out)
 
 
 def test_diagnosis_helpers():
@@ -102,12 +129,15 @@ def test_short_recipe_beats_step0(tmp_path: Path):
     cfg.data.workers = 0
     cfg.eval.data = str(tmp_path / "world/val")
     cfg.checkpoint.dir = str(tmp_path / "run")
-    # 120 steps (unfreezing at 80) clear the bar by far: step 0 scores 0.129 and the best of the three evaluations
-    # 0.360 (300 steps reached 0.396 for twice the time); the step-0 CLIP is the same 300-step pretraining.
-    cfg.optim.steps = 120
+    # The recipe's schedule (trainer/configs/synthetic.toml: 100 steps at 16x the paper's scaled LR, unfreezing at
+    # 80), evaluated at 50 and 100 only to save time. Measured 2026-12-07: step 0 scores 0.129, the evaluations 0.504
+    # (step 50) and 0.351 (step 100). The margin, 0.25, sits above what the old 1x-LR recipe reached (0.360 = step 0
+    # + 0.23, in 120 steps), so a return to its under-confident masks fails, and 0.125 under this measurement.
+    # 11 min under load (3.7 CPU-minutes).
+    cfg.optim.steps = 100
     cfg.optim.warmup_steps = 20
     cfg.optim.unfreeze_step = 80
-    cfg.eval.every = 40
+    cfg.eval.every = 50
     step0 = T.evaluate(T.build_model(cfg), cfg.eval, T.Tokenizer(), cfg.bundle.templates)
     summary = T.train(cfg)
-    assert summary["best_miou"] > step0 + 0.02, (step0, summary)
+    assert summary["best_miou"] > step0 + 0.25, (step0, summary)

@@ -4,6 +4,7 @@
     python -m tclseg_trainer.tools.synthetic pretrain --out clip.pt [--steps N]
     python -m tclseg_trainer.tools.synthetic samples --out samples/shapes [--n 4]
     python -m tclseg_trainer.tools.synthetic score --pred DIR --eval DIR/eval
+    python -m tclseg_trainer.tools.synthetic table --eval DIR/eval "step 0=PRED0" "trained=PRED1"
 
 `generate` writes
 - `DIR/train/<i>.png` + `<i>.txt`: 1-3 shapes (circle, square, triangle, cross), each in a different one of 6
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from ..checkpoints import save_checkpoint
-from ..data import collate, load_eval_set, miou, to_normalized_tensor
+from ..data import class_iou, collate, load_eval_set, miou, to_normalized_tensor
 from ..losses import clip_image_embedding, info_nce
 from ..model import SIZES, TCL
 from ..tokenizer import Tokenizer
@@ -279,7 +280,8 @@ def pretrain_clip(
 
 def score(pred_dir: Path, eval_dir: Path, seed: int = 0) -> dict:
     """mIoU of `<stem>.labels.png` maps in pred_dir (as `tclseg segment --format labels` writes them) against
-    eval_dir/labels, plus two baselines on the same pixels: uniform random labels and all-background."""
+    eval_dir/labels, plus two baselines on the same pixels: uniform random labels and all-background; `per_class`
+    holds each one's IoU per class (background first)."""
     classes, pairs = load_eval_set(str(eval_dir))
     preds, gts, rand, bg = [], [], [], []
     rng = np.random.default_rng(seed)
@@ -293,12 +295,39 @@ def score(pred_dir: Path, eval_dir: Path, seed: int = 0) -> dict:
         rand.append(rng.integers(0, len(classes) + 1, g.shape))
         bg.append(np.zeros_like(g))
     n = len(classes) + 1
+    names = ["background", *classes]
+    scored = {"miou": preds, "chance_uniform": rand, "all_background": bg}
     return {
         "images": len(pairs),
-        "miou": miou(preds, gts, n),
-        "chance_uniform": miou(rand, gts, n),
-        "all_background": miou(bg, gts, n),
+        **{key: miou(ps, gts, n) for key, ps in scored.items()},
+        "per_class": {
+            key: dict(zip(names, [round(float(v), 4) for v in class_iou(ps, gts, n)], strict=True))
+            for key, ps in scored.items()
+        },
     }
+
+
+def table(eval_dir: Path, rows: list[tuple[str, Path]]) -> str:
+    """The held-out table `scripts/synthetic-world` prints (markdown, IoU x 100): chance and all-background, then one
+    row per (name, prediction directory); mIoU and IoU per class, background first."""
+    results = [(name, score(pred, eval_dir)) for name, pred in rows]
+    if not results:
+        raise ValueError("table: no predictions to score")
+    first = results[0][1]
+    names = list(first["per_class"]["miou"])
+    lines = [
+        "| predictor | mIoU | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+
+    def line(name: str, total: float, per: dict) -> str:
+        cells = ["-" if math.isnan(per[c]) else f"{100 * per[c]:.1f}" for c in names]
+        return f"| {name} | {100 * total:.1f} | " + " | ".join(cells) + " |"
+
+    lines.append(line("chance (uniform random labels)", first["chance_uniform"], first["per_class"]["chance_uniform"]))
+    lines.append(line("all background", first["all_background"], first["per_class"]["all_background"]))
+    lines += [line(name, r["miou"], r["per_class"]["miou"]) for name, r in results]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,10 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     sc = sub.add_parser("score", help="mIoU of tclseg segment label maps against the eval labels")
     sc.add_argument("--pred", type=Path, required=True)
     sc.add_argument("--eval", type=Path, required=True)
+    ta = sub.add_parser("table", help="markdown table of mIoU and IoU per class: baselines, then each NAME=PRED_DIR")
+    ta.add_argument("--eval", type=Path, required=True)
+    ta.add_argument("rows", nargs="+", metavar="NAME=PRED_DIR")
     args = p.parse_args(argv)
     torch.set_num_threads(int(__import__("os").environ.get("TCLSEG_TRAIN_THREADS", "1")))
     if args.cmd == "score":
         print(json.dumps(score(args.pred, args.eval)))
+    elif args.cmd == "table":
+        if bad := [r for r in args.rows if "=" not in r]:
+            p.error(f"table: {bad[0]!r} is not NAME=PRED_DIR")
+        print(table(args.eval, [(name, Path(d)) for name, d in (r.rsplit("=", 1) for r in args.rows)]))
     elif args.cmd == "samples":
         write_samples(args.out, args.n)
     elif args.cmd == "generate":

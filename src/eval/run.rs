@@ -148,13 +148,9 @@ pub fn evaluate(job: &EvalJob, progress: &dyn EvalProgress) -> Result<EvalReport
             let m = engine.bundle().manifest();
             let settings = SegmentSettings::resolve_head(m, head.as_deref(), overrides, !with_bg)
                 .map_err(|e| anyhow!("--head: {e}"))?;
-            let head_name = settings
-                .head
-                .and_then(|id| m.head(id))
-                .map(|(name, _)| name.to_string());
             let model = serde_json::json!({
                 "name": m.name, "version": m.version, "manifest_sha256": engine.manifest_sha256(),
-                "head": head_name,
+                "head": engine.head_name(&settings),
             });
             (Some(settings), Some(text), Some(model))
         }

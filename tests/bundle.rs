@@ -181,7 +181,7 @@ fn not_a_bundle_directory() {
 
 #[test]
 fn missing_onnx_runtime_is_an_error_not_a_panic() {
-    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
+    let out = Command::new(common::tclseg_bin())
         .args(["models", "verify", arg(&fixture())])
         .env("ORT_DYLIB_PATH", "/nonexistent/libonnxruntime.so")
         .output()

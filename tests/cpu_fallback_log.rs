@@ -11,7 +11,7 @@ fn auto_without_a_gpu_driver_says_cpu_once_at_info() {
     let tmp = tempfile::tempdir().expect("tmp");
     let image = tmp.path().join("a.png");
     write_png(&image, 40, 30);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tclseg"))
+    let out = std::process::Command::new(common::tclseg_bin())
         .args([
             "segment",
             image.to_str().expect("utf-8"),

@@ -1,10 +1,12 @@
 //! `tclseg models export` drives the Python trainer and `tclseg models verify` accepts what it wrote.
 //! Needs the setup's `.venv` (scripts/test runs scripts/setup first).
 
+mod common;
+
 use std::process::Command;
 
 fn tclseg(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_tclseg"))
+    Command::new(common::tclseg_bin())
         .args(args)
         .output()
         .expect("run tclseg")

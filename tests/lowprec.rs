@@ -3,6 +3,8 @@
 //! `segment` labels at int8 against fp32 on synthetic-world scenes, and `--precision auto|int8|bf16` choosing or
 //! refusing as `model::cpu::choose` says for this CPU. Needs the setup's `.venv` (scripts/test runs scripts/setup).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -24,7 +26,7 @@ fn python(args: &[&str]) -> Output {
 }
 
 fn tclseg(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tclseg"))
+    Command::new(common::tclseg_bin())
         .args(args)
         .output()
         .expect("run tclseg")

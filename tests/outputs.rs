@@ -366,7 +366,8 @@ fn a_full_disk_leaves_no_part_of_the_failed_image_and_resume_completes_it() {
 
     let disk = t.join("disk");
     fs::create_dir_all(&disk).expect("mkdir");
-    let bin = env!("CARGO_BIN_EXE_tclseg");
+    let bin = common::tclseg_bin();
+    let bin = bin.display();
     let bundle = fixture_bundle();
     let args = format!(
         "segment '{}' --out \"$DISK/out\" --model '{}' -q 'red square' --device cpu --threads 1 {}",

@@ -262,7 +262,7 @@ fn cuda_is_never_a_silent_fallback() {
     write_png(&input, 24, 24);
     let bundle = fixture_bundle();
     let run = |device: &str, out: &str, ort: &Path, cuda_dir: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_tclseg"))
+        Command::new(common::tclseg_bin())
             .args(["segment", &input.display().to_string(), "--out"])
             .arg(tmp.path().join(out))
             .arg("--model")

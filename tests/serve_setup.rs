@@ -77,7 +77,10 @@ fn systemd_units_verify() {
         );
         std::fs::write(
             dir.path().join(dst),
-            text.replace("/usr/local/bin/tclseg", env!("CARGO_BIN_EXE_tclseg")),
+            text.replace(
+                "/usr/local/bin/tclseg",
+                &common::tclseg_bin().to_string_lossy(),
+            ),
         )
         .expect("write unit");
     }

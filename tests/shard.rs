@@ -17,7 +17,7 @@ use common::{arg, free_port, stdout, wait_until, write_png};
 /// `tclseg segment IN --out OUT -q "red square"` on the built-in model (no --model, no $TCLSEG_MODEL; unpacked
 /// into this test's own cache), CPU, one thread, one image per call, then `extra`.
 fn segment_command(work: &Path, input: &Path, out: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tclseg"));
+    let mut cmd = Command::new(common::tclseg_bin());
     cmd.current_dir(work)
         .args(["segment", arg(input), "--out", arg(out), "-q", "red square"])
         .args([
@@ -416,7 +416,7 @@ fn serve_shard_auto_needs_an_ordinal_in_the_host_name() {
     )]);
     let path = dir.path().join("serve.toml");
     config.write(&path);
-    let out = Command::new(env!("CARGO_BIN_EXE_tclseg"))
+    let out = Command::new(common::tclseg_bin())
         .args([
             "serve",
             "--config",

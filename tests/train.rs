@@ -1,6 +1,8 @@
 //! `tclseg train` runs real training steps through torchrun, evaluates, exports and verifies a bundle, and
 //! resumes. Needs the setup's `.venv` (scripts/test runs scripts/setup first).
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// `tclseg ARGS` with training pinned to the CPU and one thread.
 fn tclseg_command(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tclseg"));
+    let mut cmd = Command::new(common::tclseg_bin());
     cmd.args(args)
         .env("TCLSEG_TRAIN_DEVICE", "cpu")
         .env("TCLSEG_TRAIN_THREADS", "1")

@@ -149,7 +149,7 @@ impl Daemon {
             }
         });
         let log = dir.join("serve.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_tclseg"))
+        let child = Command::new(super::tclseg_bin())
             .args(["serve", "--config", arg(&config)])
             .envs(env.iter().copied())
             .env("NOTIFY_SOCKET", &socket)

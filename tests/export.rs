@@ -3,14 +3,7 @@
 
 mod common;
 
-use std::process::Command;
-
-fn tclseg(args: &[&str]) -> std::process::Output {
-    Command::new(common::tclseg_bin())
-        .args(args)
-        .output()
-        .expect("run tclseg")
-}
+use common::tclseg;
 
 #[test]
 fn export_random_tiny_then_verify_and_list() {

@@ -25,13 +25,6 @@ fn python(args: &[&str]) -> Output {
         .expect("run the trainer's python")
 }
 
-fn tclseg(args: &[&str]) -> Output {
-    Command::new(common::tclseg_bin())
-        .args(args)
-        .output()
-        .expect("run tclseg")
-}
-
 fn ok(out: &Output, what: &str) -> String {
     assert!(
         out.status.success(),
@@ -65,7 +58,7 @@ fn segment(bundle: &Path, images: &Path, out: &Path, precision: &str, bg_thresh:
     for c in COLOURS {
         args.extend(["-q", c]);
     }
-    ok(&tclseg(&args), &format!("segment at {precision}"));
+    ok(&common::tclseg(&args), &format!("segment at {precision}"));
 }
 
 fn labels(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -118,7 +111,7 @@ fn int8_bundle_verifies_segments_like_fp32_and_auto_follows_the_cpu() {
 
     // verify runs one crop at every precision the bundle holds, int8 among them.
     let stdout = ok(
-        &tclseg(&["models", "verify", s(&bundle), "--threads", "1"]),
+        &common::tclseg(&["models", "verify", s(&bundle), "--threads", "1"]),
         "verify",
     );
     for role in ["image_trunk", "tcl_head"] {
@@ -178,7 +171,7 @@ fn int8_bundle_verifies_segments_like_fp32_and_auto_follows_the_cpu() {
             precision,
         ];
         args.extend(ON_CPU);
-        tclseg(&args)
+        common::tclseg(&args)
     };
     let out = ok(&bench(&bundle, "auto"), "bench auto");
     let line: serde_json::Value =

@@ -357,6 +357,8 @@ impl RtspOptions {
     }
 }
 
+/// Cargo's own output folder of this test build (its `examples/` are built by `cargo test`, never by setup), so
+/// not the folder of `tclseg_bin`, which may be the release build.
 fn bin_dir() -> PathBuf {
     Path::new(env!("CARGO_BIN_EXE_tclseg"))
         .parent()

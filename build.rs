@@ -1,5 +1,5 @@
-//! Embeds the default model bundle (models/synthetic-shapes: the tiny TCL our trainer learns in the synthetic world,
-//! a few MB) into the binary, so `tclseg segment` has a model that segments something on a fresh machine before any
+//! Embeds the default model bundle (models/synthetic-shapes: the small TCL our trainer learns in the synthetic world,
+//! 13 MB) into the binary, so `tclseg segment` has a model that segments something on a fresh machine before any
 //! bundle is exported. The bundle's own hashes are checked when it is unpacked and opened, like any other bundle.
 
 use std::fmt::Write as _;

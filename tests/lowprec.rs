@@ -123,13 +123,14 @@ fn int8_bundle_verifies_segments_like_fp32_and_auto_follows_the_cpu() {
         );
     }
 
-    // Labels on the synthetic world's eval scenes, int8 against fp32. Measured on the bundle of 2026-12-07 (16x-LR
-    // recipe, issue 21): 99.7 % of pixels as the argmax of the class scores (background 0), 99.9 % with the bundle's
-    // background threshold 0.4; the previous bundle gave 97.5 % (one scene at 85 %, where two colours scored alike
-    // over a whole object) and 98.8 % (likely fewer near-ties now that masks are confident). This tiny model (width 32)
-    // quantizes worse than ViT-B/16 (BENCHMARKS.md); the floors sit half a point or more under the measurement, so a
-    // regression in what is quantized (an attention product, a LayerNorm) fails here.
-    for (bg, floor) in [("0", 0.99), ("0.4", 0.99)] {
+    // Labels on the synthetic world's eval scenes, int8 against fp32. Measured on the small bundle of 2026-12-07
+    // (issue 21, width 64, short side 448): 98.8 % of pixels as the argmax of the class scores (background 0), 99.4 %
+    // with the bundle's background threshold 0.4. The tiny bundle before it gave 99.7 % and 99.9 %; the small one
+    // likely has more pixels where a colour and the background score alike (its green errors are dull green
+    // backgrounds), and those flip first. These synthetic models quantize worse than ViT-B/16 (BENCHMARKS.md); the floors sit half a
+    // point or more under the measurement, so a regression in what is quantized (an attention product, a LayerNorm)
+    // fails here.
+    for (bg, floor) in [("0", 0.98), ("0.4", 0.985)] {
         let (fp32, int8) = (
             tmp.path().join(format!("fp32-bg{bg}")),
             tmp.path().join(format!("int8-bg{bg}")),

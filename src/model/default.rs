@@ -59,7 +59,7 @@ fn extract_builtin() -> Result<PathBuf> {
         }
     }
     tracing::info!(
-        "using the built-in model (synthetic-shapes: a tiny TCL trained on generated shapes; it knows colour \
+        "using the built-in model (synthetic-shapes: a small TCL trained on generated shapes; it knows colour \
          names, not the real world) unpacked at {}",
         cache.display()
     );

@@ -1,7 +1,9 @@
 """The synthetic world: image-caption pairs of coloured shapes, to show TCL works end to end on a CPU.
 
     python -m tclseg_trainer.tools.synthetic generate --out DIR [--train N] [--eval N] [--seed S]
-    python -m tclseg_trainer.tools.synthetic pretrain --out clip.pt [--steps N]
+    python -m tclseg_trainer.tools.synthetic pretrain --out clip.pt [--steps N] [--size small]
+    python -m tclseg_trainer.tools.synthetic seed-config --config CONFIG --seed N --out DIR
+    python -m tclseg_trainer.tools.synthetic pick RUN_DIR...
     python -m tclseg_trainer.tools.synthetic samples --out samples/shapes [--n 4]
     python -m tclseg_trainer.tools.synthetic score --pred DIR --eval DIR/eval
     python -m tclseg_trainer.tools.synthetic table --eval DIR/eval "step 0=PRED0" "trained=PRED1"
@@ -12,13 +14,17 @@
   random non-empty subset of the objects, in random order and phrasing ("a red circle and a blue square", "there is
   green cross; a white square"); 9 in 10 phrases name the colour. No masks are written for the training split.
 - `DIR/{val,eval,eval-shapes}/{classes.txt, images/<i>.png, labels/<i>.png}`: held-out images with label maps
-  (0 background). `val` (labelled by colour) picks checkpoints and thresholds; `eval` (by colour) and
+  (0 background). `val` (labelled by colour) picks checkpoints, seeds and thresholds; `eval` (by colour) and
   `eval-shapes` (the same images, by shape) are scored at the end only.
 
-`pretrain` trains a tiny CLIP (both encoders of a `TCL("tiny")`) contrastively on fresh pairs drawn on the fly, with
-no masks, and writes a trainer checkpoint whose grounder is a copy of that CLIP, i.e. step 0 of TCL = MaskCLIP.
+`pretrain` trains a CLIP (both encoders of a `TCL(SIZES[size])`; the recipe's is "small") contrastively on fresh pairs
+drawn on the fly, with no masks, and writes a trainer checkpoint whose grounder is a copy of that CLIP, i.e. step 0 of
+TCL = MaskCLIP.
 
-Why colours: in the CPU budget the tiny CLIP learns colour words (zero-shot 100 % on single objects) but not shape
+`seed-config` and `pick` are the recipe's seed selection: the training config once per seed, then the run whose
+best.pt scored highest on `val`.
+
+Why colours: in the CPU budget the CLIP learns colour words (zero-shot 100 % on single objects) but not shape
 words (chance, 23-30 %, after 600-1000 steps), so colour names are what the grounder can learn to localise.
 """
 
@@ -30,9 +36,11 @@ import math
 import random
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
+import tomli_w
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -222,11 +230,12 @@ def pretrain_clip(
     log_every: int = 50,
     workers: int = 1,
     objective: str = "cls",
+    size: str = "tiny",
 ) -> dict:
     """Contrastive CLIP pretraining of the tiny model's encoders on fresh pairs (`SceneStream`); the grounder is
     then re-copied from the trained CLIP, so the checkpoint is step 0 of TCL (= MaskCLIP)."""
     torch.manual_seed(seed)
-    model = TCL(SIZES["tiny"], seed=seed)
+    model = TCL(SIZES[size], seed=seed)
     model.clip_image_encoder.requires_grad_(True)
     model.clip_text_encoder.requires_grad_(True)
     params = list(model.clip_image_encoder.parameters()) + list(model.clip_text_encoder.parameters())
@@ -330,6 +339,42 @@ def table(eval_dir: Path, rows: list[tuple[str, Path]]) -> str:
     return "\n".join(lines)
 
 
+def seed_config(config: Path, seed: int, out: Path) -> Path:
+    """A copy of the training config `config` with `seed` set and its checkpoints in `out`/seed-<seed>, written to
+    `out`/seed-<seed>.toml with every path made absolute (they were relative to `config`'s folder)."""
+    d = tomllib.loads(config.read_text(encoding="utf-8"))
+    base = config.resolve().parent
+
+    def absolute(path: str) -> str:
+        return path if Path(path).is_absolute() else str((base / path).resolve())
+
+    d["seed"] = seed
+    d.setdefault("checkpoint", {})["dir"] = str((out / f"seed-{seed}").resolve())
+    d["data"]["train"] = ",".join(absolute(x.strip()) for x in d["data"]["train"].split(","))
+    if d.get("eval", {}).get("data"):
+        d["eval"]["data"] = absolute(d["eval"]["data"])
+    kind, _, file = d["model"]["init"].partition(":")
+    if file:
+        d["model"]["init"] = f"{kind}:{absolute(file)}"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"seed-{seed}.toml"
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(tomli_w.dumps(d), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def pick_best(runs: list[Path]) -> tuple[Path, list[tuple[Path, float]]]:
+    """The run folder whose best.pt scored highest on `val` during training (the trainer's own selection score), and
+    every run's score. Only `val` decides: the held-out `eval` images are never read here."""
+    scores = []
+    for run in runs:
+        ckpt = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
+        scores.append((run, float(ckpt["best_miou"])))
+    best = max(scores, key=lambda rs: rs[1])[0]
+    return best, scores
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tclseg_trainer.tools.synthetic", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -338,13 +383,14 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--train", type=int, default=4000)
     g.add_argument("--eval", type=int, default=50)
     g.add_argument("--seed", type=int, default=0)
-    pr = sub.add_parser("pretrain", help="a tiny CLIP, contrastively, on pairs drawn on the fly")
+    pr = sub.add_parser("pretrain", help="a CLIP of one of model.SIZES, contrastively, on pairs drawn on the fly")
     pr.add_argument("--out", type=Path, required=True)
     pr.add_argument("--steps", type=int, default=1500)
     pr.add_argument("--batch", type=int, default=64)
     pr.add_argument("--lr", type=float, default=1e-3)
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--objective", choices=OBJECTIVES, default="cls", help="see OBJECTIVES")
+    pr.add_argument("--size", choices=list(SIZES), default="tiny", help="a key of model.SIZES")
     sa = sub.add_parser("samples", help="the README's sample images and their queries")
     sa.add_argument("--out", type=Path, required=True)
     sa.add_argument("--n", type=int, default=4)
@@ -354,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     ta = sub.add_parser("table", help="markdown table of mIoU and IoU per class: baselines, then each NAME=PRED_DIR")
     ta.add_argument("--eval", type=Path, required=True)
     ta.add_argument("rows", nargs="+", metavar="NAME=PRED_DIR")
+    se = sub.add_parser("seed-config", help="a copy of a training config with another seed and checkpoint folder")
+    se.add_argument("--config", type=Path, required=True)
+    se.add_argument("--seed", type=int, required=True)
+    se.add_argument("--out", type=Path, required=True, help="writes OUT/seed-N.toml; checkpoints go to OUT/seed-N")
+    pk = sub.add_parser("pick", help="the training run whose best.pt scored highest on val")
+    pk.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
     args = p.parse_args(argv)
     torch.set_num_threads(int(__import__("os").environ.get("TCLSEG_TRAIN_THREADS", "1")))
     if args.cmd == "score":
@@ -362,12 +414,19 @@ def main(argv: list[str] | None = None) -> int:
         if bad := [r for r in args.rows if "=" not in r]:
             p.error(f"table: {bad[0]!r} is not NAME=PRED_DIR")
         print(table(args.eval, [(name, Path(d)) for name, d in (r.rsplit("=", 1) for r in args.rows)]))
+    elif args.cmd == "seed-config":
+        print(seed_config(args.config, args.seed, args.out))
+    elif args.cmd == "pick":
+        best, scores = pick_best(args.runs)
+        for run, miou in scores:
+            print(f"{run}: val mIoU {100 * miou:.1f}", file=sys.stderr)
+        print(best)
     elif args.cmd == "samples":
         write_samples(args.out, args.n)
     elif args.cmd == "generate":
         generate(args.out, args.train, args.eval, args.seed)
     else:
-        pretrain_clip(args.out, args.steps, args.batch, args.lr, args.seed, objective=args.objective)
+        pretrain_clip(args.out, args.steps, args.batch, args.lr, args.seed, objective=args.objective, size=args.size)
     return 0
 
 

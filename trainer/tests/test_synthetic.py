@@ -69,6 +69,33 @@ def test_generate_and_score(tmp_path: Path):
         D.load_eval_set(str(tmp_path / "eval"))
 
 
+def test_seed_config_keeps_the_recipe_and_pick_reads_only_val_scores(tmp_path: Path):
+    """scripts/synthetic-world trains the config once per seed and keeps the run `val` ranks best."""
+    config = Path(__file__).resolve().parents[1] / "configs" / "synthetic.toml"
+    path = S.seed_config(config, 2, tmp_path / "tcl")
+    assert path == tmp_path / "tcl" / "seed-2.toml"
+    base, copy = T.load_config(config), T.load_config(path)
+    assert copy.seed == 2 and Path(copy.checkpoint.dir) == (tmp_path / "tcl" / "seed-2").resolve()
+    # everything else is the recipe, with the same files (paths were relative to the config's folder)
+    assert Path(copy.data.train) == Path(base.data.train).resolve()
+    assert Path(copy.eval.data) == Path(base.eval.data).resolve()
+    assert copy.model.init == "checkpoint:" + str(Path(base.model.init.split(":", 1)[1]).resolve())
+    copy.seed, copy.checkpoint.dir = base.seed, base.checkpoint.dir
+    copy.data.train, copy.eval.data, copy.model.init = base.data.train, base.eval.data, base.model.init
+    assert copy.to_dict() == base.to_dict()
+    # pick: the highest best.pt score, whatever the order
+    runs = []
+    for seed, score in [(0, 0.61), (1, 0.72), (2, 0.55)]:
+        run = tmp_path / f"seed-{seed}"
+        run.mkdir()
+        torch.save({"best_miou": score, "state_dict": {}}, run / "best.pt")
+        runs.append(run)
+    best, scores = S.pick_best(runs)
+    assert best == runs[1] and [round(s, 2) for _, s in scores] == [0.61, 0.72, 0.55]
+    with pytest.raises(FileNotFoundError):
+        S.pick_best([tmp_path / "missing"])
+
+
 def test_sample_sheet_counts_found_objects_and_stacks_inputs_over_outputs(tmp_path: Path):
     S.write_samples(tmp_path / "in", 2)
     out = tmp_path / "out"
@@ -121,23 +148,21 @@ def test_dense_pretraining_objective_adds_a_pooled_patch_term():
 @pytest.mark.slow
 def test_short_recipe_beats_step0(tmp_path: Path):
     """Few-minute CPU version of scripts/synthetic-world, scored in Python (train.evaluate) on the val set."""
-    S.generate(tmp_path / "world", n_train=800, n_eval=12, seed=0)
-    S.pretrain_clip(tmp_path / "clip.pt", steps=300, batch=32, workers=0)
+    S.generate(tmp_path / "world", n_train=800, n_eval=40, seed=0)
+    S.pretrain_clip(tmp_path / "clip.pt", steps=300, batch=32, workers=0, size="small")
     cfg = T.load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic.toml")
     cfg.model.init = f"checkpoint:{tmp_path / 'clip.pt'}"
     cfg.data.train = str(tmp_path / "world/train")
     cfg.data.workers = 0
     cfg.eval.data = str(tmp_path / "world/val")
     cfg.checkpoint.dir = str(tmp_path / "run")
-    # The recipe's schedule (trainer/configs/synthetic.toml: 100 steps at 16x the paper's scaled LR, unfreezing at
-    # 80), evaluated at 50 and 100 only to save time. Measured 2026-12-07: step 0 scores 0.129, the evaluations 0.504
-    # (step 50) and 0.351 (step 100). The margin, 0.25, sits above what the old 1x-LR recipe reached (0.360 = step 0
-    # + 0.23, in 120 steps), so a return to its under-confident masks fails, and 0.125 under this measurement.
-    # 11 min under load (3.7 CPU-minutes).
-    cfg.optim.steps = 100
-    cfg.optim.warmup_steps = 20
-    cfg.optim.unfreeze_step = 80
+    # The recipe's schedule as configured (trainer/configs/synthetic.toml: the small model, 200 steps of 8 at 16x the
+    # paper's scaled LR, unfreezing at 160), one seed, evaluated every 50 steps only to save time. Measured 2026-12-07
+    # (Intel Xeon, 1 thread, 4 min): step 0 scores 0.313 on these 40 images (the small CLIP's MaskCLIP already finds
+    # white and some red and blue; the tiny one's scored 0.129), the evaluations 0.254 / 0.379 / 0.436 / 0.428. The
+    # margin, 0.06, is half the measured gain: a grounder that does not learn (or unlearns) stays at or under step 0.
+    assert cfg.model.size == "small" and cfg.optim.steps == 200 and cfg.data.batch_size == 8
     cfg.eval.every = 50
     step0 = T.evaluate(T.build_model(cfg), cfg.eval, T.Tokenizer(), cfg.bundle.templates)
     summary = T.train(cfg)
-    assert summary["best_miou"] > step0 + 0.25, (step0, summary)
+    assert summary["best_miou"] > step0 + 0.06, (step0, summary)

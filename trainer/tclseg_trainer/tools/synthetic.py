@@ -343,7 +343,7 @@ def seed_config(config: Path, seed: int, out: Path) -> Path:
     """A copy of the training config `config` with `seed` set and its checkpoints in `out`/seed-<seed>, written to
     `out`/seed-<seed>.toml with every path made absolute (they were relative to `config`'s folder). It edits the TOML
     table rather than a loaded TrainConfig so the copy keeps the file's own keys (a TrainConfig's dict holds tuples,
-    which TOML writes as arrays that the config loader then rejects); the path keys are the ones load_config resolves."""
+    which TOML writes as arrays that the config loader then rejects); the path keys are those load_config resolves."""
     d = tomllib.loads(config.read_text(encoding="utf-8"))
     base = config.resolve().parent
 

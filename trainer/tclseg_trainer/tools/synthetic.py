@@ -232,7 +232,7 @@ def pretrain_clip(
     objective: str = "cls",
     size: str = "tiny",
 ) -> dict:
-    """Contrastive CLIP pretraining of the tiny model's encoders on fresh pairs (`SceneStream`); the grounder is
+    """Contrastive CLIP pretraining of the `size` model's encoders on fresh pairs (`SceneStream`); the grounder is
     then re-copied from the trained CLIP, so the checkpoint is step 0 of TCL (= MaskCLIP)."""
     torch.manual_seed(seed)
     model = TCL(SIZES[size], seed=seed)

@@ -8,7 +8,8 @@ so D processes compute exactly the one-process step on the global batch.
 Schedule: AdamW (betas 0.9/0.999, eps 1e-6, wd 0.05; 1-D params and `.bias` without decay), LR scaled by
 global_batch / 4096, linear warm-up from 1e-4 x peak, cosine to the min LR; gradients clipped to 5.0; AMP fp16
 with a GradScaler or bf16. Until `unfreeze_step` the grounder's copied ViT block is frozen (in the optimizer,
-without gradients) and in eval mode.
+without gradients) and in eval mode. With `ema_decay` > 0 a moving average of the weights (ema.py) is what `val`
+scores and best.pt holds; a run without `[eval]` data writes the final average as best.pt.
 
 Output: one JSON object per line on stdout ({"event": "progress" | "eval" | "checkpoint" | "skipped" |
 "interrupted" | "done", ...}); `tclseg train` turns them into log lines. SIGINT/SIGTERM finish the current step,
@@ -20,6 +21,7 @@ The config's tables, defaults and checks are in `train_config.py`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -38,6 +40,7 @@ from PIL import Image
 
 from .checkpoints import CheckpointError, apply_openai_clip, load_checkpoint, load_openai_clip, save_checkpoint
 from .data import AugmentConfig, DataError, ImageTextStream, SkipCounter, collate, load_eval_set, miou
+from .ema import WeightAverage
 from .losses import tcl_losses
 from .model import SIZES, TCL
 from .tokenizer import Tokenizer
@@ -275,10 +278,20 @@ def checkpoint_files(d: Path) -> list[Path]:
 
 
 def write_checkpoint(
-    d: Path, model: TCL, optimizer, scaler, state: StepState, cfg: TrainConfig, device, name: str | None = None
+    d: Path,
+    model: TCL,
+    optimizer,
+    scaler,
+    state: StepState,
+    cfg: TrainConfig,
+    device,
+    name: str | None = None,
+    average: WeightAverage | None = None,
 ) -> Path:
-    """Atomic (temp file + rename, in checkpoints.save_checkpoint); prunes to keep_last periodic checkpoints."""
+    """Atomic (temp file + rename, in checkpoints.save_checkpoint); prunes to keep_last periodic checkpoints. The
+    model's own weights go in; `average` (periodic checkpoints only) rides along so that a resume continues it."""
     path = d / (name or f"ckpt-{state.step:08d}.pt")
+    extra = {"weight_average": average.state_dict()} if average is not None else {}
     save_checkpoint(
         path,
         model,
@@ -290,6 +303,7 @@ def write_checkpoint(
         scheduler={"kind": "warmup-cosine", "step": state.step},
         rng=_rng_state(device),
         train_config=cfg.to_dict(),
+        **extra,
     )
     if name is None:
         for old in checkpoint_files(d)[: -cfg.checkpoint.keep_last]:
@@ -297,7 +311,7 @@ def write_checkpoint(
     return path
 
 
-def restore(path: Path, model: TCL, optimizer, scaler, device) -> StepState:
+def restore(path: Path, model: TCL, optimizer, scaler, device, average: WeightAverage | None = None) -> StepState:
     loaded, meta = load_checkpoint(path)
     model.load_state_dict(loaded.state_dict())
     obj = torch.load(path, map_location="cpu", weights_only=False)
@@ -308,6 +322,15 @@ def restore(path: Path, model: TCL, optimizer, scaler, device) -> StepState:
     if scaler is not None and obj.get("scaler"):
         scaler.load_state_dict(obj["scaler"])
     _set_rng_state(obj["rng"], device)
+    if average is not None:
+        if "weight_average" in obj:
+            try:
+                average.load_state_dict(obj["weight_average"])
+            except KeyError as e:
+                raise CheckpointError(f"{path}: {e.args[0]}") from None
+        else:
+            average.restart(model)
+            emit("warning", message=f"{path} has no weight average (optim.ema_decay was 0): it restarts here")
     return StepState(step=int(obj["step"]), best_miou=float(obj.get("best_miou", -1.0)))
 
 
@@ -351,12 +374,13 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    average = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
     state = StepState()
     if resume:
         found = checkpoint_files(ckpt_dir)
         if not found:
             raise CheckpointError(f"{ckpt_dir}: --resume given but there is no ckpt-*.pt to resume from")
-        state = restore(found[-1], model, optimizer, scaler, device)
+        state = restore(found[-1], model, optimizer, scaler, device, average)
         emit("resumed", step=state.step, checkpoint=str(found[-1]))
 
     data_seed = cfg.seed if not resume or cfg.data.resume == "fast-forward" else cfg.seed + 7919 * state.step
@@ -402,6 +426,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
         images = images.to(device, non_blocking=True)
         text = encode_captions(model, tokenizer, captions, device)
         last = train_step(model, optimizer, scaler, images, text, state.step, cfg, global_batch)
+        if average is not None:
+            average.update(model)
         state.step += 1
         if state.step % cfg.log.every == 0 or state.step == end:
             rate = (state.step - s0) / max(1e-9, time.monotonic() - t0)
@@ -422,13 +448,14 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
                 for k, v in last.items():
                     writer.add_scalar(f"train/{k}", v, state.step)
         if cfg.eval.data and (state.step % cfg.eval.every == 0 or state.step == cfg.optim.steps):
-            score = evaluate(model, cfg.eval, tokenizer, cfg.bundle.templates) if rank == 0 else 0.0
+            with average.swapped_in(model) if average is not None else contextlib.nullcontext():
+                score = evaluate(model, cfg.eval, tokenizer, cfg.bundle.templates) if rank == 0 else 0.0
+                if rank == 0 and score > state.best_miou:
+                    state.best_miou = score
+                    write_checkpoint(ckpt_dir, model, optimizer, scaler, state, cfg, device, name="best.pt")
             emit("eval", step=state.step, miou=round(score, 6))
             if writer is not None:
                 writer.add_scalar("eval/miou", score, state.step)
-            if rank == 0 and score > state.best_miou:
-                state.best_miou = score
-                write_checkpoint(ckpt_dir, model, optimizer, scaler, state, cfg, device, name="best.pt")
         stop = _Stop.requested
         if is_dist():
             flag = torch.tensor([int(stop)], device=device)
@@ -436,8 +463,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
             stop = bool(flag.item())
         if state.step % cfg.checkpoint.every == 0 or state.step == end or stop:
             if rank == 0:
-                path = write_checkpoint(ckpt_dir, model, optimizer, scaler, state, cfg, device)
+                path = write_checkpoint(ckpt_dir, model, optimizer, scaler, state, cfg, device, average=average)
                 emit("checkpoint", step=state.step, path=str(path))
+            if rank == 0 and average is not None and not cfg.eval.data and state.step == cfg.optim.steps:
+                with average.swapped_in(model):  # nothing scores the average: the final one is the one to export
+                    write_checkpoint(ckpt_dir, model, optimizer, scaler, state, cfg, device, name="best.pt")
         if stop:
             emit("interrupted", step=state.step)
             break

@@ -61,6 +61,8 @@ class OptimCfg:
     eps: float = 1e-6
     clip_grad: float = 5.0
     amp: str = "fp16"  # "fp16" (GradScaler), "bf16" or "none"
+    # 0: off (the paper). Else val evaluation, best.pt and the export use this moving average of the weights (ema.py)
+    ema_decay: float = 0.0
 
 
 @dataclass
@@ -157,6 +159,8 @@ def validate(cfg: TrainConfig, where: str) -> None:
         bad(f"optim.amp {cfg.optim.amp!r}: expected 'fp16', 'bf16' or 'none'")
     if cfg.optim.steps < 1 or cfg.optim.warmup_steps < 0 or cfg.optim.warmup_steps > cfg.optim.steps:
         bad("optim.steps must be >= 1 and 0 <= optim.warmup_steps <= optim.steps")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        bad(f"optim.ema_decay {cfg.optim.ema_decay}: expected 0 (off) or a number below 1, e.g. 0.95")
     if len(cfg.optim.betas) != 2:
         bad("optim.betas must have two entries")
     if cfg.checkpoint.every < 1 or cfg.checkpoint.keep_last < 1:

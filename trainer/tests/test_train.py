@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from tclseg_trainer import train as T
+from tclseg_trainer.ema import WeightAverage
 
 # 1 torch thread for these tests (cores are shared), restored afterwards: other modules assume 2.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -105,6 +106,47 @@ def test_resume_gives_the_same_next_step(tmp_path: Path):
     assert resumed["tcli"] == pytest.approx(full["tcli"], rel=1e-6, abs=1e-7)
 
 
+def test_weight_average_follows_the_weights_and_swaps_back():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    avg = WeightAverage(model, 0.9)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    avg.update(model)  # 0.9 * 1 + 0.1 * 3
+    avg.update(model)  # 0.9 * 1.2 + 0.1 * 3
+    assert torch.allclose(avg.shadow["weight"], torch.full((1, 2), 1.38))
+    with pytest.raises(RuntimeError), avg.swapped_in(model):
+        assert torch.allclose(model.weight, torch.full((1, 2), 1.38))
+        raise RuntimeError("an evaluation that fails")
+    assert torch.equal(model.weight, torch.full((1, 2), 3.0))  # the model's own weights are back
+    with pytest.raises(ValueError, match="ema_decay"):
+        WeightAverage(model, 1.0)
+
+
+def test_resume_continues_the_weight_average_and_best_pt_holds_it(tmp_path: Path):
+    make_folder(tmp_path / "data")
+    cfg = tiny_cfg(tmp_path, ema_decay=0.8)
+    cfg.data.resume = "fast-forward"
+    cfg.optim.steps = 4
+    T.train(cfg)
+    cfg2 = tiny_cfg(tmp_path, ema_decay=0.8)
+    cfg2.data.resume = "fast-forward"
+    cfg2.optim.steps = 4
+    cfg2.checkpoint.dir = str(tmp_path / "run2")
+    T.train(cfg2, max_steps=2)
+    T.train(cfg2, resume=True)
+    full = torch.load(Path(cfg.checkpoint.dir) / "ckpt-00000004.pt", weights_only=False)
+    resumed = torch.load(Path(cfg2.checkpoint.dir) / "ckpt-00000004.pt", weights_only=False)
+    decoder = next(k for k in full["weight_average"] if k.startswith("masker.image_encoder.decoder."))
+    for k, v in full["weight_average"].items():
+        assert torch.allclose(v, resumed["weight_average"][k], rtol=1e-5, atol=1e-7), k
+    # the average lags the weights, which moved; without [eval] data the final average is best.pt
+    assert not torch.equal(full["weight_average"][decoder], full["state_dict"][decoder])
+    best = torch.load(Path(cfg.checkpoint.dir) / "best.pt", weights_only=False)
+    assert torch.equal(best["state_dict"][decoder], full["weight_average"][decoder])
+
+
 def test_keep_last_checkpoints(tmp_path: Path):
     make_folder(tmp_path / "data")
     cfg = tiny_cfg(tmp_path)
@@ -163,6 +205,9 @@ def test_config_errors_name_the_key(tmp_path: Path):
         T.load_config(bad)
     bad.write_text('[data]\ntrain = "x"\n[bundle]\nbg_thresh = 1.5\n')
     with pytest.raises(T.ConfigError, match=r"bundle.bg_thresh 1.5: must be in \(0, 1\)"):
+        T.load_config(bad)
+    bad.write_text('[data]\ntrain = "x"\n[optim]\nema_decay = 1\n')
+    with pytest.raises(T.ConfigError, match=r"optim.ema_decay 1.0: expected 0 \(off\) or a number below 1"):
         T.load_config(bad)
     assert T.main(["--config", str(tmp_path / "missing.toml")]) == 2
 

@@ -7,8 +7,9 @@ what is evaluated, kept as best.pt and exported is the average. The paper trains
 Measured in the synthetic world (trainer/notes/synthetic-diagnosis.md, section 9) it lifts some seeds by 4-5 points
 of held-out mIoU and leaves others within a point, so its recipe does not use it.
 
-The average covers every floating-point tensor of the state dict. Frozen weights never move, so their average is
-themselves; the copied ViT block, frozen until `unfreeze_step`, joins the average as it starts to move.
+The average covers the floating-point state-dict entries under the given prefixes (the trainer passes the parts that
+train, so the frozen CLIP encoders are not copied: for ViT-B/16 that would be ~600 MB more). The copied ViT block,
+frozen until `unfreeze_step`, is in the average from the start and follows it once it moves.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ from torch import nn
 class WeightAverage:
     """shadow <- decay * shadow + (1 - decay) * weights, after every optimizer step; starts at the model's weights."""
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    def __init__(self, model: nn.Module, decay: float, prefixes: tuple[str, ...] = ("",)) -> None:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"optim.ema_decay: expected a number in (0, 1), found {decay}")
         self.decay = decay
+        self.prefixes = prefixes
         self.restart(model)
 
     def restart(self, model: nn.Module) -> None:
         """The average becomes the model's current weights."""
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.shadow = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if v.is_floating_point() and k.startswith(self.prefixes)
+        }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

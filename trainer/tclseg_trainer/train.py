@@ -71,9 +71,13 @@ def copied_block(model: TCL) -> torch.nn.Module:
     return model.masker.image_encoder.backbone
 
 
+# What trains: the grounder (copied block, decoder, image_proj, Sim2Mask) and the two temperatures.
+TRAINABLE_PREFIXES = ("masker.", "tcli_loss.", "tclf_loss.")
+
+
 def trainable_named_params(model: TCL) -> list[tuple[str, torch.nn.Parameter]]:
-    """The grounder (copied block, decoder, image_proj, Sim2Mask) and the two temperatures."""
-    return [(n, p) for n, p in model.named_parameters() if n.startswith(("masker.", "tcli_loss.", "tclf_loss."))]
+    """The parameters under TRAINABLE_PREFIXES."""
+    return [(n, p) for n, p in model.named_parameters() if n.startswith(TRAINABLE_PREFIXES)]
 
 
 def set_phase(model: TCL, step: int, unfreeze_step: int) -> None:
@@ -374,7 +378,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None) 
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    average = WeightAverage(model, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+    average = WeightAverage(model, cfg.optim.ema_decay, TRAINABLE_PREFIXES) if cfg.optim.ema_decay > 0 else None
     state = StepState()
     if resume:
         found = checkpoint_files(ckpt_dir)

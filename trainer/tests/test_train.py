@@ -139,6 +139,9 @@ def test_resume_continues_the_weight_average_and_best_pt_holds_it(tmp_path: Path
     full = torch.load(Path(cfg.checkpoint.dir) / "ckpt-00000004.pt", weights_only=False)
     resumed = torch.load(Path(cfg2.checkpoint.dir) / "ckpt-00000004.pt", weights_only=False)
     decoder = next(k for k in full["weight_average"] if k.startswith("masker.image_encoder.decoder."))
+    # only what trains is averaged: the frozen CLIP encoders are not copied
+    assert not any(k.startswith(("clip_text_encoder.", "clip_image_encoder.")) for k in full["weight_average"])
+    assert any(k.startswith("masker.image_encoder.backbone.") for k in full["weight_average"])
     for k, v in full["weight_average"].items():
         assert torch.allclose(v, resumed["weight_average"][k], rtol=1e-5, atol=1e-7), k
     # the average lags the weights, which moved; without [eval] data the final average is best.pt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from pathlib import Path
 
@@ -41,6 +42,18 @@ def test_scene_labels_match_objects_and_captions_name_them():
             w in {*S.SHAPES, *S.COLOURS, "a", "and", "with", "picture", "of", "there", "is"}
             for w in cap.replace(",", " ").replace(";", " ").split()
         )
+
+
+def test_background_words_name_backgrounds_apart_from_object_colours():
+    plain = [c for _, c, _ in itertools.islice(iter(S.SceneStream(0)), 40)]
+    named = [c for _, c, _ in itertools.islice(iter(S.SceneStream(0, background_words=True)), 40)]
+    assert not any(c.endswith(" background") for c in plain)
+    tails = [c.rsplit(" on a ", 1)[1] for c in named if c.endswith(" background")]
+    assert 15 <= len(tails) <= 38  # 7 in 10 of 40 captions
+    assert {t.removesuffix(" background") for t in tails} <= set(S.BACKGROUND_WORDS)
+    assert not set(S.BACKGROUND_WORDS) & set(S.COLOURS)
+    assert S.background_word(np.array([35.0, 100.0, 35.0])) == "olive"  # a dull green is not "green"
+    assert S.background_word(np.array([20.0, 20.0, 30.0])) == "black"
 
 
 def test_generate_and_score(tmp_path: Path):

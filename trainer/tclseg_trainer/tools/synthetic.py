@@ -1,7 +1,7 @@
 """The synthetic world: image-caption pairs of coloured shapes, to show TCL works end to end on a CPU.
 
     python -m tclseg_trainer.tools.synthetic generate --out DIR [--train N] [--eval N] [--seed S]
-    python -m tclseg_trainer.tools.synthetic pretrain --out clip.pt [--steps N] [--size small]
+    python -m tclseg_trainer.tools.synthetic pretrain --out clip.pt [--steps N] [--size small] [--background-words]
     python -m tclseg_trainer.tools.synthetic seed-config --config CONFIG --seed N --out DIR
     python -m tclseg_trainer.tools.synthetic pick RUN_DIR...
     python -m tclseg_trainer.tools.synthetic samples --out samples/shapes [--n 4]
@@ -188,17 +188,42 @@ def write_samples(out: Path, n: int, seed: int = 7) -> None:
 
 class SceneStream(torch.utils.data.IterableDataset):
     """Endless fresh (image [3, S, S] normalised, caption) pairs drawn on the fly: pretraining never sees a pair
-    twice, so a small CLIP cannot memorise captions. Each loader worker draws from its own seed."""
+    twice, so a small CLIP cannot memorise captions. Each loader worker draws from its own seed. With
+    `background_words`, 7 captions in 10 also name the background (" on a teal background", BACKGROUND_WORDS)."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, background_words: bool = False):
         self.seed = seed
+        self.background_words = background_words
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = random.Random(f"{self.seed}-{info.id if info else 0}")
         while True:
-            img, _, objects = draw_scene(rng)
-            yield to_normalized_tensor(Image.fromarray(img)), caption_for(objects, rng), (0, {})
+            img, objmap, objects = draw_scene(rng)
+            caption = caption_for(objects, rng)
+            if self.background_words and (objmap == 0).any() and rng.random() < 0.7:
+                caption += f" on a {background_word(img[objmap == 0].mean(axis=0))} background"
+            yield to_normalized_tensor(Image.fromarray(img)), caption, (0, {})
+
+
+# Words for the backgrounds' colours, none of them an object colour: an experiment of issue 21 (notes, section 9).
+# Green objects lose to dull green backgrounds; captions that call such a background "olive" give the CLIP a reason
+# to tell the two apart. Each word's RGB is a typical background of `_background` (channels 24-120).
+BACKGROUND_WORDS = {
+    "olive": (60, 90, 30),
+    "teal": (30, 90, 90),
+    "navy": (30, 40, 100),
+    "maroon": (100, 30, 30),
+    "plum": (90, 40, 90),
+    "grey": (70, 70, 70),
+    "brown": (100, 70, 30),
+    "black": (25, 25, 25),
+}
+
+
+def background_word(rgb: np.ndarray) -> str:
+    """The BACKGROUND_WORDS entry nearest (squared RGB distance) to a background's mean colour."""
+    return min(BACKGROUND_WORDS, key=lambda w: float(((np.asarray(rgb) - BACKGROUND_WORDS[w]) ** 2).sum()))
 
 
 # Pretraining objectives: which image embedding meets the caption in the contrastive loss.
@@ -231,9 +256,11 @@ def pretrain_clip(
     workers: int = 1,
     objective: str = "cls",
     size: str = "tiny",
+    background_words: bool = False,
 ) -> dict:
-    """Contrastive CLIP pretraining of the `size` model's encoders on fresh pairs (`SceneStream`); the grounder is
-    then re-copied from the trained CLIP, so the checkpoint is step 0 of TCL (= MaskCLIP)."""
+    """Contrastive CLIP pretraining of the `size` model's encoders on fresh pairs (`SceneStream`, naming backgrounds
+    with `background_words`); the grounder is then re-copied from the trained CLIP, so the checkpoint is step 0 of
+    TCL (= MaskCLIP)."""
     torch.manual_seed(seed)
     model = TCL(SIZES[size], seed=seed)
     model.clip_image_encoder.requires_grad_(True)
@@ -243,7 +270,7 @@ def pretrain_clip(
     opt = torch.optim.AdamW([*params, scale], lr=lr, weight_decay=0.05)
     tok = Tokenizer()
     loader = torch.utils.data.DataLoader(
-        SceneStream(seed),
+        SceneStream(seed, background_words),
         batch_size=batch,
         collate_fn=collate,
         num_workers=workers,
@@ -393,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--seed", type=int, default=0)
     pr.add_argument("--objective", choices=OBJECTIVES, default="cls", help="see OBJECTIVES")
     pr.add_argument("--size", choices=list(SIZES), default="tiny", help="a key of model.SIZES")
+    pr.add_argument("--background-words", action="store_true", help="captions also name the background (notes, §9)")
     sa = sub.add_parser("samples", help="the README's sample images and their queries")
     sa.add_argument("--out", type=Path, required=True)
     sa.add_argument("--n", type=int, default=4)
@@ -428,7 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "generate":
         generate(args.out, args.train, args.eval, args.seed)
     else:
-        pretrain_clip(args.out, args.steps, args.batch, args.lr, args.seed, objective=args.objective, size=args.size)
+        pretrain_clip(
+            args.out,
+            args.steps,
+            args.batch,
+            args.lr,
+            args.seed,
+            objective=args.objective,
+            size=args.size,
+            background_words=args.background_words,
+        )
     return 0
 
 

@@ -49,7 +49,8 @@ class WeightAverage:
     @contextmanager
     def swapped_in(self, model: nn.Module) -> Iterator[None]:
         """The model holds the averaged weights inside the block and its own weights again after it."""
-        live = {k: model.state_dict()[k].detach().clone() for k in self.shadow}
+        state = model.state_dict()
+        live = {k: state[k].detach().clone() for k in self.shadow}
         model.load_state_dict(self.shadow, strict=False)
         try:
             yield

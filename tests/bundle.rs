@@ -169,6 +169,39 @@ fn malformed_manifest_says_where() {
 }
 
 #[test]
+fn calibrated_query_thresholds_are_read_and_checked() {
+    let (_tmp, dir) = fixture_copy();
+    let manifest = dir.join("model.toml");
+    let text = fs::read_to_string(&manifest).expect("read manifest");
+    let bundle = Bundle::open(&dir).expect("fixture opens");
+    assert!(bundle.manifest().mask.query_thresholds.is_empty());
+
+    fs::write(
+        &manifest,
+        format!("{text}\n[mask.query_thresholds]\ngreen = 0.55\n"),
+    )
+    .expect("write");
+    let bundle = Bundle::open(&dir).expect("calibrated bundle opens");
+    assert_eq!(
+        bundle.manifest().mask.query_thresholds.get("green"),
+        Some(&0.55)
+    );
+
+    fs::write(
+        &manifest,
+        format!("{text}\n[mask.query_thresholds]\ngreen = 1.5\n"),
+    )
+    .expect("write");
+    let err = Bundle::open(&dir)
+        .expect_err("threshold out of range refused")
+        .to_string();
+    assert!(
+        err.contains("query_thresholds") && err.contains("'green' = 1.5"),
+        "{err}"
+    );
+}
+
+#[test]
 fn not_a_bundle_directory() {
     let tmp = tempfile::tempdir().expect("temp dir");
     let err = Bundle::open(&tmp.path().join("nope")).expect_err("no dir");

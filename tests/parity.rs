@@ -120,6 +120,7 @@ fn matches_the_pytorch_reference(processing: Processing) {
             background: Some(case["bg_thresh"].as_f64().expect("bg") as f32),
             keep_scores: true,
             head: None,
+            query_thresholds: false,
         };
         let seg = engine
             .segment_batch(&[&image], &text, &settings)
@@ -254,6 +255,7 @@ fn device_path_batches_mixed_sizes_like_the_host_path() {
             background,
             keep_scores: true,
             head: None,
+            query_thresholds: false,
         };
         let want = host.segment_batch(&frames, &text, &settings).expect("host");
         let got = device

@@ -279,6 +279,12 @@ pub struct MaskSpec {
     pub bg_thresh: f32,
     pub pamr_iterations: usize,
     pub pamr_dilations: Vec<usize>,
+    /// Background thresholds calibrated per query name on held-out images (TCL head, PAMR on): a query named
+    /// here and prompted with the bundle's templates is background where its score is under this value, on top
+    /// of `bg_thresh_pamr`. A model that knows a few words well (the built-in one) carries them; others leave
+    /// the table out. An explicit `--bg-thresh`, PAMR off or background prompts turn them off.
+    #[serde(default)]
+    pub query_thresholds: BTreeMap<String, f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -508,6 +514,13 @@ impl Manifest {
                 return Err(format!(
                     "[[files]] '{}': sha256 must be 64 hex digits",
                     entry.path
+                ));
+            }
+        }
+        for (name, t) in &self.mask.query_thresholds {
+            if !(t.is_finite() && *t > 0.0 && *t < 1.0) {
+                return Err(format!(
+                    "[mask.query_thresholds] '{name}' = {t}: a threshold must be in (0, 1)"
                 ));
             }
         }

@@ -409,10 +409,22 @@ impl Engine {
             data.extend(mean);
             row += n;
         }
+        // A calibrated threshold belongs to the embedding it was measured with: the bundle's templates.
+        let calibrated = &self.bundle.manifest().mask.query_thresholds;
+        let thresholds = queries
+            .iter()
+            .map(|q| {
+                q.prompts
+                    .is_empty()
+                    .then(|| calibrated.get(q.name.trim()).copied())
+                    .flatten()
+            })
+            .collect();
         let result = Arc::new(TextEmbeddings {
             rows: queries.len(),
             dim,
             data,
+            thresholds,
         });
         lock(&self.text_cache)?.insert(queries.to_vec(), Arc::clone(&result));
         Ok(result)
@@ -499,6 +511,17 @@ impl Engine {
                     for (g, _) in &host {
                         results[*g] = Some(Err(anyhow!("{why}")));
                     }
+                }
+            }
+        }
+        for (group, result) in groups.iter().zip(results.iter_mut()) {
+            if let (true, Some(bg), Some(Ok(segs))) = (
+                group.settings.query_thresholds,
+                group.settings.background,
+                result.as_mut(),
+            ) {
+                for seg in segs {
+                    seg.apply_query_thresholds(&group.text.thresholds, bg);
                 }
             }
         }

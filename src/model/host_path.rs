@@ -513,6 +513,7 @@ mod tests {
             rows: 2,
             dim: 2,
             data: vec![1.0, 0.0, 0.0, 1.0],
+            thresholds: vec![None, None],
         };
         let dense = vec![0.6, -0.8];
         let p = class_probabilities(&dense, 1, &text, 1, 2, 10.0);

@@ -116,6 +116,8 @@ pub struct TextEmbeddings {
     pub rows: usize,
     pub dim: usize,
     pub data: Vec<f32>,
+    /// Per row, the bundle's calibrated threshold for that query (`MaskSpec::query_thresholds`), if any.
+    pub thresholds: Vec<Option<f32>>,
 }
 
 /// Per-call settings.
@@ -129,6 +131,10 @@ pub struct SegmentSettings {
     pub keep_scores: bool,
     /// The head that scores the classes (None: the bundle's default head). See `Manifest::find_head`.
     pub head: Option<HeadId>,
+    /// Apply the bundle's per-query thresholds (`MaskSpec::query_thresholds`, carried by
+    /// `TextEmbeddings::thresholds`) on top of `background`: only where they were calibrated, i.e. the TCL head
+    /// with PAMR and the bundle's own background threshold.
+    pub query_thresholds: bool,
 }
 
 /// What a command line or a pipeline's config sets of `SegmentSettings`; None takes the bundle's default.
@@ -142,7 +148,9 @@ pub struct SettingsOverrides {
 impl SegmentSettings {
     /// The one rule for settings against a bundle: PAMR on unless turned off; the background threshold given,
     /// else the bundle's for PAMR on or off; no threshold class when the queries bring background prompts
-    /// (their label 0 is the background); the bundle's kp weight unless given. Scores are not kept.
+    /// (their label 0 is the background); the bundle's kp weight unless given; the bundle's per-query
+    /// thresholds only with PAMR on, the bundle's background threshold and no background prompts (the setting
+    /// they were calibrated in). Scores are not kept.
     pub fn resolve(
         mask: &MaskSpec,
         overrides: SettingsOverrides,
@@ -162,6 +170,7 @@ impl SegmentSettings {
             background,
             keep_scores: false,
             head: None,
+            query_thresholds: pamr && overrides.bg_thresh.is_none() && !background_prompts,
         }
     }
 
@@ -189,6 +198,7 @@ impl SegmentSettings {
                     .then(|| overrides.bg_thresh.unwrap_or(spec.prob_thresh)),
                 keep_scores: false,
                 head: None,
+                query_thresholds: false,
             },
         };
         Ok(SegmentSettings {
@@ -211,6 +221,27 @@ pub struct Segmentation {
     pub best: Vec<f32>,
     /// [classes, H, W] when `keep_scores`.
     pub scores: Option<Vec<f32>>,
+}
+
+impl Segmentation {
+    /// Pixels whose winning query scores under that query's threshold become background (class 0, the constant
+    /// `background` score), for labels that have a background class in front. The soft scores are left as the
+    /// model gave them.
+    pub fn apply_query_thresholds(&mut self, thresholds: &[Option<f32>], background: f32) {
+        if thresholds.iter().all(Option::is_none) {
+            return;
+        }
+        for (label, best) in self.labels.iter_mut().zip(self.best.iter_mut()) {
+            let threshold = match (*label as usize).checked_sub(1) {
+                Some(q) => thresholds.get(q).copied().flatten(),
+                None => None,
+            };
+            if threshold.is_some_and(|t| *best < t) {
+                *label = 0;
+                *best = background;
+            }
+        }
+    }
 }
 
 /// The model's image graphs as sessions, run by both paths (the text encoder is opened per query set). The
@@ -263,6 +294,7 @@ mod tests {
             bg_thresh: 0.5,
             pamr_iterations: 10,
             pamr_dilations: vec![1, 2],
+            query_thresholds: Default::default(),
         }
     }
 
@@ -287,5 +319,46 @@ mod tests {
         let s = SegmentSettings::resolve(&mask(), given, true);
         assert_eq!(s.background, None);
         assert!(!s.keep_scores);
+    }
+
+    #[test]
+    fn per_query_thresholds_hold_only_where_they_were_calibrated() {
+        let on = |o: SettingsOverrides, prompts: bool| {
+            SegmentSettings::resolve(&mask(), o, prompts).query_thresholds
+        };
+        assert!(on(SettingsOverrides::default(), false));
+        let no_pamr = SettingsOverrides {
+            pamr: Some(false),
+            ..Default::default()
+        };
+        assert!(!on(no_pamr, false), "calibrated with PAMR");
+        let own_threshold = SettingsOverrides {
+            bg_thresh: Some(0.6),
+            ..Default::default()
+        };
+        assert!(
+            !on(own_threshold, false),
+            "--bg-thresh sets one threshold for all"
+        );
+        assert!(
+            !on(SettingsOverrides::default(), true),
+            "background prompts"
+        );
+    }
+
+    #[test]
+    fn a_query_under_its_threshold_becomes_background() {
+        // Background class 0 (constant 0.4), queries 1 and 2; query 1 is calibrated to 0.6.
+        let mut seg = Segmentation {
+            width: 4,
+            height: 1,
+            classes: 3,
+            labels: vec![1, 1, 2, 0],
+            best: vec![0.55, 0.65, 0.45, 0.4],
+            scores: None,
+        };
+        seg.apply_query_thresholds(&[Some(0.6), None], 0.4);
+        assert_eq!(seg.labels, vec![0, 1, 2, 0]);
+        assert_eq!(seg.best, vec![0.4, 0.65, 0.45, 0.4]);
     }
 }

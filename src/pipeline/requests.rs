@@ -220,6 +220,7 @@ mod tests {
                 rows: 0,
                 dim: 0,
                 data: Vec::new(),
+                thresholds: Vec::new(),
             }),
             settings: SegmentSettings {
                 pamr: true,
@@ -227,6 +228,7 @@ mod tests {
                 background,
                 keep_scores: false,
                 head: None,
+                query_thresholds: true,
             },
             model_sha256: "abc".into(),
         })

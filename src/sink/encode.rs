@@ -222,6 +222,7 @@ mod tests {
             background: Some(0.5),
             keep_scores: true,
             head: None,
+            query_thresholds: false,
         };
         let image = RgbImage::new(2, 1);
         let item = SegmentedImage {

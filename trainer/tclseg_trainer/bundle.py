@@ -49,6 +49,10 @@ class BundleDefaults:
     bg_thresh_pamr: float = BG_THRESH_PAMR
     bg_thresh: float = BG_THRESH
     templates: list[str] = field(default_factory=_official_templates)
+    # Per query name, a background threshold calibrated on held-out images with PAMR ([mask.query_thresholds]:
+    # background where that query wins with a lower score, on top of bg_thresh_pamr). Empty: none (the official
+    # model's; the synthetic recipe's `synthetic.py calibrate` measures its six colour words).
+    query_thresholds: dict[str, float] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         """What is wrong with these values, as `key: reason` lines (empty when they are usable)."""
@@ -60,6 +64,14 @@ class BundleDefaults:
         for key in ("bg_thresh_pamr", "bg_thresh"):
             if not 0.0 < getattr(self, key) < 1.0:
                 out.append(f"{key} {getattr(self, key)}: must be in (0, 1)")
+        if not isinstance(self.query_thresholds, dict):
+            out.append("query_thresholds: must be a table of name = threshold")
+        else:
+            for name, t in self.query_thresholds.items():
+                if not (isinstance(name, str) and name.strip()):
+                    out.append(f"query_thresholds: {name!r} is not a query name")
+                elif not (isinstance(t, int | float) and 0.0 < t < 1.0):
+                    out.append(f"query_thresholds.{name} {t!r}: must be in (0, 1)")
         if not self.templates:
             out.append('templates: give at least one, e.g. ["{}"]')
         for t in self.templates:

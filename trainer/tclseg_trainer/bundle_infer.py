@@ -142,6 +142,7 @@ class BundleRunner:
         self.mean = [float(v) for v in m["input"]["mean"]]
         self.std = [float(v) for v in m["input"]["std"]]
         self.kp_weight = float(m["mask"]["kp_weight"])
+        self.query_thresholds = {str(k): float(v) for k, v in m["mask"].get("query_thresholds", {}).items()}
         self.templates = list(m["text"]["templates"])
         self.context_length = int(m["architecture"]["context_length"])
 
@@ -198,6 +199,10 @@ class BundleRunner:
             masks = np.float32(kp_w) * kp_masks + np.float32(1.0 - kp_w) * masks
         return resize_bilinear(masks, (crops.shape[-2], crops.shape[-1]))
 
+    def calibrated_thresholds(self, queries: Sequence[str]) -> list[float | None]:
+        """Per query, the bundle's calibrated threshold ([mask.query_thresholds]) for its name, if any."""
+        return [self.query_thresholds.get(q.strip()) for q in queries]
+
     def segment(
         self,
         image_rgb_uint8: np.ndarray,
@@ -206,12 +211,14 @@ class BundleRunner:
         pamr: bool = True,
         kp_w: float | None = None,
         bg_thresh: float | None = None,
+        query_thresholds: Sequence[float | None] | None = None,
         batch_size: int = 2,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Segment one image. Returns scores [C, H, W] float32 and labels [H, W] int64 at the original size.
 
-        With bg_thresh set, channel 0 is the constant background score and query n is label n + 1.
-        kp_w defaults to the bundle's kp_weight.
+        With bg_thresh set, channel 0 is the constant background score and query n is label n + 1; then
+        `query_thresholds` (one per query, e.g. `calibrated_thresholds`) make a pixel background where its winning
+        query scores under that query's value, as the engine does. kp_w defaults to the bundle's kp_weight.
         """
         kp_w = self.kp_weight if kp_w is None else float(kp_w)
         text = np.ascontiguousarray(text_emb, dtype=np.float32)
@@ -219,7 +226,10 @@ class BundleRunner:
         image = prepare(image_rgb_uint8, self.mean, self.std, self.short_side, self.long_side_max)
         scores = self.slide(image, text, pamr=pamr, kp_w=kp_w, bg_thresh=bg_thresh, batch_size=batch_size)
         scores = resize_bilinear(scores, (H, W))
-        return scores, scores.argmax(axis=0)
+        labels = scores.argmax(axis=0)
+        if bg_thresh is not None and query_thresholds is not None:
+            labels = apply_query_thresholds(scores, labels, query_thresholds)
+        return scores, labels
 
     def slide(
         self,
@@ -254,6 +264,14 @@ class BundleRunner:
                 total[:, y1:y2, x1:x2] += m
                 count[:, y1:y2, x1:x2] += 1
         return total / count
+
+
+def apply_query_thresholds(scores: np.ndarray, labels: np.ndarray, thresholds: Sequence[float | None]) -> np.ndarray:
+    """Labels with the background class 0 in front: where query n (label n + 1) wins with a score under
+    thresholds[n], the pixel becomes background."""
+    limit = np.array([-np.inf] + [-np.inf if t is None else t for t in thresholds], dtype=np.float32)
+    best = np.take_along_axis(scores, labels[None], axis=0)[0]
+    return np.where(best < limit[labels], 0, labels)
 
 
 def segment(

@@ -66,7 +66,7 @@ from .export_manifest import (
     sim2mask_params,
 )
 from .export_onnx import CUDA_SAFE_OPS, ExportError, export_graph, graph_op_types, graph_op_types_of
-from .export_sources import defaults_from_config_file, load_model, log
+from .export_sources import defaults_from_config_file, load_model, log, with_query_thresholds
 from .head_protocols import ProtocolGraphs, bundle_protocols
 from .heads import HEAD_DEFAULTS, HEADS, HeadGraph
 from .quantize import quantize_graph
@@ -501,6 +501,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="take the bundle's inference defaults from this training config's [bundle] table "
         "(default: the checkpoint's own training config, else the official settings)",
     )
+    p.add_argument(
+        "--query-thresholds",
+        type=Path,
+        metavar="FILE",
+        help="per-query background thresholds for [mask.query_thresholds]: a TOML file of `name = threshold` lines "
+        "(as `synthetic.py calibrate` writes), replacing any from the defaults",
+    )
     args = p.parse_args(argv)
     heads = [h.strip() for h in args.heads.split(",") if h.strip()] if args.heads is not None else None
     if args.clip is not None and args.tcl is None:
@@ -543,6 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not vocab.is_file():
             raise ExportError(f"{vocab}: the BPE vocabulary file does not exist (run scripts/setup)")
         model, provenance, description = load_model(args)
+        if args.query_thresholds is not None:
+            args.defaults = with_query_thresholds(args.defaults or BundleDefaults(), args.query_thresholds)
         log(f"model ready in {time.perf_counter() - start:.1f} s; exporting to {args.out}")
         export_bundle(
             model,

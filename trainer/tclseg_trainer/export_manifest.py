@@ -135,6 +135,12 @@ def build_manifest(
             "bg_thresh": float(defaults.bg_thresh),
             "pamr_iterations": iterations,
             "pamr_dilations": dilations,
+            # Only bundles that carry calibrated thresholds have the table (the official model's has none).
+            **(
+                {"query_thresholds": {k: float(v) for k, v in sorted(defaults.query_thresholds.items())}}
+                if defaults.query_thresholds
+                else {}
+            ),
         },
         "text": {
             "vocabulary": VOCAB_FILE,

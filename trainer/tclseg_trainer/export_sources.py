@@ -38,6 +38,23 @@ def bundle_defaults_from(table: Any, where: str) -> BundleDefaults:
     return defaults
 
 
+def with_query_thresholds(defaults: BundleDefaults, path: Path) -> BundleDefaults:
+    """`defaults` with [mask.query_thresholds] read from a TOML file of `name = threshold` lines."""
+    import dataclasses
+    import tomllib
+
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no such file (--query-thresholds takes `name = threshold` lines)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ExportError(f"{path}: invalid TOML: {e}") from None
+    out = dataclasses.replace(defaults, query_thresholds=table)
+    if bad := out.problems():
+        raise ExportError(f"{path}: " + "; ".join(bad))
+    return out
+
+
 def defaults_from_config_file(path: Path) -> BundleDefaults:
     import tomllib
 

@@ -183,6 +183,33 @@ def test_bundle_defaults_reach_the_manifest(tiny, tmp_path):
     assert not (tmp_path / "typo").exists()
 
 
+def test_query_thresholds_reach_the_manifest_and_the_runner(tiny, tmp_path):
+    """export --query-thresholds writes [mask.query_thresholds]; bundles without them have no such table; a value
+    out of range is refused naming the file, and nothing is written."""
+    from tclseg_trainer.bundle_infer import BundleRunner
+    from tclseg_trainer.checkpoints import save_checkpoint
+
+    assert "query_thresholds" not in tomllib.loads((tiny[1].dir / "model.toml").read_text())["mask"]
+    model = TCL(SIZES["tiny"], seed=3)
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(ckpt, model, model.config)
+    thresholds = tmp_path / "thresholds.toml"
+    thresholds.write_text("green = 0.55\nwhite = 0.6\n")
+    out = tmp_path / "calibrated"
+    run = run_cli(
+        "--checkpoint", str(ckpt), "--precision", "fp32", "--query-thresholds", str(thresholds), "--out", str(out)
+    )
+    assert run.returncode == 0, run.stderr
+    manifest = tomllib.loads((out / "model.toml").read_text())
+    assert manifest["mask"]["query_thresholds"] == {"green": 0.55, "white": 0.6}
+    assert BundleRunner(out).calibrated_thresholds(["red", " green", "white"]) == [None, 0.55, 0.6]
+
+    thresholds.write_text("green = 1.5\n")
+    run = run_cli("--checkpoint", str(ckpt), "--query-thresholds", str(thresholds), "--out", str(tmp_path / "bad"))
+    assert run.returncode == 1 and "thresholds.toml" in run.stderr and "query_thresholds.green" in run.stderr
+    assert not (tmp_path / "bad").exists()
+
+
 def copy_bundle(bundle, dst: Path) -> Path:
     dst.mkdir()
     for p in bundle.dir.iterdir():

@@ -109,6 +109,25 @@ def test_seed_config_keeps_the_recipe_and_pick_reads_only_val_scores(tmp_path: P
         S.pick_best([tmp_path / "missing"])
 
 
+def test_calibration_raises_a_threshold_only_where_it_removes_false_positives():
+    """Two queries over a floor of 0.4: query 0 (label 1) is right where it scores 0.8 and wrong on background pixels
+    where it scores 0.5; query 1 (label 2) is right everywhere it wins. The search lifts query 0 above 0.5 (the
+    lowest grid value that drops the false positives, 0.55) and leaves query 1 at the floor, and applying the
+    result through `apply_query_thresholds` gives the labels it scored."""
+    from tclseg_trainer.bundle_infer import apply_query_thresholds
+
+    labels = np.array([[[1, 1, 0, 0, 2, 2]]])
+    q0 = np.array([[[0.8, 0.8, 0.5, 0.5, 0.1, 0.1]]])
+    q1 = np.array([[[0.1, 0.1, 0.1, 0.1, 0.45, 0.45]]])
+    scores = np.stack([q0, q1], axis=1)  # [N, Q, H, W]
+    th, before, after = S.search_query_thresholds(scores, labels, 0.4)
+    assert th == [0.55, 0.4]
+    assert before == pytest.approx((0.0 + 0.5 + 1.0) / 3) and after == pytest.approx(1.0)
+    with_bg = np.concatenate([np.full((1, 1, 6), 0.4), scores[0]], axis=0)  # the engine's background class in front
+    got = apply_query_thresholds(with_bg, with_bg.argmax(axis=0), th)
+    assert got.tolist() == labels[0].tolist()
+
+
 def test_sample_sheet_counts_found_objects_and_stacks_inputs_over_outputs(tmp_path: Path):
     S.write_samples(tmp_path / "in", 2)
     out = tmp_path / "out"
@@ -162,20 +181,22 @@ def test_dense_pretraining_objective_adds_a_pooled_patch_term():
 def test_short_recipe_beats_step0(tmp_path: Path):
     """Few-minute CPU version of scripts/synthetic-world, scored in Python (train.evaluate) on the val set."""
     S.generate(tmp_path / "world", n_train=800, n_eval=40, seed=0)
-    S.pretrain_clip(tmp_path / "clip.pt", steps=300, batch=32, workers=0, size="small")
+    S.pretrain_clip(tmp_path / "clip.pt", steps=300, batch=32, workers=0, size="small", background_words=True)
     cfg = T.load_config(Path(__file__).resolve().parents[1] / "configs" / "synthetic.toml")
     cfg.model.init = f"checkpoint:{tmp_path / 'clip.pt'}"
     cfg.data.train = str(tmp_path / "world/train")
     cfg.data.workers = 0
     cfg.eval.data = str(tmp_path / "world/val")
     cfg.checkpoint.dir = str(tmp_path / "run")
-    # The recipe's schedule as configured (trainer/configs/synthetic.toml: the small model, 200 steps of 8 at 16x the
-    # paper's scaled LR, unfreezing at 160), one seed, evaluated every 50 steps only to save time. Measured 2026-12-07
-    # (Intel Xeon, 1 thread, 4 min): step 0 scores 0.313 on these 40 images (the small CLIP's MaskCLIP already finds
-    # white and some red and blue; the tiny one's scored 0.129), the evaluations 0.254 / 0.379 / 0.436 / 0.428. The
-    # margin, 0.06, is half the measured gain: a grounder that does not learn (or unlearns) stays at or under step 0.
+    # The recipe's schedule as configured (trainer/configs/synthetic.toml: the small model pretrained with captions
+    # that name the background, 200 steps of 8 at 16x the paper's scaled LR, unfreezing at 160, the weight average),
+    # one seed, evaluated every 50 steps only to save time. Measured 2026-12-07 (Intel Xeon, 5 min beside another
+    # job): step 0 scores 0.130 on these 40 images, the evaluations 0.315 / 0.545 / 0.546 / 0.486. The margin, 0.15,
+    # sits under the weakest evaluation's gain (0.185) and near a third of the best's: a grounder that does not learn
+    # (or unlearns) stays at or under step 0, and another CPU's rounding still clears it.
     assert cfg.model.size == "small" and cfg.optim.steps == 200 and cfg.data.batch_size == 8
+    assert cfg.optim.ema_decay == 0.95
     cfg.eval.every = 50
     step0 = T.evaluate(T.build_model(cfg), cfg.eval, T.Tokenizer(), cfg.bundle.templates)
     summary = T.train(cfg)
-    assert summary["best_miou"] > step0 + 0.06, (step0, summary)
+    assert summary["best_miou"] > step0 + 0.15, (step0, summary)

@@ -4,6 +4,7 @@
     python -m tclseg_trainer.tools.synthetic pretrain --out clip.pt [--steps N] [--size small] [--background-words]
     python -m tclseg_trainer.tools.synthetic seed-config --config CONFIG --seed N --out DIR
     python -m tclseg_trainer.tools.synthetic pick RUN_DIR...
+    python -m tclseg_trainer.tools.synthetic calibrate --bundle DIR --val DIR/val --out thresholds.toml
     python -m tclseg_trainer.tools.synthetic samples --out samples/shapes [--n 4]
     python -m tclseg_trainer.tools.synthetic score --pred DIR --eval DIR/eval
     python -m tclseg_trainer.tools.synthetic table --eval DIR/eval "step 0=PRED0" "trained=PRED1"
@@ -22,7 +23,8 @@ drawn on the fly, with no masks, and writes a trainer checkpoint whose grounder 
 TCL = MaskCLIP.
 
 `seed-config` and `pick` are the recipe's seed selection: the training config once per seed, then the run whose
-best.pt scored highest on `val`.
+best.pt scored highest on `val`. `calibrate` then measures a background threshold per colour word on `val`, through
+the bundle as the engine runs it (PAMR, the bundle's window and scale), for the bundle's [mask.query_thresholds].
 
 Why colours: in the CPU budget the CLIP learns colour words (zero-shot 100 % on single objects) but not shape
 words (chance, 23-30 %, after 600-1000 steps), so colour names are what the grounder can learn to localise.
@@ -206,7 +208,8 @@ class SceneStream(torch.utils.data.IterableDataset):
             yield to_normalized_tensor(Image.fromarray(img)), caption, (0, {})
 
 
-# Words for the backgrounds' colours, none of them an object colour: an experiment of issue 21 (notes, section 9).
+# Words for the backgrounds' colours, none of them an object colour (issue 21; notes, sections 9 and 10; the recipe
+# pretrains with them).
 # Green objects lose to dull green backgrounds; captions that call such a background "olive" give the CLIP a reason
 # to tell the two apart. Each word's RGB is a typical background of `_background` (channels 24-120).
 BACKGROUND_WORDS = {
@@ -393,6 +396,78 @@ def seed_config(config: Path, seed: int, out: Path) -> Path:
     return path
 
 
+# The per-query thresholds `calibrate` tries, above the bundle's own background threshold (which stays a floor: the
+# engine's constant background class), and how many passes over the queries it makes.
+CALIBRATION_STEP = 0.05
+CALIBRATION_STEPS = 8
+CALIBRATION_ROUNDS = 2
+
+
+def search_query_thresholds(scores: np.ndarray, labels: np.ndarray, floor: float) -> tuple[list[float], float, float]:
+    """Per-query background thresholds that maximise mIoU (background included) on a labelled set, and the mIoU
+    before and after. scores [N, Q, H, W]: each query's score per pixel (no background class); labels [N, H, W]: 0
+    background, q + 1 query q. A pixel is labelled with its best query unless that query's score is under the
+    query's threshold (or `floor`, the bundle's own), as the engine does. Coordinate ascent over a grid above the
+    floor, CALIBRATION_ROUNDS passes; a threshold moves only for a strictly better mIoU, so ties keep the lower one."""
+    q = scores.shape[1]
+    best_q = scores.argmax(axis=1)
+    best_s = np.take_along_axis(scores, best_q[:, None], axis=1)[:, 0].astype(np.float32)
+    truth = labels.astype(np.int64).ravel()
+    winner = best_q.astype(np.int64).ravel()
+    score = best_s.ravel()
+
+    def miou_at(th: list[float]) -> float:
+        limit = np.maximum(np.asarray(th, dtype=np.float32), np.float32(floor))
+        pred = np.where(score >= limit[winner], winner + 1, 0)
+        conf = np.bincount(pred * (q + 1) + truth, minlength=(q + 1) ** 2).reshape(q + 1, q + 1)
+        inter = np.diag(conf)
+        union = conf.sum(axis=0) + conf.sum(axis=1) - inter
+        present = union > 0
+        return float((inter[present] / union[present]).mean())
+
+    grid = [
+        round(floor + CALIBRATION_STEP * k, 4) for k in range(CALIBRATION_STEPS + 1) if floor + CALIBRATION_STEP * k < 1
+    ]
+    th = [floor] * q
+    before = current = miou_at(th)
+    for _ in range(CALIBRATION_ROUNDS):
+        for k in range(q):
+            for t in grid:
+                trial = [*th[:k], t, *th[k + 1 :]]
+                if (m := miou_at(trial)) > current + 1e-9:
+                    th, current = trial, m
+    return th, before, current
+
+
+def calibrate(bundle: Path, val_dir: Path, out: Path) -> dict[str, float]:
+    """Per colour word of `val_dir`'s classes, the background threshold `search_query_thresholds` finds on its
+    images through `bundle` (the engine's algorithm, PAMR on, the bundle's window and scale); writes the ones above
+    the bundle's bg_thresh_pamr to `out` as `name = threshold` lines (export's --query-thresholds)."""
+    from ..bundle_infer import BundleRunner
+
+    classes, pairs = load_eval_set(str(val_dir))
+    runner = BundleRunner(bundle)
+    floor = float(runner.bundle.mask["bg_thresh_pamr"])
+    text = runner.text_embedding(classes)
+    scores, labels = [], []
+    for img, lab in pairs:
+        s, _ = runner.segment(np.asarray(Image.open(img).convert("RGB")), text, pamr=True)
+        scores.append(s.astype(np.float16))
+        labels.append(np.asarray(Image.open(lab)))
+    th, before, after = search_query_thresholds(np.stack(scores).astype(np.float32), np.stack(labels), floor)
+    found = {name: t for name, t in zip(classes, th, strict=True) if t > floor}
+    print(
+        f"calibrate: {len(pairs)} images of {val_dir}: mIoU {100 * before:.1f} at {floor} for every query, "
+        f"{100 * after:.1f} with " + (", ".join(f"{k} {v}" for k, v in found.items()) or "no change"),
+        file=sys.stderr,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(tomli_w.dumps(found), encoding="utf-8")
+    tmp.replace(out)
+    return found
+
+
 def pick_best(runs: list[Path]) -> tuple[Path, list[tuple[Path, float]]]:
     """The run folder whose best.pt scored highest on `val` during training (the trainer's own selection score), and
     every run's score. Only `val` decides: the held-out `eval` images are never read here."""
@@ -436,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     se.add_argument("--out", type=Path, required=True, help="writes OUT/seed-N.toml; checkpoints go to OUT/seed-N")
     pk = sub.add_parser("pick", help="the training run whose best.pt scored highest on val")
     pk.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    ca = sub.add_parser("calibrate", help="per-query background thresholds measured on val through a bundle")
+    ca.add_argument("--bundle", type=Path, required=True)
+    ca.add_argument("--val", type=Path, required=True, help="a labelled held-out set (DIR/val)")
+    ca.add_argument("--out", type=Path, required=True, help="TOML file of name = threshold, for export")
     args = p.parse_args(argv)
     torch.set_num_threads(int(__import__("os").environ.get("TCLSEG_TRAIN_THREADS", "1")))
     if args.cmd == "score":
@@ -451,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         for run, miou in scores:
             print(f"{run}: val mIoU {100 * miou:.1f}", file=sys.stderr)
         print(best)
+    elif args.cmd == "calibrate":
+        calibrate(args.bundle, args.val, args.out)
     elif args.cmd == "samples":
         write_samples(args.out, args.n)
     elif args.cmd == "generate":

@@ -50,13 +50,15 @@ def test_only_weight_products_are_quantized(int8_bundle: Path) -> None:
 
 
 def test_int8_labels_and_scores_match_fp32_on_the_trained_model(int8_bundle: Path) -> None:
-    """Tolerance: ≥ 99 % of pixels keep their label over 12 scenes (each scene ≥ 97.5 %), and no soft score
-    moves by more than 0.1. Why: dynamic int8 with 7-bit per-channel weights moves the trunk's tokens by about 2 %
-    (relative L2); the scores are sigmoid outputs in [0, 1], so a pixel flips only where two classes score within a
-    few hundredths of each other, along object edges and on backgrounds near a colour's threshold. Measured on the
-    small bundle of 2026-12-07 (issue 21): 99.4 % mean, 98.2 % worst scene, 0.056 largest score change (the tiny
-    bundle before it: 99.8 %, 98.9 %, 0.073); the floors sit half a point or more under that. Scenes vary;
-    tests/lowprec.rs checks the synthetic world's eval scenes through the Rust engine."""
+    """Tolerance: ≥ 99 % of pixels keep their label over 12 scenes (each scene ≥ 97 %), and no soft score moves by
+    more than 0.1. Why: dynamic int8 with 7-bit per-channel weights moves the trunk's tokens by about 2 % (relative
+    L2); the scores are sigmoid outputs in [0, 1], so a pixel flips only where two classes score within a few
+    hundredths of each other, along object edges and on backgrounds near a colour's threshold. Measured on the
+    bundle of 2026-12-07, seventh session (issue 21; background-naming CLIP, weight average): 99.35 % mean, 97.7 %
+    worst scene, 0.013 largest score change (the bundle before it: 99.4 %, 98.2 %, 0.056; the tiny one: 99.8 %,
+    98.9 %, 0.073); the floors sit under that (the worst scene's 0.7 point: one scene is 50 k pixels, and a striped
+    object's edges flip together). Scenes vary; tests/lowprec.rs checks the synthetic world's eval scenes through
+    the Rust engine."""
     fp32 = BundleRunner(int8_bundle, precision="fp32", threads=1)
     int8 = BundleRunner(int8_bundle, precision="int8", threads=1)
     text = fp32.text_embedding(list(COLOURS))
@@ -69,5 +71,5 @@ def test_int8_labels_and_scores_match_fp32_on_the_trained_model(int8_bundle: Pat
         agree.append(float((l32 == l8).mean()))
         moved.append(float(np.abs(s32 - s8).max()))
     assert np.mean(agree) >= 0.99, agree
-    assert min(agree) >= 0.975, agree
+    assert min(agree) >= 0.97, agree
     assert max(moved) <= 0.1, moved

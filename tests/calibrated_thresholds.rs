@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tclseg::model::Bundle;
 
@@ -42,17 +42,9 @@ fn labels(out: &Path, queries: &Path, extra: &[&str]) -> Vec<Vec<u8>> {
         "segment {extra:?}: {}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let mut files: Vec<PathBuf> = std::fs::read_dir(out)
-        .expect("outputs")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.to_string_lossy().ends_with(".labels.png"))
-        .collect();
-    files.sort();
-    assert_eq!(files.len(), 8, "one label map per sample");
-    files
-        .iter()
-        .map(|p| image::open(p).expect("label png").to_luma8().into_raw())
-        .collect()
+    let maps = common::label_maps(out);
+    assert_eq!(maps.len(), 8, "one label map per sample");
+    maps.into_iter().map(|(_, labels)| labels).collect()
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use tclseg::model::cpu::{choose, CpuFeatures};
@@ -59,22 +59,6 @@ fn segment(bundle: &Path, images: &Path, out: &Path, precision: &str, bg_thresh:
         args.extend(["-q", c]);
     }
     ok(&common::tclseg(&args), &format!("segment at {precision}"));
-}
-
-fn labels(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("outputs")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.to_string_lossy().ends_with(".labels.png"))
-        .collect();
-    files.sort();
-    files
-        .into_iter()
-        .map(|p| {
-            let img = image::open(&p).expect("label png").to_luma8();
-            (p, img.into_raw())
-        })
-        .collect()
 }
 
 #[test]
@@ -137,7 +121,7 @@ fn int8_bundle_verifies_segments_like_fp32_and_auto_follows_the_cpu() {
         );
         segment(&bundle, &images, &fp32, "fp32", bg);
         segment(&bundle, &images, &int8, "int8", bg);
-        let (a, b) = (labels(&fp32), labels(&int8));
+        let (a, b) = (common::label_maps(&fp32), common::label_maps(&int8));
         assert_eq!(a.len(), 8, "one label map per scene");
         assert_eq!(a.len(), b.len());
         let (mut same, mut total) = (0usize, 0usize);

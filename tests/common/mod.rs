@@ -14,6 +14,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+/// The label maps (`*.labels.png`) `segment --format labels` wrote into `dir`, sorted by path, as raw bytes.
+pub fn label_maps(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("outputs")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.to_string_lossy().ends_with(".labels.png"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| {
+            let img = image::open(&p).expect("label png").to_luma8();
+            (p, img.into_raw())
+        })
+        .collect()
+}
+
 pub fn fixture_bundle() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bundles/tiny-random")
 }

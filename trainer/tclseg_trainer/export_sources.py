@@ -38,17 +38,23 @@ def bundle_defaults_from(table: Any, where: str) -> BundleDefaults:
     return defaults
 
 
-def with_query_thresholds(defaults: BundleDefaults, path: Path) -> BundleDefaults:
-    """`defaults` with [mask.query_thresholds] read from a TOML file of `name = threshold` lines."""
-    import dataclasses
+def _read_toml(path: Path, takes: str) -> dict[str, Any]:
+    """A TOML file's table; a missing file or bad TOML is an ExportError naming it (`takes`: what the flag wants)."""
     import tomllib
 
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ExportError(f"{path}: no such file (--query-thresholds takes `name = threshold` lines)") from None
+        raise ExportError(f"{path}: no such file ({takes})") from None
     except tomllib.TOMLDecodeError as e:
         raise ExportError(f"{path}: invalid TOML: {e}") from None
+
+
+def with_query_thresholds(defaults: BundleDefaults, path: Path) -> BundleDefaults:
+    """`defaults` with [mask.query_thresholds] read from a TOML file of `name = threshold` lines."""
+    import dataclasses
+
+    table = _read_toml(path, "--query-thresholds takes `name = threshold` lines")
     out = dataclasses.replace(defaults, query_thresholds=table)
     if bad := out.problems():
         raise ExportError(f"{path}: " + "; ".join(bad))
@@ -56,14 +62,7 @@ def with_query_thresholds(defaults: BundleDefaults, path: Path) -> BundleDefault
 
 
 def defaults_from_config_file(path: Path) -> BundleDefaults:
-    import tomllib
-
-    try:
-        table = tomllib.loads(path.read_text(encoding="utf-8")).get("bundle", {})
-    except FileNotFoundError:
-        raise ExportError(f"{path}: no such file (--defaults-from takes a training config)") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ExportError(f"{path}: invalid TOML: {e}") from None
+    table = _read_toml(path, "--defaults-from takes a training config").get("bundle", {})
     return bundle_defaults_from(table, str(path))
 
 

@@ -257,6 +257,24 @@ pub(super) fn log_model(engine: &Engine, settings: &SegmentSettings) {
     if let Some((name, _)) = head {
         tracing::info!("head {name} (the bundle has {})", m.head_names().join(", "));
     }
+    // Say where the bundle's per-word thresholds hold, so a word labelled background under its own line is no
+    // surprise (and where they do not, why).
+    let calibrated = &m.mask.query_thresholds;
+    if !calibrated.is_empty() {
+        let words: Vec<String> = calibrated.iter().map(|(w, t)| format!("{w} {t}")).collect();
+        if settings.query_thresholds {
+            tracing::info!(
+                "per-word thresholds of the bundle, for queries prompted with its templates: {}",
+                words.join(", ")
+            );
+        } else {
+            tracing::info!(
+                "the bundle's per-word thresholds ({}) are off: they hold with PAMR on, the bundle's own \
+                 background threshold and no background prompts",
+                words.join(", ")
+            );
+        }
+    }
 }
 
 fn parse_outputs(format: &str, overlay: OverlayFormat) -> Result<OutputKinds> {

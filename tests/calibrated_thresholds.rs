@@ -31,7 +31,7 @@ fn labels(out: &Path, queries: &Path, extra: &[&str]) -> Vec<Vec<u8>> {
         "--out",
         s(out),
         "--format",
-        "labels",
+        "labels,json",
         "--device",
         "cpu",
     ];
@@ -66,6 +66,24 @@ fn per_word_thresholds_only_add_background_and_hold_only_where_calibrated() {
         &queries,
         &["--bg-thresh", &global],
     );
+    // The sidecar names the per-word thresholds that applied, and only when they did.
+    let sidecar = |dir: &str| -> serde_json::Value {
+        let path = tmp.path().join(dir).join("shapes-0.json");
+        serde_json::from_slice(&std::fs::read(&path).expect("sidecar")).expect("sidecar json")
+    };
+    let applied = &sidecar("default")["settings"]["query_thresholds"];
+    for (word, t) in &mask.query_thresholds {
+        let got = applied[word.as_str()]
+            .as_f64()
+            .expect("a calibrated word in the sidecar");
+        assert!(
+            (got - f64::from(*t)).abs() < 1e-6,
+            "{word}: {got} against {t}"
+        );
+    }
+    assert!(sidecar("bg-thresh")["settings"]
+        .get("query_thresholds")
+        .is_none());
     let mut changed = 0;
     for (a, b) in calibrated.iter().zip(&one_line) {
         for (&x, &y) in a.iter().zip(b) {

@@ -419,6 +419,7 @@ fn assemble(
                 labels: labels[i * plane..(i + 1) * plane].to_vec(),
                 best: best[i * plane..(i + 1) * plane].to_vec(),
                 scores,
+                query_thresholds: Vec::new(),
             })
         })
         .collect()

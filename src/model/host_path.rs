@@ -498,6 +498,7 @@ impl Accumulator {
             labels,
             best: best_all,
             scores,
+            query_thresholds: Vec::new(),
         })
     }
 }

@@ -221,6 +221,8 @@ pub struct Segmentation {
     pub best: Vec<f32>,
     /// [classes, H, W] when `keep_scores`.
     pub scores: Option<Vec<f32>>,
+    /// Per query, the bundle's per-word threshold that was applied to these labels (empty: none were).
+    pub query_thresholds: Vec<Option<f32>>,
 }
 
 impl Segmentation {
@@ -231,6 +233,7 @@ impl Segmentation {
         if thresholds.iter().all(Option::is_none) {
             return;
         }
+        self.query_thresholds = thresholds.to_vec();
         for (label, best) in self.labels.iter_mut().zip(self.best.iter_mut()) {
             let threshold = match (*label as usize).checked_sub(1) {
                 Some(q) => thresholds.get(q).copied().flatten(),
@@ -356,9 +359,11 @@ mod tests {
             labels: vec![1, 1, 2, 0],
             best: vec![0.55, 0.65, 0.45, 0.4],
             scores: None,
+            query_thresholds: Vec::new(),
         };
         seg.apply_query_thresholds(&[Some(0.6), None], 0.4);
         assert_eq!(seg.labels, vec![0, 1, 2, 0]);
         assert_eq!(seg.best, vec![0.4, 0.65, 0.45, 0.4]);
+        assert_eq!(seg.query_thresholds, vec![Some(0.6), None]);
     }
 }

@@ -178,6 +178,13 @@ pub fn encode_image(
                 pamr: item.settings.pamr,
                 kp_weight: item.settings.kp_weight,
                 background: item.settings.background,
+                query_thresholds: item
+                    .queries
+                    .specs
+                    .iter()
+                    .zip(&seg.query_thresholds)
+                    .filter_map(|(spec, t)| t.map(|t| (spec.name.trim().to_string(), t)))
+                    .collect(),
             },
             classes: sidecar::class_results(item.queries, &labels, &seg.best, w, h),
             timings_ms: Timings {
@@ -215,6 +222,7 @@ mod tests {
             labels: vec![0, 2],
             best: vec![0.9, 0.8],
             scores: Some(vec![0.9, 0.1, 0.05, 0.1, 0.05, 0.8]),
+            query_thresholds: Vec::new(),
         };
         let settings = SegmentSettings {
             pamr: false,

@@ -1,5 +1,7 @@
 //! The JSON sidecar written next to each label map: what was asked, what was found, by which model, how fast.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 
 use super::rle;
@@ -40,6 +42,9 @@ pub struct SettingsInfo {
     pub pamr: bool,
     pub kp_weight: f32,
     pub background: Option<f32>,
+    /// The bundle's per-word thresholds that applied, by query name (absent when none did).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub query_thresholds: BTreeMap<String, f32>,
 }
 
 #[derive(Debug, Serialize)]

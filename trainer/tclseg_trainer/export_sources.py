@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +52,8 @@ def _read_toml(path: Path, takes: str) -> dict[str, Any]:
 
 def with_query_thresholds(defaults: BundleDefaults, path: Path) -> BundleDefaults:
     """`defaults` with [mask.query_thresholds] read from a TOML file of `name = threshold` lines."""
-    import dataclasses
-
     table = _read_toml(path, "--query-thresholds takes `name = threshold` lines")
-    out = dataclasses.replace(defaults, query_thresholds=table)
+    out = replace(defaults, query_thresholds=table)
     if bad := out.problems():
         raise ExportError(f"{path}: " + "; ".join(bad))
     return out

@@ -418,12 +418,7 @@ def search_query_thresholds(scores: np.ndarray, labels: np.ndarray, floor: float
 
     def miou_at(th: list[float]) -> float:
         limit = np.maximum(np.asarray(th, dtype=np.float32), np.float32(floor))
-        pred = np.where(score >= limit[winner], winner + 1, 0)
-        conf = np.bincount(pred * (q + 1) + truth, minlength=(q + 1) ** 2).reshape(q + 1, q + 1)
-        inter = np.diag(conf)
-        union = conf.sum(axis=0) + conf.sum(axis=1) - inter
-        present = union > 0
-        return float((inter[present] / union[present]).mean())
+        return miou([np.where(score >= limit[winner], winner + 1, 0)], [truth], q + 1)
 
     grid = [
         round(floor + CALIBRATION_STEP * k, 4) for k in range(CALIBRATION_STEPS + 1) if floor + CALIBRATION_STEP * k < 1
